@@ -1,0 +1,144 @@
+"""Activations and target-logit gradients of several layers in one forward and one backward pass.
+
+Which tensor is "the output of a layer": exactly what the named module returns, **before** any
+activation that follows it in the parent. A forward hook keeps that tensor and hands a clone to the
+rest of the network, so an in-place activation after the layer (``nn.ReLU(inplace=True)`` after a
+``Conv2d``) modifies the clone, never the kept tensor. For a post-activation output, name the
+activation module itself (e.g. ``features.1`` for the ReLU after ``features.0``).
+
+Layout: every array returned is channels-last ``(N, H, W, C)`` float32 on the CPU.
+Gradients are of the target class **logit** (pre-softmax) with respect to the layer output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sacv.models import resolve_layers
+
+
+def channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H, W, C) by permuting axes (never a reshape)."""
+    if tensor.dim() != 4:
+        raise ValueError(f"expected a 4-D (N, C, H, W) tensor, got shape {tuple(tensor.shape)}")
+    return tensor.permute(0, 2, 3, 1)
+
+
+@contextmanager
+def capture_layers(module: nn.Module, layer_names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Forward hooks on the named layers, removed on exit even when the body raises.
+
+    Yields a dict filled during the forward pass: layer name -> the layer's output tensor
+    (N, C, H, W), part of the autograd graph (so ``torch.autograd.grad`` can target it).
+    """
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(_module, _inputs, output):
+            if not isinstance(output, torch.Tensor) or output.dim() != 4:
+                shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise ValueError(
+                    f"layer {name!r} outputs {shape}, not a (N, C, H, W) feature map; "
+                    "choose a convolutional layer (see `sacv layers MODEL`)"
+                )
+            if name in captured:
+                raise ValueError(
+                    f"layer {name!r} ran twice in one forward pass (a shared module); "
+                    "a spatial concept vector needs a layer with a single output"
+                )
+            if torch.is_grad_enabled() and not output.requires_grad:
+                output.requires_grad_(True)  # frozen weights: still differentiate w.r.t. this output
+            captured[name] = output
+            return output.clone()  # the rest of the network may modify this copy in place
+
+        return hook
+
+    for name, sub in resolve_layers(module, list(layer_names)).items():
+        handles.append(sub.register_forward_hook(make_hook(name)))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class Extraction:
+    """Per-layer activations/gradients (N, H, W, C) float32, logits (N, K), targets (N,) int64."""
+
+    activations: dict[str, torch.Tensor]
+    gradients: dict[str, torch.Tensor] | None
+    logits: torch.Tensor
+    targets: torch.Tensor
+
+
+def resolve_targets(target: int | Sequence[int] | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    """``None`` -> each image's predicted class; an int -> that class for all; a sequence -> per image."""
+    n, n_classes = logits.shape
+    if target is None:
+        return logits.argmax(dim=1)
+    targets = torch.as_tensor(target, dtype=torch.long, device=logits.device)
+    if targets.dim() == 0:
+        targets = targets.expand(n)
+    if targets.shape != (n,):
+        raise ValueError(f"got {targets.numel()} targets for {n} images; give one class per image")
+    if (targets < 0).any() or (targets >= n_classes).any():
+        raise ValueError(f"target classes must lie in [0, {n_classes}); got {targets.tolist()}")
+    return targets
+
+
+def _check_finite(name: str, tensor: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise ValueError(
+            f"{what} of layer {name!r} contain {bad} NaN/inf values; check the input images and "
+            "the weights (a half-precision overflow is a common cause)"
+        )
+
+
+def extract(
+    module: nn.Module,
+    images: torch.Tensor,
+    layers: Sequence[str],
+    target: int | Sequence[int] | torch.Tensor | None = None,
+    with_gradients: bool = True,
+) -> Extraction:
+    """Run ``module`` (put in eval mode) on ``images`` (N, 3, H, W) once.
+
+    Returns activations of every layer in ``layers`` and, if ``with_gradients``, the gradient of
+    the target logit of each image (see :func:`resolve_targets`) with respect to those activations.
+    Images in a batch are independent in eval mode, so the gradient of the summed target logits
+    gives every image its own gradient.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+    module.eval()
+    device = next(module.parameters()).device
+    images = images.to(device, non_blocking=True)
+    with torch.set_grad_enabled(with_gradients), capture_layers(module, layers) as captured:
+        logits = module(images)  # (N, K)
+        targets = resolve_targets(target, logits.detach())
+        outputs = [captured[name] for name in layers]
+        grads = None
+        if with_gradients:
+            selected = logits.gather(1, targets[:, None]).sum()
+            grads = torch.autograd.grad(selected, outputs, allow_unused=True)
+    activations, gradients = {}, {} if with_gradients else None
+    for i, name in enumerate(layers):
+        act = channels_last(outputs[i].detach()).float().cpu().contiguous()  # (N, H, W, C)
+        _check_finite(name, act, "activations")
+        activations[name] = act
+        if gradients is not None:
+            grad = grads[i]
+            if grad is None:
+                raise ValueError(f"the logit does not depend on layer {name!r}; choose a layer on the path to the output")
+            grad = channels_last(grad.detach()).float().cpu().contiguous()  # (N, H, W, C)
+            _check_finite(name, grad, "gradients")
+            gradients[name] = grad
+    return Extraction(activations, gradients, logits.detach().float().cpu(), targets.cpu())
