@@ -41,21 +41,25 @@ class Preprocessing:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> float32 tensor (3, H, W)."""
-        image = image.convert("RGB")
+    def geometry(self, image: Image.Image, resample: int = Image.Resampling.BILINEAR) -> Image.Image:
+        """The resize and centre crop alone (use ``Image.Resampling.NEAREST`` for masks), so maps
+        and masks line up with what the network saw."""
         if self.resize:
             w, h = image.size
             scale = self.resize / min(w, h)
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            image = image.resize(size, Image.Resampling.BILINEAR)
+            image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
         if self.crop:
             w, h = image.size
             if w < self.crop or h < self.crop:
-                image = image.resize((max(w, self.crop), max(h, self.crop)), Image.Resampling.BILINEAR)
+                image = image.resize((max(w, self.crop), max(h, self.crop)), resample)
                 w, h = image.size
             left, top = (w - self.crop) // 2, (h - self.crop) // 2
             image = image.crop((left, top, left + self.crop, top + self.crop))
+        return image
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> float32 tensor (3, H, W)."""
+        image = self.geometry(image.convert("RGB"))
         array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
         tensor = torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
         mean = torch.tensor(self.mean).view(3, 1, 1)

@@ -1,0 +1,131 @@
+"""Model loading by spec, class names, weight checks, layer listing and their errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from sacv.cli import main
+from sacv.models import load_model, resolve_layers, state_dict_hash
+
+CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
+
+
+def test_callable_spec_loads_in_eval_mode_with_class_names():
+    model = load_model("tests.conftest:tiny_net")
+    assert not model.module.training
+    assert model.class_names == [f"class_{i}" for i in range(5)]
+    assert len(model.weight_hash) == 64
+
+
+def test_weights_file_round_trip_and_hash(tmp_path):
+    model = load_model("tests.conftest:tiny_net")
+    with torch.no_grad():
+        for p in model.module.parameters():
+            p.add_(1.0)
+    path = tmp_path / "w.pt"
+    torch.save(model.module.state_dict(), path)
+    reloaded = load_model("tests.conftest:tiny_net", weights=str(path))
+    assert reloaded.weight_hash == state_dict_hash(model.module)
+    assert reloaded.weight_hash != load_model("tests.conftest:tiny_net").weight_hash
+
+
+def test_state_dict_with_wrong_keys_lists_them(tmp_path):
+    state = load_model("tests.conftest:tiny_net").module.state_dict()
+    state["extra.weight"] = state.pop("fc.weight")
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"1 missing keys \(first: \['fc.weight'\]\).*1 unexpected keys \(first: \['extra.weight'\]\)"):
+        load_model("tests.conftest:tiny_net", weights=str(path))
+
+
+def test_state_dict_with_wrong_shape_is_refused(tmp_path):
+    state = load_model("tests.conftest:tiny_net").module.state_dict()
+    state["fc.weight"] = torch.zeros(5, 7)
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"fc.weight is \(5, 7\), the model needs \(5, 6\)"):
+        load_model("tests.conftest:tiny_net", weights=str(path))
+
+
+def test_weights_are_loaded_with_weights_only(tmp_path):
+    import argparse
+
+    path = tmp_path / "evil.pt"
+    torch.save({"obj": argparse.Namespace(x=1)}, path)  # arbitrary pickled objects are refused
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        load_model("tests.conftest:tiny_net", weights=str(path))
+
+
+def test_unknown_models_are_clear_errors():
+    with pytest.raises(ValueError, match=r"unknown model spec 'efficientnet_lite' \(did you mean \['efficientnet_lite0'\]"):
+        load_model("efficientnet_lite")
+    with pytest.raises(ValueError, match=r"unknown torchvision model 'resnet181'; close names: \['resnet18'"):
+        load_model("torchvision/resnet181")
+    with pytest.raises(ValueError, match="cannot import 'tests.conftest:nope'"):
+        load_model("tests.conftest:nope")
+    with pytest.raises(ValueError, match="neither a file nor a weights name of resnet18"):
+        load_model("torchvision/resnet18", weights="IMAGENET_NOPE")
+
+
+def test_torchvision_model_without_weights_has_imagenet_names():
+    model = load_model("torchvision/resnet18")
+    assert len(model.class_names) == 1000 and model.class_names[340] == "zebra"
+    assert not model.module.training
+
+
+def test_unknown_layer_lists_close_names(tiny):
+    with pytest.raises(ValueError, match=r"unknown layer 'features\.9'; closest layer names: \[.*'features\.0'"):
+        resolve_layers(tiny, ["features.9"])
+
+
+def test_cli_layers_lists_shapes_and_reports_errors():
+    runner = CliRunner()
+    result = runner.invoke(main, ["layers", "tests.conftest:tiny_net", "--size", "16"])
+    assert result.exit_code == 0, result.output
+    assert "features.0" in result.output and "6 x  16 x  16" in result.output
+    assert "features.2" in result.output and "6 x   8 x   8" in result.output
+    result = runner.invoke(main, ["layers", "nonsense"])
+    assert result.exit_code != 0 and "unknown model spec 'nonsense'" in result.output
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_classifies_bundled_photos_offline(lite0):
+    import skimage.data
+
+    assert lite0.spec == "efficientnet_lite0" and not lite0.module.training
+    batch = torch.stack([lite0.preprocessing(Image.fromarray(getattr(skimage.data, n)())) for n in ("chelsea", "coffee")])
+    with torch.no_grad():
+        top1 = lite0.module(batch).argmax(1).tolist()
+    assert lite0.class_names[top1[0]] in CAT_CLASSES
+    assert lite0.class_names[top1[1]] == "espresso"
+
+
+@pytest.mark.slow
+def test_cli_lists_efficientnet_blocks():
+    result = CliRunner().invoke(main, ["layers", "efficientnet_lite0"])
+    assert result.exit_code == 0, result.output
+    for i in range(16):
+        assert f"_blocks.{i} " in result.output
+    assert "_blocks.8" in result.output and "112 x  14 x  14" in result.output
+
+
+@pytest.mark.slow
+def test_preprocessing_matches_the_trained_normalisation(lite0):
+    white = Image.fromarray(np.full((300, 400, 3), 255, np.uint8))
+    x = lite0.preprocessing(white)
+    assert x.shape == (3, 224, 224)
+    torch.testing.assert_close(x, torch.full_like(x, (255 - 127) / 128))
+
+
+@pytest.mark.slow
+def test_demo_striped_vector_points_at_striped_horses(tmp_path):
+    from sacv.demo import run_demo
+
+    summary = run_demo(tmp_path, n_concept=12, n_random=12, n_scenes=8, seed=1)
+    assert summary["vector"]["bal_acc"] > 0.9
+    assert summary["pointing_game"] >= 0.75 > 2 * summary["random_baseline"]
+    assert (tmp_path / "maps.png").stat().st_size > 10_000
