@@ -34,6 +34,31 @@ def layers(model_spec: str, weights: str | None, size: int | None, show_all: boo
             click.echo(f"  {name:<32} {c:>5} x {h:>3} x {w:>3}")
 
 
+def _load_config(path: str):
+    from sacv.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+
+
+@main.command("extract")
+@click.argument("config_path", metavar="CONFIG")
+@click.option("--strict", is_flag=True, help="Exit with status 3 when some inputs were rejected.")
+def extract_command(config_path: str, strict: bool) -> None:
+    """Extract activations (and dataset gradients) into RUN/store.zarr; a rerun resumes."""
+    from sacv.pipeline import run_stage
+
+    summary = run_stage("extract", _load_config(config_path))
+    click.echo(f"extract {summary['status']}: {summary['images']} images, {summary['rejects']} rejected, "
+               f"{summary['shards_run']} shards run in {summary['seconds']} s")
+    if summary["rejects"]:
+        click.echo("rejected inputs are listed in tables/rejects.parquet", err=True)
+        if strict:
+            sys.exit(3)
+
+
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, help="Output folder.")
 @click.option("--layer", default="_blocks.8", show_default=True, help="EfficientNet-Lite0 layer to fit.")

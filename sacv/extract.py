@@ -108,21 +108,25 @@ def extract(
     layers: Sequence[str],
     target: int | Sequence[int] | torch.Tensor | None = None,
     with_gradients: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> Extraction:
     """Run ``module`` (put in eval mode) on ``images`` (N, 3, H, W) once.
 
     Returns activations of every layer in ``layers`` and, if ``with_gradients``, the gradient of
     the target logit of each image (see :func:`resolve_targets`) with respect to those activations.
     Images in a batch are independent in eval mode, so the gradient of the summed target logits
-    gives every image its own gradient.
+    gives every image its own gradient. ``autocast`` (e.g. ``torch.bfloat16``) runs the forward pass
+    in that precision; what is returned is float32 whatever it is.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
     module.eval()
     device = next(module.parameters()).device
     images = images.to(device, non_blocking=True)
+    precision = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
     with torch.set_grad_enabled(with_gradients), capture_layers(module, layers) as captured:
-        logits = module(images)  # (N, K)
+        with precision:
+            logits = module(images).float()  # (N, K)
         targets = resolve_targets(target, logits.detach())
         outputs = [captured[name] for name in layers]
         grads = None

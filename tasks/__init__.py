@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers that take references, call `sacv`, and return references."""

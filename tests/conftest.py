@@ -44,3 +44,13 @@ def lite0():
     from sacv.models import load_model
 
     return load_model("efficientnet_lite0")
+
+
+@pytest.fixture(scope="session")
+def prefect():
+    """One temporary Prefect API for every flow test in the session."""
+    import flows  # noqa: F401  (sets the embedded-mode defaults)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield

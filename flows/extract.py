@@ -1,0 +1,52 @@
+"""The extraction flow: plan shards, then one task per shard, resumable."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from tqdm import tqdm
+
+from flows.runners import task_runner
+from sacv.config import RunConfig
+from sacv.provenance import versions
+from sacv.rundir import RunDir
+from tasks.extract import extract_shard, plan
+
+
+@flow(name="sacv-extract")
+def extract_flow(config: RunConfig) -> dict:
+    """Extract activations (and dataset gradients) of every layer into the run's store."""
+    started = time.perf_counter()
+    run_uri = config.run_dir
+    shard_plan = plan(run_uri, config)
+    futures = [extract_shard.submit(run_uri, config, group, shard) for group, shard in shard_plan["todo"]]
+    n_images = 0
+    with tqdm(total=len(futures), unit="shard", desc="extract", disable=None) as bar:
+        for future in as_completed(futures):
+            n_images += future.result()["images"]
+            bar.update(1)
+            bar.set_postfix(images=n_images)
+    seconds = round(time.perf_counter() - started, 2)
+    status = "done with rejects" if shard_plan["rejects"] else "done"
+    summary = {
+        "status": status,
+        "images": shard_plan["images"],
+        "rejects": shard_plan["rejects"],
+        "shards": shard_plan["shards"],
+        "shards_run": len(futures),
+        "seconds": seconds,
+    }
+    RunDir(run_uri).update_run_record(
+        config=config.model_dump(mode="json"),
+        versions=versions(),
+        model=shard_plan["model"],
+        timings={"extract": summary},
+    )
+    get_run_logger().info("extract %s: %s", status, summary)
+    return summary
+
+
+def run_extract(config: RunConfig) -> dict:
+    return extract_flow.with_options(task_runner=task_runner(config.execution))(config)

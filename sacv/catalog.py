@@ -1,0 +1,154 @@
+"""Image collections -> the images and rejects tables, and the shard plan.
+
+Two groups of images go into the store:
+- ``guidance``: concept folders (role ``concept``, concept = folder name) and, if configured, a
+  separate random pool (role ``random``);
+- ``dataset``: the audit images (role ``dataset``), from class folders or a manifest.
+
+Every file is read, hashed (``image_id``) and decoded once while scanning; unreadable files go to
+the rejects table with their stage and reason. Within a group, each distinct image gets one store
+row (duplicates under other names point to the same row), ordered by (concept/label, image_id) so
+that renaming a file changes no row. Rows are cut into shards of ``shard_size`` = Zarr chunks.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import fsspec
+import pandas as pd
+
+from sacv.config import ConceptsConfig, DatasetConfig
+from sacv.images import ImageRejected, list_images, load_image
+
+IMAGE_COLUMNS = ["image_id", "path", "group", "role", "concept", "label", "mask", "row", "shard", "status"]
+REJECT_COLUMNS = ["path", "group", "stage", "reason"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: str
+    group: str  # guidance | dataset
+    role: str  # concept | random | dataset
+    concept: str | None = None
+    label: int | None = None
+    mask: str | None = None
+
+
+def _subfolders(root: str) -> list[str]:
+    fs, base = fsspec.core.url_to_fs(root)
+    if not fs.isdir(base):
+        raise FileNotFoundError(f"folder {root} does not exist; check the path in the config")
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False) if fs.isdir(p))
+
+
+def concept_candidates(cfg: ConceptsConfig) -> list[Candidate]:
+    """One candidate per image of each concept folder, plus the random pool if it is separate."""
+    folders = _subfolders(cfg.root)
+    names = cfg.names or folders
+    missing = [n for n in names if n not in folders]
+    if missing:
+        close = {n: difflib.get_close_matches(n, folders, n=3) for n in missing}
+        raise ValueError(f"concept folders not found under {cfg.root}: {close} (name: close folder names)")
+    if cfg.random_pool is None and len(folders) < 2:
+        raise ValueError("random sets need other concept folders or a `concepts.random_pool` folder")
+    root = cfg.root.rstrip("/")
+    out = [Candidate(p, "guidance", "concept", concept=f) for f in folders for p in list_images(f"{root}/{f}")]
+    if cfg.random_pool is not None:
+        out += [Candidate(p, "guidance", "random", concept="random") for p in list_images(cfg.random_pool)]
+    empty = [n for n in names if not any(c.concept == n for c in out)]
+    if empty:
+        raise ValueError(f"concept folders with no images: {empty}; add images or remove them from concepts.names")
+    return out
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("_", " ").replace("-", " ")
+
+
+def match_class(folder: str, class_names: list[str]) -> int:
+    """A class folder name -> class index: an index, or a class name (case, '_' and '-' ignored)."""
+    if folder.isdigit() and int(folder) < len(class_names):
+        return int(folder)
+    lookup = {_normalise(n): i for i, n in enumerate(class_names)}
+    if _normalise(folder) in lookup:
+        return lookup[_normalise(folder)]
+    close = difflib.get_close_matches(_normalise(folder), list(lookup), n=5)
+    raise ValueError(
+        f"class folder {folder!r} matches no class of the model; close class names: {close}. "
+        "Rename the folder to a class name or its index."
+    )
+
+
+def dataset_candidates(cfg: DatasetConfig, class_names: list[str]) -> list[Candidate]:
+    if (cfg.root is None) == (cfg.manifest is None):
+        raise ValueError("give exactly one of dataset.root (class folders) or dataset.manifest (CSV/Parquet)")
+    if cfg.root is not None:
+        root = cfg.root.rstrip("/")
+        return [
+            Candidate(p, "dataset", "dataset", label=match_class(folder, class_names))
+            for folder in _subfolders(cfg.root)
+            for p in list_images(f"{root}/{folder}")
+        ]
+    reader = pd.read_parquet if cfg.manifest.endswith(".parquet") else pd.read_csv
+    table = reader(cfg.manifest)
+    if "path" not in table.columns:
+        raise ValueError(f"manifest {cfg.manifest} has no 'path' column (columns: {list(table.columns)})")
+    base = cfg.manifest.rsplit("/", 1)[0] if "/" in cfg.manifest else "."
+
+    def resolve(p):
+        return None if pd.isna(p) else (p if "://" in p or p.startswith("/") else f"{base}/{p}")
+
+    labels = table["label"] if "label" in table.columns else pd.Series([None] * len(table))
+    masks = table["mask"] if "mask" in table.columns else pd.Series([None] * len(table))
+    out = []
+    for path, label, mask in zip(table["path"], labels, masks):
+        if pd.isna(label):
+            label = None
+        elif not str(label).isdigit():
+            label = match_class(str(label), class_names)
+        out.append(Candidate(resolve(path), "dataset", "dataset", label=None if label is None else int(label), mask=resolve(mask)))
+    return out
+
+
+def _check(candidate: Candidate, max_pixels: int, min_size: int) -> tuple[Candidate, str | None, ImageRejected | None]:
+    try:
+        image_id, _ = load_image(candidate.path, max_pixels=max_pixels, min_size=min_size)
+        return candidate, image_id, None
+    except ImageRejected as rejected:
+        return candidate, None, rejected
+
+
+def scan(
+    candidates: list[Candidate],
+    shard_size: int,
+    max_pixels: int,
+    min_size: int,
+    threads: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read, hash and decode every candidate; return (images, rejects) tables with rows and shards."""
+    rows, rejects = [], []
+    with ThreadPoolExecutor(threads) as pool:
+        for candidate, image_id, rejected in pool.map(lambda c: _check(c, max_pixels, min_size), candidates):
+            if progress:
+                progress(1)
+            if rejected is not None:
+                rejects.append({"path": candidate.path, "group": candidate.group, "stage": rejected.stage, "reason": rejected.reason})
+            else:
+                rows.append({**candidate.__dict__, "image_id": image_id})
+    images = pd.DataFrame(rows, columns=[c for c in IMAGE_COLUMNS if c not in ("row", "shard", "status")])
+    images["label"] = images["label"].astype("Int64")
+    images = images.sort_values(["group", "concept", "label", "image_id", "path"], na_position="first", kind="stable")
+    images["status"] = "ok"
+    images["row"] = pd.array([pd.NA] * len(images), dtype="Int64")
+    for group, part in images.groupby("group", sort=True):
+        first = ~part.duplicated("image_id")
+        row_of = {image_id: r for r, image_id in enumerate(part.loc[first, "image_id"])}
+        images.loc[part.index, "row"] = part["image_id"].map(row_of).astype("Int64")
+        images.loc[part.index[~first.to_numpy()], "status"] = "duplicate"
+    images["shard"] = (images["row"] // shard_size).astype("Int64")
+    return images[IMAGE_COLUMNS].reset_index(drop=True), pd.DataFrame(rejects, columns=REJECT_COLUMNS)

@@ -1,0 +1,193 @@
+"""Extraction of one shard into the store (the body of the extraction task), and its planning.
+
+A shard is a contiguous block of store rows = one Zarr chunk along N, so exactly one writer owns it.
+Its done-marker ``shards/<group>/<shard>.json`` is written after all of its arrays and records a
+digest of its image ids: a rerun skips a shard whose marker matches and redoes any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sacv.config import RunConfig
+from sacv.extract import extract
+from sacv.images import load_image
+from sacv.models import LoadedModel, layer_shapes, load_model, resolve_layers
+from sacv.rundir import RunDir
+from sacv.store import ensure_array, open_store, store_identity, write_region
+
+_MODELS: dict[tuple, LoadedModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"execution.device is {device!r} but CUDA is not available here; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def cached_model(spec: str, weights: str | None, device: str) -> LoadedModel:
+    """One loaded model per (spec, weights, device) per worker process, shared by its threads."""
+    key = (spec, weights, str(resolve_device(device)))
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            model = load_model(spec, weights)
+            model.module.to(key[2])
+            _MODELS[key] = model
+        return _MODELS[key]
+
+
+def store_layout(model: LoadedModel, layers: list[str], dtype: str) -> dict:
+    if not model.preprocessing.crop:
+        raise ValueError("a store needs a fixed input size: set a crop size in the model's preprocessing")
+    resolve_layers(model.module, layers)  # unknown layers: a clear error before any work
+    shapes = layer_shapes(model)
+    layout = {layer: [shapes[layer][1], shapes[layer][2], shapes[layer][0]] for layer in layers}  # H, W, C
+    return store_identity(model.spec, model.weight_hash, model.preprocessing.to_dict(), layout, dtype)
+
+
+def prepare_store(run: RunDir, config: RunConfig, model: LoadedModel, images: pd.DataFrame) -> dict[str, int]:
+    """Write the store template once (idempotent). Returns the number of shards per group."""
+    identity = store_layout(model, config.layers, config.extract.dtype)
+    root = open_store(run.store_uri, identity)
+    size = config.extract.shard_size
+    shards = {}
+    for group, part in images.groupby("group"):
+        n = int(part["row"].max()) + 1
+        for layer, (h, w, c) in identity["layers"].items():
+            ensure_array(root, f"{group}/{layer}/act", (n, h, w, c), size, config.extract.dtype)
+            if group == "dataset" and config.extract.keep_gradients:
+                ensure_array(root, f"{group}/{layer}/grad", (n, h, w, c), size, config.extract.dtype)
+        if group == "dataset":
+            ensure_array(root, "dataset/logits", (n, len(model.class_names)), size, "float32")
+            ensure_array(root, "dataset/targets", (n,), size, "int64")
+        shards[group] = -(-n // size)
+    return shards
+
+
+def shard_rows(images: pd.DataFrame, group: str, shard: int) -> pd.DataFrame:
+    """The distinct rows of one shard, in row order."""
+    part = images[(images["group"] == group) & (images["shard"] == shard) & (images["status"] == "ok")]
+    return part.sort_values("row")
+
+
+def shard_digest(rows: pd.DataFrame) -> str:
+    return hashlib.sha256(",".join(rows["image_id"]).encode()).hexdigest()[:16]
+
+
+def shard_is_done(run: RunDir, images: pd.DataFrame, group: str, shard: int) -> bool:
+    marker = run.read_json(run.marker_path(group, shard))
+    return marker is not None and marker.get("digest") == shard_digest(shard_rows(images, group, shard))
+
+
+class _ShardImages(Dataset):
+    def __init__(self, rows: pd.DataFrame, model: LoadedModel, config: RunConfig):
+        self.rows = rows.reset_index(drop=True)
+        self.preprocessing = model.preprocessing
+        self.limits = {"max_pixels": config.extract.max_pixels, "min_size": config.extract.min_size}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        row = self.rows.iloc[index]
+        image_id, image = load_image(row["path"], **self.limits)
+        if image_id != row["image_id"]:
+            raise RuntimeError(f"{row['path']} changed since it was scanned; rerun to scan the collection again")
+        return self.preprocessing(image)
+
+
+def _targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str]):
+    target = config.dataset.target if config.dataset else "predicted"
+    if target == "predicted":
+        return None
+    if target == "label":
+        if rows["label"].isna().any():
+            raise ValueError("dataset.target is 'label' but some images have no label; give labels or use 'predicted'")
+        return torch.tensor(rows["label"].astype("int64").to_numpy())
+    return int(target) if target.isdigit() else class_names.index(target)
+
+
+def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
+    """Extract one shard and write its region; the marker goes last. Returns the marker."""
+    started = time.perf_counter()
+    run = RunDir(run_uri)
+    images = run.read_table("images")
+    rows = shard_rows(images, group, shard)
+    model = cached_model(config.model.spec, config.model.weights, config.execution.device)
+    device = next(model.module.parameters()).device
+    root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype))
+    gradients = group == "dataset"
+    targets = _targets(config, rows, model.class_names) if gradients else None
+    loader = DataLoader(
+        _ShardImages(rows, model, config),
+        batch_size=config.extract.batch_size,
+        num_workers=config.execution.loader_workers,
+        pin_memory=device.type == "cuda",
+    )
+    autocast = None if config.extract.autocast == "none" else getattr(torch, config.extract.autocast)
+    outputs: dict[str, list[np.ndarray]] = {}
+    done = 0
+    for batch in loader:
+        batch_targets = targets[done : done + len(batch)] if isinstance(targets, torch.Tensor) else targets
+        result = extract(model.module, batch, config.layers, batch_targets, with_gradients=gradients, autocast=autocast)
+        for layer in config.layers:
+            outputs.setdefault(f"{group}/{layer}/act", []).append(result.activations[layer].numpy())
+            if gradients and config.extract.keep_gradients:
+                outputs.setdefault(f"{group}/{layer}/grad", []).append(result.gradients[layer].numpy())
+        if gradients:
+            outputs.setdefault("dataset/logits", []).append(result.logits.numpy())
+            outputs.setdefault("dataset/targets", []).append(result.targets.numpy())
+        done += len(batch)
+    start = int(rows["row"].iloc[0])
+    for path, parts in outputs.items():
+        write_region(root[path], start, np.concatenate(parts))
+    marker = {
+        "digest": shard_digest(rows),
+        "rows": [start, start + len(rows)],
+        "images": len(rows),
+        "seconds": round(time.perf_counter() - started, 3),
+        "finished_at": time.time(),
+    }
+    run.write_json(run.marker_path(group, shard), marker)
+    return marker
+
+
+def plan_extraction(run_uri: str, config: RunConfig, progress=None) -> dict:
+    """Scan the collections, write images/rejects tables and the store template.
+
+    Returns ``{"shards": {group: n}, "todo": [[group, shard], ...], "images": n, "rejects": n,
+    "model": {spec, weight_hash, preprocessing}}``.
+    """
+    from sacv.catalog import concept_candidates, dataset_candidates, scan
+
+    if config.concepts is None and config.dataset is None:
+        raise ValueError("the config names no images: add a `concepts` or a `dataset` section")
+    run = RunDir(run_uri)
+    model = cached_model(config.model.spec, config.model.weights, config.execution.device)
+    candidates = concept_candidates(config.concepts) if config.concepts else []
+    if config.dataset:
+        candidates += dataset_candidates(config.dataset, model.class_names)
+    images, rejects = scan(candidates, config.extract.shard_size, config.extract.max_pixels, config.extract.min_size, progress=progress)
+    if images.empty:
+        raise ValueError(f"none of the {len(candidates)} images could be read; see tables/rejects.parquet")
+    shards = prepare_store(run, config, model, images)
+    run.write_table("rejects", rejects)
+    run.write_table("images", images)  # written last: a shard task reads its rows from it
+    todo = [[g, s] for g, n in shards.items() for s in range(n) if not shard_is_done(run, images, g, s)]
+    return {
+        "shards": shards,
+        "todo": todo,
+        "images": int((images["status"] == "ok").sum()),
+        "rejects": len(rejects),
+        "model": {"spec": model.spec, "weight_hash": model.weight_hash, "preprocessing": model.preprocessing.to_dict()},
+    }

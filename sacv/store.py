@@ -1,0 +1,82 @@
+"""The Zarr v3 activation store: template written once, then one writer per chunk-aligned region.
+
+Layout (docs/store.md): ``<group>/<layer>/act`` and ``dataset/<layer>/grad`` (N, H, W, C),
+``dataset/logits`` (N, K) float32, ``dataset/targets`` (N,) int64; chunks along N only, one chunk
+per shard. The root attributes record the model spec, weight hash and preprocessing; a store made
+with another model or preprocessing is refused, never silently mixed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+STORE_FORMAT = 1
+
+
+class StoreMismatch(ValueError):
+    """The store on disk was written with another model, weights, preprocessing or layers."""
+
+
+def store_identity(model_spec: str, weight_hash: str, preprocessing: dict, layers: dict[str, list[int]], dtype: str) -> dict:
+    """What a store's content depends on; stored as root attributes and checked on every open."""
+    return {
+        "format": STORE_FORMAT,
+        "model_spec": model_spec,
+        "weight_hash": weight_hash,
+        "preprocessing": preprocessing,
+        "layers": layers,  # layer -> [H, W, C]
+        "dtype": dtype,
+    }
+
+
+def open_store(uri: str, identity: dict) -> zarr.Group:
+    """Open (creating if absent) the store and check that it was made for ``identity``."""
+    root = zarr.open_group(uri, mode="a", zarr_format=3)
+    existing = root.attrs.asdict()
+    if not existing:
+        root.attrs.update(identity)
+        return root
+    for key in ("model_spec", "weight_hash", "preprocessing", "dtype"):
+        if existing.get(key) != identity[key]:
+            raise StoreMismatch(
+                f"the store at {uri} was written with {key} = {existing.get(key)!r}, but this run uses "
+                f"{identity[key]!r}. Use a new run_dir for another model, or delete the store to start over."
+            )
+    for layer, shape in identity["layers"].items():
+        known = existing.get("layers", {}).get(layer)
+        if known is not None and known != shape:
+            raise StoreMismatch(f"layer {layer!r} has shape {known} in the store at {uri} but {shape} now")
+    root.attrs["layers"] = {**existing.get("layers", {}), **identity["layers"]}
+    return root
+
+
+def ensure_array(root: zarr.Group, path: str, shape: tuple[int, ...], chunk_rows: int, dtype: str) -> zarr.Array:
+    """Create the array, or grow/shrink it along N when the plan changed; chunks (chunk_rows, ...)."""
+    chunks = (chunk_rows, *shape[1:])
+    if path in root:
+        array = root[path]
+        if array.chunks != chunks or str(array.dtype) != dtype or array.shape[1:] != shape[1:]:
+            raise StoreMismatch(
+                f"{path} exists with chunks {array.chunks}, dtype {array.dtype}, shape {array.shape}; "
+                f"this run needs chunks {chunks}, dtype {dtype}, shape {shape}. Use a new run_dir."
+            )
+        if array.shape[0] != shape[0]:
+            array.resize(shape)
+        return array
+    group_path, _, name = path.rpartition("/")
+    group = root.require_group(group_path) if group_path else root
+    dims = ["image", "row", "col", "channel"][: len(shape)] if len(shape) == 4 else None
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=dims)
+
+
+def write_region(array: zarr.Array, start: int, data: np.ndarray) -> None:
+    """Write rows ``start : start + len(data)``; the region must be whole chunks (or end at N)."""
+    chunk = array.chunks[0]
+    stop = start + len(data)
+    if start % chunk != 0 or (stop % chunk != 0 and stop != array.shape[0]):
+        raise ValueError(
+            f"region {start}:{stop} of {array.path} is not aligned to chunks of {chunk} rows; "
+            "each writer must own whole chunks (one shard = one chunk)"
+        )
+    array[start:stop] = data.astype(array.dtype, copy=False)

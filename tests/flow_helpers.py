@@ -1,0 +1,59 @@
+"""Shared helpers for the flow tests: collections on disk, configs, store comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+from PIL import Image
+
+from sacv.config import parse_config
+
+
+def write_collection(root: Path, n_per_concept: int = 5, n_per_class: int = 4, seed: int = 0) -> Path:
+    """concepts/{striped,dotted,chequered}/ and data/{cat,zebra}/ with images of mixed sizes and modes."""
+    from sacv import textures
+
+    rng = np.random.default_rng(seed)
+    modes = ["RGB", "L", "P", "RGBA"]
+    for concept in ("striped", "dotted", "chequered"):
+        folder = root / "concepts" / concept
+        folder.mkdir(parents=True)
+        for i in range(n_per_concept):
+            size = int(rng.integers(40, 90))
+            image = Image.fromarray(textures.GENERATORS[concept](size, rng)).convert(modes[i % 4])
+            image.save(folder / f"{concept}_{i}.png")
+    for name in ("cat", "zebra"):
+        folder = root / "data" / name
+        folder.mkdir(parents=True)
+        for i in range(n_per_class):
+            image = Image.fromarray(textures.random_texture(int(rng.integers(40, 70)), rng))
+            image.resize((int(rng.integers(40, 80)), int(rng.integers(40, 80)))).save(folder / f"{name}_{i}.jpg")
+    return root
+
+
+def make_config(root: Path, run: str = "run", spec: str = "tests.models:small", **extract):
+    return parse_config(
+        {
+            "run_dir": str(root / run),
+            "model": {"spec": spec},
+            "layers": ["features.0", "features.2"],
+            "concepts": {"root": str(root / "concepts")},
+            "dataset": {"root": str(root / "data"), "target": "label"},
+            "extract": {"shard_size": 4, "batch_size": 3, **extract},
+        }
+    )
+
+
+def store_arrays(run_dir: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(run_dir / "store.zarr"), mode="r")
+    return {path: np.asarray(array[...]) for path, array in _walk(root)}
+
+
+def _walk(group):
+    for name, array in group.arrays():
+        yield name, array
+    for name, sub in group.groups():
+        for path, array in _walk(sub):
+            yield f"{name}/{path}", array

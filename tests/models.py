@@ -1,0 +1,45 @@
+"""Tiny importable models for tests (model specs `tests.models:<factory>`)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+from sacv.models import LoadedModel, Preprocessing
+
+SMALL = Preprocessing(resize=36, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+class SmallNet(nn.Module):
+    """conv(3->8) -> ReLU -> conv(8->8, stride 2) -> ReLU -> mean -> linear(8->4)."""
+
+    def __init__(self, delay: float = 0.0):
+        super().__init__()
+        self.delay = delay
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU()
+        )
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if self.delay:
+            time.sleep(self.delay)
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def small(seed: int = 0, delay: float = 0.0) -> LoadedModel:
+    torch.manual_seed(seed)
+    names = ["cat", "dog", "zebra", "horse"]
+    return LoadedModel("tests.models:small", SmallNet(delay), SMALL, names)
+
+
+def small_other() -> LoadedModel:
+    return small(seed=1)
+
+
+def small_slow() -> LoadedModel:
+    """Sleeps SACV_TEST_DELAY seconds per batch, so a run can be killed between shards."""
+    return small(delay=float(os.environ.get("SACV_TEST_DELAY", "0.5")))

@@ -1,0 +1,204 @@
+"""The extraction flow: store round trip, resume after a kill, bad inputs, Dask runner, identity."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from flows.extract import run_extract
+from sacv.extract import extract
+from sacv.images import load_image
+from sacv.models import load_model
+from sacv.store import StoreMismatch
+from tests.flow_helpers import make_config, store_arrays, write_collection
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    return write_collection(tmp_path_factory.mktemp("collection"))
+
+
+def test_store_round_trip_equals_in_memory_extraction(collection, prefect):
+    config = make_config(collection, run="roundtrip")
+    summary = run_extract(config)
+    assert summary["status"] == "done" and summary["images"] == 15 + 8
+
+    run = Path(config.run_dir)
+    images = pd.read_parquet(run / "tables/images.parquet")
+    store = zarr.open_group(str(run / "store.zarr"), mode="r")
+    model = load_model("tests.models:small")
+    for group in ("guidance", "dataset"):
+        rows = images[(images["group"] == group) & (images["status"] == "ok")].sort_values("row")
+        batch = torch.stack([model.preprocessing(load_image(p)[1]) for p in rows["path"]])
+        target = torch.tensor(rows["label"].astype("int64").to_numpy()) if group == "dataset" else None
+        expected = extract(model.module, batch, config.layers, target, with_gradients=group == "dataset")
+        for layer in config.layers:
+            stored = store[f"{group}/{layer}/act"][...]
+            assert stored.dtype == np.float16 and stored.shape == tuple(expected.activations[layer].shape)
+            np.testing.assert_allclose(stored, expected.activations[layer].numpy(), rtol=2e-3, atol=2e-3)
+            if group == "dataset":
+                grad = store[f"dataset/{layer}/grad"][...].astype(np.float32)
+                np.testing.assert_allclose(grad, expected.gradients[layer].numpy(), rtol=2e-3, atol=1e-5)
+        if group == "dataset":
+            np.testing.assert_allclose(store["dataset/logits"][...], expected.logits.numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(store["dataset/targets"][...], rows["label"].to_numpy())
+    # images of class folders got the model's class indices; concepts their folder names
+    assert set(images.loc[images["group"] == "dataset", "label"]) == {0, 2}
+    assert set(images.loc[images["group"] == "guidance", "concept"]) == {"striped", "dotted", "chequered"}
+
+
+def test_rerun_skips_done_shards_and_renamed_files_are_not_reprocessed(collection, prefect, tmp_path):
+    config = make_config(collection, run="rerun")
+    first = run_extract(config)
+    assert first["shards_run"] == sum(first["shards"].values())
+    assert run_extract(config)["shards_run"] == 0
+    victim = next((collection / "concepts" / "dotted").glob("*.png"))
+    renamed = victim.with_name("renamed_" + victim.name)
+    victim.rename(renamed)
+    try:
+        assert run_extract(config)["shards_run"] == 0
+    finally:
+        renamed.rename(victim)
+
+
+def test_same_image_under_two_names_is_stored_once(tmp_path, prefect):
+    root = write_collection(tmp_path, n_per_concept=3, n_per_class=2)
+    original = next((root / "concepts" / "striped").glob("*.png"))
+    (root / "concepts" / "striped" / "copy.png").write_bytes(original.read_bytes())
+    config = make_config(root)
+    run_extract(config)
+    images = pd.read_parquet(Path(config.run_dir) / "tables/images.parquet")
+    copies = images[images["path"].str.endswith(("copy.png", original.name))]
+    assert len(copies) == 2 and copies["row"].nunique() == 1
+    assert sorted(copies["status"]) == ["duplicate", "ok"]
+    assert zarr.open_group(str(Path(config.run_dir) / "store.zarr"))["guidance/features.0/act"].shape[0] == 9
+
+
+def _cli(config_path: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sacv.cli", "extract", str(config_path)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def test_killed_run_resumes_without_redoing_finished_shards(collection, tmp_path, prefect):
+    config = make_config(collection, run="killed", spec="tests.models:small_slow")
+    config_path = tmp_path / "config.yaml"
+    import yaml
+
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"), "SACV_TEST_DELAY": "0.4"}
+    markers = Path(config.run_dir) / "shards"
+    process = _cli(config_path, env)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(markers.glob("*/*.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {p: p.stat().st_mtime_ns for p in markers.glob("*/*.json")}
+    total = 4 + 2  # shards: guidance 15 images / 4, dataset 8 images / 4 (see write_collection)
+    assert 2 <= len(finished) < total, "the run must be killed between shards"
+
+    rerun = subprocess.run([sys.executable, "-m", "sacv.cli", "extract", str(config_path)], cwd=REPO,
+                           env={**env, "SACV_TEST_DELAY": "0"}, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"{total - len(finished)} shards run" in rerun.stdout
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished shards were not redone
+
+    os.environ["SACV_TEST_DELAY"] = "0"
+    try:
+        reference = make_config(collection, run="uninterrupted", spec="tests.models:small_slow")
+        run_extract(reference)
+    finally:
+        del os.environ["SACV_TEST_DELAY"]
+    resumed, clean = store_arrays(Path(config.run_dir)), store_arrays(Path(reference.run_dir))
+    assert resumed.keys() == clean.keys() and len(resumed) == 8
+    for key in clean:
+        np.testing.assert_array_equal(resumed[key], clean[key], err_msg=key)
+
+
+def write_bad_inputs(folder: Path) -> dict[str, str]:
+    """Good and bad files; returns the expected reject reason (substring) per bad file name."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, size=(48, 48, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "good.jpg", quality=95)
+    full = (folder / "good.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.png").write_text("this is not a png")
+    Image.new("CMYK", (40, 40), (0, 128, 255, 0)).save(folder / "cmyk.jpg")
+    Image.fromarray((rng.integers(0, 65535, size=(40, 40))).astype(np.uint16)).save(folder / "deep16.png")
+    Image.fromarray(rng.integers(0, 255, size=(40, 40, 4), dtype=np.uint8), "RGBA").save(folder / "alpha.png")
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(folder / "tiny.png")
+    Image.new("RGB", (120, 120), (200, 10, 10)).save(folder / "huge.png")
+    return {"truncated.jpg": "truncated", "empty.jpg": "zero-byte", "text.png": "not an image",
+            "tiny.png": "too small", "huge.png": "too large"}
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_the_rest_is_stored(tmp_path, prefect):
+    expected = write_bad_inputs(tmp_path / "data" / "cat")
+    config = make_config(tmp_path, max_pixels=10_000).model_copy(update={"concepts": None})
+    summary = run_extract(config)
+    assert summary["status"] == "done with rejects" and summary["rejects"] == len(expected)
+    rejects = pd.read_parquet(Path(config.run_dir) / "tables/rejects.parquet")
+    reasons = {Path(p).name: r for p, r in zip(rejects["path"], rejects["reason"])}
+    assert reasons.keys() == expected.keys()
+    for name, fragment in expected.items():
+        assert fragment in reasons[name], (name, reasons[name])
+    assert set(rejects["stage"]) <= {"read", "decode"}
+    images = pd.read_parquet(Path(config.run_dir) / "tables/images.parquet")
+    assert sorted(Path(p).name for p in images["path"]) == ["alpha.png", "cmyk.jpg", "deep16.png", "good.jpg"]
+    acts = zarr.open_group(str(Path(config.run_dir) / "store.zarr"))["dataset/features.0/act"][...]
+    assert acts.shape[0] == 4 and np.isfinite(acts).all() and (np.abs(acts).reshape(4, -1).sum(1) > 0).all()
+
+
+def test_cli_reports_done_with_rejects(tmp_path):
+    write_bad_inputs(tmp_path / "data" / "cat")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"run_dir: {tmp_path / 'run'}\nmodel: {{spec: 'tests.models:small'}}\nlayers: [features.0]\n"
+        f"dataset: {{root: {tmp_path / 'data'}}}\nextract: {{max_pixels: 10000}}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")}
+    result = subprocess.run([sys.executable, "-m", "sacv.cli", "extract", str(config), "--strict"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "extract done with rejects: 4 images, 5 rejected" in result.stdout
+
+
+def test_dask_runner_gives_the_same_store_as_the_thread_pool(collection, prefect):
+    from distributed import LocalCluster
+
+    threads = make_config(collection, run="threads")
+    run_extract(threads)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        dask = make_config(collection, run="dask").model_copy(
+            update={"execution": threads.execution.model_copy(update={"dask_address": cluster.scheduler_address})}
+        )
+        summary = run_extract(dask)
+    assert summary["shards_run"] == sum(summary["shards"].values())
+    a, b = store_arrays(Path(threads.run_dir)), store_arrays(Path(dask.run_dir))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_store_written_with_another_model_is_refused(collection, prefect):
+    run_extract(make_config(collection, run="identity"))
+    other = make_config(collection, run="identity", spec="tests.models:small_other")
+    with pytest.raises(StoreMismatch, match="written with model_spec = 'tests.models:small'.*tests.models:small_other.*new run_dir"):
+        run_extract(other)
