@@ -59,6 +59,19 @@ def extract_command(config_path: str, strict: bool) -> None:
             sys.exit(3)
 
 
+@main.command("fit")
+@click.argument("config_path", metavar="CONFIG")
+def fit_command(config_path: str) -> None:
+    """Fit concept and null vectors from the store; a rerun fits only what changed."""
+    from sacv.pipeline import run_stage
+
+    summary = run_stage("fit", _load_config(config_path))
+    click.echo(f"fit {summary['status']}: {summary['vectors']} vectors ({summary['fitted']} fitted, "
+               f"the rest cached) in {summary['seconds']} s -> {summary['table']}")
+    if summary["near_chance_fitted"]:
+        click.echo(f"{summary['near_chance_fitted']} vectors are near chance (flagged in the table)", err=True)
+
+
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, help="Output folder.")
 @click.option("--layer", default="_blocks.8", show_default=True, help="EfficientNet-Lite0 layer to fit.")

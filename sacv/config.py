@@ -46,6 +46,19 @@ class ExtractConfig(Section):
     autocast: Literal["none", "bfloat16", "float16"] = "none"  # CUDA forward precision; storage dtype unchanged
 
 
+class FitConfig(Section):
+    solver: Literal["auto", "inmemory", "lbfgs", "sgd"] = "auto"  # auto: inmemory when it fits the budget, else lbfgs
+    memory_budget_mb: int = Field(1024, ge=16)  # memory for positions per fit (inmemory subsample, auto choice)
+    C: float = Field(1.0, gt=0)  # inverse L2 strength of the logistic regression
+    standardize: bool = False  # penalise in z-scored space (sgd always does)
+    validation_fraction: float = Field(0.25, gt=0, lt=1)  # share of images per side held out
+    max_positions_per_class: int | None = Field(None, ge=1)  # subsample training positions
+    max_iter: int = Field(200, ge=1)  # lbfgs iterations
+    epochs: int = Field(5, ge=1)  # sgd epochs
+    near_chance: float = Field(0.6, ge=0.5, le=1)  # flag vectors whose held-out balanced accuracy is below
+    seed: int = 0  # random sets, validation split, subsamples, shuffles
+
+
 class ExecutionConfig(Section):
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool
@@ -60,6 +73,7 @@ class RunConfig(Section):
     concepts: ConceptsConfig | None = None
     dataset: DatasetConfig | None = None
     extract: ExtractConfig = ExtractConfig()
+    fit: FitConfig = FitConfig()
     execution: ExecutionConfig = ExecutionConfig()
 
     @field_validator("layers")

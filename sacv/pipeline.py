@@ -11,4 +11,8 @@ def run_stage(stage: str, config: RunConfig) -> dict:
         from flows.extract import run_extract
 
         return run_extract(config)
-    raise ValueError(f"unknown stage {stage!r}; choose extract")
+    if stage == "fit":
+        from flows.fit import run_fit
+
+        return run_fit(config)
+    raise ValueError(f"unknown stage {stage!r}; choose extract or fit")

@@ -109,49 +109,9 @@ class SpatialConceptVector(ClassifierMixin, BaseEstimator):
             rng = np.random.default_rng(self.random_state)
             keep = [rng.permutation(train[y[train] == c])[: self.max_positions_per_class] for c in (0, 1)]
             train = np.sort(np.concatenate(keep))
-        X_train, y_train = X[train], y[train]
-
-        mean = X_train.mean(axis=0) if self.standardize else np.zeros(X.shape[1])
-        scale = X_train.std(axis=0) if self.standardize else np.ones(X.shape[1])
-        scale[scale == 0] = 1.0
-        clf = LogisticRegression(
-            C=self.C, class_weight="balanced", max_iter=self.max_iter, random_state=self.random_state
-        )
-        clf.fit((X_train - mean) / scale, y_train)
-        w = clf.coef_[0] / scale
-        self.coef_ = w  # (C,)
-        self.intercept_ = float(clf.intercept_[0] - w @ mean)
-        self.norm_ = float(np.linalg.norm(w))
-        if self.norm_ < 1e-12:
-            raise ValueError(
-                "the fitted normal is zero: concept positions are indistinguishable from random ones. "
-                "Check that the concept images really differ from the random set."
-            )
-        self.vector_ = w / self.norm_
-        self.offset_ = self.intercept_ / self.norm_
-        self.classes_ = np.array([0, 1])
-        self.n_features_in_ = X.shape[1]
-
-        scores = X[is_val] @ self.coef_ + self.intercept_
-        y_val, pred = y[is_val], (scores > 0).astype(np.int64)
-        self.metrics_ = {
-            "n_pos": int((y_train == 1).sum()),
-            "n_neg": int((y_train == 0).sum()),
-            "n_val": int(is_val.sum()),
-            "acc": float(accuracy_score(y_val, pred)),
-            "bal_acc": float(balanced_accuracy_score(y_val, pred)),
-            "auroc": float(roc_auc_score(y_val, scores)),
-            "norm": self.norm_,
-        }
-        self.near_chance_ = self.metrics_["bal_acc"] < self.near_chance
-        if self.near_chance_:
-            warnings.warn(
-                f"concept vector is near chance: held-out balanced accuracy "
-                f"{self.metrics_['bal_acc']:.3f} < {self.near_chance}. Its maps are not meaningful; "
-                "try another layer, more or cleaner concept images, or check the activation layout.",
-                NearChanceWarning,
-                stacklevel=2,
-            )
+        w, b = fit_logistic(X[train], y[train], self.C, self.standardize, self.max_iter, self.random_state)
+        n_pos, n_neg = int((y[train] == 1).sum()), int((y[train] == 0).sum())
+        set_fitted_vector(self, w, b, y[is_val], X[is_val] @ w + b, n_pos, n_neg)
         return self
 
     def decision_function(self, X) -> np.ndarray:
@@ -159,6 +119,55 @@ class SpatialConceptVector(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         return (self.decision_function(X) > 0).astype(np.int64)
+
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, C: float, standardize: bool, max_iter: int, seed: int) -> tuple[np.ndarray, float]:
+    """Balanced L2 logistic regression (scikit-learn); returns the raw-space normal (C,) and intercept.
+
+    With ``standardize`` the fit (and its L2 penalty) is in z-scored space, folded back afterwards.
+    """
+    mean = X.mean(axis=0) if standardize else np.zeros(X.shape[1])
+    scale = X.std(axis=0) if standardize else np.ones(X.shape[1])
+    scale[scale == 0] = 1.0
+    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=max_iter, random_state=seed)
+    clf.fit((X - mean) / scale, y)
+    w = clf.coef_[0] / scale
+    return w, float(clf.intercept_[0] - w @ mean)
+
+
+def set_fitted_vector(est, w: np.ndarray, b: float, y_val: np.ndarray, val_scores: np.ndarray, n_pos: int, n_neg: int) -> None:
+    """Set the learned attributes shared by every SACV fitter, and warn when near chance."""
+    est.coef_ = np.asarray(w, dtype=np.float64)  # (C,)
+    est.intercept_ = float(b)
+    est.norm_ = float(np.linalg.norm(est.coef_))
+    if not np.isfinite(est.norm_) or est.norm_ < 1e-12:
+        raise ValueError(
+            "the fitted normal is zero: concept positions are indistinguishable from random ones. "
+            "Check that the concept images really differ from the random set."
+        )
+    est.vector_ = est.coef_ / est.norm_
+    est.offset_ = est.intercept_ / est.norm_
+    est.classes_ = np.array([0, 1])
+    est.n_features_in_ = len(est.coef_)
+    pred = (val_scores > 0).astype(np.int64)
+    est.metrics_ = {
+        "n_pos": n_pos,
+        "n_neg": n_neg,
+        "n_val": int(len(y_val)),
+        "acc": float(accuracy_score(y_val, pred)),
+        "bal_acc": float(balanced_accuracy_score(y_val, pred)),
+        "auroc": float(roc_auc_score(y_val, val_scores)),
+        "norm": est.norm_,
+    }
+    est.near_chance_ = est.metrics_["bal_acc"] < est.near_chance
+    if est.near_chance_:
+        warnings.warn(
+            f"concept vector is near chance: held-out balanced accuracy "
+            f"{est.metrics_['bal_acc']:.3f} < {est.near_chance}. Its maps are not meaningful; "
+            "try another layer, more or cleaner concept images, or check the activation layout.",
+            NearChanceWarning,
+            stacklevel=3,
+        )
 
 
 def fit_concept_vector(

@@ -1,0 +1,261 @@
+"""Extraction throughput: a bare torch loop against the Prefect extraction flow, same images.
+
+One process, one run, EfficientNet-Lite0 (offline weights):
+
+(a) bare loop: read + decode each JPEG (``sacv.images.load_image``), the model's preprocessing,
+    ``sacv.extract.extract`` with gradients of the predicted-class logit, results kept in memory;
+(b) flow: the same files as a dataset folder (``tabby/``), ``flows.extract.run_extract`` with
+    ``dataset.target: predicted``; wall time of the whole call, planning (scan: read, hash and
+    decode every file once more) included.
+
+Both are warmed up first (model load, first-call overhead; Prefect's temporary API server start-up
+on a 4-image flow run), so neither timing includes them.
+
+    python benchmarks/extract_throughput.py --images 64 --out benchmarks/results/extract_throughput_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=96, help="images in the timed runs")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--shard-size", type=int, default=32, help="images per shard (flow only)")
+    parser.add_argument("--layers", nargs="+", default=["_blocks.8", "_blocks.12"])
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader decoding processes (both paths)")
+    parser.add_argument("--autocast", choices=["none", "bfloat16", "float16"], default="none")
+    parser.add_argument("--out", default="benchmarks/results/extract_throughput.json", help="JSON result path")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated images")
+    return parser.parse_args(argv)
+
+
+def write_images(folder: Path, n: int, seed: int, size: int = 256) -> list[str]:
+    """``n`` generated scenes (striped horse on a random background) saved as JPEG; sorted paths."""
+    import numpy as np
+    from PIL import Image
+
+    from sacv import textures
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        image, _ = textures.scene(size, "striped", rng)
+        path = folder / f"scene_{i:05d}.jpg"
+        Image.fromarray(image).save(path, quality=90)
+        paths.append(str(path))
+    return sorted(paths)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loader_workers: int, autocast) -> tuple[float, list]:
+    """Decode, preprocess, extract with gradients; keep every result in memory. Returns (seconds, results)."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from sacv.extract import extract
+    from sacv.images import load_image
+
+    class Files(Dataset):
+        def __len__(self):
+            return len(paths)
+
+        def __getitem__(self, i):
+            return model.preprocessing(load_image(paths[i])[1])
+
+    device = next(model.module.parameters()).device
+    loader = DataLoader(Files(), batch_size=batch_size, num_workers=loader_workers, pin_memory=device.type == "cuda")
+    results = []
+    started = time.perf_counter()
+    for batch in loader:
+        result = extract(model.module, batch, layers, None, with_gradients=True, autocast=autocast)
+        results.append(result)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started, results
+
+
+def store_only_write(results, layers: list[str], shard_size: int, dtype: str, folder: Path) -> tuple[float, int]:
+    """Write the bare loop's in-memory results into a fresh Zarr store with the flow's layout
+    (sacv.store.ensure_array / write_region, one region per shard). Returns (seconds, bytes on disk)."""
+    import numpy as np
+    import zarr
+
+    from sacv.store import ensure_array, write_region
+
+    arrays = {}
+    for layer in layers:
+        arrays[f"dataset/{layer}/act"] = np.concatenate([r.activations[layer].numpy() for r in results])
+        arrays[f"dataset/{layer}/grad"] = np.concatenate([r.gradients[layer].numpy() for r in results])
+    arrays["dataset/logits"] = np.concatenate([r.logits.numpy() for r in results])
+    arrays["dataset/targets"] = np.concatenate([r.targets.numpy() for r in results])
+    started = time.perf_counter()
+    root = zarr.open_group(str(folder), mode="w", zarr_format=3)
+    for path, data in arrays.items():
+        target_dtype = dtype if data.ndim == 4 else str(data.dtype)
+        array = ensure_array(root, path, data.shape, shard_size, target_dtype)
+        for start in range(0, len(data), shard_size):
+            write_region(array, start, data[start : start + shard_size])
+    return time.perf_counter() - started, folder_bytes(folder)
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()})"
+
+
+def run_flow(root: Path, run: str, args, device: str) -> tuple[float, dict, Path]:
+    from flows.extract import run_extract
+    from sacv.config import parse_config
+
+    config = parse_config(
+        {
+            "run_dir": str(root / run),
+            "model": {"spec": "efficientnet_lite0"},
+            "layers": list(args.layers),
+            "dataset": {"root": str(root / f"{run}-data"), "target": "predicted"},
+            "extract": {"shard_size": args.shard_size, "batch_size": args.batch_size, "autocast": args.autocast},
+            "execution": {"device": device, "loader_workers": args.loader_workers},
+        }
+    )
+    started = time.perf_counter()
+    summary = run_extract(config)
+    seconds = time.perf_counter() - started
+    return seconds, summary, root / run
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    sys.path.insert(0, str(REPO))
+    import flows  # noqa: F401  (Prefect embedded-mode defaults, before prefect is imported)
+
+    import torch
+
+    from sacv.shards import cached_model, resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    autocast = None if args.autocast == "none" else getattr(torch, args.autocast)
+
+    with tempfile.TemporaryDirectory(prefix="sacv-bench-") as tmp:
+        root = Path(tmp)
+        # "tabby" is an ImageNet class name, so sacv.catalog.match_class accepts the folder.
+        warm_paths = write_images(root / "warm-data" / "tabby", 4, args.seed + 1)
+        paths = write_images(root / "timed-data" / "tabby", args.images, args.seed)
+
+        # Same cached model instance as the flow's shard tasks use in this process.
+        model = cached_model("efficientnet_lite0", None, str(device))
+
+        print(f"warm-up: bare loop on {len(paths)} images, flow on {len(warm_paths)} images ...", flush=True)
+        bare_loop(model, paths, args.layers, args.batch_size, args.loader_workers, autocast)
+        run_flow(root, "warm", args, str(device))
+
+        print("timed: bare loop ...", flush=True)
+        bare_seconds, results = bare_loop(model, paths, args.layers, args.batch_size, args.loader_workers, autocast)
+        write_seconds, write_bytes = store_only_write(results, args.layers, args.shard_size, "float16", root / "write-only.zarr")
+        del results
+
+        print("timed: flow ...", flush=True)
+        flow_seconds, summary, run_dir = run_flow(root, "timed", args, str(device))
+        markers = [json.loads(p.read_text()) for p in sorted((run_dir / "shards").glob("*/*.json"))]
+        shard_seconds = sum(m["seconds"] for m in markers)
+        stored_bytes = folder_bytes(run_dir / "store.zarr")
+        n = summary["images"]
+        assert n == args.images, f"the flow stored {n} images, expected {args.images}"
+
+    mb = 1e6
+    result = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "model": "efficientnet_lite0",
+        "layers": list(args.layers),
+        "images": args.images,
+        "image_size": "256x256 JPEG (sacv.textures.scene, quality 90)",
+        "batch_size": args.batch_size,
+        "shard_size": args.shard_size,
+        "loader_workers": args.loader_workers,
+        "autocast": args.autocast,
+        "torch_threads": torch.get_num_threads(),
+        "bare": {
+            "seconds": round(bare_seconds, 3),
+            "images_per_s": round(args.images / bare_seconds, 2),
+            "what": "load_image + preprocessing + extract(with_gradients, predicted target), results kept in memory",
+        },
+        "flow": {
+            "seconds": round(flow_seconds, 3),
+            "images_per_s": round(n / flow_seconds, 2),
+            "flow_seconds": summary["seconds"],
+            "shard_seconds_sum": round(shard_seconds, 3),
+            "shards_run": summary["shards_run"],
+            "images_per_s_shard_phase": round(n / shard_seconds, 2),
+            "what": "wall time of run_extract(config) incl. planning; flow_seconds = the flow's own timer; "
+            "shard_seconds_sum = sum of marker 'seconds' (decode + extract + Zarr write per shard)",
+        },
+        "ratio_flow_over_bare": round((n / flow_seconds) / (args.images / bare_seconds), 3),
+        "storage": {
+            "bytes_stored": stored_bytes,
+            "bytes_per_image": round(stored_bytes / n),
+            "what": "sum of file sizes under store.zarr (chunks + zarr.json, float16 act+grad of each layer, "
+            "float32 logits, int64 targets, zstd) / images",
+            "write_mb_per_s_effective": round(stored_bytes / mb / shard_seconds, 2),
+            "write_mb_per_s_effective_what": "bytes stored / summed shard seconds; the shard seconds include decode "
+            "and forward/backward, so this is the rate the flow produced stored bytes, a lower bound on the disk rate",
+            "write_mb_per_s_store_only": round(write_bytes / mb / write_seconds, 2),
+            "write_mb_per_s_store_only_what": "the bare loop's results cast to float16 and written with "
+            "sacv.store.ensure_array/write_region into a fresh store (same layout, one region per shard), "
+            "bytes on disk / wall time of that write alone",
+            "store_only_seconds": round(write_seconds, 3),
+        },
+        "command": "python benchmarks/extract_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+
+    rows = [
+        ("device", result["device"]),
+        ("torch", result["torch"]),
+        ("images / batch / shard", f"{args.images} / {args.batch_size} / {args.shard_size}"),
+        ("layers", " ".join(args.layers)),
+        ("bare loop", f"{result['bare']['images_per_s']:.2f} img/s ({bare_seconds:.2f} s)"),
+        ("flow (whole call)", f"{result['flow']['images_per_s']:.2f} img/s ({flow_seconds:.2f} s)"),
+        ("flow's own seconds", f"{summary['seconds']:.2f} s"),
+        ("shard phase (sum)", f"{result['flow']['images_per_s_shard_phase']:.2f} img/s ({shard_seconds:.2f} s)"),
+        ("ratio flow / bare", f"{result['ratio_flow_over_bare']:.3f}"),
+        ("bytes per image", f"{result['storage']['bytes_per_image']:,}"),
+        ("write MB/s (effective)", f"{result['storage']['write_mb_per_s_effective']:.2f}"),
+        ("write MB/s (store only)", f"{result['storage']['write_mb_per_s_store_only']:.2f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

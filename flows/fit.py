@@ -1,0 +1,41 @@
+"""The fitting flow: one task per (layer, concept, random set) and per null pair; cached by content."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from tqdm import tqdm
+
+from flows.runners import task_runner
+from sacv.config import RunConfig
+from sacv.rundir import RunDir
+from tasks.fit import collect, fit_vector, plan
+
+
+@flow(name="sacv-fit")
+def fit_flow(config: RunConfig) -> dict:
+    """Fit every planned concept and null vector that has no cached result, then collect them."""
+    started = time.perf_counter()
+    run_uri = config.run_dir
+    if config.concepts is None:
+        raise ValueError("the fit stage needs a `concepts` section in the config")
+    fit_plan = plan(run_uri, config)
+    futures = [fit_vector.submit(run_uri, config, key) for key in fit_plan["todo"]]
+    near_chance = 0
+    with tqdm(total=len(futures), unit="vector", desc="fit", disable=None) as bar:
+        for future in as_completed(futures):
+            near_chance += future.result()["near_chance"]
+            bar.update(1)
+    table_uri = collect(run_uri)
+    summary = {"status": "done", "vectors": fit_plan["total"], "fitted": len(futures),
+               "near_chance_fitted": near_chance, "table": table_uri,
+               "seconds": round(time.perf_counter() - started, 2)}
+    RunDir(run_uri).update_run_record(timings={"fit": summary})
+    get_run_logger().info("fit done: %s", summary)
+    return summary
+
+
+def run_fit(config: RunConfig) -> dict:
+    return fit_flow.with_options(task_runner=task_runner(config.execution))(config)

@@ -1,0 +1,151 @@
+"""The fitting stage: random sets, one vector per (layer, concept, random set), null vectors, cache.
+
+- Random set ``random_r`` of concept k is drawn with the seed ``(seed, r)`` from the random pool
+  (the ``random`` role when ``concepts.random_pool`` is set, else every guidance image) minus the
+  images of k (compared by content id), so it never contains the concept's own images. With a
+  separate pool, all concepts share the same sets.
+- Null vectors fit ``random_i`` against ``random_{i+1 mod R}`` drawn from the whole pool (each
+  pair once; images in both sets are dropped from both).
+- Every job has a content key: store identity, layer, the image ids of both sides, the fit
+  settings and the seed. Its result ``fits/<layer>/<key>.json`` is the cache: a rerun fits only jobs
+  whose key has no result. ``collect_vectors`` then writes ``vectors/<layer>/…`` in the store and
+  ``tables/vectors.parquet`` (one writer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from sacv.config import RunConfig
+from sacv.outofcore import OutOfCoreConceptVector, choose_solver, positions_from_store
+from sacv.rundir import RunDir
+from sacv.vectors import NearChanceWarning
+
+VECTOR_COLUMNS = [
+    "layer", "concept", "random_set", "kind", "vector_row", "seed", "solver", "n_pos", "n_neg", "n_val",
+    "acc", "bal_acc", "auroc", "norm", "near_chance", "passes", "n_iter", "wall_s", "key",
+]
+
+
+def draw_random_set(pool: list[str], exclude: set[str], index: int, per_set: int, seed: int) -> list[str]:
+    """Random set ``index``: ``per_set`` image ids drawn (seeded) from ``pool`` minus ``exclude``."""
+    candidates = sorted(set(pool) - exclude)
+    if len(candidates) < 2:
+        raise ValueError(
+            f"the random pool has {len(candidates)} usable images; add images or set concepts.random_pool"
+        )
+    rng = np.random.default_rng([seed, index])
+    return sorted(rng.choice(candidates, size=min(per_set, len(candidates)), replace=False).tolist())
+
+
+def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[dict]:
+    """Every vector to fit, in a fixed order, each with its positive/negative image ids and key."""
+    guidance = images[images["group"] == "guidance"]
+    by_concept = guidance[guidance["role"] == "concept"].groupby("concept")["image_id"].apply(lambda s: sorted(set(s)))
+    cfg = config.concepts
+    names = cfg.names or sorted(by_concept.index)
+    random_role = guidance[guidance["role"] == "random"]
+    pool = (random_role if len(random_role) else guidance)["image_id"].tolist()
+    n_sets, per_set, seed = cfg.random_sets, cfg.images_per_set, config.fit.seed
+    null_sets = [draw_random_set(pool, set(), r, per_set, seed) for r in range(n_sets)]
+    pairs = []
+    for k in names:
+        for r in range(n_sets):
+            negatives = draw_random_set(pool, set(by_concept[k]), r, per_set, seed)
+            pairs.append((k, "concept", by_concept[k], f"random_{r}", negatives))
+    null_pairs = sorted({tuple(sorted((i, (i + 1) % n_sets))) for i in range(n_sets)}) if n_sets > 1 else []
+    for i, j in null_pairs:
+        a, b = set(null_sets[i]), set(null_sets[j])
+        pairs.append((f"random_{i}", "null", sorted(a - b), f"random_{j}", sorted(b - a)))
+    for concept, _, positives, random_set, negatives in pairs:
+        if len(positives) < 2 or len(negatives) < 2:
+            raise ValueError(
+                f"{concept} vs {random_set} would have {len(positives)} and {len(negatives)} images; each side "
+                "needs at least 2 (add images, raise concepts.images_per_set or set concepts.random_pool)"
+            )
+    settings = config.fit.model_dump(mode="json")
+    jobs = []
+    for layer in config.layers:
+        for concept, kind, positives, random_set, negatives in pairs:
+            content = {"store": identity, "layer": layer, "pos": positives, "neg": negatives, "fit": settings}
+            key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
+            jobs.append({"layer": layer, "concept": concept, "kind": kind, "random_set": random_set,
+                         "pos": positives, "neg": negatives, "key": key})
+    return jobs
+
+
+def result_path(job: dict) -> str:
+    return f"fits/{job['layer']}/{job['key']}.json"
+
+
+def fit_job(run_uri: str, config: RunConfig, job: dict) -> dict:
+    """Fit one vector from the store (out of core) and write its result file; return the result."""
+    started = time.perf_counter()
+    run = RunDir(run_uri)
+    images = run.read_table("images")
+    guidance = images[(images["group"] == "guidance") & (images["status"] == "ok")]
+    row_of = dict(zip(guidance["image_id"], guidance["row"].astype(int)))
+    label_of = {row_of[i]: 1 for i in job["pos"]} | {row_of[i]: 0 for i in job["neg"]}
+    rows = np.array(sorted(label_of))
+    array = zarr.open_group(run.store_uri, mode="r")[f"guidance/{job['layer']}/act"]
+    X = positions_from_store(array, rows)
+    per_image = X.shape[0] // len(rows)
+    y = np.repeat([label_of[r] for r in rows], per_image)
+    groups = np.repeat(rows, per_image)
+    fit = config.fit
+    solver = fit.solver if fit.solver != "auto" else choose_solver(X.shape[0], X.shape[1], fit.memory_budget_mb)
+    estimator = OutOfCoreConceptVector(
+        solver=solver, C=fit.C, standardize=fit.standardize, validation_fraction=fit.validation_fraction,
+        max_positions_per_class=fit.max_positions_per_class, near_chance=fit.near_chance, max_iter=fit.max_iter,
+        epochs=fit.epochs, memory_budget_mb=fit.memory_budget_mb, random_state=fit.seed,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NearChanceWarning)  # recorded as near_chance and logged by the task
+        estimator.fit(X, y, groups)
+    result = {
+        **{k: job[k] for k in ("layer", "concept", "kind", "random_set", "key")},
+        **estimator.metrics_,
+        "seed": fit.seed, "solver": solver, "near_chance": bool(estimator.near_chance_),
+        "passes": estimator.passes_, "n_iter": estimator.n_iter_,
+        "wall_s": round(time.perf_counter() - started, 3),
+        "vector": estimator.vector_.tolist(), "coef": estimator.coef_.tolist(),
+        "intercept": estimator.intercept_, "offset": estimator.offset_,
+    }
+    run.write_json(result_path(job), result)
+    return result
+
+
+def collect_vectors(run_uri: str, jobs: list[dict]) -> pd.DataFrame:
+    """Write ``vectors/<layer>/{v,b,coef,intercept}`` (one row per job, plan order) and vectors.parquet."""
+    run = RunDir(run_uri)
+    root = zarr.open_group(run.store_uri, mode="a")
+    rows = []
+    for layer in dict.fromkeys(job["layer"] for job in jobs):
+        layer_jobs = [job for job in jobs if job["layer"] == layer]
+        results = [run.read_json(result_path(job)) for job in layer_jobs]
+        missing = sum(r is None for r in results)
+        if missing:
+            raise RuntimeError(f"{missing} fits of layer {layer!r} have no result yet; run the fit stage again")
+        # identical content shares one cached result: labels come from the job, not the result
+        results = [{**r, **{k: job[k] for k in ("concept", "random_set", "kind")}} for job, r in zip(layer_jobs, results)]
+        group = root.require_group(f"vectors/{layer}")
+        arrays = {
+            "v": np.array([r["vector"] for r in results], np.float32),  # (K_total, C) unit, towards the concept
+            "b": np.array([r["offset"] for r in results], np.float32),  # (K_total,) offset of the unit vector
+            "coef": np.array([r["coef"] for r in results], np.float32),  # (K_total, C) raw normal
+            "intercept": np.array([r["intercept"] for r in results], np.float32),  # (K_total,)
+        }
+        for name, values in arrays.items():
+            group.create_array(name, shape=values.shape, dtype=values.dtype, overwrite=True)[...] = values
+        group.attrs["rows"] = [{k: r[k] for k in ("concept", "random_set", "kind")} for r in results]
+        rows += [{**{k: r[k] for k in VECTOR_COLUMNS if k in r}, "vector_row": i} for i, r in enumerate(results)]
+    table = pd.DataFrame(rows, columns=VECTOR_COLUMNS)
+    run.write_table("vectors", table)
+    return table

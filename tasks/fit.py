@@ -1,0 +1,57 @@
+"""Fitting tasks: plan the vectors, fit one vector, collect them into the store and table."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+from prefect import get_run_logger, task
+
+from sacv.config import RunConfig
+from sacv.fitting import collect_vectors, fit_job, plan_jobs, result_path
+from sacv.rundir import RunDir
+from sacv.shards import cached_model, store_layout
+
+
+@task(name="plan-fits")
+def plan(run_uri: str, config: RunConfig) -> dict:
+    """Write fits/plan.json; return the keys of the jobs without a cached result."""
+    run = RunDir(run_uri)
+    images = run.read_table("images")
+    if images is None:
+        raise RuntimeError(f"{run_uri} has no images table; run the extract stage first")
+    model = cached_model(config.model.spec, config.model.weights, config.execution.device)
+    jobs = plan_jobs(images, config, store_layout(model, config.layers, config.extract.dtype))
+    run.write_json("fits/plan.json", {"jobs": jobs})
+    todo = list(dict.fromkeys(job["key"] for job in jobs if not run.exists(result_path(job))))
+    get_run_logger().info("%d vectors planned, %d cached, %d to fit", len(jobs), len(jobs) - len(todo), len(todo))
+    return {"total": len(jobs), "todo": todo}
+
+
+@task(name="fit-vector", retries=1, retry_delay_seconds=2)
+def fit_vector(run_uri: str, config: RunConfig, key: str) -> dict:
+    """Fit the planned job ``key``; dask work goes to the flow's cluster when one is configured."""
+    job = next(j for j in RunDir(run_uri).read_json("fits/plan.json")["jobs"] if j["key"] == key)
+    if config.execution.dask_address:
+        from prefect_dask import get_dask_client
+
+        cluster = get_dask_client()
+    else:
+        cluster = nullcontext()
+    with cluster:
+        result = fit_job(run_uri, config, job)
+    logger = get_run_logger()
+    logger.info("%s %s vs %s: bal_acc %.3f (%s, %.1f s)", job["layer"], job["concept"], job["random_set"],
+                result["bal_acc"], result["solver"], result["wall_s"])
+    if result["near_chance"]:
+        logger.warning("near-chance vector: %s %s vs %s, held-out balanced accuracy %.3f",
+                       job["layer"], job["concept"], job["random_set"], result["bal_acc"])
+    return {"key": key, "bal_acc": result["bal_acc"], "near_chance": result["near_chance"]}
+
+
+@task(name="collect-vectors")
+def collect(run_uri: str) -> str:
+    """Write the store's vectors and tables/vectors.parquet from the results; return the table's URI."""
+    jobs = RunDir(run_uri).read_json("fits/plan.json")["jobs"]
+    table = collect_vectors(run_uri, jobs)
+    get_run_logger().info("%d vectors, %d near chance", len(table), int(table["near_chance"].sum()))
+    return f"{run_uri}/tables/vectors.parquet"
