@@ -43,7 +43,7 @@ class ExtractConfig(Section):
     keep_gradients: bool = True  # store dataset gradients (needed for blockwise scoring)
     max_pixels: int = Field(89_478_485, ge=1)  # decompression-bomb limit, pixels per image
     min_size: int = Field(8, ge=1)  # smaller images (either side) are rejected
-    autocast: Literal["none", "bfloat16", "float16"] = "none"  # CUDA forward precision; storage dtype unchanged
+    autocast: Literal["none", "bfloat16", "float16"] = "none"  # forward-pass precision (CUDA, or bfloat16 on CPU); storage dtype unchanged
 
 
 class FitConfig(Section):

@@ -8,6 +8,7 @@ digest of its image ids: a rerun skips a shard whose marker matches and redoes a
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 
@@ -16,6 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from sacv.catalog import concept_candidates, dataset_candidates, match_class, scan
 from sacv.config import RunConfig
 from sacv.extract import extract
 from sacv.images import load_image
@@ -80,13 +82,18 @@ def shard_rows(images: pd.DataFrame, group: str, shard: int) -> pd.DataFrame:
     return part.sort_values("row")
 
 
-def shard_digest(rows: pd.DataFrame) -> str:
-    return hashlib.sha256(",".join(rows["image_id"]).encode()).hexdigest()[:16]
+def shard_digest(rows: pd.DataFrame, config: RunConfig) -> str:
+    """What a shard's content depends on besides the store identity: its images and the settings."""
+    settings = {"layers": sorted(config.layers), "autocast": config.extract.autocast}
+    if rows["group"].iloc[0] == "dataset":  # only dataset shards hold gradients of a target logit
+        settings |= {"target": config.dataset.target, "keep_gradients": config.extract.keep_gradients}
+    content = ",".join(rows["image_id"]) + json.dumps(settings, sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
-def shard_is_done(run: RunDir, images: pd.DataFrame, group: str, shard: int) -> bool:
+def shard_is_done(run: RunDir, images: pd.DataFrame, group: str, shard: int, config: RunConfig) -> bool:
     marker = run.read_json(run.marker_path(group, shard))
-    return marker is not None and marker.get("digest") == shard_digest(shard_rows(images, group, shard))
+    return marker is not None and marker.get("digest") == shard_digest(shard_rows(images, group, shard), config)
 
 
 class _ShardImages(Dataset):
@@ -114,7 +121,7 @@ def _targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str]):
         if rows["label"].isna().any():
             raise ValueError("dataset.target is 'label' but some images have no label; give labels or use 'predicted'")
         return torch.tensor(rows["label"].astype("int64").to_numpy())
-    return int(target) if target.isdigit() else class_names.index(target)
+    return match_class(target, class_names)
 
 
 def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
@@ -152,7 +159,7 @@ def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
     for path, parts in outputs.items():
         write_region(root[path], start, np.concatenate(parts))
     marker = {
-        "digest": shard_digest(rows),
+        "digest": shard_digest(rows, config),
         "rows": [start, start + len(rows)],
         "images": len(rows),
         "seconds": round(time.perf_counter() - started, 3),
@@ -168,8 +175,6 @@ def plan_extraction(run_uri: str, config: RunConfig, progress=None) -> dict:
     Returns ``{"shards": {group: n}, "todo": [[group, shard], ...], "images": n, "rejects": n,
     "model": {spec, weight_hash, preprocessing}}``.
     """
-    from sacv.catalog import concept_candidates, dataset_candidates, scan
-
     if config.concepts is None and config.dataset is None:
         raise ValueError("the config names no images: add a `concepts` or a `dataset` section")
     run = RunDir(run_uri)
@@ -183,7 +188,7 @@ def plan_extraction(run_uri: str, config: RunConfig, progress=None) -> dict:
     shards = prepare_store(run, config, model, images)
     run.write_table("rejects", rejects)
     run.write_table("images", images)  # written last: a shard task reads its rows from it
-    todo = [[g, s] for g, n in shards.items() for s in range(n) if not shard_is_done(run, images, g, s)]
+    todo = [[g, s] for g, n in shards.items() for s in range(n) if not shard_is_done(run, images, g, s, config)]
     return {
         "shards": shards,
         "todo": todo,

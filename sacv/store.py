@@ -37,7 +37,7 @@ def open_store(uri: str, identity: dict) -> zarr.Group:
     if not existing:
         root.attrs.update(identity)
         return root
-    for key in ("model_spec", "weight_hash", "preprocessing", "dtype"):
+    for key in ("format", "model_spec", "weight_hash", "preprocessing", "dtype"):
         if existing.get(key) != identity[key]:
             raise StoreMismatch(
                 f"the store at {uri} was written with {key} = {existing.get(key)!r}, but this run uses "
@@ -47,7 +47,9 @@ def open_store(uri: str, identity: dict) -> zarr.Group:
         known = existing.get("layers", {}).get(layer)
         if known is not None and known != shape:
             raise StoreMismatch(f"layer {layer!r} has shape {known} in the store at {uri} but {shape} now")
-    root.attrs["layers"] = {**existing.get("layers", {}), **identity["layers"]}
+    layers = {**existing.get("layers", {}), **identity["layers"]}
+    if layers != existing.get("layers"):
+        root.attrs["layers"] = layers  # only when a layer is added: shard writers never touch the root
     return root
 
 
@@ -79,4 +81,10 @@ def write_region(array: zarr.Array, start: int, data: np.ndarray) -> None:
             f"region {start}:{stop} of {array.path} is not aligned to chunks of {chunk} rows; "
             "each writer must own whole chunks (one shard = one chunk)"
         )
-    array[start:stop] = data.astype(array.dtype, copy=False)
+    values = data.astype(array.dtype, copy=False)
+    if not np.isfinite(values).all():
+        raise ValueError(
+            f"{array.path}: values overflow {array.dtype} (largest magnitude {np.abs(data).max():.3g}); "
+            "set extract.dtype: float32 in the config"
+        )
+    array[start:stop] = values

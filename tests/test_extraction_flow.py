@@ -202,3 +202,24 @@ def test_store_written_with_another_model_is_refused(collection, prefect):
     other = make_config(collection, run="identity", spec="tests.models:small_other")
     with pytest.raises(StoreMismatch, match="written with model_spec = 'tests.models:small'.*tests.models:small_other.*new run_dir"):
         run_extract(other)
+
+
+def test_changing_layers_or_target_redoes_the_shards(collection, prefect):
+    config = make_config(collection, run="settings").model_copy(update={"layers": ["features.0"]})
+    run_extract(config)
+    wider = config.model_copy(update={"layers": ["features.0", "features.2"]})
+    assert run_extract(wider)["shards_run"] == 6
+    acts = zarr.open_group(str(Path(config.run_dir) / "store.zarr"))["guidance/features.2/act"][...]
+    assert (np.abs(acts).reshape(len(acts), -1).sum(1) > 0).all()  # the new layer was filled, not left at 0
+    predicted = wider.model_copy(update={"dataset": wider.dataset.model_copy(update={"target": "predicted"})})
+    assert run_extract(predicted)["shards_run"] == 2  # only the dataset shards depend on the target
+
+
+def test_float16_overflow_is_an_error_naming_the_fix():
+    from sacv.store import write_region
+
+    array = zarr.create_array(zarr.storage.MemoryStore(), shape=(4, 2), chunks=(2, 2), dtype="float16")
+    with pytest.raises(ValueError, match="overflow float16.*extract.dtype: float32"):
+        write_region(array, 0, np.array([[1.0, 7e4], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="not aligned to chunks of 2 rows"):
+        write_region(array, 1, np.ones((2, 2)))
