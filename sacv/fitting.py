@@ -1,9 +1,9 @@
 """The fitting stage: random sets, one vector per (layer, concept, random set), null vectors, cache.
 
-- Random set ``random_r`` of concept k is drawn with the seed ``(seed, r)`` from the random pool
-  (the ``random`` role when ``concepts.random_pool`` is set, else every guidance image) minus the
-  images of k (compared by content id), so it never contains the concept's own images. With a
-  separate pool, all concepts share the same sets.
+- Random sets ``random_0 … random_{R-1}`` of concept k are drawn with the seed from the random
+  pool (the ``random`` role when ``concepts.random_pool`` is set, else every guidance image) minus
+  the images of k (compared by content id), so they never contain the concept's own images; they
+  are disjoint when the pool is large enough. With a separate pool, all concepts share the sets.
 - Null vectors fit ``random_i`` against ``random_{i+1 mod R}`` drawn from the whole pool (each
   pair once; images in both sets are dropped from both).
 - Every job has a content key: store identity, layer, the image ids of both sides, the fit
@@ -34,15 +34,20 @@ VECTOR_COLUMNS = [
 ]
 
 
-def draw_random_set(pool: list[str], exclude: set[str], index: int, per_set: int, seed: int) -> list[str]:
-    """Random set ``index``: ``per_set`` image ids drawn (seeded) from ``pool`` minus ``exclude``."""
+def draw_random_sets(pool: list[str], exclude: set[str], n_sets: int, per_set: int, seed: int) -> list[list[str]]:
+    """``n_sets`` seeded sets of ``per_set`` image ids from ``pool`` minus ``exclude``: disjoint
+    slices of one permutation when the pool is large enough, else independent draws."""
     candidates = sorted(set(pool) - exclude)
     if len(candidates) < 2:
         raise ValueError(
             f"the random pool has {len(candidates)} usable images; add images or set concepts.random_pool"
         )
-    rng = np.random.default_rng([seed, index])
-    return sorted(rng.choice(candidates, size=min(per_set, len(candidates)), replace=False).tolist())
+    per_set = min(per_set, len(candidates))
+    if len(candidates) >= n_sets * per_set:
+        order = np.random.default_rng(seed).permutation(candidates)
+        return [sorted(order[r * per_set : (r + 1) * per_set].tolist()) for r in range(n_sets)]
+    draws = [np.random.default_rng([seed, r]).choice(candidates, size=per_set, replace=False) for r in range(n_sets)]
+    return [sorted(d.tolist()) for d in draws]
 
 
 def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[dict]:
@@ -54,11 +59,10 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
     random_role = guidance[guidance["role"] == "random"]
     pool = (random_role if len(random_role) else guidance)["image_id"].tolist()
     n_sets, per_set, seed = cfg.random_sets, cfg.images_per_set, config.fit.seed
-    null_sets = [draw_random_set(pool, set(), r, per_set, seed) for r in range(n_sets)]
+    null_sets = draw_random_sets(pool, set(), n_sets, per_set, seed)
     pairs = []
     for k in names:
-        for r in range(n_sets):
-            negatives = draw_random_set(pool, set(by_concept[k]), r, per_set, seed)
+        for r, negatives in enumerate(draw_random_sets(pool, set(by_concept[k]), n_sets, per_set, seed)):
             pairs.append((k, "concept", by_concept[k], f"random_{r}", negatives))
     null_pairs = sorted({tuple(sorted((i, (i + 1) % n_sets))) for i in range(n_sets)}) if n_sets > 1 else []
     for i, j in null_pairs:
