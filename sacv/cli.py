@@ -43,14 +43,17 @@ def _load_config(path: str):
         raise click.ClickException(str(err)) from None
 
 
-@main.command("extract")
-@click.argument("config_path", metavar="CONFIG")
-@click.option("--strict", is_flag=True, help="Exit with status 3 when some inputs were rejected.")
-def extract_command(config_path: str, strict: bool) -> None:
-    """Extract activations (and dataset gradients) into RUN/store.zarr; a rerun resumes."""
+def _run_stage(stage: str, config_path: str) -> dict:
     from sacv.pipeline import run_stage
 
-    summary = run_stage("extract", _load_config(config_path))
+    config = _load_config(config_path)
+    try:
+        return run_stage(stage, config)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        raise click.ClickException(f"{stage} failed: {err}") from None
+
+
+def _report_extract(summary: dict, strict: bool) -> None:
     click.echo(f"extract {summary['status']}: {summary['images']} images, {summary['rejects']} rejected, "
                f"{summary['shards_run']} shards run in {summary['seconds']} s")
     if summary["rejects"]:
@@ -59,17 +62,67 @@ def extract_command(config_path: str, strict: bool) -> None:
             sys.exit(3)
 
 
-@main.command("fit")
-@click.argument("config_path", metavar="CONFIG")
-def fit_command(config_path: str) -> None:
-    """Fit concept and null vectors from the store; a rerun fits only what changed."""
-    from sacv.pipeline import run_stage
-
-    summary = run_stage("fit", _load_config(config_path))
+def _report_fit(summary: dict) -> None:
     click.echo(f"fit {summary['status']}: {summary['vectors']} vectors ({summary['fitted']} fitted, "
                f"the rest cached) in {summary['seconds']} s -> {summary['table']}")
     if summary["near_chance_fitted"]:
         click.echo(f"{summary['near_chance_fitted']} vectors are near chance (flagged in the table)", err=True)
+
+
+def _report_score(summary: dict) -> None:
+    click.echo(f"score {summary['status']}: {summary['rows']} (layer, concept, class) rows, "
+               f"{summary['significant']} significant, in {summary['seconds']} s -> {summary['contributions']}")
+
+
+STRICT = click.option("--strict", is_flag=True, help="Exit with status 3 when some inputs were rejected.")
+
+
+@main.command("extract")
+@click.argument("config_path", metavar="CONFIG")
+@STRICT
+def extract_command(config_path: str, strict: bool) -> None:
+    """Extract activations (and dataset gradients) into RUN/store.zarr; a rerun resumes."""
+    _report_extract(_run_stage("extract", config_path), strict)
+
+
+@main.command("fit")
+@click.argument("config_path", metavar="CONFIG")
+def fit_command(config_path: str) -> None:
+    """Fit concept and null vectors from the store; a rerun fits only what changed."""
+    _report_fit(_run_stage("fit", config_path))
+
+
+@main.command("score")
+@click.argument("config_path", metavar="CONFIG")
+def score_command(config_path: str) -> None:
+    """Score every audit image and build image_scores and contributions tables."""
+    _report_score(_run_stage("score", config_path))
+
+
+@main.command("run")
+@click.argument("config_path", metavar="CONFIG")
+@STRICT
+def run_command(config_path: str, strict: bool) -> None:
+    """extract -> fit -> score as one Prefect flow; a rerun resumes where it stopped."""
+    summary = _run_stage("run", config_path)
+    if "fit" in summary:
+        _report_fit(summary["fit"])
+    if "score" in summary:
+        _report_score(summary["score"])
+    _report_extract(summary["extract"], strict)
+
+
+@main.command("inspect")
+@click.argument("run_dir")
+@click.option("--top", default=10, show_default=True, help="Rows of the contributions table to show.")
+def inspect_command(run_dir: str, top: int) -> None:
+    """Print what a run directory holds: stages done, counts, rejects, top contributions."""
+    from sacv.inspect import describe_run
+
+    try:
+        click.echo(describe_run(run_dir, top))
+    except FileNotFoundError as err:
+        raise click.ClickException(str(err)) from None
 
 
 @main.command()

@@ -6,6 +6,7 @@ not data). Defaults are documented field by field in ``docs/config.md``.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Literal
 
@@ -22,18 +23,36 @@ class ModelConfig(Section):
     weights: str | None = None  # state-dict file or torchvision weights name; None = the spec's default
 
 
+def _check_local_folder(path: str | None) -> str | None:
+    """Local paths must be existing folders (fsspec URLs are checked when they are read)."""
+    if path is not None and "://" not in path and not Path(path).is_dir():
+        raise ValueError(f"folder {path} does not exist; fix the path (relative paths start at the working directory)")
+    return path
+
+
+def _check_local_file(path: str | None) -> str | None:
+    if path is not None and "://" not in path and not Path(path).is_file():
+        raise ValueError(f"file {path} does not exist; fix the path")
+    return path
+
+
 class ConceptsConfig(Section):
     root: str  # folder (or fsspec URL) with one sub-folder per concept, e.g. DTD's images/
     names: list[str] | None = None  # concept folders to fit; None = every sub-folder
     random_pool: str | None = None  # folder of random images; None = the other concept folders
-    random_sets: int = 5  # R: random sets per concept (and R null vectors)
-    images_per_set: int = 30  # images drawn per random set
+    random_sets: int = Field(5, ge=1)  # R: random sets per concept (and R null vectors)
+    images_per_set: int = Field(30, ge=2)  # images drawn per random set
+
+    _folders = field_validator("root", "random_pool")(_check_local_folder)
 
 
 class DatasetConfig(Section):
     root: str | None = None  # folder with one sub-folder per class (names or indices of the model's classes)
     manifest: str | None = None  # CSV or Parquet with columns path, optional label, optional mask
     target: str = "label"  # label | predicted | a class name or index, the logit differentiated
+
+    _root = field_validator("root")(_check_local_folder)
+    _manifest = field_validator("manifest")(_check_local_file)
 
 
 class ExtractConfig(Section):
@@ -59,6 +78,13 @@ class FitConfig(Section):
     seed: int = 0  # random sets, validation split, subsamples, shuffles
 
 
+class ScoreConfig(Section):
+    mode: Literal["blockwise", "streamed"] = "blockwise"  # from stored gradients, or recompute them per shard
+    alpha: float = Field(0.05, gt=0, lt=1)  # significance level after correction
+    correction: Literal["holm", "bh"] = "holm"  # multiple-testing correction across the contributions table
+    min_images: int = Field(3, ge=1)  # classes with fewer images get p_value null and a reason
+
+
 class ExecutionConfig(Section):
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool
@@ -74,6 +100,7 @@ class RunConfig(Section):
     dataset: DatasetConfig | None = None
     extract: ExtractConfig = ExtractConfig()
     fit: FitConfig = FitConfig()
+    score: ScoreConfig = ScoreConfig()
     execution: ExecutionConfig = ExecutionConfig()
 
     @field_validator("layers")
@@ -88,10 +115,22 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the key and the fix."""
 
 
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys allowed where an unknown key ``loc`` was found."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        annotation = model.model_fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next(c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel))
+    return list(model.model_fields)
+
+
 def _describe(error: dict) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
-        return f"unknown key '{key}': remove it or check its spelling (see docs/config.md)"
+        close = difflib.get_close_matches(str(error["loc"][-1]), _known_keys(error["loc"]), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"unknown key '{key}': {hint}remove it or fix its spelling (see docs/config.md)"
     if error["type"] == "missing":
         return f"missing key '{key}': add it (see docs/config.md)"
     return f"'{key}': {error['msg']} (got {error.get('input')!r})"

@@ -15,4 +15,12 @@ def run_stage(stage: str, config: RunConfig) -> dict:
         from flows.fit import run_fit
 
         return run_fit(config)
-    raise ValueError(f"unknown stage {stage!r}; choose extract or fit")
+    if stage == "score":
+        from flows.score import run_score
+
+        return run_score(config)
+    if stage == "run":
+        from flows.pipeline import run_pipeline
+
+        return run_pipeline(config)
+    raise ValueError(f"unknown stage {stage!r}; choose extract, fit, score or run")

@@ -96,7 +96,7 @@ def shard_is_done(run: RunDir, images: pd.DataFrame, group: str, shard: int, con
     return marker is not None and marker.get("digest") == shard_digest(shard_rows(images, group, shard), config)
 
 
-class _ShardImages(Dataset):
+class ShardImages(Dataset):
     def __init__(self, rows: pd.DataFrame, model: LoadedModel, config: RunConfig):
         self.rows = rows.reset_index(drop=True)
         self.preprocessing = model.preprocessing
@@ -113,7 +113,7 @@ class _ShardImages(Dataset):
         return self.preprocessing(image)
 
 
-def _targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str]):
+def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str]):
     target = config.dataset.target if config.dataset else "predicted"
     if target == "predicted":
         return None
@@ -134,9 +134,9 @@ def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
     device = next(model.module.parameters()).device
     root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype))
     gradients = group == "dataset"
-    targets = _targets(config, rows, model.class_names) if gradients else None
+    targets = shard_targets(config, rows, model.class_names) if gradients else None
     loader = DataLoader(
-        _ShardImages(rows, model, config),
+        ShardImages(rows, model, config),
         batch_size=config.extract.batch_size,
         num_workers=config.execution.loader_workers,
         pin_memory=device.type == "cuda",

@@ -1,0 +1,31 @@
+"""The scoring flow: one task per dataset shard, then the image and contribution tables."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+
+from flows.runners import task_runner
+from sacv.config import RunConfig
+from sacv.rundir import RunDir
+from tasks.score import build_tables, plan, score
+
+
+@flow(name="sacv-score")
+def score_flow(config: RunConfig) -> dict:
+    started = time.perf_counter()
+    run_uri = config.run_dir
+    shard_plan = plan(run_uri, config)
+    for future in [score.submit(run_uri, config, shard) for shard in shard_plan["todo"]]:
+        future.result()
+    tables = build_tables(run_uri, config, shard_plan["shards"])
+    summary = {"status": "done", "shards_scored": len(shard_plan["todo"]), **tables,
+               "seconds": round(time.perf_counter() - started, 2)}
+    RunDir(run_uri).update_run_record(timings={"score": summary})
+    get_run_logger().info("score done: %s", summary)
+    return summary
+
+
+def run_score(config: RunConfig) -> dict:
+    return score_flow.with_options(task_runner=task_runner(config.execution))(config)
