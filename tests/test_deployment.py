@@ -1,0 +1,215 @@
+"""End to end through a real Prefect server: deployments/prefect.yaml -> process worker -> tables.
+
+Starts `prefect server start`, creates the `sacv-process` work pool, runs `prefect deploy --all`
+from the repository root, starts a worker, triggers `sacv-audit/audit` on a tiny config and waits
+for the flow run to complete. Everything runs under a temporary PREFECT_HOME (the developer's
+~/.prefect is never read). Every process started here, and every descendant (the worker starts flow
+runs in their own sessions), carries a marker variable in its environment; the test stops them all
+and asserts that none is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sacv.config import parse_config
+from tests.flow_helpers import write_collection
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+MARKER = "SACV_DEPLOY_TEST_MARKER"
+TABLES = ("contributions", "image_scores", "vectors")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"<{path.name}: unreadable>"
+    return f"--- {path.name} (last {n} chars) ---\n{text[-n:]}"
+
+
+def _api(url: str, body: dict | None = None, timeout: float = 10) -> dict | list:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST" if data else "GET", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read() or b"null")
+
+
+def _marked_pids(token: str) -> list[int]:
+    """Processes (other than this one) whose environment holds MARKER=token."""
+    needle = f"{MARKER}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _stop(proc: subprocess.Popen, first: int, wait: float) -> None:
+    """Signal the process (then its group) and escalate to SIGTERM, then SIGKILL."""
+    for sig, timeout in ((first, wait), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            break
+        try:
+            proc.send_signal(sig)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            break
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # whatever is left in its session's group
+        try:
+            os.killpg(proc.pid, sig)
+            time.sleep(0.5)
+        except (ProcessLookupError, PermissionError):
+            break
+    if proc.poll() is None:
+        proc.wait(timeout=10)
+
+
+def _write_config(tmp_path: Path) -> Path:
+    root = write_collection(tmp_path / "collection")
+    raw = {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"spec": "tests.models:small"},
+        "layers": ["features.2"],
+        "concepts": {"root": str(root / "concepts"), "random_sets": 2, "images_per_set": 3},
+        "dataset": {"root": str(root / "data"), "target": "label"},
+        "extract": {"shard_size": 4, "batch_size": 3},
+        "fit": {"solver": "lbfgs"},
+        "score": {"min_images": 1},
+        "execution": {"device": "cpu", "workers": 1},
+    }
+    parse_config(raw)  # fail here, not in the worker, if the config is invalid
+    path = tmp_path / "audit.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.slow
+def test_audit_deployment_runs_on_a_process_worker(tmp_path):
+    config_path = _write_config(tmp_path)
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    token = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # no developer profile
+    env.update({
+        "PREFECT_HOME": str(tmp_path / "prefect_home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # default 15 s between polls
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        MARKER: token,
+    })
+    env.pop("SACV_PROJECT_DIR", None)  # exercise the default: the directory `prefect deploy` runs in
+    logs = {name: tmp_path / f"{name}.log" for name in ("server", "pool", "deploy", "worker", "trigger")}
+    started: list[tuple[subprocess.Popen, int, float]] = []  # (process, first signal, grace seconds)
+
+    def spawn(name: str, *args: str, first=signal.SIGTERM, grace: float = 20) -> subprocess.Popen:
+        with open(logs[name], "wb") as out:
+            proc = subprocess.Popen([PREFECT, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append((proc, first, grace))
+        return proc
+
+    def run(name: str, *args: str, timeout: float = 180) -> str:
+        with open(logs[name], "wb") as out:
+            done = subprocess.run([PREFECT, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+        text = logs[name].read_text(errors="replace")
+        assert done.returncode == 0, f"prefect {' '.join(args)} exited {done.returncode}\n{text[-4000:]}"
+        return text
+
+    def debug() -> str:
+        return "\n".join(_tail(path) for path in logs.values() if path.exists())
+
+    t0 = time.monotonic()
+    timings = {}
+    try:
+        server = spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, f"server exited {server.returncode}\n{debug()}"
+            try:
+                _api(f"{api}/health", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                assert time.monotonic() < deadline, f"server not healthy after 90 s\n{debug()}"
+                time.sleep(0.5)
+        timings["server"] = time.monotonic() - t0
+
+        run("pool", "work-pool", "create", "sacv-process", "--type", "process")
+        run("deploy", "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+        timings["deploy"] = time.monotonic() - t0
+        for name in ("audit", "concept-sweep"):
+            deployment = _api(f"{api}/deployments/name/sacv-audit/{name}")
+            assert deployment["work_pool_name"] == "sacv-process"
+            assert deployment["pull_steps"] == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+            ], deployment["pull_steps"]
+        audit = _api(f"{api}/deployments/name/sacv-audit/audit")
+        assert [s["schedule"]["cron"] for s in audit["schedules"]] == ["0 2 * * *"]
+        assert audit["schedules"][0]["schedule"]["timezone"] == "UTC"
+        assert _api(f"{api}/deployments/name/sacv-audit/concept-sweep")["schedules"] == []
+
+        spawn("worker", "worker", "start", "--pool", "sacv-process", first=signal.SIGINT, grace=30)
+        out = run("trigger", "deployment", "run", "sacv-audit/audit", "--param", f"config_path={config_path}")
+        match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+        assert match, f"no flow run id in:\n{out}"
+        flow_run_id = match.group(1)
+
+        deadline = time.monotonic() + 300
+        while True:
+            flow_run = _api(f"{api}/flow_runs/{flow_run_id}")
+            state = (flow_run.get("state") or {}).get("type")
+            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            assert time.monotonic() < deadline, f"flow run still {state} after 300 s\n{debug()}"
+            time.sleep(1)
+        timings["run"] = time.monotonic() - t0
+        assert state == "COMPLETED", f"flow run ended {state}: {flow_run['state'].get('message')}\n{debug()}"
+        for table in TABLES:
+            assert (tmp_path / "run" / "tables" / f"{table}.parquet").is_file(), f"{table} missing\n{debug()}"
+        assert flow_run["parameters"] == {"config_path": str(config_path)}
+        # The flow run process imports flows/__init__.py, whose embedded defaults switch off server
+        # services; they must not reach this server: its task runs are still recorded.
+        deadline = time.monotonic() + 20
+        while not _api(f"{api}/task_runs/count", {}) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert _api(f"{api}/task_runs/count", {}) > 0, f"no task runs recorded\n{debug()}"
+    finally:
+        for proc, first, grace in reversed(started):  # worker first, then the server
+            _stop(proc, first, grace)
+        leftover = _marked_pids(token)
+        for pid in leftover:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        timings["stopped"] = time.monotonic() - t0
+        print(f"\ndeployment test timings (s since start): { {k: round(v, 1) for k, v in timings.items()} }")
+    assert not leftover, f"processes left running after shutdown: {leftover}\n{debug()}"

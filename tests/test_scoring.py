@@ -1,0 +1,190 @@
+"""Scoring and contributions: numbers against numpy, calibration, streamed = blockwise, DuckDB, config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from flows.pipeline import run_pipeline
+from flows.score import run_score
+from sacv.cli import main
+from sacv.contributions import adjust, contributions
+from sacv.scoring import summarize
+from tests.flow_helpers import make_config, write_collection
+
+
+def pipeline_config(root: Path, run: str, **score):
+    config = make_config(root, run=run)
+    return config.model_copy(update={
+        "layers": ["features.0", "features.2"],
+        "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
+        "fit": config.fit.model_copy(update={"solver": "lbfgs"}),
+        "score": config.score.model_copy(update={"min_images": 2, **score}),
+    })
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, prefect):
+    root = write_collection(tmp_path_factory.mktemp("scored"), n_per_concept=5, n_per_class=5)
+    config = pipeline_config(root, "run")
+    summary = run_pipeline(config)
+    return root, config, summary
+
+
+def test_image_scores_equal_a_direct_numpy_computation(scored):
+    _, config, _ = scored
+    run = Path(config.run_dir)
+    scores = pd.read_parquet(run / "tables/image_scores.parquet")
+    store = zarr.open_group(str(run / "store.zarr"), mode="r")
+    rng = np.random.default_rng(0)
+    for layer in config.layers:
+        v, b = store[f"vectors/{layer}/v"][...], store[f"vectors/{layer}/b"][...]
+        for row in rng.choice(store["dataset/targets"].shape[0], size=3, replace=False):
+            act = store[f"dataset/{layer}/act"][row].astype(np.float64)  # (H, W, C)
+            grad = store[f"dataset/{layer}/grad"][row].astype(np.float64)
+            for k in rng.choice(len(v), size=4, replace=False):
+                h, w, _ = act.shape
+                s_k = np.array([[act[i, j] @ v[k] for j in range(w)] for i in range(h)])
+                s_kc = np.array([[grad[i, j] @ v[k] for j in range(w)] for i in range(h)])
+                relevant = s_k + b[k] > 0
+                got = scores[(scores["layer"] == layer) & (scores["row"] == row) & (scores["vector_row"] == k)].iloc[0]
+                assert got["target"] == store["dataset/targets"][row]
+                assert got["s_k_max"] == pytest.approx(s_k.max(), rel=1e-4, abs=1e-5)
+                assert got["s_k_mean"] == pytest.approx(s_k.mean(), rel=1e-4, abs=1e-5)
+                assert got["s_kc_sum"] == pytest.approx(s_kc.sum(), rel=1e-4, abs=1e-7)
+                assert got["relevant_frac"] == pytest.approx(relevant.mean())
+                if relevant.any():
+                    assert got["positive_frac"] == pytest.approx((s_kc[relevant] > 0).mean())
+                    assert got["s_kc_relevant_mean"] == pytest.approx(s_kc[relevant].mean(), rel=1e-4, abs=1e-7)
+                else:
+                    assert np.isnan(got["positive_frac"])
+                assert (got["argmax_i"], got["argmax_j"]) == np.unravel_index(np.argmax(s_k), s_k.shape)
+
+
+def test_contribution_rows_aggregate_the_image_scores(scored):
+    _, config, summary = scored
+    run = Path(config.run_dir)
+    scores = pd.read_parquet(run / "tables/image_scores.parquet")
+    table = pd.read_parquet(run / "tables/contributions.parquet")
+    assert summary["score"]["rows"] == len(table) == 2 * 3 * 2  # layers x concepts x classes
+    row = table.iloc[0]
+    mine = scores[(scores["layer"] == row["layer"]) & (scores["concept"] == row["concept"]) & (scores["target"] == row["class_index"])]
+    per_set = mine.groupby("random_set")
+    assert row["n_images"] == mine["image_id"].nunique() and row["n_random_sets"] == 3
+    assert row["tcav_score"] == pytest.approx(per_set.apply(lambda g: (g["s_kc_sum"] > 0).mean()).mean())
+    assert row["spatial_score"] == pytest.approx(per_set["positive_frac"].mean().mean())
+
+
+def test_streamed_scores_equal_blockwise_scores(scored):
+    _, config, _ = scored
+    blockwise = pd.read_parquet(Path(config.run_dir) / "tables/image_scores.parquet")
+    streamed_config = config.model_copy(update={"score": config.score.model_copy(update={"mode": "streamed"})})
+    assert run_score(streamed_config)["shards_scored"] == 3  # 10 images in shards of 4; the mode is in the key
+    streamed = pd.read_parquet(Path(config.run_dir) / "tables/image_scores.parquet")
+    pd.testing.assert_frame_equal(streamed, blockwise, check_exact=False, rtol=1e-5, atol=1e-7)
+
+
+def test_duckdb_reads_the_tables_like_pandas(scored):
+    duckdb = pytest.importorskip("duckdb")
+    _, config, _ = scored
+    path = Path(config.run_dir) / "tables/contributions.parquet"
+    query = f"""
+        SELECT layer, concept, count(*) AS n, avg(tcav_score) AS tcav, sum(n_images) AS images
+        FROM read_parquet('{path}') GROUP BY layer, concept ORDER BY layer, concept"""
+    got = duckdb.sql(query).df()
+    table = pd.read_parquet(path)
+    expected = table.groupby(["layer", "concept"]).agg(n=("class_index", "size"), tcav=("tcav_score", "mean"), images=("n_images", "sum")).reset_index()
+    np.testing.assert_array_equal(got[["layer", "concept"]].to_numpy(), expected[["layer", "concept"]].to_numpy())
+    np.testing.assert_allclose(got[["n", "tcav", "images"]].to_numpy(dtype=float), expected[["n", "tcav", "images"]].to_numpy(dtype=float))
+
+
+def synthetic_scores(rng, n_classes: int, per_class: int, planted_class: int | None, n_sets: int = 6):
+    """image_scores from `summarize` on random activations/gradients; optionally one class whose
+    gradients point along the concept direction."""
+    c, h = 16, 4
+    u = rng.normal(size=c)
+    u /= np.linalg.norm(u)
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    planted = unit(u + 0.3 * rng.normal(size=(n_sets, c)))
+    concept = planted if planted_class is not None else unit(rng.normal(size=(n_sets, c)))
+    null = unit(rng.normal(size=(n_sets, c)))
+    vectors = np.concatenate([concept, null])
+    frames = []
+    for cls in range(n_classes):
+        act = rng.normal(size=(per_class, h, h, c)) + 0.5 * u
+        grad = rng.normal(size=(per_class, h, h, c)) + (2.0 * u if cls == planted_class else 0)
+        summary = summarize(act, grad, vectors, np.zeros(len(vectors)))
+        for k in range(len(vectors)):
+            frames.append(pd.DataFrame({
+                "image_id": [f"{cls}-{i}" for i in range(per_class)], "layer": "l", "target": cls,
+                "concept": "striped" if k < n_sets else f"random_{k - n_sets}",
+                "random_set": f"random_{k % n_sets}", "kind": "concept" if k < n_sets else "null",
+                **{name: values[:, k] for name, values in summary.items()},
+            }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_significance_is_calibrated_under_the_null():
+    rng = np.random.default_rng(0)
+    scores = synthetic_scores(rng, n_classes=60, per_class=6, planted_class=None)
+    table = contributions(scores, [f"c{i}" for i in range(60)], alpha=0.05, correction="bh")
+    assert len(table) == 60 and table["p_value"].notna().all()
+    assert (table["p_value"] < 0.05).mean() <= 0.12  # raw p-values roughly uniform
+    assert table["significant"].mean() <= 0.05
+
+
+def test_a_planted_concept_is_significant_for_its_class_only():
+    rng = np.random.default_rng(1)
+    scores = synthetic_scores(rng, n_classes=8, per_class=8, planted_class=3, n_sets=20)  # as TCAV: many random runs
+    table = contributions(scores, [f"c{i}" for i in range(8)], alpha=0.05, correction="holm")
+    planted = table[table["class_index"] == 3].iloc[0]
+    assert planted["significant"] and planted["spatial_score"] > 0.8 > planted["spatial_score_null"]
+    assert planted["tcav_score"] > 0.9 and planted["effect_size"] > 2
+    others = table[table["class_index"] != 3]
+    assert planted["effect_size"] > others["effect_size"].max() and planted["p_value"] < others["p_value"].min()
+
+
+def test_classes_with_too_few_images_get_a_reason_not_an_error():
+    scores = synthetic_scores(np.random.default_rng(2), n_classes=2, per_class=2, planted_class=None)
+    table = contributions(scores, ["a", "b"], min_images=3)
+    assert table["p_value"].isna().all() and not table["significant"].any()
+    assert (table["reason"] == "too few images (2 < 3)").all()
+
+
+def test_holm_and_benjamini_hochberg_match_hand_computations():
+    p = np.array([0.01, 0.04, np.nan, 0.03, 0.2])
+    # Holm: sorted 0.01, 0.03, 0.04, 0.2 times 4, 3, 2, 1 -> 0.04, 0.09, 0.08->0.09, 0.2
+    np.testing.assert_allclose(adjust(p, "holm"), [0.04, 0.09, np.nan, 0.09, 0.2])
+    # BH: 0.01*4/1, 0.03*4/2, 0.04*4/3, 0.2*4/4 -> min from the right: 0.04, 0.0533, 0.0533, 0.2
+    np.testing.assert_allclose(adjust(p, "bh"), [0.04, 0.16 / 3, np.nan, 0.16 / 3, 0.2])
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_errors_name_the_key_and_the_fix(tmp_path, prefect):
+    runner = CliRunner()
+    root = write_collection(tmp_path / "c", n_per_concept=3, n_per_class=2)
+    base = f"run_dir: {tmp_path / 'run'}\nmodel: {{spec: 'tests.models:small'}}\n"
+    cases = {
+        "unknown key": (base + f"layers: [features.2]\nconcepts: {{root: {root / 'concepts'}, nmes: [a]}}\n",
+                        "unknown key 'concepts.nmes': did you mean 'names'?"),
+        "wrong type": (base + "layers: [features.2]\nextract: {batch_size: many}\n",
+                       "'extract.batch_size': Input should be a valid integer"),
+        "missing folder": (base + f"layers: [features.2]\ndataset: {{root: {tmp_path / 'nowhere'}}}\n",
+                           f"folder {tmp_path / 'nowhere'} does not exist"),
+        "unknown layer": (base + f"layers: [feature.2]\ndataset: {{root: {root / 'data'}}}\n",
+                          "unknown layer 'feature.2'; closest layer names: ['features.2'"),
+    }
+    for name, (text, message) in cases.items():
+        result = runner.invoke(main, ["run", _write(tmp_path / f"{name}.yaml", text)])
+        assert result.exit_code == 1, (name, result.output)
+        assert message in result.output, (name, result.output)
