@@ -73,6 +73,7 @@ class FitConfig(Section):
     validation_fraction: float = Field(0.25, gt=0, lt=1)  # share of images per side held out
     max_positions_per_class: int | None = Field(None, ge=1)  # subsample training positions
     max_iter: int = Field(200, ge=1)  # lbfgs iterations
+    tol: float = Field(1e-7, gt=0)  # lbfgs: stop when the loss decreases by less than this (relative)
     epochs: int = Field(5, ge=1)  # sgd epochs
     near_chance: float = Field(0.6, ge=0.5, le=1)  # flag vectors whose held-out balanced accuracy is below
     seed: int = 0  # random sets, validation split, subsamples, shuffles

@@ -56,6 +56,9 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
     by_concept = guidance[guidance["role"] == "concept"].groupby("concept")["image_id"].apply(lambda s: sorted(set(s)))
     cfg = config.concepts
     names = cfg.names or sorted(by_concept.index)
+    empty = [k for k in names if k not in by_concept.index]
+    if empty:
+        raise ValueError(f"concepts {empty} have no usable images (all rejected?); see tables/rejects.parquet")
     random_role = guidance[guidance["role"] == "random"]
     pool = (random_role if len(random_role) else guidance)["image_id"].tolist()
     n_sets, per_set, seed = cfg.random_sets, cfg.images_per_set, config.fit.seed
@@ -77,8 +80,10 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
     settings = config.fit.model_dump(mode="json")
     jobs = []
     for layer in config.layers:
+        # what this layer's activations depend on (not the other layers: adding one refits nothing here)
+        layer_identity = {k: v for k, v in identity.items() if k != "layers"} | {"shape": identity["layers"][layer]}
         for concept, kind, positives, random_set, negatives in pairs:
-            content = {"store": identity, "layer": layer, "pos": positives, "neg": negatives, "fit": settings}
+            content = {"store": layer_identity, "layer": layer, "pos": positives, "neg": negatives, "fit": settings}
             key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
             jobs.append({"layer": layer, "concept": concept, "kind": kind, "random_set": random_set,
                          "pos": positives, "neg": negatives, "key": key})
@@ -107,7 +112,7 @@ def fit_job(run_uri: str, config: RunConfig, job: dict) -> dict:
     solver = fit.solver if fit.solver != "auto" else choose_solver(X.shape[0], X.shape[1], fit.memory_budget_mb)
     estimator = OutOfCoreConceptVector(
         solver=solver, C=fit.C, standardize=fit.standardize, validation_fraction=fit.validation_fraction,
-        max_positions_per_class=fit.max_positions_per_class, near_chance=fit.near_chance, max_iter=fit.max_iter,
+        max_positions_per_class=fit.max_positions_per_class, near_chance=fit.near_chance, max_iter=fit.max_iter, tol=fit.tol,
         epochs=fit.epochs, memory_budget_mb=fit.memory_budget_mb, random_state=fit.seed,
     )
     with warnings.catch_warnings():

@@ -6,9 +6,11 @@ Three solvers of the same balanced L2 logistic regression as :class:`sacv.vector
 - ``lbfgs``: exact. SciPy L-BFGS drives float32 loss/gradient sums computed block by block with dask
   (one read pass per evaluation, memory bounded by a few blocks). Diagonal preconditioning by the
   channel scale changes the path, not the minimiser.
-- ``sgd``: dask-ml ``Incremental`` over ``SGDClassifier(loss="log_loss")``; each epoch pairs a concept
-  block with a random block (classes balanced by sampling), shuffles positions within the pair, and
-  regularises in standardised space (``alpha = 1 / (C n)``). Bounded memory at any size.
+- ``sgd``: ``SGDClassifier(loss="log_loss", average=True).partial_fit`` over dask blocks, one block in
+  memory at a time (the loop dask-ml's ``Incremental`` runs, without its graph that lets the
+  scheduler load blocks ahead); each epoch pairs a concept block with a random block (classes
+  balanced by sampling), shuffles positions within the pair, and regularises in standardised space
+  (``alpha = 1 / (C n)``). Bounded memory at any size.
 - ``inmemory``: scikit-learn on a class-stratified subsample that fits ``memory_budget_mb``.
 """
 
@@ -102,7 +104,7 @@ class OutOfCoreConceptVector(ClassifierMixin, BaseEstimator):
         self.max_positions_per_class = max_positions_per_class  # optional subsample of training positions
         self.near_chance = near_chance  # warn below this held-out balanced accuracy
         self.max_iter = max_iter  # lbfgs iterations
-        self.tol = tol  # lbfgs: relative loss decrease (and gradient per weighted sample) to stop at
+        self.tol = tol  # lbfgs: relative loss decrease (and scaled projected gradient) to stop at
         self.epochs = epochs  # sgd passes
         self.memory_budget_mb = memory_budget_mb  # inmemory subsample size
         self.random_state = random_state  # split, subsample, shuffles
@@ -155,28 +157,26 @@ class OutOfCoreConceptVector(ClassifierMixin, BaseEstimator):
             return loss, np.append(grad_u, grad_b)
 
         result = minimize(objective, np.zeros(X.shape[1] + 1), jac=True, method="L-BFGS-B",
-                          options={"maxiter": self.max_iter, "ftol": self.tol, "gtol": self.tol * self.C * len(y)})
+                          options={"maxiter": self.max_iter, "ftol": self.tol, "gtol": self.tol * self.C})
         self.passes_, self.n_iter_ = passes[0], int(result.nit)
         w = result.x[:-1] / scale
         return w, float(result.x[-1] - w @ mean)
 
     def _fit_sgd(self, X: da.Array, y: np.ndarray) -> tuple[np.ndarray, float]:
-        from dask_ml.wrappers import Incremental
         from sklearn.linear_model import SGDClassifier
 
         mean, scale = _moments(X)
         positive, negative = X[y == 1], X[y == 0]
         sgd = SGDClassifier(loss="log_loss", alpha=1.0 / (self.C * len(y)), learning_rate="adaptive", eta0=0.01,
                             average=True, random_state=self.random_state)
-        incremental = Incremental(sgd, shuffle_blocks=False, random_state=self.random_state)
         rng = np.random.default_rng(self.random_state)
-        for epoch in range(self.epochs):
-            X_epoch, y_epoch = _paired_epoch(positive, negative, mean, scale, rng)
-            incremental.partial_fit(X_epoch, y_epoch, classes=[0, 1])
+        for _ in range(self.epochs):
+            for pair in _paired_epoch(positive, negative, mean, scale, rng):
+                x_block, y_block = dask.compute(pair)[0]  # one pair in memory at a time
+                sgd.partial_fit(x_block, y_block, classes=[0, 1])
         self.passes_, self.n_iter_ = 1 + self.epochs, self.epochs
-        u, b = incremental.estimator_.coef_[0], float(incremental.estimator_.intercept_[0])
-        w = u / scale
-        return w, float(b - w @ mean)
+        w = sgd.coef_[0] / scale
+        return w, float(sgd.intercept_[0] - w @ mean)
 
 
 def _mix(pos: np.ndarray, neg: np.ndarray, mean: np.ndarray, scale: np.ndarray, seed: int):
@@ -186,16 +186,11 @@ def _mix(pos: np.ndarray, neg: np.ndarray, mean: np.ndarray, scale: np.ndarray, 
     return x[order], y[order]
 
 
-def _paired_epoch(positive: da.Array, negative: da.Array, mean, scale, rng: np.random.Generator):
-    """One epoch of standardised, shuffled blocks, each a concept block paired with a random block."""
+def _paired_epoch(positive: da.Array, negative: da.Array, mean, scale, rng: np.random.Generator) -> list:
+    """One epoch of standardised, shuffled blocks (lazy), each a concept block paired with a random block."""
     pos_blocks, neg_blocks = positive.to_delayed().ravel(), negative.to_delayed().ravel()
     n_blocks = max(len(pos_blocks), len(neg_blocks))
     pos_order = np.resize(rng.permutation(len(pos_blocks)), n_blocks)  # the smaller side cycles
     neg_order = np.resize(rng.permutation(len(neg_blocks)), n_blocks)
-    xs, ys = [], []
-    for p, q in zip(pos_order, neg_order):
-        n = positive.chunks[0][p] + negative.chunks[0][q]
-        mixed = dask.delayed(_mix, nout=2)(pos_blocks[p], neg_blocks[q], mean, scale, int(rng.integers(2**31)))
-        xs.append(da.from_delayed(mixed[0], shape=(n, positive.shape[1]), dtype=np.float32))
-        ys.append(da.from_delayed(mixed[1], shape=(n,), dtype=np.int8))
-    return da.concatenate(xs), da.concatenate(ys)
+    return [dask.delayed(_mix)(pos_blocks[p], neg_blocks[q], mean, scale, int(rng.integers(2**31)))
+            for p, q in zip(pos_order, neg_order)]

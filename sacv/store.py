@@ -53,6 +53,14 @@ def open_store(uri: str, identity: dict) -> zarr.Group:
     return root
 
 
+def store_identity_of(uri: str) -> dict:
+    """The identity recorded in an existing store (see :func:`store_identity`)."""
+    identity = zarr.open_group(uri, mode="r").attrs.asdict()
+    if not identity:
+        raise StoreMismatch(f"{uri} holds no activation store; run the extract stage first")
+    return identity
+
+
 def ensure_array(root: zarr.Group, path: str, shape: tuple[int, ...], chunk_rows: int, dtype: str) -> zarr.Array:
     """Create the array, or grow/shrink it along N when the plan changed; chunks (chunk_rows, ...)."""
     chunks = (chunk_rows, *shape[1:])

@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 from sacv.config import RunConfig
 from sacv.fitting import collect_vectors, fit_job, plan_jobs, result_path
 from sacv.rundir import RunDir
-from sacv.shards import cached_model, store_layout
+from sacv.store import store_identity_of
 
 
 @task(name="plan-fits")
@@ -19,8 +19,7 @@ def plan(run_uri: str, config: RunConfig) -> dict:
     images = run.read_table("images")
     if images is None:
         raise RuntimeError(f"{run_uri} has no images table; run the extract stage first")
-    model = cached_model(config.model.spec, config.model.weights, config.execution.device)
-    jobs = plan_jobs(images, config, store_layout(model, config.layers, config.extract.dtype))
+    jobs = plan_jobs(images, config, store_identity_of(run.store_uri))
     run.write_json("fits/plan.json", {"jobs": jobs})
     todo = list(dict.fromkeys(job["key"] for job in jobs if not run.exists(result_path(job))))
     get_run_logger().info("%d vectors planned, %d cached, %d to fit", len(jobs), len(jobs) - len(todo), len(todo))

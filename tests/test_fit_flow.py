@@ -14,6 +14,7 @@ from PIL import Image
 from flows.extract import run_extract
 from flows.fit import run_fit
 from sacv.fitting import plan_jobs
+from sacv.store import store_identity_of
 from tests.flow_helpers import make_config, write_collection
 
 
@@ -48,7 +49,8 @@ def test_random_sets_exclude_the_concept_and_follow_the_seed(fitted_collection, 
     run_extract(config)
     images = pd.read_parquet(Path(config.run_dir) / "tables/images.parquet")
     own = images[images["role"] == "concept"].groupby("concept")["image_id"].apply(set)
-    jobs = plan_jobs(images, config, identity={"store": "x"})
+    identity = store_identity_of(str(Path(config.run_dir) / "store.zarr"))
+    jobs = plan_jobs(images, config, identity)
     concept_jobs = [j for j in jobs if j["kind"] == "concept"]
     assert len(concept_jobs) == 3 * 3 and len([j for j in jobs if j["kind"] == "null"]) == 3
     for job in concept_jobs:
@@ -58,10 +60,13 @@ def test_random_sets_exclude_the_concept_and_follow_the_seed(fitted_collection, 
     for job in jobs:
         if job["kind"] == "null":
             assert not set(job["pos"]) & set(job["neg"])
-    again = plan_jobs(images, config, identity={"store": "x"})
+    again = plan_jobs(images, config, identity)
+    wider = plan_jobs(images, config.model_copy(update={"layers": ["features.0", "features.2"]}),
+                      identity | {"layers": {**identity["layers"], "features.0": [32, 32, 8]}})
+    assert [j["key"] for j in wider if j["layer"] == "features.2"] == [j["key"] for j in jobs]  # no refit
     assert [j["key"] for j in again] == [j["key"] for j in jobs]
     reseeded = config.model_copy(update={"fit": config.fit.model_copy(update={"seed": 1})})
-    assert [j["neg"] for j in plan_jobs(images, reseeded, {"store": "x"})] != [j["neg"] for j in jobs]
+    assert [j["neg"] for j in plan_jobs(images, reseeded, identity)] != [j["neg"] for j in jobs]
 
 
 def _table(config) -> pd.DataFrame:
