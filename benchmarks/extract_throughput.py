@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results/extract_throughput.json", help="JSON result path")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated images")
+    parser.add_argument("--engine", choices=["prefect", "direct"], default="prefect",
+                        help="prefect: the extraction flow; direct: its task bodies in-process (no Prefect)")
     return parser.parse_args(argv)
 
 
@@ -125,7 +127,8 @@ def device_name(device) -> str:
 
 
 def run_flow(root: Path, run: str, args, device: str) -> tuple[float, dict, Path]:
-    from flows.extract import run_extract
+    """``--engine prefect``: the extraction flow; ``direct``: the same task bodies (plan, then every
+    shard) called in-process without Prefect, for machines without it (the GPU image)."""
     from sacv.config import parse_config
 
     config = parse_config(
@@ -139,7 +142,17 @@ def run_flow(root: Path, run: str, args, device: str) -> tuple[float, dict, Path
         }
     )
     started = time.perf_counter()
-    summary = run_extract(config)
+    if args.engine == "prefect":
+        from flows.extract import run_extract
+
+        summary = run_extract(config)
+    else:
+        from sacv.shards import plan_extraction, run_shard
+
+        plan = plan_extraction(config.run_dir, config)
+        for group, shard in plan["todo"]:
+            run_shard(config.run_dir, config, group, shard)
+        summary = {"images": plan["images"], "shards_run": len(plan["todo"]), "seconds": round(time.perf_counter() - started, 2)}
     seconds = time.perf_counter() - started
     return seconds, summary, root / run
 
@@ -148,7 +161,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     sys.path.insert(0, str(REPO))
-    import flows  # noqa: F401  (Prefect embedded-mode defaults, before prefect is imported)
+    if args.engine == "prefect":
+        import flows  # noqa: F401  (Prefect embedded-mode defaults and malloc setting, before any thread)
 
     import torch
 
@@ -204,6 +218,7 @@ def main(argv=None) -> dict:
             "images_per_s": round(args.images / bare_seconds, 2),
             "what": "load_image + preprocessing + extract(with_gradients, predicted target), results kept in memory",
         },
+        "engine": args.engine,
         "flow": {
             "seconds": round(flow_seconds, 3),
             "images_per_s": round(n / flow_seconds, 2),

@@ -89,7 +89,7 @@ class ScoreConfig(Section):
 class ExecutionConfig(Section):
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool
-    loader_workers: int = Field(0, ge=0)  # DataLoader decoding processes per shard (useful on CUDA)
+    loader_workers: int = Field(0, ge=0)  # image decoding threads per process, kept across shards (useful on CUDA)
     dask_address: str | None = None  # run tasks on this Dask scheduler instead of the thread pool
 
 

@@ -17,13 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 import zarr
-from torch.utils.data import DataLoader
 
 from sacv.config import RunConfig
 from sacv.extract import extract
 from sacv.maps import concept_maps
 from sacv.rundir import RunDir
-from sacv.shards import ShardImages, cached_model, shard_targets
+from sacv.shards import ShardImages, cached_model, shard_batches, shard_targets
 
 SUMMARY_NAMES = ["s_k_max", "s_k_mean", "relevant_frac", "s_kc_sum", "s_kc_relevant_mean", "positive_frac", "argmax_i", "argmax_j"]
 SCORE_COLUMNS = ["image_id", "row", "layer", "concept", "random_set", "kind", "vector_row", "target", *SUMMARY_NAMES]
@@ -99,7 +98,9 @@ def score_shard(run_uri: str, config: RunConfig, shard: int, mode: str) -> pd.Da
 def _recompute(run: RunDir, config: RunConfig, rows: pd.DataFrame):
     """Forward + backward on the shard's images; activations/gradients rounded to the store dtype."""
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
-    loader = DataLoader(ShardImages(rows, model, config), batch_size=config.extract.batch_size)
+    device = next(model.module.parameters()).device
+    loader = shard_batches(ShardImages(rows, model, config), config.extract.batch_size,
+                           config.execution.loader_workers, pin=device.type == "cuda")
     targets = shard_targets(config, rows, model.class_names)
     parts, target_parts, done = {layer: ([], []) for layer in config.layers}, [], 0
     for batch in loader:

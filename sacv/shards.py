@@ -11,11 +11,12 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from sacv.catalog import concept_candidates, dataset_candidates, match_class, scan
 from sacv.config import RunConfig
@@ -48,7 +49,18 @@ def cached_model(spec: str, weights: str | None, device: str) -> LoadedModel:
         return _MODELS[key]
 
 
+_LAYOUTS: dict[tuple, dict] = {}
+
+
 def store_layout(model: LoadedModel, layers: list[str], dtype: str) -> dict:
+    """The store identity for this model and layers (cached per process: it costs a forward pass)."""
+    key = (id(model), model.weight_hash, tuple(layers), dtype)
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = _store_layout(model, layers, dtype)
+    return _LAYOUTS[key]
+
+
+def _store_layout(model: LoadedModel, layers: list[str], dtype: str) -> dict:
     if not model.preprocessing.crop:
         raise ValueError("a store needs a fixed input size: set a crop size in the model's preprocessing")
     resolve_layers(model.module, layers)  # unknown layers: a clear error before any work
@@ -96,7 +108,9 @@ def shard_is_done(run: RunDir, images: pd.DataFrame, group: str, shard: int, con
     return marker is not None and marker.get("digest") == shard_digest(shard_rows(images, group, shard), config)
 
 
-class ShardImages(Dataset):
+class ShardImages:
+    """The shard's images, decoded, checked against their scanned id and preprocessed: (3, S, S)."""
+
     def __init__(self, rows: pd.DataFrame, model: LoadedModel, config: RunConfig):
         self.rows = rows.reset_index(drop=True)
         self.preprocessing = model.preprocessing
@@ -111,6 +125,29 @@ class ShardImages(Dataset):
         if image_id != row["image_id"]:
             raise RuntimeError(f"{row['path']} changed since it was scanned; rerun to scan the collection again")
         return self.preprocessing(image)
+
+
+_DECODERS: dict[int, ThreadPoolExecutor] = {}
+
+
+def shard_batches(images: ShardImages, batch_size: int, workers: int, pin: bool) -> Iterator[torch.Tensor]:
+    """Batches (B, 3, S, S) in row order. With ``workers`` > 0 a thread pool (one per process, kept
+    across shards, so no start-up per shard) decodes the whole shard ahead of the model; ``pin``
+    pins batches for non-blocking copies to CUDA."""
+    if workers:
+        with _MODELS_LOCK:
+            pool = _DECODERS.setdefault(workers, ThreadPoolExecutor(workers, thread_name_prefix="sacv-decode"))
+        items = pool.map(images.__getitem__, range(len(images)))
+    else:
+        items = (images[i] for i in range(len(images)))
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield torch.stack(batch).pin_memory() if pin else torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch).pin_memory() if pin else torch.stack(batch)
 
 
 def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str]):
@@ -135,12 +172,8 @@ def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
     root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype))
     gradients = group == "dataset"
     targets = shard_targets(config, rows, model.class_names) if gradients else None
-    loader = DataLoader(
-        ShardImages(rows, model, config),
-        batch_size=config.extract.batch_size,
-        num_workers=config.execution.loader_workers,
-        pin_memory=device.type == "cuda",
-    )
+    loader = shard_batches(ShardImages(rows, model, config), config.extract.batch_size,
+                           config.execution.loader_workers, pin=device.type == "cuda")
     autocast = None if config.extract.autocast == "none" else getattr(torch, config.extract.autocast)
     outputs: dict[str, list[np.ndarray]] = {}
     done = 0
@@ -156,8 +189,8 @@ def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
             outputs.setdefault("dataset/targets", []).append(result.targets.numpy())
         done += len(batch)
     start = int(rows["row"].iloc[0])
-    for path, parts in outputs.items():
-        write_region(root[path], start, np.concatenate(parts))
+    with ThreadPoolExecutor(len(outputs)) as writers:  # one writer per array; compression releases the GIL
+        list(writers.map(lambda item: write_region(root[item[0]], start, np.concatenate(item[1])), outputs.items()))
     marker = {
         "digest": shard_digest(rows, config),
         "rows": [start, start + len(rows)],
@@ -182,7 +215,8 @@ def plan_extraction(run_uri: str, config: RunConfig, progress=None) -> dict:
     candidates = concept_candidates(config.concepts) if config.concepts else []
     if config.dataset:
         candidates += dataset_candidates(config.dataset, model.class_names)
-    images, rejects = scan(candidates, config.extract.shard_size, config.extract.max_pixels, config.extract.min_size, progress=progress)
+    images, rejects = scan(candidates, config.extract.shard_size, config.extract.max_pixels, config.extract.min_size,
+                           threads=max(4, config.execution.loader_workers), progress=progress)
     if images.empty:
         raise ValueError(f"none of the {len(candidates)} images could be read; see tables/rejects.parquet")
     shards = prepare_store(run, config, model, images)

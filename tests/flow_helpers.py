@@ -33,17 +33,17 @@ def write_collection(root: Path, n_per_concept: int = 5, n_per_class: int = 4, s
     return root
 
 
-def make_config(root: Path, run: str = "run", spec: str = "tests.models:small", **extract):
-    return parse_config(
-        {
-            "run_dir": str(root / run),
-            "model": {"spec": spec},
-            "layers": ["features.0", "features.2"],
-            "concepts": {"root": str(root / "concepts")},
-            "dataset": {"root": str(root / "data"), "target": "label"},
-            "extract": {"shard_size": 4, "batch_size": 3, **extract},
-        }
-    )
+def make_config(root: Path, run: str = "run", spec: str = "tests.models:small", with_concepts: bool = True, **extract):
+    raw = {
+        "run_dir": str(root / run),
+        "model": {"spec": spec},
+        "layers": ["features.0", "features.2"],
+        "dataset": {"root": str(root / "data"), "target": "label"},
+        "extract": {"shard_size": 4, "batch_size": 3, **extract},
+    }
+    if with_concepts:
+        raw["concepts"] = {"root": str(root / "concepts")}
+    return parse_config(raw)
 
 
 def store_arrays(run_dir: Path) -> dict[str, np.ndarray]:

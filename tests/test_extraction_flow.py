@@ -151,7 +151,7 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
 
 def test_bad_inputs_are_rejected_with_reasons_and_the_rest_is_stored(tmp_path, prefect):
     expected = write_bad_inputs(tmp_path / "data" / "cat")
-    config = make_config(tmp_path, max_pixels=10_000).model_copy(update={"concepts": None})
+    config = make_config(tmp_path, with_concepts=False, max_pixels=10_000)
     summary = run_extract(config)
     assert summary["status"] == "done with rejects" and summary["rejects"] == len(expected)
     rejects = pd.read_parquet(Path(config.run_dir) / "tables/rejects.parquet")
