@@ -21,8 +21,8 @@ import pandas as pd
 import zarr
 from PIL import Image
 from scipy.ndimage import binary_dilation
+from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 
 from sacv.config import parse_config
 from sacv.maps import concept_maps, upsample_map
@@ -50,24 +50,38 @@ def dilate(mask: np.ndarray, stride: int) -> np.ndarray:
 def pointing_hit(map_, mask: np.ndarray, stride: int) -> bool:
     """True when the arg-max pixel of the upsampled (h, w) map lies in the (H, W) mask dilated by
     one feature stride (``stride`` pixels); ties go to the first pixel in row-major order."""
-    up = _up(map_, mask)
-    return bool(dilate(mask, stride)[np.unravel_index(np.argmax(up), up.shape)])
+    return _hit(_up(map_, mask), dilate(mask, stride))
+
+
+def _hit(up: np.ndarray, dilated: np.ndarray) -> bool:
+    return bool(dilated[np.unravel_index(np.argmax(up), up.shape)])
 
 
 def mask_auc(map_, mask: np.ndarray) -> float:
     """ROC AUC of the upsampled map's pixel values, mask (positive) vs rest; NaN when the mask is
     empty or covers every pixel. 1 = every mask pixel above every other, 0.5 = chance."""
-    if not mask.any() or mask.all():
+    return _auc(_up(map_, mask), mask)
+
+
+def _auc(up: np.ndarray, mask: np.ndarray) -> float:
+    """Mann-Whitney form of the ROC AUC (ties count one half), as roc_auc_score but ~3x faster."""
+    n_pos = int(mask.sum())
+    n_neg = mask.size - n_pos
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    return float(roc_auc_score(mask.ravel(), _up(map_, mask).ravel()))
+    ranks = rankdata(up.ravel())
+    return float((ranks[mask.ravel()].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def energy_in_mask(map_, mask: np.ndarray) -> float:
     """Share of the positive mass ``sum(max(m, 0))`` of the upsampled map inside the mask; NaN when
     the map has no positive value."""
-    positive = np.maximum(_up(map_, mask), 0)
+    return _energy(np.maximum(_up(map_, mask), 0), mask)
+
+
+def _energy(positive: np.ndarray, mask: np.ndarray) -> float:
     total = positive.sum()
-    return float((positive * mask).sum() / total) if total > 0 else float("nan")
+    return float(positive[mask].sum() / total) if total > 0 else float("nan")
 
 
 def distractor_ratio(map_, mask: np.ndarray, distractor: np.ndarray) -> float:
@@ -77,22 +91,29 @@ def distractor_ratio(map_, mask: np.ndarray, distractor: np.ndarray) -> float:
     NaN when either mask is empty or neither object has positive mass; ``inf`` when only the
     concept's object has (the map ignores the distractor completely); 0 when only the distractor has.
     """
+    return _ratio(np.maximum(_up(map_, mask), 0), mask, distractor)
+
+
+def _ratio(positive: np.ndarray, mask: np.ndarray, distractor: np.ndarray) -> float:
     if not mask.any() or not distractor.any():
         return float("nan")
-    positive = np.maximum(_up(map_, mask), 0)
     on_object, on_distractor = positive[mask].mean(), positive[distractor].mean()
     if on_distractor > 0:
         return float(on_object / on_distractor)
     return float("inf") if on_object > 0 else float("nan")
 
 
-def image_metrics(map_, mask: np.ndarray, stride: int, distractor: np.ndarray | None = None) -> dict[str, float]:
-    """All four metrics of one (h, w) map; ``distractor_ratio`` is NaN without a distractor mask."""
+def image_metrics(map_, mask: np.ndarray, stride: int, distractor: np.ndarray | None = None,
+                  dilated: np.ndarray | None = None) -> dict[str, float]:
+    """All four metrics of one (h, w) map, upsampled once; ``distractor_ratio`` is NaN without a
+    distractor mask. Pass ``dilated = dilate(mask, stride)`` when scoring many maps on one mask."""
+    up = _up(map_, mask)
+    positive = np.maximum(up, 0)
     return {
-        "pointing_game": float(pointing_hit(map_, mask, stride)),
-        "mask_auc": mask_auc(map_, mask),
-        "energy_in_mask": energy_in_mask(map_, mask),
-        "distractor_ratio": float("nan") if distractor is None else distractor_ratio(map_, mask, distractor),
+        "pointing_game": float(_hit(up, dilate(mask, stride) if dilated is None else dilated)),
+        "mask_auc": _auc(up, mask),
+        "energy_in_mask": _energy(positive, mask),
+        "distractor_ratio": float("nan") if distractor is None else _ratio(positive, mask, distractor),
     }
 
 
@@ -197,15 +218,16 @@ def evaluate_run(run_uri: str, n_random: int = 20, seed: int = 0) -> pd.DataFram
                 distractor = masks.get(image.distractor_mask)
                 h, w = s.shape[1:]
                 stride = max(1, round(mask.shape[1] / w))
+                dilated = dilate(mask, stride)
                 draws = np.random.default_rng([seed, image.row]).standard_normal((n_random, h, w))
-                random = pd.DataFrame([image_metrics(d, mask, stride, distractor) for d in draws])
+                random = pd.DataFrame([image_metrics(d, mask, stride, distractor, dilated) for d in draws])
                 maps = {"sacv": s[k], "tcav": np.einsum("hwc,hwc->hw", f, tcav[image.mask_concept])}
-                per_method = {m: image_metrics(maps[m], mask, stride, distractor) for m in ("sacv", "tcav")}
+                per_method = {m: image_metrics(maps[m], mask, stride, distractor, dilated) for m in ("sacv", "tcav")}
                 per_method["random"] = {**random.drop(columns="distractor_ratio").mean().to_dict(),
                                         "distractor_ratio": random["distractor_ratio"].median()}
                 common = {"layer": layer, "concept": image.mask_concept, "row": image.row,
                           "has_distractor": distractor is not None, "mask_share": mask.mean(),
-                          "hit_share": dilate(mask, stride).mean(), "stride": stride, "map_h": h, "map_w": w}
+                          "hit_share": dilated.mean(), "stride": stride, "map_h": h, "map_w": w}
                 records += [{**common, "method": m, **per_method[m]} for m in METHODS]
     per_image = pd.DataFrame(records)
     table = (

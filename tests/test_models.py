@@ -119,13 +119,3 @@ def test_preprocessing_matches_the_trained_normalisation(lite0):
     x = lite0.preprocessing(white)
     assert x.shape == (3, 224, 224)
     torch.testing.assert_close(x, torch.full_like(x, (255 - 127) / 128))
-
-
-@pytest.mark.slow
-def test_demo_striped_vector_points_at_striped_horses(tmp_path):
-    from sacv.demo import run_demo
-
-    summary = run_demo(tmp_path, n_concept=12, n_random=12, n_scenes=8, seed=1)
-    assert summary["vector"]["bal_acc"] > 0.9
-    assert summary["pointing_game"] >= 0.75 > 2 * summary["random_baseline"]
-    assert (tmp_path / "maps.png").stat().st_size > 10_000
