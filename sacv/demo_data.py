@@ -168,7 +168,7 @@ def demo_config(out: Path, sizes: Sizes) -> dict:
                      "random_sets": sizes.random_sets, "images_per_set": sizes.images_per_set},
         "dataset": {"manifest": str(data / "audit" / "manifest.csv"), "target": "label"},
         "fit": {"solver": "auto"},
-        "score": {"min_images": sizes.min_images},
+        "score": {"min_images": sizes.min_images, "correction": "bh"},  # exploratory audit: false-discovery rate
         "execution": {"device": "auto"},
     }
 
