@@ -8,7 +8,7 @@ Three solvers of the same balanced L2 logistic regression as :class:`sacv.vector
   channel scale changes the path, not the minimiser.
 - ``sgd``: ``SGDClassifier(loss="log_loss", average=True).partial_fit`` over dask blocks, one block in
   memory at a time (the loop dask-ml's ``Incremental`` runs, without its graph that lets the
-  scheduler load blocks ahead); each epoch pairs a concept block with a random block (classes
+  scheduler load every block ahead; here at most ``SGD_PAIRS_IN_FLIGHT`` pairs); each epoch pairs a concept block with a random block (classes
   balanced by sampling), shuffles positions within the pair, and regularises in standardised space
   (``alpha = 1 / (C n)``). Bounded memory at any size.
 - ``inmemory``: scikit-learn on a class-stratified subsample that fits ``memory_budget_mb``.
@@ -30,6 +30,7 @@ from sacv.vectors import fit_logistic, grouped_validation_split, set_fitted_vect
 
 SOLVERS = ("inmemory", "lbfgs", "sgd")
 BYTES_PER_VALUE_IN_MEMORY = 24  # float64 copy, standardised copy and solver workspace per value
+SGD_PAIRS_IN_FLIGHT = 4  # sgd: block pairs read at once (bounds memory, overlaps reading)
 
 
 def positions_from_store(array: zarr.Array, rows: np.ndarray) -> da.Array:
@@ -171,9 +172,10 @@ class OutOfCoreConceptVector(ClassifierMixin, BaseEstimator):
                             average=True, random_state=self.random_state)
         rng = np.random.default_rng(self.random_state)
         for _ in range(self.epochs):
-            for pair in _paired_epoch(positive, negative, mean, scale, rng):
-                x_block, y_block = dask.compute(pair)[0]  # one pair in memory at a time
-                sgd.partial_fit(x_block, y_block, classes=[0, 1])
+            pairs = _paired_epoch(positive, negative, mean, scale, rng)
+            for start in range(0, len(pairs), SGD_PAIRS_IN_FLIGHT):  # read a few pairs in parallel, no more
+                for x_block, y_block in dask.compute(*pairs[start : start + SGD_PAIRS_IN_FLIGHT]):
+                    sgd.partial_fit(x_block, y_block, classes=[0, 1])
         self.passes_, self.n_iter_ = 1 + self.epochs, self.epochs
         w = sgd.coef_[0] / scale
         return w, float(sgd.intercept_[0] - w @ mean)
