@@ -84,6 +84,7 @@ class ScoreConfig(Section):
     alpha: float = Field(0.05, gt=0, lt=1)  # significance level after correction
     correction: Literal["holm", "bh"] = "holm"  # multiple-testing correction across the contributions table
     min_images: int = Field(3, ge=1)  # classes with fewer images get p_value null and a reason
+    store_maps: bool = False  # also keep maps/<layer>/S_k and S_kc (N, K, H, W) float16 in the store
 
 
 class ExecutionConfig(Section):

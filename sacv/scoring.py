@@ -20,9 +20,10 @@ import zarr
 
 from sacv.config import RunConfig
 from sacv.extract import extract
-from sacv.maps import concept_maps
+from sacv.maps import ConceptMaps, concept_maps
 from sacv.rundir import RunDir
 from sacv.shards import ShardImages, cached_model, shard_batches, shard_targets
+from sacv.store import ensure_array, write_region
 
 SUMMARY_NAMES = ["s_k_max", "s_k_mean", "relevant_frac", "s_kc_sum", "s_kc_relevant_mean", "positive_frac", "argmax_i", "argmax_j"]
 SCORE_COLUMNS = ["image_id", "row", "layer", "concept", "random_set", "kind", "vector_row", "target", *SUMMARY_NAMES]
@@ -30,7 +31,11 @@ SCORE_COLUMNS = ["image_id", "row", "layer", "concept", "random_set", "kind", "v
 
 def summarize(activations: np.ndarray, gradients: np.ndarray, vectors: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
     """activations, gradients (n, H, W, C); vectors (K, C); offsets (K,) -> summaries, each (n, K)."""
-    maps = concept_maps(activations, vectors, offsets, gradients)
+    return summarize_maps(concept_maps(activations, vectors, offsets, gradients))
+
+
+def summarize_maps(maps: ConceptMaps) -> dict[str, np.ndarray]:
+    """Per-image summaries, each (n, K), of maps (n, K, H, W) that include S_{k→c}."""
     s_k, s_kc = maps.s_k.astype(np.float64), maps.s_kc.astype(np.float64)  # (n, K, H, W)
     relevant = maps.decision > 0
     n_relevant = relevant.sum(axis=(2, 3))
@@ -90,9 +95,25 @@ def score_shard(run_uri: str, config: RunConfig, shard: int, mode: str) -> pd.Da
     tables = []
     for layer, (act, grad) in per_layer.items():
         vectors, offsets, vector_table = _layer_vectors(run, layer)
-        summary = summarize(act.astype(np.float32), grad.astype(np.float32), vectors, offsets)
-        tables.append(_table(summary, rows, np.asarray(targets), layer, vector_table))
+        maps = concept_maps(act.astype(np.float32), vectors, offsets, grad.astype(np.float32))
+        if config.score.store_maps:  # this shard's rows are whole chunks of the map arrays: one writer
+            store = zarr.open_group(run.store_uri, mode="r+")
+            write_region(store[f"maps/{layer}/S_k"], start, maps.s_k)
+            write_region(store[f"maps/{layer}/S_kc"], start, maps.s_kc)
+        tables.append(_table(summarize_maps(maps), rows, np.asarray(targets), layer, vector_table))
     return pd.concat(tables, ignore_index=True)
+
+
+def prepare_map_arrays(run: RunDir, config: RunConfig) -> None:
+    """Template of ``maps/<layer>/S_k`` and ``S_kc`` (N, K, H, W) float16, chunks of one dataset shard."""
+    store = zarr.open_group(run.store_uri, mode="r+")
+    n = store["dataset/targets"].shape[0]
+    for layer in config.layers:
+        k = len(run.read_table("vectors").query("layer == @layer"))
+        h, w, _ = store.attrs["layers"][layer]
+        for name in ("S_k", "S_kc"):
+            ensure_array(store, f"maps/{layer}/{name}", (n, k, h, w), config.extract.shard_size, "float16",
+                         dimension_names=["image", "vector", "row", "col"])
 
 
 def _recompute(run: RunDir, config: RunConfig, rows: pd.DataFrame):
@@ -123,7 +144,8 @@ def shard_score_key(run: RunDir, config: RunConfig, shard: int) -> str:
     rows = images[(images["group"] == "dataset") & (images["shard"] == shard) & (images["status"] == "ok")]
     vectors = run.read_table("vectors")
     content = [sorted(rows["image_id"]), list(vectors["key"]), list(vectors["concept"]), list(vectors["random_set"]),
-               sorted(config.layers), config.score.mode, config.dataset.target if config.dataset else None]
+               sorted(config.layers), config.score.mode, config.score.store_maps,
+               config.dataset.target if config.dataset else None]
     return hashlib.sha256(repr(content).encode()).hexdigest()[:16]
 
 

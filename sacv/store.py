@@ -61,8 +61,10 @@ def store_identity_of(uri: str) -> dict:
     return identity
 
 
-def ensure_array(root: zarr.Group, path: str, shape: tuple[int, ...], chunk_rows: int, dtype: str) -> zarr.Array:
-    """Create the array, or grow/shrink it along N when the plan changed; chunks (chunk_rows, ...)."""
+def ensure_array(root: zarr.Group, path: str, shape: tuple[int, ...], chunk_rows: int, dtype: str,
+                 dimension_names: list[str] | None = None) -> zarr.Array:
+    """Create the array, or grow/shrink it along N when the plan changed; chunks (chunk_rows, ...).
+    4-D arrays default to dimension names (image, row, col, channel)."""
     chunks = (chunk_rows, *shape[1:])
     if path in root:
         array = root[path]
@@ -76,8 +78,9 @@ def ensure_array(root: zarr.Group, path: str, shape: tuple[int, ...], chunk_rows
         return array
     group_path, _, name = path.rpartition("/")
     group = root.require_group(group_path) if group_path else root
-    dims = ["image", "row", "col", "channel"][: len(shape)] if len(shape) == 4 else None
-    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=dims)
+    if dimension_names is None and len(shape) == 4:
+        dimension_names = ["image", "row", "col", "channel"]
+    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=dimension_names)
 
 
 def write_region(array: zarr.Array, start: int, data: np.ndarray) -> None:

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from sacv.config import RunConfig
 from sacv.contributions import contributions
 from sacv.rundir import RunDir
-from sacv.scoring import dataset_shards, score_shard, shard_score_key
+from sacv.scoring import dataset_shards, prepare_map_arrays, score_shard, shard_score_key
 from sacv.shards import cached_model
 
 
@@ -19,6 +19,8 @@ def plan(run_uri: str, config: RunConfig) -> dict:
     """Dataset shards and those whose scores are missing or stale."""
     run = RunDir(run_uri)
     shards = dataset_shards(run)
+    if config.score.store_maps:
+        prepare_map_arrays(run, config)  # the template, once, before the shard writers
     todo = [s for s in shards if (run.read_json(f"scores/{s:06d}.json") or {}).get("key") != shard_score_key(run, config, s)]
     get_run_logger().info("%d dataset shards, %d to score (%s)", len(shards), len(todo), config.score.mode)
     return {"shards": shards, "todo": todo}

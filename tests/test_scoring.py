@@ -188,3 +188,20 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path, prefect):
         result = runner.invoke(main, ["run", _write(tmp_path / f"{name}.yaml", text)])
         assert result.exit_code == 1, (name, result.output)
         assert message in result.output, (name, result.output)
+
+
+def test_stored_maps_equal_the_maps_from_activations_and_vectors(scored):
+    from sacv.maps import concept_maps
+
+    _, config, _ = scored
+    with_maps = config.model_copy(update={"score": config.score.model_copy(update={"store_maps": True})})
+    run_score(with_maps)
+    store = zarr.open_group(str(Path(config.run_dir) / "store.zarr"), mode="r")
+    for layer in config.layers:
+        act, grad = store[f"dataset/{layer}/act"][...], store[f"dataset/{layer}/grad"][...]
+        expected = concept_maps(act.astype(np.float32), store[f"vectors/{layer}/v"][...], store[f"vectors/{layer}/b"][...],
+                                grad.astype(np.float32))
+        s_k, s_kc = store[f"maps/{layer}/S_k"], store[f"maps/{layer}/S_kc"]
+        assert s_k.shape == expected.s_k.shape and s_k.dtype == np.float16 and s_k.chunks[0] == 4
+        np.testing.assert_allclose(s_k[...], expected.s_k, rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(s_kc[...].astype(np.float32), expected.s_kc, rtol=2e-3, atol=1e-6)
