@@ -29,7 +29,9 @@ def describe_run(run_uri: str, top: int = 10) -> str:
         lines += [f"  {r.path}: {r.stage}: {r.reason}" for r in rejects.head(top).itertuples()]
     vectors = run.read_table("vectors")
     if vectors is not None:
-        lines.append(f"vectors  {len(vectors)} ({int(vectors['near_chance'].sum())} near chance); "
+        concept = vectors[vectors["kind"] == "concept"]
+        lines.append(f"vectors  {len(concept)} concept ({int(concept['near_chance'].sum())} near chance), "
+                     f"{len(vectors) - len(concept)} null; "
                      f"mean held-out balanced accuracy by layer: "
                      + ", ".join(f"{layer} {acc:.3f}" for layer, acc in vectors[vectors['kind'] == 'concept'].groupby('layer')['bal_acc'].mean().items()))
     table = run.read_table("contributions")

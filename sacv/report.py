@@ -240,7 +240,9 @@ def _header(run: RunDir, record: dict, images, rejects, vectors, table) -> str:
                       + f" (+{int((images['status'] == 'duplicate').sum())} duplicates)"))
     facts.append(("rejects", 0 if rejects is None else len(rejects)))
     if vectors is not None:
-        facts.append(("vectors", f"{len(vectors)} ({int(vectors['near_chance'].sum())} near chance)"))
+        concept = vectors[vectors["kind"] == "concept"]
+        facts.append(("vectors", f"{len(concept)} concept ({int(concept['near_chance'].sum())} near chance), "
+                                 f"{len(vectors) - len(concept)} null"))
     if table is not None:
         facts.append(("contributions", f"{len(table)} rows, {int(table['significant'].sum())} significant"))
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)

@@ -92,7 +92,8 @@ def write_region(array: zarr.Array, start: int, data: np.ndarray) -> None:
             f"region {start}:{stop} of {array.path} is not aligned to chunks of {chunk} rows; "
             "each writer must own whole chunks (one shard = one chunk)"
         )
-    values = data.astype(array.dtype, copy=False)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, reported just below
+        values = data.astype(array.dtype, copy=False)
     if not np.isfinite(values).all():
         raise ValueError(
             f"{array.path}: values overflow {array.dtype} (largest magnitude {np.abs(data).max():.3g}); "
