@@ -12,6 +12,7 @@ import uuid
 
 import fsspec
 import pandas as pd
+from fsspec.implementations.local import LocalFileSystem
 
 
 class RunDir:
@@ -23,7 +24,9 @@ class RunDir:
 
     @property
     def store_uri(self) -> str:
-        return f"{self.uri}/store.zarr"
+        """The Zarr store: a plain path on local disk (also for ``file://`` URLs), else the URL."""
+        base = self.root if isinstance(self.fs, LocalFileSystem) else self.uri
+        return f"{base}/store.zarr"
 
     def _path(self, relpath: str) -> str:
         return f"{self.root}/{relpath}"

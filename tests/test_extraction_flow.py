@@ -223,3 +223,17 @@ def test_float16_overflow_is_an_error_naming_the_fix():
         write_region(array, 0, np.array([[1.0, 7e4], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="not aligned to chunks of 2 rows"):
         write_region(array, 1, np.ones((2, 2)))
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_run_dir_may_be_an_fsspec_url(collection, prefect, scheme):
+    local = make_config(collection, run="url_reference")
+    run_extract(local)
+    url = "memory://sacv-test/run" if scheme == "memory" else f"file://{collection}/url_run"
+    remote = local.model_copy(update={"run_dir": url})
+    assert run_extract(remote)["shards_run"] == 6
+    assert run_extract(remote)["shards_run"] == 0  # markers are read back through fsspec too
+    expected = store_arrays(Path(local.run_dir))
+    store = zarr.open_group(f"{url}/store.zarr" if scheme == "memory" else f"{collection}/url_run/store.zarr", mode="r")
+    for key, values in expected.items():
+        np.testing.assert_array_equal(store[key][...], values, err_msg=key)
