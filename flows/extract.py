@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from tqdm import tqdm
 
-from flows.runners import task_runner
+from flows.runners import call_flow
 from sacv.config import RunConfig
 from sacv.provenance import versions
 from sacv.rundir import RunDir
@@ -49,4 +49,4 @@ def extract_flow(config: RunConfig) -> dict:
 
 
 def run_extract(config: RunConfig) -> dict:
-    return extract_flow.with_options(task_runner=task_runner(config.execution))(config)
+    return call_flow(extract_flow, config)

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from tqdm import tqdm
 
-from flows.runners import task_runner
+from flows.runners import call_flow
 from sacv.config import RunConfig
 from sacv.rundir import RunDir
 from tasks.fit import collect, fit_vector, plan
@@ -38,4 +38,4 @@ def fit_flow(config: RunConfig) -> dict:
 
 
 def run_fit(config: RunConfig) -> dict:
-    return fit_flow.with_options(task_runner=task_runner(config.execution))(config)
+    return call_flow(fit_flow, config)

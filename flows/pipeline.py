@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.extract import extract_flow
 from flows.fit import fit_flow
-from flows.runners import task_runner
+from flows.runners import call_flow, task_runner
 from flows.score import score_flow
 from sacv.config import RunConfig, load_config
 from sacv.rundir import RunDir
@@ -51,4 +51,4 @@ def audit_flow(config_path: str) -> dict:
 
 
 def run_pipeline(config: RunConfig) -> dict:
-    return run_flow(config)
+    return call_flow(run_flow, config)

@@ -6,7 +6,7 @@ import time
 
 from prefect import flow, get_run_logger
 
-from flows.runners import task_runner
+from flows.runners import call_flow
 from sacv.config import RunConfig
 from sacv.rundir import RunDir
 from tasks.score import build_tables, plan, score
@@ -28,4 +28,4 @@ def score_flow(config: RunConfig) -> dict:
 
 
 def run_score(config: RunConfig) -> dict:
-    return score_flow.with_options(task_runner=task_runner(config.execution))(config)
+    return call_flow(score_flow, config)
