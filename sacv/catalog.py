@@ -14,7 +14,6 @@ that renaming a file changes no row. Rows are cut into shards of ``shard_size`` 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -128,14 +127,11 @@ def scan(
     max_pixels: int,
     min_size: int,
     threads: int = 4,
-    progress: Callable[[int], None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read, hash and decode every candidate; return (images, rejects) tables with rows and shards."""
     rows, rejects = [], []
     with ThreadPoolExecutor(threads) as pool:
         for candidate, image_id, rejected in pool.map(lambda c: _check(c, max_pixels, min_size), candidates):
-            if progress:
-                progress(1)
             if rejected is not None:
                 rejects.append({"path": candidate.path, "group": candidate.group, "stage": rejected.stage, "reason": rejected.reason})
             else:

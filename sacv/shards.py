@@ -202,7 +202,7 @@ def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
     return marker
 
 
-def plan_extraction(run_uri: str, config: RunConfig, progress=None) -> dict:
+def plan_extraction(run_uri: str, config: RunConfig) -> dict:
     """Scan the collections, write images/rejects tables and the store template.
 
     Returns ``{"shards": {group: n}, "todo": [[group, shard], ...], "images": n, "rejects": n,
@@ -216,7 +216,7 @@ def plan_extraction(run_uri: str, config: RunConfig, progress=None) -> dict:
     if config.dataset:
         candidates += dataset_candidates(config.dataset, model.class_names)
     images, rejects = scan(candidates, config.extract.shard_size, config.extract.max_pixels, config.extract.min_size,
-                           threads=max(4, config.execution.loader_workers), progress=progress)
+                           threads=max(4, config.execution.loader_workers))
     if images.empty:
         raise ValueError(f"none of the {len(candidates)} images could be read; see tables/rejects.parquet")
     shards = prepare_store(run, config, model, images)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import zarr
-from PIL import Image
 
 from sacv.outofcore import OutOfCoreConceptVector, positions_from_store
 from sacv.vectors import fit_logistic, grouped_validation_split
