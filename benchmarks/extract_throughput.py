@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import print_table, write_json  # benchmarks/common.py (the script folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -261,14 +263,9 @@ def main(argv=None) -> dict:
         ("write MB/s (effective)", f"{result['storage']['write_mb_per_s_effective']:.2f}"),
         ("write MB/s (store only)", f"{result['storage']['write_mb_per_s_store_only']:.2f}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    print_table(rows)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(result, args.out)
     return result
 
 

@@ -38,6 +38,8 @@ import time
 import warnings
 from pathlib import Path
 
+from common import write_json  # benchmarks/common.py (the script folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 SOLVERS = ("inmemory", "lbfgs", "sgd")
 RATIO_GOAL = 1.4
@@ -286,10 +288,7 @@ def main(argv=None) -> dict:
               f"{'met' if ratio <= RATIO_GOAL else 'NOT met'}")
     result["goal_met"] = {s: result["solvers"][s]["ratio_pass_over_read"] <= RATIO_GOAL for s in ("lbfgs", "sgd")}
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(result, args.out)
     return result
 
 

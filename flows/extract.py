@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.futures import as_completed
 from tqdm import tqdm
 
-from flows.runners import call_flow
+from flows.runners import call_flow, finish_stage
 from sacv.config import RunConfig
 from sacv.provenance import versions
 from sacv.rundir import RunDir
@@ -28,24 +28,15 @@ def extract_flow(config: RunConfig) -> dict:
             n_images += future.result()["images"]
             bar.update(1)
             bar.set_postfix(images=n_images)
-    seconds = round(time.perf_counter() - started, 2)
-    status = "done with rejects" if shard_plan["rejects"] else "done"
     summary = {
-        "status": status,
+        "status": "done with rejects" if shard_plan["rejects"] else "done",
         "images": shard_plan["images"],
         "rejects": shard_plan["rejects"],
         "shards": shard_plan["shards"],
         "shards_run": len(futures),
-        "seconds": seconds,
     }
-    RunDir(run_uri).update_run_record(
-        config=config.model_dump(mode="json"),
-        versions=versions(),
-        model=shard_plan["model"],
-        timings={"extract": summary},
-    )
-    get_run_logger().info("extract %s: %s", status, summary)
-    return summary
+    RunDir(run_uri).update_run_record(config=config.model_dump(mode="json"), versions=versions(), model=shard_plan["model"])
+    return finish_stage(run_uri, "extract", summary, started)
 
 
 def run_extract(config: RunConfig) -> dict:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.futures import as_completed
 from tqdm import tqdm
 
-from flows.runners import call_flow
+from flows.runners import call_flow, finish_stage
 from sacv.config import RunConfig
-from sacv.rundir import RunDir
 from tasks.fit import collect, fit_vector, plan
 
 
@@ -30,11 +29,8 @@ def fit_flow(config: RunConfig) -> dict:
             bar.update(1)
     table_uri = collect(run_uri)
     summary = {"status": "done", "vectors": fit_plan["total"], "fitted": len(futures),
-               "near_chance_fitted": near_chance, "table": table_uri,
-               "seconds": round(time.perf_counter() - started, 2)}
-    RunDir(run_uri).update_run_record(timings={"fit": summary})
-    get_run_logger().info("fit done: %s", summary)
-    return summary
+               "near_chance_fitted": near_chance, "table": table_uri}
+    return finish_stage(run_uri, "fit", summary, started)
 
 
 def run_fit(config: RunConfig) -> dict:

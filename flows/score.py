@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
-from flows.runners import call_flow
+from flows.runners import call_flow, finish_stage
 from sacv.config import RunConfig
-from sacv.rundir import RunDir
 from tasks.score import build_tables, plan, score
 
 
@@ -20,11 +19,8 @@ def score_flow(config: RunConfig) -> dict:
     for future in [score.submit(run_uri, config, shard) for shard in shard_plan["todo"]]:
         future.result()
     tables = build_tables(run_uri, config, shard_plan["shards"])
-    summary = {"status": "done", "shards_scored": len(shard_plan["todo"]), **tables,
-               "seconds": round(time.perf_counter() - started, 2)}
-    RunDir(run_uri).update_run_record(timings={"score": summary})
-    get_run_logger().info("score done: %s", summary)
-    return summary
+    summary = {"status": "done", "shards_scored": len(shard_plan["todo"]), **tables}
+    return finish_stage(run_uri, "score", summary, started)
 
 
 def run_score(config: RunConfig) -> dict:

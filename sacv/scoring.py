@@ -13,6 +13,9 @@ target logit); ``s_kc_relevant_mean`` and ``positive_frac`` (share of relevant p
 
 from __future__ import annotations
 
+import hashlib
+import io
+
 import numpy as np
 import pandas as pd
 import torch
@@ -138,8 +141,6 @@ def _recompute(run: RunDir, config: RunConfig, rows: pd.DataFrame):
 
 def shard_score_key(run: RunDir, config: RunConfig, shard: int) -> str:
     """What a shard's scores depend on: its images, the vectors, the layers and the mode."""
-    import hashlib
-
     images = run.read_table("images")
     rows = images[(images["group"] == "dataset") & (images["shard"] == shard) & (images["status"] == "ok")]
     vectors = run.read_table("vectors")
@@ -147,6 +148,38 @@ def shard_score_key(run: RunDir, config: RunConfig, shard: int) -> str:
                sorted(config.layers), config.score.mode, config.score.store_maps,
                config.dataset.target if config.dataset else None]
     return hashlib.sha256(repr(content).encode()).hexdigest()[:16]
+
+
+def write_shard_scores(run_uri: str, config: RunConfig, shard: int) -> int:
+    """Score one shard, write ``scores/<shard>.parquet`` and then its marker (with the content key)."""
+    run = RunDir(run_uri)
+    table = score_shard(run_uri, config, shard, config.score.mode)
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    run.write_bytes(f"scores/{shard:06d}.parquet", buffer.getvalue())
+    run.write_json(f"scores/{shard:06d}.json", {"key": shard_score_key(run, config, shard), "rows": len(table)})
+    return len(table)
+
+
+def stale_shards(run: RunDir, config: RunConfig, shards: list[int]) -> list[int]:
+    """Shards whose marker is missing or was written for other content."""
+    return [s for s in shards if (run.read_json(f"scores/{s:06d}.json") or {}).get("key") != shard_score_key(run, config, s)]
+
+
+def build_tables(run_uri: str, config: RunConfig, shards: list[int], class_names: list[str]) -> dict:
+    """``image_scores.parquet`` from the shard scores, then ``contributions.parquet``."""
+    from sacv.contributions import contributions
+
+    run = RunDir(run_uri)
+    parts = [pd.read_parquet(io.BytesIO(run.fs.cat_file(f"{run.root}/scores/{s:06d}.parquet"))) for s in shards]
+    scores = pd.concat(parts, ignore_index=True)
+    table = contributions(scores, class_names, config.score.alpha, config.score.correction, config.score.min_images)
+    return {
+        "image_scores": run.write_table("image_scores", scores),
+        "contributions": run.write_table("contributions", table),
+        "rows": len(table),
+        "significant": int(table["significant"].sum()),
+    }
 
 
 def dataset_shards(run: RunDir) -> list[int]:
