@@ -26,6 +26,7 @@ import zarr
 from sacv.config import RunConfig
 from sacv.outofcore import OutOfCoreConceptVector, choose_solver, positions_from_store
 from sacv.rundir import RunDir
+from sacv.store import store_identity_of
 from sacv.vectors import NearChanceWarning
 
 VECTOR_COLUMNS = [
@@ -90,6 +91,22 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
     return jobs
 
 
+def plan_fits(run_uri: str, config: RunConfig) -> dict:
+    """Write ``fits/plan.json``; return the number of jobs and the keys without a cached result."""
+    run = RunDir(run_uri)
+    images = run.read_table("images")
+    if images is None:
+        raise RuntimeError(f"{run_uri} has no images table; run the extract stage first")
+    jobs = plan_jobs(images, config, store_identity_of(run.store_uri))
+    run.write_json("fits/plan.json", {"jobs": jobs})
+    todo = list(dict.fromkeys(job["key"] for job in jobs if not run.exists(result_path(job))))
+    return {"total": len(jobs), "todo": todo}
+
+
+def planned_job(run_uri: str, key: str) -> dict:
+    return next(j for j in RunDir(run_uri).read_json("fits/plan.json")["jobs"] if j["key"] == key)
+
+
 def result_path(job: dict) -> str:
     return f"fits/{job['layer']}/{job['key']}.json"
 
@@ -131,9 +148,10 @@ def fit_job(run_uri: str, config: RunConfig, job: dict) -> dict:
     return result
 
 
-def collect_vectors(run_uri: str, jobs: list[dict]) -> pd.DataFrame:
-    """Write ``vectors/<layer>/{v,b,coef,intercept}`` (one row per job, plan order) and vectors.parquet."""
+def collect_vectors(run_uri: str) -> pd.DataFrame:
+    """Write ``vectors/<layer>/{v,b,coef,intercept}`` (one row per planned job, plan order) and vectors.parquet."""
     run = RunDir(run_uri)
+    jobs = run.read_json("fits/plan.json")["jobs"]
     root = zarr.open_group(run.store_uri, mode="a")
     rows = []
     for layer in dict.fromkeys(job["layer"] for job in jobs):

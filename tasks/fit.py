@@ -7,29 +7,22 @@ from contextlib import nullcontext
 from prefect import get_run_logger, task
 
 from sacv.config import RunConfig
-from sacv.fitting import collect_vectors, fit_job, plan_jobs, result_path
-from sacv.rundir import RunDir
-from sacv.store import store_identity_of
+from sacv.fitting import collect_vectors, fit_job, plan_fits, planned_job
 
 
 @task(name="plan-fits")
 def plan(run_uri: str, config: RunConfig) -> dict:
     """Write fits/plan.json; return the keys of the jobs without a cached result."""
-    run = RunDir(run_uri)
-    images = run.read_table("images")
-    if images is None:
-        raise RuntimeError(f"{run_uri} has no images table; run the extract stage first")
-    jobs = plan_jobs(images, config, store_identity_of(run.store_uri))
-    run.write_json("fits/plan.json", {"jobs": jobs})
-    todo = list(dict.fromkeys(job["key"] for job in jobs if not run.exists(result_path(job))))
-    get_run_logger().info("%d vectors planned, %d cached, %d to fit", len(jobs), len(jobs) - len(todo), len(todo))
-    return {"total": len(jobs), "todo": todo}
+    result = plan_fits(run_uri, config)
+    total, todo = result["total"], len(result["todo"])
+    get_run_logger().info("%d vectors planned, %d to fit (the rest cached)", total, todo)
+    return result
 
 
 @task(name="fit-vector", retries=1, retry_delay_seconds=2)
 def fit_vector(run_uri: str, config: RunConfig, key: str) -> dict:
     """Fit the planned job ``key``; dask work goes to the flow's cluster when one is configured."""
-    job = next(j for j in RunDir(run_uri).read_json("fits/plan.json")["jobs"] if j["key"] == key)
+    job = planned_job(run_uri, key)
     if config.execution.dask_address:
         from prefect_dask import get_dask_client
 
@@ -50,8 +43,7 @@ def fit_vector(run_uri: str, config: RunConfig, key: str) -> dict:
 @task(name="collect-vectors")
 def collect(run_uri: str) -> str:
     """Write the store's vectors and tables/vectors.parquet from the results; return the table's URI."""
-    jobs = RunDir(run_uri).read_json("fits/plan.json")["jobs"]
-    table = collect_vectors(run_uri, jobs)
+    table = collect_vectors(run_uri)
     concept = table[table["kind"] == "concept"]
     get_run_logger().info("%d vectors, %d concept vectors near chance", len(table), int(concept["near_chance"].sum()))
     return f"{run_uri}/tables/vectors.parquet"
