@@ -17,6 +17,7 @@ on a 4-image flow run), so neither timing includes them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -147,14 +148,14 @@ def run_flow(root: Path, run: str, args, device: str) -> tuple[float, dict, Path
     if args.engine == "prefect":
         from flows.extract import run_extract
 
-        summary = run_extract(config)
+        summary = dataclasses.asdict(run_extract(config))
     else:
-        from sacv.shards import plan_extraction, run_shard
+        from sacv.extraction import plan_extraction, run_shard
 
         plan = plan_extraction(config.run_dir, config)
-        for group, shard in plan["todo"]:
+        for group, shard in plan.todo:
             run_shard(config.run_dir, config, group, shard)
-        summary = {"images": plan["images"], "shards_run": len(plan["todo"]), "seconds": round(time.perf_counter() - started, 2)}
+        summary = {"images": plan.images, "shards_run": len(plan.todo), "seconds": round(time.perf_counter() - started, 2)}
     seconds = time.perf_counter() - started
     return seconds, summary, root / run
 
@@ -164,11 +165,13 @@ def main(argv=None) -> dict:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     sys.path.insert(0, str(REPO))
     if args.engine == "prefect":
-        import flows  # noqa: F401  (Prefect embedded-mode defaults and malloc setting, before any thread)
+        from flows.runners import configure_process
+
+        configure_process()  # Prefect embedded-mode defaults and malloc setting, before any thread
 
     import torch
 
-    from sacv.shards import cached_model, resolve_device
+    from sacv.models import cached_model, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,34 +10,32 @@ from tqdm import tqdm
 
 from flows.runners import call_flow, finish_stage
 from sacv.config import RunConfig
+from sacv.plans import ExtractSummary
 from sacv.provenance import versions
 from sacv.rundir import RunDir
-from tasks.extract import extract_shard, plan
+from tasks.extract import extract_shard, plan_extraction
 
 
 @flow(name="sacv-extract")
-def extract_flow(config: RunConfig) -> dict:
+def extract_flow(config: RunConfig) -> ExtractSummary:
     """Extract activations (and dataset gradients) of every layer into the run's store."""
     started = time.perf_counter()
     run_uri = config.run_dir
-    shard_plan = plan(run_uri, config)
-    futures = [extract_shard.submit(run_uri, config, group, shard) for group, shard in shard_plan["todo"]]
+    plan = plan_extraction(run_uri, config)
+    futures = [extract_shard.submit(run_uri, config, group, shard) for group, shard in plan.todo]
     n_images = 0
     with tqdm(total=len(futures), unit="shard", desc="extract", disable=None) as bar:
         for future in as_completed(futures):
             n_images += future.result()["images"]
             bar.update(1)
             bar.set_postfix(images=n_images)
-    summary = {
-        "status": "done with rejects" if shard_plan["rejects"] else "done",
-        "images": shard_plan["images"],
-        "rejects": shard_plan["rejects"],
-        "shards": shard_plan["shards"],
-        "shards_run": len(futures),
-    }
-    RunDir(run_uri).update_run_record(config=config.model_dump(mode="json"), versions=versions(), model=shard_plan["model"])
+    summary = ExtractSummary(
+        status="done with rejects" if plan.rejects else "done",
+        images=plan.images, rejects=plan.rejects, shards=plan.shards, shards_run=len(futures),
+    )
+    RunDir(run_uri).update_run_record(config=config.model_dump(mode="json"), versions=versions(), model=plan.model)
     return finish_stage(run_uri, "extract", summary, started)
 
 
-def run_extract(config: RunConfig) -> dict:
+def run_extract(config: RunConfig) -> ExtractSummary:
     return call_flow(extract_flow, config)

@@ -6,27 +6,30 @@ import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.extract import extract_flow
-from flows.fit import fit_flow
-from flows.runners import call_flow, task_runner
-from flows.score import score_flow
+from flows.extract import extract_flow, run_extract
+from flows.fit import fit_flow, run_fit
+from flows.runners import call_flow, configure_process, task_runner
+from flows.score import run_score, score_flow
 from sacv.config import RunConfig, load_config
+from sacv.plans import RunSummary
 from sacv.rundir import RunDir
 
 TOP_ROWS = 20
+STAGES = ("extract", "fit", "score", "run")
 
 
 @flow(name="sacv-run")
-def run_flow(config: RunConfig) -> dict:
+def run_flow(config: RunConfig) -> RunSummary:
     """Run every stage; a rerun resumes (done shards, cached vectors and scored shards are skipped)."""
     runner = task_runner(config.execution)
-    summary = {"extract": extract_flow.with_options(task_runner=runner)(config)}
+    extract = extract_flow.with_options(task_runner=runner)(config)
+    fit = score = None
     if config.concepts is not None:
-        summary["fit"] = fit_flow.with_options(task_runner=runner)(config)
+        fit = fit_flow.with_options(task_runner=runner)(config)
     if config.concepts is not None and config.dataset is not None:
-        summary["score"] = score_flow.with_options(task_runner=runner)(config)
+        score = score_flow.with_options(task_runner=runner)(config)
         _publish(config.run_dir)
-    return summary
+    return RunSummary(extract=extract, fit=fit, score=score)
 
 
 def _publish(run_uri: str) -> None:
@@ -37,7 +40,7 @@ def _publish(run_uri: str) -> None:
     columns = ["layer", "concept", "class_name", "n_images", "spatial_score", "tcav_score", "p_adjusted", "significant"]
     records = top[columns].astype(object).where(pd.notna(top[columns]), None).to_dict("records")
     create_table_artifact(records, key="sacv-top-contributions", description=f"Top contributions in {run_uri}")
-    links = "\n".join(f"- `{run_uri}/tables/{name}.parquet`" for name in ("contributions", "image_scores", "vectors", "images", "rejects"))
+    links = "\n".join(f"- `{run.table_uri(name)}`" for name in ("contributions", "image_scores", "vectors", "images", "rejects"))
     create_markdown_artifact(
         f"# SACV run\n\n{int(table['significant'].sum())} significant of {len(table)} (layer, concept, class) rows.\n\n{links}\n",
         key="sacv-run-tables",
@@ -45,10 +48,19 @@ def _publish(run_uri: str) -> None:
 
 
 @flow(name="sacv-audit")
-def audit_flow(config_path: str) -> dict:
+def audit_flow(config_path: str) -> RunSummary:
     """Deployment entry point: the whole pipeline from a config file path."""
+    configure_process()
     return run_flow(load_config(config_path))
 
 
-def run_pipeline(config: RunConfig) -> dict:
+def run_pipeline(config: RunConfig) -> RunSummary:
     return call_flow(run_flow, config)
+
+
+def run_stage(stage: str, config: RunConfig):
+    """Run one stage's flow (or the whole pipeline, ``run``) with the task runner the config asks for."""
+    runners = {"extract": run_extract, "fit": run_fit, "score": run_score, "run": run_pipeline}
+    if stage not in runners:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    return runners[stage](config)

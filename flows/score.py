@@ -8,20 +8,21 @@ from prefect import flow
 
 from flows.runners import call_flow, finish_stage
 from sacv.config import RunConfig
-from tasks.score import build_tables, plan, score
+from sacv.plans import ScoreSummary
+from tasks.score import build_tables, plan_scoring, score_shard
 
 
 @flow(name="sacv-score")
-def score_flow(config: RunConfig) -> dict:
+def score_flow(config: RunConfig) -> ScoreSummary:
     started = time.perf_counter()
     run_uri = config.run_dir
-    shard_plan = plan(run_uri, config)
-    for future in [score.submit(run_uri, config, shard) for shard in shard_plan["todo"]]:
+    plan = plan_scoring(run_uri, config)
+    for future in [score_shard.submit(run_uri, config, shard) for shard in plan.todo]:
         future.result()
-    tables = build_tables(run_uri, config, shard_plan["shards"])
-    summary = {"status": "done", "shards_scored": len(shard_plan["todo"]), **tables}
+    tables = build_tables(run_uri, config, plan.shards)
+    summary = ScoreSummary(status="done", shards_scored=len(plan.todo), **tables)
     return finish_stage(run_uri, "score", summary, started)
 
 
-def run_score(config: RunConfig) -> dict:
+def run_score(config: RunConfig) -> ScoreSummary:
     return call_flow(score_flow, config)

@@ -18,10 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
+import numpy as np
 import pandas as pd
 
 from sacv.config import ConceptsConfig, DatasetConfig
 from sacv.images import ImageRejected, list_images, load_image
+from sacv.rundir import RunDir
 
 IMAGE_COLUMNS = ["image_id", "path", "group", "role", "concept", "label", "mask", "row", "shard", "status"]
 REJECT_COLUMNS = ["path", "group", "stage", "reason"]
@@ -148,3 +150,44 @@ def scan(
         images.loc[part.index[~first.to_numpy()], "status"] = "duplicate"
     images["shard"] = (images["row"] // shard_size).astype("Int64")
     return images[IMAGE_COLUMNS].reset_index(drop=True), pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+
+
+class ImageCatalog:
+    """``tables/images.parquet``, read once per task: which store rows hold which images.
+
+    ``frame`` is the table as written (columns ``IMAGE_COLUMNS``); duplicates point to the row of
+    their first copy and are skipped by every lookup below.
+    """
+
+    def __init__(self, frame: pd.DataFrame):
+        self.frame = frame
+        self._ok = frame[frame["status"] == "ok"]
+
+    @classmethod
+    def read(cls, run: RunDir) -> ImageCatalog:
+        frame = run.read_table("images")
+        if frame is None:
+            raise RuntimeError(f"{run.uri} has no images table; run the extract stage first")
+        return cls(frame)
+
+    def rows(self, group: str, shard: int | None = None) -> pd.DataFrame:
+        """The distinct images of ``group`` (of one shard when given), in store-row order."""
+        part = self._ok[self._ok["group"] == group]
+        if shard is not None:
+            part = part[part["shard"] == shard]
+        return part.sort_values("row")
+
+    def shards(self, group: str) -> list[int]:
+        """The shard numbers of ``group``, ascending (empty when the group has no images)."""
+        return sorted(int(s) for s in self._ok.loc[self._ok["group"] == group, "shard"].unique())
+
+    def row_of(self, image_ids, group: str = "guidance") -> np.ndarray:
+        """Store rows (int64) of the given content ids within ``group``, in the order given."""
+        part = self._ok[self._ok["group"] == group]
+        lookup = pd.Series(part["row"].to_numpy(dtype=np.int64), index=part["image_id"].to_numpy())
+        ids = list(image_ids)
+        unknown = [i for i in ids if i not in lookup.index]
+        if unknown:
+            raise KeyError(f"{len(unknown)} image ids are not in the {group} rows of images.parquet "
+                           f"(e.g. {unknown[0]}); the plan is older than the store: run the stage again")
+        return lookup.loc[ids].to_numpy(dtype=np.int64)

@@ -1,4 +1,5 @@
-"""The ``sacv`` command line."""
+"""The ``sacv`` command line: the edge of the library, the one module of ``sacv`` that calls the
+Prefect flows (``flows.*``, imported inside the commands that run them)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import sys
 
 import click
+
+from sacv.plans import ExtractSummary, FitSummary, ScoreSummary
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,8 +46,8 @@ def _load_config(path: str):
         raise click.ClickException(str(err)) from None
 
 
-def _run_stage(stage: str, config_path: str) -> dict:
-    from sacv.pipeline import run_stage
+def _run_stage(stage: str, config_path: str):
+    from flows.pipeline import run_stage
 
     config = _load_config(config_path)
     try:
@@ -53,25 +56,25 @@ def _run_stage(stage: str, config_path: str) -> dict:
         raise click.ClickException(f"{stage} failed: {err}") from None
 
 
-def _report_extract(summary: dict, strict: bool) -> None:
-    click.echo(f"extract {summary['status']}: {summary['images']} images, {summary['rejects']} rejected, "
-               f"{summary['shards_run']} shards run in {summary['seconds']} s")
-    if summary["rejects"]:
+def _report_extract(summary: ExtractSummary, strict: bool) -> None:
+    click.echo(f"extract {summary.status}: {summary.images} images, {summary.rejects} rejected, "
+               f"{summary.shards_run} shards run in {summary.seconds} s")
+    if summary.rejects:
         click.echo("rejected inputs are listed in tables/rejects.parquet", err=True)
         if strict:
             sys.exit(3)
 
 
-def _report_fit(summary: dict) -> None:
-    click.echo(f"fit {summary['status']}: {summary['vectors']} vectors ({summary['fitted']} fitted, "
-               f"the rest cached) in {summary['seconds']} s -> {summary['table']}")
-    if summary["near_chance_fitted"]:
-        click.echo(f"{summary['near_chance_fitted']} vectors are near chance (flagged in the table)", err=True)
+def _report_fit(summary: FitSummary) -> None:
+    click.echo(f"fit {summary.status}: {summary.vectors} vectors ({summary.fitted} fitted, "
+               f"the rest cached) in {summary.seconds} s -> {summary.table}")
+    if summary.near_chance_fitted:
+        click.echo(f"{summary.near_chance_fitted} vectors are near chance (flagged in the table)", err=True)
 
 
-def _report_score(summary: dict) -> None:
-    click.echo(f"score {summary['status']}: {summary['rows']} (layer, concept, class) rows, "
-               f"{summary['significant']} significant, in {summary['seconds']} s -> {summary['contributions']}")
+def _report_score(summary: ScoreSummary) -> None:
+    click.echo(f"score {summary.status}: {summary.rows} (layer, concept, class) rows, "
+               f"{summary.significant} significant, in {summary.seconds} s -> {summary.contributions}")
 
 
 STRICT = click.option("--strict", is_flag=True, help="Exit with status 3 when some inputs were rejected.")
@@ -105,11 +108,11 @@ def score_command(config_path: str) -> None:
 def run_command(config_path: str, strict: bool) -> None:
     """extract -> fit -> score as one Prefect flow; a rerun resumes where it stopped."""
     summary = _run_stage("run", config_path)
-    if "fit" in summary:
-        _report_fit(summary["fit"])
-    if "score" in summary:
-        _report_score(summary["score"])
-    _report_extract(summary["extract"], strict)
+    if summary.fit is not None:
+        _report_fit(summary.fit)
+    if summary.score is not None:
+        _report_score(summary.score)
+    _report_extract(summary.extract, strict)
 
 
 @main.command("inspect")
@@ -150,7 +153,7 @@ def evaluate_command(run_dir: str) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the generated images.")
 def demo(out: str, small: bool, seed: int) -> None:
     """Offline demo: generated concepts and masked scenes -> the full pipeline on EfficientNet-Lite0 -> report."""
-    from sacv.demo import run_demo
+    from flows.demo import run_demo
 
     summary = run_demo(out, small=small, seed=seed)
     click.echo(json.dumps(summary, indent=2))

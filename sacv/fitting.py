@@ -7,8 +7,8 @@
 - Null vectors fit ``random_i`` against ``random_{i+1 mod R}`` drawn from the whole pool (each
   pair once; images in both sets are dropped from both).
 - Every job has a content key: store identity, layer, the image ids of both sides, the fit
-  settings and the seed. Its result ``fits/<layer>/<key>.json`` is the cache: a rerun fits only jobs
-  whose key has no result. ``collect_vectors`` then writes ``vectors/<layer>/…`` in the store and
+  settings and the seed. Its result (``RunDir.write_fit_result``) is the cache: a rerun fits only
+  jobs whose key has no result. ``collect_vectors`` then writes ``vectors/<layer>/…`` in the store and
   ``tables/vectors.parquet`` (one writer).
 """
 
@@ -23,8 +23,10 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from sacv.catalog import ImageCatalog
 from sacv.config import RunConfig
 from sacv.outofcore import OutOfCoreConceptVector, choose_solver, positions_from_store
+from sacv.plans import FitPlan
 from sacv.rundir import RunDir
 from sacv.store import store_identity_of
 from sacv.vectors import NearChanceWarning
@@ -91,34 +93,25 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
     return jobs
 
 
-def plan_fits(run_uri: str, config: RunConfig) -> dict:
-    """Write ``fits/plan.json``; return the number of jobs and the keys without a cached result."""
+def plan_fits(run_uri: str, config: RunConfig) -> FitPlan:
+    """Write the fit plan into the run directory; return the number of jobs and the keys without a cached result."""
     run = RunDir(run_uri)
-    images = run.read_table("images")
-    if images is None:
-        raise RuntimeError(f"{run_uri} has no images table; run the extract stage first")
-    jobs = plan_jobs(images, config, store_identity_of(run.store_uri))
-    run.write_json("fits/plan.json", {"jobs": jobs})
-    todo = list(dict.fromkeys(job["key"] for job in jobs if not run.exists(result_path(job))))
-    return {"total": len(jobs), "todo": todo}
+    jobs = plan_jobs(ImageCatalog.read(run).frame, config, store_identity_of(run.store_uri))
+    run.write_fit_plan(jobs)
+    todo = list(dict.fromkeys(job["key"] for job in jobs if not run.has_fit_result(job["layer"], job["key"])))
+    return FitPlan(total=len(jobs), todo=todo)
 
 
 def planned_job(run_uri: str, key: str) -> dict:
-    return next(j for j in RunDir(run_uri).read_json("fits/plan.json")["jobs"] if j["key"] == key)
-
-
-def result_path(job: dict) -> str:
-    return f"fits/{job['layer']}/{job['key']}.json"
+    return next(j for j in RunDir(run_uri).read_fit_plan() if j["key"] == key)
 
 
 def fit_job(run_uri: str, config: RunConfig, job: dict) -> dict:
     """Fit one vector from the store (out of core) and write its result file; return the result."""
     started = time.perf_counter()
     run = RunDir(run_uri)
-    images = run.read_table("images")
-    guidance = images[(images["group"] == "guidance") & (images["status"] == "ok")]
-    row_of = dict(zip(guidance["image_id"], guidance["row"].astype(int)))
-    label_of = {row_of[i]: 1 for i in job["pos"]} | {row_of[i]: 0 for i in job["neg"]}
+    catalog = ImageCatalog.read(run)
+    label_of = dict.fromkeys(catalog.row_of(job["pos"]).tolist(), 1) | dict.fromkeys(catalog.row_of(job["neg"]).tolist(), 0)
     rows = np.array(sorted(label_of))
     array = zarr.open_group(run.store_uri, mode="r")[f"guidance/{job['layer']}/act"]
     X = positions_from_store(array, rows)
@@ -144,19 +137,19 @@ def fit_job(run_uri: str, config: RunConfig, job: dict) -> dict:
         "vector": estimator.vector_.tolist(), "coef": estimator.coef_.tolist(),
         "intercept": estimator.intercept_, "offset": estimator.offset_,
     }
-    run.write_json(result_path(job), result)
+    run.write_fit_result(job["layer"], job["key"], result)
     return result
 
 
 def collect_vectors(run_uri: str) -> pd.DataFrame:
     """Write ``vectors/<layer>/{v,b,coef,intercept}`` (one row per planned job, plan order) and vectors.parquet."""
     run = RunDir(run_uri)
-    jobs = run.read_json("fits/plan.json")["jobs"]
+    jobs = run.read_fit_plan()
     root = zarr.open_group(run.store_uri, mode="a")
     rows = []
     for layer in dict.fromkeys(job["layer"] for job in jobs):
         layer_jobs = [job for job in jobs if job["layer"] == layer]
-        results = [run.read_json(result_path(job)) for job in layer_jobs]
+        results = [run.read_fit_result(layer, job["key"]) for job in layer_jobs]
         missing = sum(r is None for r in results)
         if missing:
             raise RuntimeError(f"{missing} fits of layer {layer!r} have no result yet; run the fit stage again")

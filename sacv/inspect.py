@@ -9,9 +9,9 @@ from sacv.rundir import RunDir
 
 def describe_run(run_uri: str, top: int = 10) -> str:
     run = RunDir(run_uri)
-    if not run.exists("") or not (run.exists("run.json") or run.exists("tables")):
+    if not run.is_run():
         raise FileNotFoundError(f"{run_uri} is not a run directory (no run.json or tables/)")
-    record = run.read_json("run.json") or {}
+    record = run.read_run_record() or {}
     lines = [f"run {run.uri}"]
     if "model" in record:
         lines.append(f"model {record['model'].get('spec')} (weights {record['model'].get('weight_hash', '')[:12]})")

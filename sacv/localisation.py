@@ -24,6 +24,7 @@ from scipy.ndimage import binary_dilation
 from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 
+from sacv.catalog import ImageCatalog
 from sacv.config import parse_config
 from sacv.maps import concept_maps, upsample_map
 from sacv.models import Preprocessing
@@ -47,20 +48,8 @@ def dilate(mask: np.ndarray, stride: int) -> np.ndarray:
     return binary_dilation(mask, structure=np.ones((2 * stride + 1, 2 * stride + 1), bool)) if stride > 0 else mask
 
 
-def pointing_hit(map_, mask: np.ndarray, stride: int) -> bool:
-    """True when the arg-max pixel of the upsampled (h, w) map lies in the (H, W) mask dilated by
-    one feature stride (``stride`` pixels); ties go to the first pixel in row-major order."""
-    return _hit(_up(map_, mask), dilate(mask, stride))
-
-
 def _hit(up: np.ndarray, dilated: np.ndarray) -> bool:
     return bool(dilated[np.unravel_index(np.argmax(up), up.shape)])
-
-
-def mask_auc(map_, mask: np.ndarray) -> float:
-    """ROC AUC of the upsampled map's pixel values, mask (positive) vs rest; NaN when the mask is
-    empty or covers every pixel. 1 = every mask pixel above every other, 0.5 = chance."""
-    return _auc(_up(map_, mask), mask)
 
 
 def _auc(up: np.ndarray, mask: np.ndarray) -> float:
@@ -73,25 +62,9 @@ def _auc(up: np.ndarray, mask: np.ndarray) -> float:
     return float((ranks[mask.ravel()].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def energy_in_mask(map_, mask: np.ndarray) -> float:
-    """Share of the positive mass ``sum(max(m, 0))`` of the upsampled map inside the mask; NaN when
-    the map has no positive value."""
-    return _energy(np.maximum(_up(map_, mask), 0), mask)
-
-
 def _energy(positive: np.ndarray, mask: np.ndarray) -> float:
     total = positive.sum()
     return float(positive[mask].sum() / total) if total > 0 else float("nan")
-
-
-def distractor_ratio(map_, mask: np.ndarray, distractor: np.ndarray) -> float:
-    """Mean positive value of the upsampled map over the concept's object ÷ over the distractor
-    object (per-pixel means, so object sizes do not matter).
-
-    NaN when either mask is empty or neither object has positive mass; ``inf`` when only the
-    concept's object has (the map ignores the distractor completely); 0 when only the distractor has.
-    """
-    return _ratio(np.maximum(_up(map_, mask), 0), mask, distractor)
 
 
 def _ratio(positive: np.ndarray, mask: np.ndarray, distractor: np.ndarray) -> float:
@@ -105,8 +78,21 @@ def _ratio(positive: np.ndarray, mask: np.ndarray, distractor: np.ndarray) -> fl
 
 def image_metrics(map_, mask: np.ndarray, stride: int, distractor: np.ndarray | None = None,
                   dilated: np.ndarray | None = None) -> dict[str, float]:
-    """All four metrics of one (h, w) map, upsampled once; ``distractor_ratio`` is NaN without a
-    distractor mask. Pass ``dilated = dilate(mask, stride)`` when scoring many maps on one mask."""
+    """The four metrics of one (h, w) map against an (H, W) bool mask; the map is upsampled once.
+
+    - ``pointing_game``: 1.0 when the arg-max pixel of the upsampled map lies in the mask dilated by
+      one feature stride (``stride`` pixels; ties go to the first pixel in row-major order), else 0.0;
+    - ``mask_auc``: ROC AUC of the upsampled pixel values, mask (positive) vs rest; NaN when the mask
+      is empty or covers every pixel; 1 = every mask pixel above every other, 0.5 = chance;
+    - ``energy_in_mask``: share of the positive mass ``sum(max(m, 0))`` inside the mask; NaN when the
+      map has no positive value;
+    - ``distractor_ratio``: mean positive value over the concept's object ÷ over the ``distractor``
+      object (per-pixel means, so object sizes do not matter); NaN without a distractor, when either
+      mask is empty or neither object has positive mass; ``inf`` when only the concept's object has,
+      0 when only the distractor has.
+
+    Pass ``dilated = dilate(mask, stride)`` when scoring many maps on one mask.
+    """
     up = _up(map_, mask)
     positive = np.maximum(up, 0)
     return {
@@ -133,7 +119,7 @@ def _resolve(manifest: str, path) -> str | None:
     return path if "://" in path or path.startswith("/") else f"{base}/{path}"
 
 
-def masked_images(run: RunDir, manifest: str | None, concepts: set[str]) -> pd.DataFrame:
+def masked_images(catalog: ImageCatalog, manifest: str | None, concepts: set[str]) -> pd.DataFrame:
     """Dataset rows of images.parquet with a mask whose ``mask_concept`` has fitted vectors, joined
     with the manifest on the resolved path: columns row, path, mask, mask_concept, distractor_mask."""
     how = ("add a `mask` column (object mask files, non-zero = object) and a `mask_concept` column (the "
@@ -148,30 +134,28 @@ def masked_images(run: RunDir, manifest: str | None, concepts: set[str]) -> pd.D
         "mask_concept": table["mask_concept"],
         "distractor_mask": [_resolve(manifest, p) for p in table.get("distractor_mask", pd.Series([None] * len(table)))],
     })
-    images = run.read_table("images")
+    images = catalog.frame
     images = images[(images["group"] == "dataset") & images["mask"].notna()].merge(joined, on="path")
     images = images[images["mask_concept"].isin(concepts)]
     images = images.drop_duplicates(["row", "mask", "mask_concept", "distractor_mask"])
     return images[["row", "path", "mask", "mask_concept", "distractor_mask"]].sort_values("row").reset_index(drop=True)
 
 
-def tcav_vector(run: RunDir, layer: str, concept: str) -> np.ndarray:
+def tcav_vector(run: RunDir, catalog: ImageCatalog, layer: str, concept: str) -> np.ndarray:
     """Whole-layer TCAV weights (H, W, C), unit norm, pointing towards the concept.
 
     Positives: every image of the concept; negatives: every image in any of the concept's random sets
     (the union of the ``neg`` sides of its jobs in fits/plan.json). Logistic regression on the
     flattened guidance activations: balanced class weights, C = 1, ``random_state=0``.
     """
-    jobs = [j for j in run.read_json("fits/plan.json")["jobs"]
-            if j["layer"] == layer and j["concept"] == concept and j["kind"] == "concept"]
+    jobs = [j for j in run.read_fit_plan() if j["layer"] == layer and j["concept"] == concept and j["kind"] == "concept"]
     positives, negatives = set(jobs[0]["pos"]), set().union(*(j["neg"] for j in jobs)) - set(jobs[0]["pos"])
-    images = run.read_table("images")
-    guidance = images[(images["group"] == "guidance") & (images["status"] == "ok")]
-    row_of = dict(zip(guidance["image_id"], guidance["row"].astype(int)))
-    rows = sorted(row_of[i] for i in positives | negatives)
+    row_of = catalog.row_of
+    positive_rows = set(row_of(sorted(positives)).tolist())
+    rows = sorted(positive_rows | set(row_of(sorted(negatives)).tolist()))
     act = zarr.open_group(run.store_uri, mode="r")[f"guidance/{layer}/act"]
     features = np.asarray(act.get_orthogonal_selection((rows,)), dtype=np.float32)  # (n, H, W, C)
-    labels = np.array([int(r in {row_of[i] for i in positives}) for r in rows])
+    labels = np.array([int(r in positive_rows) for r in rows])
     model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000, random_state=0)
     model.fit(features.reshape(len(rows), -1), labels)
     weights = model.coef_[0].reshape(features.shape[1:])
@@ -191,12 +175,13 @@ def evaluate_run(run_uri: str, n_random: int = 20, seed: int = 0) -> pd.DataFram
     after the crop are skipped. Columns: ``LOCALISATION_COLUMNS``.
     """
     run = RunDir(run_uri)
-    config = parse_config(run.read_json("run.json")["config"])
+    config = parse_config(run.read_run_record()["config"])
+    catalog = ImageCatalog.read(run)
     store = zarr.open_group(run.store_uri, mode="r")
     preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in store.attrs["preprocessing"].items()})
     vectors = run.read_table("vectors")
     vectors = vectors[vectors["kind"] == "concept"]
-    images = masked_images(run, config.dataset.manifest if config.dataset else None, set(vectors["concept"]))
+    images = masked_images(catalog, config.dataset.manifest if config.dataset else None, set(vectors["concept"]))
     masks = {p: load_mask(p, preprocessing) for p in pd.concat([images["mask"], images["distractor_mask"]]).dropna().unique()}
     images = images[[masks[p].any() for p in images["mask"]]]
     if images.empty:
@@ -207,7 +192,7 @@ def evaluate_run(run_uri: str, n_random: int = 20, seed: int = 0) -> pd.DataFram
         fitted = vectors[vectors["layer"] == layer]
         v = store[f"vectors/{layer}/v"][...]
         sacv_vectors = np.stack([v[fitted.loc[fitted["concept"] == k, "vector_row"].to_numpy()].mean(axis=0) for k in concepts])
-        tcav = {k: tcav_vector(run, layer, k) for k in concepts}
+        tcav = {k: tcav_vector(run, catalog, layer, k) for k in concepts}
         act = store[f"dataset/{layer}/act"]
         for start in range(0, len(images), BATCH):
             batch = images.iloc[start : start + BATCH]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -258,3 +259,27 @@ def layer_shapes(model: LoadedModel, size: int | None = None) -> dict[str, tuple
         for handle in handles:
             handle.remove()
     return shapes
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; asking for CUDA where there is none is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"execution.device is {device!r} but CUDA is not available here; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+_MODELS: dict[tuple, LoadedModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def cached_model(spec: str, weights: str | None, device: str) -> LoadedModel:
+    """One loaded model per (spec, weights, device) per worker process, shared by its threads."""
+    key = (spec, weights, str(resolve_device(device)))
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            model = load_model(spec, weights)
+            model.module.to(key[2])
+            _MODELS[key] = model
+        return _MODELS[key]

@@ -18,6 +18,7 @@ import pandas as pd
 import zarr
 
 from sacv import report_plots as plots
+from sacv.catalog import ImageCatalog
 from sacv.images import ImageRejected, load_image
 from sacv.maps import concept_maps, upsample_map
 from sacv.models import Preprocessing
@@ -98,7 +99,7 @@ class _Context:
 
     def __init__(self, run: RunDir, record: dict):
         self.run, self.record = run, record
-        self.images = run.read_table("images")
+        self.dataset = ImageCatalog.read(run).rows("dataset").set_index("row")
         self.scores = run.read_table("image_scores")
         self.vectors = run.read_table("vectors")
         self.store = zarr.open_group(run.store_uri, mode="r")
@@ -126,8 +127,7 @@ class _Context:
         return self._fields[layer, size]
 
     def picture(self, row: int) -> tuple[np.ndarray | None, str]:
-        part = self.images[(self.images["group"] == "dataset") & (self.images["status"] == "ok") & (self.images["row"] == row)]
-        path = str(part["path"].iloc[0])
+        path = str(self.dataset.loc[row, "path"])
         try:
             _, image = load_image(path)
         except ImageRejected as err:
@@ -261,8 +261,8 @@ def _timings(record: dict) -> pd.DataFrame:
 def build_report(run_uri: str, top_images: int = 3) -> str:
     """Write ``RUN/report/index.html`` (see module docstring) and return its path or URL."""
     run = RunDir(run_uri)
-    record = run.read_json("run.json") or {}
-    if not record and not run.exists("tables"):
+    record = run.read_run_record() or {}
+    if not run.is_run():
         raise FileNotFoundError(f"{run_uri} is not a run directory (no run.json or tables/)")
     images, rejects, vectors = run.read_table("images"), run.read_table("rejects"), run.read_table("vectors")
     table = run.read_table("contributions")
@@ -299,8 +299,7 @@ def build_report(run_uri: str, top_images: int = 3) -> str:
         body.append("<p>None.</p>")
     head, tail = _PAGE.split("{body}")
     page = head.replace("{title}", esc(f"SACV report: {run.uri}")) + "\n".join(body) + tail
-    run.write_bytes("report/index.html", page.encode("utf-8"))
-    return f"{run.uri}/report/index.html"
+    return run.write_report(page)
 
 
 _PAGE = """<!DOCTYPE html>

@@ -14,27 +14,22 @@ target logit); ``s_kc_relevant_mean`` and ``positive_frac`` (share of relevant p
 from __future__ import annotations
 
 import hashlib
-import io
 
 import numpy as np
 import pandas as pd
-import torch
 import zarr
 
+from sacv.catalog import ImageCatalog
 from sacv.config import RunConfig
-from sacv.extract import extract
+from sacv.extraction import shard_extractions
 from sacv.maps import ConceptMaps, concept_maps
+from sacv.models import cached_model
+from sacv.plans import ScorePlan
 from sacv.rundir import RunDir
-from sacv.shards import ShardImages, cached_model, shard_batches, shard_targets
-from sacv.store import ensure_array, write_region
+from sacv.store import class_names_of, ensure_array, write_region
 
 SUMMARY_NAMES = ["s_k_max", "s_k_mean", "relevant_frac", "s_kc_sum", "s_kc_relevant_mean", "positive_frac", "argmax_i", "argmax_j"]
 SCORE_COLUMNS = ["image_id", "row", "layer", "concept", "random_set", "kind", "vector_row", "target", *SUMMARY_NAMES]
-
-
-def summarize(activations: np.ndarray, gradients: np.ndarray, vectors: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
-    """activations, gradients (n, H, W, C); vectors (K, C); offsets (K,) -> summaries, each (n, K)."""
-    return summarize_maps(concept_maps(activations, vectors, offsets, gradients))
 
 
 def summarize_maps(maps: ConceptMaps) -> dict[str, np.ndarray]:
@@ -71,19 +66,23 @@ def _table(summary: dict[str, np.ndarray], rows: pd.DataFrame, targets: np.ndarr
     return table[SCORE_COLUMNS]
 
 
-def _layer_vectors(run: RunDir, layer: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    table = run.read_table("vectors")
-    if table is None or layer not in set(table["layer"]):
+def _layer_vectors(run: RunDir, vectors: pd.DataFrame, layer: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    if layer not in set(vectors["layer"]):
         raise RuntimeError(f"no fitted vectors for layer {layer!r} in {run.uri}; run the fit stage first")
     group = zarr.open_group(run.store_uri, mode="r")[f"vectors/{layer}"]
-    return group["v"][...], group["b"][...], table[table["layer"] == layer].sort_values("vector_row")
+    return group["v"][...], group["b"][...], vectors[vectors["layer"] == layer].sort_values("vector_row")
 
 
-def score_shard(run_uri: str, config: RunConfig, shard: int, mode: str) -> pd.DataFrame:
-    """Scores of one dataset shard for every layer and vector (``mode``: blockwise | streamed)."""
-    run = RunDir(run_uri)
-    images = run.read_table("images")
-    rows = images[(images["group"] == "dataset") & (images["shard"] == shard) & (images["status"] == "ok")].sort_values("row")
+def _read_vectors(run: RunDir) -> pd.DataFrame:
+    vectors = run.read_table("vectors")
+    if vectors is None:
+        raise RuntimeError(f"no fitted vectors in {run.uri}; run the fit stage first")
+    return vectors
+
+
+def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Scores of one dataset shard (``rows``: its images in row order) for every layer and vector of
+    ``vectors`` (the vectors table); ``mode``: blockwise | streamed."""
     start, stop = int(rows["row"].iloc[0]), int(rows["row"].iloc[-1]) + 1
     if mode == "blockwise":
         store = zarr.open_group(run.store_uri, mode="r")
@@ -92,13 +91,13 @@ def score_shard(run_uri: str, config: RunConfig, shard: int, mode: str) -> pd.Da
         targets = store["dataset/targets"][start:stop]
         per_layer = {layer: (store[f"dataset/{layer}/act"][start:stop], store[f"dataset/{layer}/grad"][start:stop]) for layer in config.layers}
     elif mode == "streamed":
-        per_layer, targets = _recompute(run, config, rows)
+        per_layer, targets = _recompute(config, rows)
     else:
         raise ValueError(f"score.mode must be blockwise or streamed, got {mode!r}")
     tables = []
     for layer, (act, grad) in per_layer.items():
-        vectors, offsets, vector_table = _layer_vectors(run, layer)
-        maps = concept_maps(act.astype(np.float32), vectors, offsets, grad.astype(np.float32))
+        v, offsets, vector_table = _layer_vectors(run, vectors, layer)
+        maps = concept_maps(act.astype(np.float32), v, offsets, grad.astype(np.float32))
         if config.score.store_maps:  # this shard's rows are whole chunks of the map arrays: one writer
             store = zarr.open_group(run.store_uri, mode="r+")
             write_region(store[f"maps/{layer}/S_k"], start, maps.s_k)
@@ -107,83 +106,72 @@ def score_shard(run_uri: str, config: RunConfig, shard: int, mode: str) -> pd.Da
     return pd.concat(tables, ignore_index=True)
 
 
-def prepare_map_arrays(run: RunDir, config: RunConfig) -> None:
+def prepare_map_arrays(run: RunDir, config: RunConfig, vectors: pd.DataFrame) -> None:
     """Template of ``maps/<layer>/S_k`` and ``S_kc`` (N, K, H, W) float16, chunks of one dataset shard."""
     store = zarr.open_group(run.store_uri, mode="r+")
     n = store["dataset/targets"].shape[0]
     for layer in config.layers:
-        k = len(run.read_table("vectors").query("layer == @layer"))
+        k = int((vectors["layer"] == layer).sum())
         h, w, _ = store.attrs["layers"][layer]
         for name in ("S_k", "S_kc"):
             ensure_array(store, f"maps/{layer}/{name}", (n, k, h, w), config.extract.shard_size, "float16",
                          dimension_names=["image", "vector", "row", "col"])
 
 
-def _recompute(run: RunDir, config: RunConfig, rows: pd.DataFrame):
+def _recompute(config: RunConfig, rows: pd.DataFrame):
     """Forward + backward on the shard's images; activations/gradients rounded to the store dtype."""
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
-    device = next(model.module.parameters()).device
-    loader = shard_batches(ShardImages(rows, model, config), config.extract.batch_size,
-                           config.execution.loader_workers, pin=device.type == "cuda")
-    targets = shard_targets(config, rows, model.class_names)
-    parts, target_parts, done = {layer: ([], []) for layer in config.layers}, [], 0
-    for batch in loader:
-        batch_targets = targets[done : done + len(batch)] if isinstance(targets, torch.Tensor) else targets
-        result = extract(model.module, batch, config.layers, batch_targets)
+    parts, target_parts = {layer: ([], []) for layer in config.layers}, []
+    for result in shard_extractions(rows, model, config, with_gradients=True):
         for layer in config.layers:
             parts[layer][0].append(result.activations[layer].numpy().astype(config.extract.dtype))
             parts[layer][1].append(result.gradients[layer].numpy().astype(config.extract.dtype))
         target_parts.append(result.targets.numpy())
-        done += len(batch)
     per_layer = {layer: (np.concatenate(a), np.concatenate(g)) for layer, (a, g) in parts.items()}
     return per_layer, np.concatenate(target_parts)
 
 
-def shard_score_key(run: RunDir, config: RunConfig, shard: int) -> str:
+def shard_score_key(rows: pd.DataFrame, vectors: pd.DataFrame, config: RunConfig) -> str:
     """What a shard's scores depend on: its images, the vectors, the layers and the mode."""
-    images = run.read_table("images")
-    rows = images[(images["group"] == "dataset") & (images["shard"] == shard) & (images["status"] == "ok")]
-    vectors = run.read_table("vectors")
     content = [sorted(rows["image_id"]), list(vectors["key"]), list(vectors["concept"]), list(vectors["random_set"]),
                sorted(config.layers), config.score.mode, config.score.store_maps,
                config.dataset.target if config.dataset else None]
     return hashlib.sha256(repr(content).encode()).hexdigest()[:16]
 
 
-def write_shard_scores(run_uri: str, config: RunConfig, shard: int) -> int:
-    """Score one shard, write ``scores/<shard>.parquet`` and then its marker (with the content key)."""
+def plan_scoring(run_uri: str, config: RunConfig) -> ScorePlan:
+    """Every dataset shard, and those whose scores are missing or stale; the map arrays' template."""
     run = RunDir(run_uri)
-    table = score_shard(run_uri, config, shard, config.score.mode)
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    run.write_bytes(f"scores/{shard:06d}.parquet", buffer.getvalue())
-    run.write_json(f"scores/{shard:06d}.json", {"key": shard_score_key(run, config, shard), "rows": len(table)})
+    catalog, vectors = ImageCatalog.read(run), _read_vectors(run)
+    shards = catalog.shards("dataset")
+    if not shards:
+        raise RuntimeError(f"{run.uri} has no dataset images; add a `dataset` section and run the extract stage")
+    if config.score.store_maps:
+        prepare_map_arrays(run, config, vectors)  # the template, once, before the shard writers
+    todo = [s for s in shards if run.shard_scores_key(s) != shard_score_key(catalog.rows("dataset", s), vectors, config)]
+    return ScorePlan(shards=shards, todo=todo)
+
+
+def write_shard_scores(run_uri: str, config: RunConfig, shard: int) -> int:
+    """Score one shard; write its scores, then its marker with the content key. Returns the rows written."""
+    run = RunDir(run_uri)
+    rows, vectors = ImageCatalog.read(run).rows("dataset", shard), _read_vectors(run)
+    table = score_shard(run, config, rows, vectors, config.score.mode)
+    run.write_shard_scores(shard, table, shard_score_key(rows, vectors, config))
     return len(table)
 
 
-def stale_shards(run: RunDir, config: RunConfig, shards: list[int]) -> list[int]:
-    """Shards whose marker is missing or was written for other content."""
-    return [s for s in shards if (run.read_json(f"scores/{s:06d}.json") or {}).get("key") != shard_score_key(run, config, s)]
-
-
-def build_tables(run_uri: str, config: RunConfig, shards: list[int], class_names: list[str]) -> dict:
+def build_tables(run_uri: str, config: RunConfig, shards: list[int]) -> dict:
     """``image_scores.parquet`` from the shard scores, then ``contributions.parquet``."""
     from sacv.contributions import contributions
 
     run = RunDir(run_uri)
-    parts = [pd.read_parquet(io.BytesIO(run.fs.cat_file(f"{run.root}/scores/{s:06d}.parquet"))) for s in shards]
-    scores = pd.concat(parts, ignore_index=True)
-    table = contributions(scores, class_names, config.score.alpha, config.score.correction, config.score.min_images)
+    scores = pd.concat([run.read_shard_scores(s) for s in shards], ignore_index=True)
+    table = contributions(scores, class_names_of(run.store_uri), config.score.alpha, config.score.correction,
+                          config.score.min_images)
     return {
         "image_scores": run.write_table("image_scores", scores),
         "contributions": run.write_table("contributions", table),
         "rows": len(table),
         "significant": int(table["significant"].sum()),
     }
-
-
-def dataset_shards(run: RunDir) -> list[int]:
-    images = run.read_table("images")
-    if images is None or not (images["group"] == "dataset").any():
-        raise RuntimeError(f"{run.uri} has no dataset images; add a `dataset` section and run the extract stage")
-    return sorted(int(s) for s in images.loc[images["group"] == "dataset", "shard"].unique())

@@ -2,8 +2,9 @@
 
 Layout (docs/store.md): ``<group>/<layer>/act`` and ``dataset/<layer>/grad`` (N, H, W, C),
 ``dataset/logits`` (N, K) float32, ``dataset/targets`` (N,) int64; chunks along N only, one chunk
-per shard. The root attributes record the model spec, weight hash and preprocessing; a store made
-with another model or preprocessing is refused, never silently mixed.
+per shard. The root attributes record the model spec, weight hash and preprocessing (the identity;
+a store made with another model or preprocessing is refused, never silently mixed) and the model's
+class names (so later stages need not load the model to name classes).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import zarr
 
 STORE_FORMAT = 1
+IDENTITY_KEYS = ("format", "model_spec", "weight_hash", "preprocessing", "layers", "dtype")
 
 
 class StoreMismatch(ValueError):
@@ -55,10 +57,25 @@ def open_store(uri: str, identity: dict) -> zarr.Group:
 
 def store_identity_of(uri: str) -> dict:
     """The identity recorded in an existing store (see :func:`store_identity`)."""
-    identity = zarr.open_group(uri, mode="r").attrs.asdict()
-    if not identity:
+    attrs = zarr.open_group(uri, mode="r").attrs.asdict()
+    if not attrs:
         raise StoreMismatch(f"{uri} holds no activation store; run the extract stage first")
-    return identity
+    return {key: attrs[key] for key in IDENTITY_KEYS if key in attrs}
+
+
+def write_class_names(root: zarr.Group, class_names: list[str]) -> None:
+    """Record the model's class names (index -> name) in the root attributes, once."""
+    if root.attrs.get("class_names") != list(class_names):
+        root.attrs["class_names"] = list(class_names)
+
+
+def class_names_of(uri: str) -> list[str]:
+    """The class names recorded at extraction time."""
+    names = zarr.open_group(uri, mode="r").attrs.get("class_names")
+    if names is None:
+        raise StoreMismatch(f"the store at {uri} records no class names (written by an older version); "
+                            "run the extract stage again to record them (done shards are kept)")
+    return list(names)
 
 
 def ensure_array(root: zarr.Group, path: str, shape: tuple[int, ...], chunk_rows: int, dtype: str,

@@ -4,25 +4,24 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
+from sacv import extraction
 from sacv.config import RunConfig
-from sacv.shards import plan_extraction, run_shard
+from sacv.plans import ExtractPlan
 
 
 @task(name="plan-extraction")
-def plan(run_uri: str, config: RunConfig) -> dict:
+def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
     """Scan collections, write images/rejects tables and the store template; return the shard plan."""
-    result = plan_extraction(run_uri, config)
-    get_run_logger().info(
-        "%d images, %d rejected, shards %s, %d to do", result["images"], result["rejects"], result["shards"], len(result["todo"])
-    )
-    return result
+    plan = extraction.plan_extraction(run_uri, config)
+    get_run_logger().info("%d images, %d rejected, shards %s, %d to do", plan.images, plan.rejects, plan.shards, len(plan.todo))
+    return plan
 
 
 @task(name="extract-shard", retries=1, retry_delay_seconds=2)
 def extract_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
     """Extract one shard (= one Zarr chunk) and write its done-marker last; return the marker."""
     try:
-        marker = run_shard(run_uri, config, group, shard)
+        marker = extraction.run_shard(run_uri, config, group, shard)
     except Exception as err:
         raise RuntimeError(f"shard {group}/{shard} failed: {err}") from err
     get_run_logger().info("shard %s/%d: %d images in %.1f s", group, shard, marker["images"], marker["seconds"])

@@ -6,23 +6,24 @@ from contextlib import nullcontext
 
 from prefect import get_run_logger, task
 
+from sacv import fitting
 from sacv.config import RunConfig
-from sacv.fitting import collect_vectors, fit_job, plan_fits, planned_job
+from sacv.plans import FitPlan
+from sacv.rundir import RunDir
 
 
 @task(name="plan-fits")
-def plan(run_uri: str, config: RunConfig) -> dict:
-    """Write fits/plan.json; return the keys of the jobs without a cached result."""
-    result = plan_fits(run_uri, config)
-    total, todo = result["total"], len(result["todo"])
-    get_run_logger().info("%d vectors planned, %d to fit (the rest cached)", total, todo)
-    return result
+def plan_fits(run_uri: str, config: RunConfig) -> FitPlan:
+    """Write the fit plan; return the keys of the jobs without a cached result."""
+    plan = fitting.plan_fits(run_uri, config)
+    get_run_logger().info("%d vectors planned, %d to fit (the rest cached)", plan.total, len(plan.todo))
+    return plan
 
 
 @task(name="fit-vector", retries=1, retry_delay_seconds=2)
 def fit_vector(run_uri: str, config: RunConfig, key: str) -> dict:
     """Fit the planned job ``key``; dask work goes to the flow's cluster when one is configured."""
-    job = planned_job(run_uri, key)
+    job = fitting.planned_job(run_uri, key)
     if config.execution.dask_address:
         from prefect_dask import get_dask_client
 
@@ -30,7 +31,7 @@ def fit_vector(run_uri: str, config: RunConfig, key: str) -> dict:
     else:
         cluster = nullcontext()
     with cluster:
-        result = fit_job(run_uri, config, job)
+        result = fitting.fit_job(run_uri, config, job)
     logger = get_run_logger()
     logger.info("%s %s vs %s: bal_acc %.3f (%s, %.1f s)", job["layer"], job["concept"], job["random_set"],
                 result["bal_acc"], result["solver"], result["wall_s"])
@@ -41,9 +42,9 @@ def fit_vector(run_uri: str, config: RunConfig, key: str) -> dict:
 
 
 @task(name="collect-vectors")
-def collect(run_uri: str) -> str:
+def collect_vectors(run_uri: str) -> str:
     """Write the store's vectors and tables/vectors.parquet from the results; return the table's URI."""
-    table = collect_vectors(run_uri)
+    table = fitting.collect_vectors(run_uri)
     concept = table[table["kind"] == "concept"]
     get_run_logger().info("%d vectors, %d concept vectors near chance", len(table), int(concept["near_chance"].sum()))
-    return f"{run_uri}/tables/vectors.parquet"
+    return RunDir(run_uri).table_uri("vectors")

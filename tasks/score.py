@@ -4,35 +4,28 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
+from sacv import scoring
 from sacv.config import RunConfig
-from sacv.rundir import RunDir
-from sacv.scoring import build_tables as build_score_tables
-from sacv.scoring import dataset_shards, prepare_map_arrays, stale_shards, write_shard_scores
-from sacv.shards import cached_model
+from sacv.plans import ScorePlan
 
 
 @task(name="plan-scoring")
-def plan(run_uri: str, config: RunConfig) -> dict:
+def plan_scoring(run_uri: str, config: RunConfig) -> ScorePlan:
     """Dataset shards and those whose scores are missing or stale."""
-    run = RunDir(run_uri)
-    shards = dataset_shards(run)
-    if config.score.store_maps:
-        prepare_map_arrays(run, config)  # the template, once, before the shard writers
-    todo = stale_shards(run, config, shards)
-    get_run_logger().info("%d dataset shards, %d to score (%s)", len(shards), len(todo), config.score.mode)
-    return {"shards": shards, "todo": todo}
+    plan = scoring.plan_scoring(run_uri, config)
+    get_run_logger().info("%d dataset shards, %d to score (%s)", len(plan.shards), len(plan.todo), config.score.mode)
+    return plan
 
 
 @task(name="score-shard", retries=1, retry_delay_seconds=2)
-def score(run_uri: str, config: RunConfig, shard: int) -> str:
-    """Write scores/<shard>.parquet, then its marker; return the parquet's path."""
-    rows = write_shard_scores(run_uri, config, shard)
+def score_shard(run_uri: str, config: RunConfig, shard: int) -> int:
+    """Write the shard's scores, then its marker; return the number of score rows."""
+    rows = scoring.write_shard_scores(run_uri, config, shard)
     get_run_logger().info("scored dataset shard %d: %d rows", shard, rows)
-    return f"scores/{shard:06d}.parquet"
+    return rows
 
 
 @task(name="build-tables")
 def build_tables(run_uri: str, config: RunConfig, shards: list[int]) -> dict:
-    """image_scores.parquet and contributions.parquet from the shard scores."""
-    model = cached_model(config.model.spec, config.model.weights, config.execution.device)
-    return build_score_tables(run_uri, config, shards, model.class_names)
+    """image_scores.parquet and contributions.parquet from the shard scores; their URIs and counts."""
+    return scoring.build_tables(run_uri, config, shards)

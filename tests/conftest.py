@@ -49,7 +49,9 @@ def lite0():
 @pytest.fixture(scope="session")
 def prefect():
     """One temporary Prefect API for every flow test in the session."""
-    import flows  # noqa: F401  (sets the embedded-mode defaults)
+    from flows.runners import configure_process
+
+    configure_process()  # embedded-mode defaults, before the harness starts its API
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness():

@@ -12,7 +12,7 @@ from tests.browser import load_in_chromium
 
 @pytest.mark.slow
 def test_small_demo_localises_stripes_and_builds_a_working_report(tmp_path, prefect):
-    from sacv.demo import run_demo
+    from flows.demo import run_demo
 
     summary = run_demo(tmp_path / "demo", small=True)
     run = Path(summary["run_dir"])

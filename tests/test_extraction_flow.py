@@ -34,7 +34,7 @@ def collection(tmp_path_factory):
 def test_store_round_trip_equals_in_memory_extraction(collection, prefect):
     config = make_config(collection, run="roundtrip")
     summary = run_extract(config)
-    assert summary["status"] == "done" and summary["images"] == 15 + 8
+    assert summary.status == "done" and summary.images == 15 + 8
 
     run = Path(config.run_dir)
     images = pd.read_parquet(run / "tables/images.parquet")
@@ -63,13 +63,13 @@ def test_store_round_trip_equals_in_memory_extraction(collection, prefect):
 def test_rerun_skips_done_shards_and_renamed_files_are_not_reprocessed(collection, prefect, tmp_path):
     config = make_config(collection, run="rerun")
     first = run_extract(config)
-    assert first["shards_run"] == sum(first["shards"].values())
-    assert run_extract(config)["shards_run"] == 0
+    assert first.shards_run == sum(first.shards.values())
+    assert run_extract(config).shards_run == 0
     victim = next((collection / "concepts" / "dotted").glob("*.png"))
     renamed = victim.with_name("renamed_" + victim.name)
     victim.rename(renamed)
     try:
-        assert run_extract(config)["shards_run"] == 0
+        assert run_extract(config).shards_run == 0
     finally:
         renamed.rename(victim)
 
@@ -153,7 +153,7 @@ def test_bad_inputs_are_rejected_with_reasons_and_the_rest_is_stored(tmp_path, p
     expected = write_bad_inputs(tmp_path / "data" / "cat")
     config = make_config(tmp_path, with_concepts=False, max_pixels=10_000)
     summary = run_extract(config)
-    assert summary["status"] == "done with rejects" and summary["rejects"] == len(expected)
+    assert summary.status == "done with rejects" and summary.rejects == len(expected)
     rejects = pd.read_parquet(Path(config.run_dir) / "tables/rejects.parquet")
     reasons = {Path(p).name: r for p, r in zip(rejects["path"], rejects["reason"])}
     assert reasons.keys() == expected.keys()
@@ -190,7 +190,7 @@ def test_dask_runner_gives_the_same_store_as_the_thread_pool(collection, prefect
             update={"execution": threads.execution.model_copy(update={"dask_address": cluster.scheduler_address})}
         )
         summary = run_extract(dask)
-    assert summary["shards_run"] == sum(summary["shards"].values())
+    assert summary.shards_run == sum(summary.shards.values())
     a, b = store_arrays(Path(threads.run_dir)), store_arrays(Path(dask.run_dir))
     assert a.keys() == b.keys()
     for key in a:
@@ -208,11 +208,11 @@ def test_changing_layers_or_target_redoes_the_shards(collection, prefect):
     config = make_config(collection, run="settings").model_copy(update={"layers": ["features.0"]})
     run_extract(config)
     wider = config.model_copy(update={"layers": ["features.0", "features.2"]})
-    assert run_extract(wider)["shards_run"] == 6
+    assert run_extract(wider).shards_run == 6
     acts = zarr.open_group(str(Path(config.run_dir) / "store.zarr"))["guidance/features.2/act"][...]
     assert (np.abs(acts).reshape(len(acts), -1).sum(1) > 0).all()  # the new layer was filled, not left at 0
     predicted = wider.model_copy(update={"dataset": wider.dataset.model_copy(update={"target": "predicted"})})
-    assert run_extract(predicted)["shards_run"] == 2  # only the dataset shards depend on the target
+    assert run_extract(predicted).shards_run == 2  # only the dataset shards depend on the target
 
 
 def test_float16_overflow_is_an_error_naming_the_fix():
@@ -231,8 +231,8 @@ def test_run_dir_may_be_an_fsspec_url(collection, prefect, scheme):
     run_extract(local)
     url = "memory://sacv-test/run" if scheme == "memory" else f"file://{collection}/url_run"
     remote = local.model_copy(update={"run_dir": url})
-    assert run_extract(remote)["shards_run"] == 6
-    assert run_extract(remote)["shards_run"] == 0  # markers are read back through fsspec too
+    assert run_extract(remote).shards_run == 6
+    assert run_extract(remote).shards_run == 0  # markers are read back through fsspec too
     expected = store_arrays(Path(local.run_dir))
     store = zarr.open_group(f"{url}/store.zarr" if scheme == "memory" else f"{collection}/url_run/store.zarr", mode="r")
     for key, values in expected.items():

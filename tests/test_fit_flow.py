@@ -82,7 +82,7 @@ def test_seeded_runs_give_identical_tables_and_vectors(fitted_collection, prefec
     for config in (first, second):
         run_extract(config)
         summary = run_fit(config)
-        assert summary["vectors"] == 12
+        assert summary.vectors == 12
     pd.testing.assert_frame_equal(_table(first), _table(second))
     np.testing.assert_array_equal(_vectors(first), _vectors(second))
     table = _table(first)
@@ -102,7 +102,7 @@ def test_dask_cluster_gives_the_same_vectors_as_in_process(fitted_collection, pr
         remote = fit_config(fitted_collection, "fit_dask")
         remote = remote.model_copy(update={"execution": remote.execution.model_copy(update={"dask_address": cluster.scheduler_address})})
         run_extract(remote)
-        assert run_fit(remote)["fitted"] == 12
+        assert run_fit(remote).fitted == 12
     np.testing.assert_allclose(_vectors(local), _vectors(remote), atol=1e-5)
     a, b = _table(local), _table(remote)
     np.testing.assert_allclose(a["bal_acc"], b["bal_acc"], atol=1e-5)
@@ -114,14 +114,14 @@ def test_cache_refits_only_what_changed(tmp_path, prefect):
     config = fit_config(root, "cache", pool=pool)
     run_extract(config)
     first = run_fit(config)
-    assert first["fitted"] == first["vectors"] == 3 * 3 + 3
-    assert run_fit(config)["fitted"] == 0
+    assert first.fitted == first.vectors == 3 * 3 + 3
+    assert run_fit(config).fitted == 0
     before = _table(config).set_index(["concept", "random_set"])["key"]
     # one more dotted image: only dotted's 3 vectors have new inputs
     shutil.copy(next((root / "concepts" / "striped").glob("*.png")), root / "concepts" / "dotted" / "extra.png")
     run_extract(config)
     second = run_fit(config)
-    assert second["fitted"] == 3
+    assert second.fitted == 3
     after = _table(config).set_index(["concept", "random_set"])["key"]
     changed = after[after != before.reindex(after.index)]
     assert set(changed.index.get_level_values("concept")) == {"dotted"} and len(changed) == 3

@@ -10,11 +10,29 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from sacv.catalog import IMAGE_COLUMNS, ImageCatalog
 from sacv.config import parse_config
-from sacv.localisation import (
-    LOCALISATION_COLUMNS, distractor_ratio, energy_in_mask, evaluate_run, mask_auc, masked_images, pointing_hit,
-)
-from sacv.rundir import RunDir
+from sacv.localisation import LOCALISATION_COLUMNS, evaluate_run, image_metrics, masked_images
+
+
+def metric(name: str, map_, mask, stride: int = 0, distractor=None) -> float:
+    return image_metrics(map_, mask, stride, distractor)[name]
+
+
+def pointing_hit(map_, mask, stride: int) -> bool:
+    return metric("pointing_game", map_, mask, stride) == 1.0
+
+
+def mask_auc(map_, mask) -> float:
+    return metric("mask_auc", map_, mask)
+
+
+def energy_in_mask(map_, mask) -> float:
+    return metric("energy_in_mask", map_, mask)
+
+
+def distractor_ratio(map_, mask, distractor) -> float:
+    return metric("distractor_ratio", map_, mask, distractor=distractor)
 
 
 def box(shape=(16, 16), rows=slice(4, 8), cols=slice(4, 8)) -> np.ndarray:
@@ -74,9 +92,9 @@ def test_no_masks_is_an_error_that_says_how_to_add_them(tmp_path):
     manifest = tmp_path / "manifest.csv"
     pd.DataFrame({"path": ["a.png"], "label": [0]}).to_csv(manifest, index=False)
     with pytest.raises(ValueError, match="`mask` column"):
-        masked_images(RunDir(str(tmp_path)), str(manifest), {"striped"})
+        masked_images(ImageCatalog(pd.DataFrame(columns=IMAGE_COLUMNS)), str(manifest), {"striped"})
     with pytest.raises(ValueError, match="no masks"):
-        masked_images(RunDir(str(tmp_path)), None, {"striped"})
+        masked_images(ImageCatalog(pd.DataFrame(columns=IMAGE_COLUMNS)), None, {"striped"})
 
 
 def write_scenes(root: Path) -> Path:

@@ -14,7 +14,8 @@ from flows.pipeline import run_pipeline
 from flows.score import run_score
 from sacv.cli import main
 from sacv.contributions import adjust, contributions
-from sacv.scoring import summarize
+from sacv.maps import concept_maps
+from sacv.scoring import summarize_maps
 from tests.flow_helpers import make_config, write_collection
 
 
@@ -71,7 +72,7 @@ def test_contribution_rows_aggregate_the_image_scores(scored):
     run = Path(config.run_dir)
     scores = pd.read_parquet(run / "tables/image_scores.parquet")
     table = pd.read_parquet(run / "tables/contributions.parquet")
-    assert summary["score"]["rows"] == len(table) == 2 * 3 * 2  # layers x concepts x classes
+    assert summary.score.rows == len(table) == 2 * 3 * 2  # layers x concepts x classes
     row = table.iloc[0]
     mine = scores[(scores["layer"] == row["layer"]) & (scores["concept"] == row["concept"]) & (scores["target"] == row["class_index"])]
     per_set = mine.groupby("random_set")
@@ -84,7 +85,7 @@ def test_streamed_scores_equal_blockwise_scores(scored):
     _, config, _ = scored
     blockwise = pd.read_parquet(Path(config.run_dir) / "tables/image_scores.parquet")
     streamed_config = config.model_copy(update={"score": config.score.model_copy(update={"mode": "streamed"})})
-    assert run_score(streamed_config)["shards_scored"] == 3  # 10 images in shards of 4; the mode is in the key
+    assert run_score(streamed_config).shards_scored == 3  # 10 images in shards of 4; the mode is in the key
     streamed = pd.read_parquet(Path(config.run_dir) / "tables/image_scores.parquet")
     pd.testing.assert_frame_equal(streamed, blockwise, check_exact=False, rtol=1e-5, atol=1e-7)
 
@@ -104,7 +105,7 @@ def test_duckdb_reads_the_tables_like_pandas(scored):
 
 
 def synthetic_scores(rng, n_classes: int, per_class: int, planted_class: int | None, n_sets: int = 6):
-    """image_scores from `summarize` on random activations/gradients; optionally one class whose
+    """image_scores from `summarize_maps` on random activations/gradients; optionally one class whose
     gradients point along the concept direction."""
     c, h = 16, 4
     u = rng.normal(size=c)
@@ -119,7 +120,7 @@ def synthetic_scores(rng, n_classes: int, per_class: int, planted_class: int | N
     for cls in range(n_classes):
         act = rng.normal(size=(per_class, h, h, c)) + 0.5 * u
         grad = rng.normal(size=(per_class, h, h, c)) + (2.0 * u if cls == planted_class else 0)
-        summary = summarize(act, grad, vectors, np.zeros(len(vectors)))
+        summary = summarize_maps(concept_maps(act, vectors, np.zeros(len(vectors)), grad))
         for k in range(len(vectors)):
             frames.append(pd.DataFrame({
                 "image_id": [f"{cls}-{i}" for i in range(per_class)], "layer": "l", "target": cls,

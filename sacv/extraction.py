@@ -1,8 +1,10 @@
-"""Extraction of one shard into the store (the body of the extraction task), and its planning.
+"""The extraction stage: plan the shards, then extract one shard into the store (a task body).
 
 A shard is a contiguous block of store rows = one Zarr chunk along N, so exactly one writer owns it.
-Its done-marker ``shards/<group>/<shard>.json`` is written after all of its arrays and records a
-digest of its image ids: a rerun skips a shard whose marker matches and redoes any other.
+Its done-marker (``RunDir.write_shard_marker``) is written after all of its arrays and records a
+digest of its image ids and settings: a rerun skips a shard whose marker matches and redoes any
+other. ``shard_extractions`` is the one batch loop over a shard's images; scoring in ``streamed``
+mode reuses it. The per-batch primitive is ``sacv.extract.extract``.
 """
 
 from __future__ import annotations
@@ -18,36 +20,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sacv.catalog import concept_candidates, dataset_candidates, match_class, scan
+from sacv.catalog import ImageCatalog, concept_candidates, dataset_candidates, match_class, scan
 from sacv.config import RunConfig
-from sacv.extract import extract
+from sacv.extract import Extraction, extract
 from sacv.images import load_image
-from sacv.models import LoadedModel, layer_shapes, load_model, resolve_layers
+from sacv.models import LoadedModel, cached_model, layer_shapes, resolve_layers
+from sacv.plans import ExtractPlan
 from sacv.rundir import RunDir
-from sacv.store import ensure_array, open_store, store_identity, write_region
-
-_MODELS: dict[tuple, LoadedModel] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"execution.device is {device!r} but CUDA is not available here; use 'auto' or 'cpu'")
-    return torch.device(device)
-
-
-def cached_model(spec: str, weights: str | None, device: str) -> LoadedModel:
-    """One loaded model per (spec, weights, device) per worker process, shared by its threads."""
-    key = (spec, weights, str(resolve_device(device)))
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            model = load_model(spec, weights)
-            model.module.to(key[2])
-            _MODELS[key] = model
-        return _MODELS[key]
-
+from sacv.store import ensure_array, open_store, store_identity, write_class_names, write_region
 
 _LAYOUTS: dict[tuple, dict] = {}
 
@@ -73,6 +53,7 @@ def prepare_store(run: RunDir, config: RunConfig, model: LoadedModel, images: pd
     """Write the store template once (idempotent). Returns the number of shards per group."""
     identity = store_layout(model, config.layers, config.extract.dtype)
     root = open_store(run.store_uri, identity)
+    write_class_names(root, model.class_names)
     size = config.extract.shard_size
     shards = {}
     for group, part in images.groupby("group"):
@@ -88,12 +69,6 @@ def prepare_store(run: RunDir, config: RunConfig, model: LoadedModel, images: pd
     return shards
 
 
-def shard_rows(images: pd.DataFrame, group: str, shard: int) -> pd.DataFrame:
-    """The distinct rows of one shard, in row order."""
-    part = images[(images["group"] == group) & (images["shard"] == shard) & (images["status"] == "ok")]
-    return part.sort_values("row")
-
-
 def shard_digest(rows: pd.DataFrame, config: RunConfig) -> str:
     """What a shard's content depends on besides the store identity: its images and the settings."""
     settings = {"layers": sorted(config.layers), "autocast": config.extract.autocast}
@@ -103,9 +78,9 @@ def shard_digest(rows: pd.DataFrame, config: RunConfig) -> str:
     return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
-def shard_is_done(run: RunDir, images: pd.DataFrame, group: str, shard: int, config: RunConfig) -> bool:
-    marker = run.read_json(run.marker_path(group, shard))
-    return marker is not None and marker.get("digest") == shard_digest(shard_rows(images, group, shard), config)
+def shard_is_done(run: RunDir, catalog: ImageCatalog, group: str, shard: int, config: RunConfig) -> bool:
+    marker = run.read_shard_marker(group, shard)
+    return marker is not None and marker.get("digest") == shard_digest(catalog.rows(group, shard), config)
 
 
 class ShardImages:
@@ -128,6 +103,7 @@ class ShardImages:
 
 
 _DECODERS: dict[int, ThreadPoolExecutor] = {}
+_DECODERS_LOCK = threading.Lock()
 
 
 def shard_batches(images: ShardImages, batch_size: int, workers: int, pin: bool) -> Iterator[torch.Tensor]:
@@ -135,7 +111,7 @@ def shard_batches(images: ShardImages, batch_size: int, workers: int, pin: bool)
     across shards, so no start-up per shard) decodes the whole shard ahead of the model; ``pin``
     pins batches for non-blocking copies to CUDA."""
     if workers:
-        with _MODELS_LOCK:
+        with _DECODERS_LOCK:
             pool = _DECODERS.setdefault(workers, ThreadPoolExecutor(workers, thread_name_prefix="sacv-decode"))
         items = pool.map(images.__getitem__, range(len(images)))
     else:
@@ -150,7 +126,8 @@ def shard_batches(images: ShardImages, batch_size: int, workers: int, pin: bool)
         yield torch.stack(batch).pin_memory() if pin else torch.stack(batch)
 
 
-def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str]):
+def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str]) -> torch.Tensor | int | None:
+    """The classes whose logit is differentiated: (n,) int64 labels, one class index, or None (predicted)."""
     target = config.dataset.target if config.dataset else "predicted"
     if target == "predicted":
         return None
@@ -161,25 +138,31 @@ def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str])
     return match_class(target, class_names)
 
 
+def shard_extractions(rows: pd.DataFrame, model: LoadedModel, config: RunConfig, with_gradients: bool) -> Iterator[Extraction]:
+    """The one batch loop over a shard's images (``rows`` in row order): decode, preprocess, then
+    :func:`sacv.extract.extract` per batch with the config's layers, targets and autocast."""
+    device = next(model.module.parameters()).device
+    targets = shard_targets(config, rows, model.class_names) if with_gradients else None
+    loader = shard_batches(ShardImages(rows, model, config), config.extract.batch_size,
+                           config.execution.loader_workers, pin=device.type == "cuda")
+    autocast = None if config.extract.autocast == "none" else getattr(torch, config.extract.autocast)
+    done = 0
+    for batch in loader:
+        batch_targets = targets[done : done + len(batch)] if isinstance(targets, torch.Tensor) else targets
+        yield extract(model.module, batch, config.layers, batch_targets, with_gradients=with_gradients, autocast=autocast)
+        done += len(batch)
+
+
 def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
     """Extract one shard and write its region; the marker goes last. Returns the marker."""
     started = time.perf_counter()
     run = RunDir(run_uri)
-    images = run.read_table("images")
-    rows = shard_rows(images, group, shard)
+    rows = ImageCatalog.read(run).rows(group, shard)
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
-    device = next(model.module.parameters()).device
     root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype))
     gradients = group == "dataset"
-    targets = shard_targets(config, rows, model.class_names) if gradients else None
-    loader = shard_batches(ShardImages(rows, model, config), config.extract.batch_size,
-                           config.execution.loader_workers, pin=device.type == "cuda")
-    autocast = None if config.extract.autocast == "none" else getattr(torch, config.extract.autocast)
     outputs: dict[str, list[np.ndarray]] = {}
-    done = 0
-    for batch in loader:
-        batch_targets = targets[done : done + len(batch)] if isinstance(targets, torch.Tensor) else targets
-        result = extract(model.module, batch, config.layers, batch_targets, with_gradients=gradients, autocast=autocast)
+    for result in shard_extractions(rows, model, config, with_gradients=gradients):
         for layer in config.layers:
             outputs.setdefault(f"{group}/{layer}/act", []).append(result.activations[layer].numpy())
             if gradients and config.extract.keep_gradients:
@@ -187,7 +170,6 @@ def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
         if gradients:
             outputs.setdefault("dataset/logits", []).append(result.logits.numpy())
             outputs.setdefault("dataset/targets", []).append(result.targets.numpy())
-        done += len(batch)
     start = int(rows["row"].iloc[0])
     with ThreadPoolExecutor(len(outputs)) as writers:  # one writer per array; compression releases the GIL
         list(writers.map(lambda item: write_region(root[item[0]], start, np.concatenate(item[1])), outputs.items()))
@@ -198,16 +180,12 @@ def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
         "seconds": round(time.perf_counter() - started, 3),
         "finished_at": time.time(),
     }
-    run.write_json(run.marker_path(group, shard), marker)
+    run.write_shard_marker(group, shard, marker)
     return marker
 
 
-def plan_extraction(run_uri: str, config: RunConfig) -> dict:
-    """Scan the collections, write images/rejects tables and the store template.
-
-    Returns ``{"shards": {group: n}, "todo": [[group, shard], ...], "images": n, "rejects": n,
-    "model": {spec, weight_hash, preprocessing}}``.
-    """
+def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
+    """Scan the collections, write images/rejects tables and the store template; plan the shards."""
     if config.concepts is None and config.dataset is None:
         raise ValueError("the config names no images: add a `concepts` or a `dataset` section")
     run = RunDir(run_uri)
@@ -222,11 +200,12 @@ def plan_extraction(run_uri: str, config: RunConfig) -> dict:
     shards = prepare_store(run, config, model, images)
     run.write_table("rejects", rejects)
     run.write_table("images", images)  # written last: a shard task reads its rows from it
-    todo = [[g, s] for g, n in shards.items() for s in range(n) if not shard_is_done(run, images, g, s, config)]
-    return {
-        "shards": shards,
-        "todo": todo,
-        "images": int((images["status"] == "ok").sum()),
-        "rejects": len(rejects),
-        "model": {"spec": model.spec, "weight_hash": model.weight_hash, "preprocessing": model.preprocessing.to_dict()},
-    }
+    catalog = ImageCatalog(images)
+    todo = [(g, s) for g, n in shards.items() for s in range(n) if not shard_is_done(run, catalog, g, s, config)]
+    return ExtractPlan(
+        shards=shards,
+        todo=todo,
+        images=int((images["status"] == "ok").sum()),
+        rejects=len(rejects),
+        model={"spec": model.spec, "weight_hash": model.weight_hash, "preprocessing": model.preprocessing.to_dict()},
+    )

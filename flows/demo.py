@@ -11,9 +11,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from flows.pipeline import run_pipeline
 from sacv.config import load_config
 from sacv.demo_data import write_demo_data
-from sacv.pipeline import run_stage
+from sacv.localisation import evaluate_run
+from sacv.report import build_report
+from sacv.rundir import RunDir
 
 
 def run_demo(out: str | Path, small: bool = False, seed: int = 0) -> dict:
@@ -30,27 +33,23 @@ def run_demo(out: str | Path, small: bool = False, seed: int = 0) -> dict:
 
     config_path = timed("data", lambda: write_demo_data(out, small=small, seed=seed))
     config = load_config(config_path)
-    pipeline = timed("pipeline", lambda: run_stage("run", config))
-
-    from sacv.localisation import evaluate_run
-    from sacv.report import build_report
-
+    pipeline = timed("pipeline", lambda: run_pipeline(config))
     localisation = timed("localisation", lambda: evaluate_run(config.run_dir))
     report = timed("report", lambda: build_report(config.run_dir))
-    tables = Path(config.run_dir) / "tables"
+    run = RunDir(config.run_dir)
     return {
         "config": str(config_path),
         "run_dir": config.run_dir,
         "report": str(report),
-        "tables": {name: str(tables / f"{name}.parquet") for name in ("contributions", "image_scores", "vectors", "localisation")},
+        "tables": {name: run.table_uri(name) for name in ("contributions", "image_scores", "vectors", "localisation")},
         "seconds": {**seconds, "total": round(sum(seconds.values()), 1)},
         "counts": {
-            "images": pipeline["extract"]["images"],
-            "rejects": pipeline["extract"]["rejects"],
+            "images": pipeline.extract.images,
+            "rejects": pipeline.extract.rejects,
             "concepts": sum(p.is_dir() for p in Path(config.concepts.root).iterdir()),
-            "vectors": pipeline["fit"]["vectors"],
-            "contributions": pipeline["score"]["rows"],
-            "significant": pipeline["score"]["significant"],
+            "vectors": pipeline.fit.vectors,
+            "contributions": pipeline.score.rows,
+            "significant": pipeline.score.significant,
             "localisation_rows": len(localisation),
         },
     }
