@@ -33,7 +33,9 @@ def extract_flow(config: RunConfig) -> ExtractSummary:
         status="done with rejects" if plan.rejects else "done",
         images=plan.images, rejects=plan.rejects, shards=plan.shards, shards_run=len(futures),
     )
-    RunDir(run_uri).update_run_record(config=config.model_dump(mode="json"), versions=versions(), model=plan.model)
+    numerics = {"autocast": config.extract.autocast, "allow_tf32": config.execution.allow_tf32}
+    RunDir(run_uri).update_run_record(config=config.model_dump(mode="json"), versions=versions(), model=plan.model,
+                                      numerics=numerics)
     return finish_stage(run_uri, "extract", summary, started)
 
 

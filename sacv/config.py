@@ -92,6 +92,7 @@ class ExecutionConfig(Section):
     workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool
     loader_workers: int = Field(0, ge=0)  # image decoding threads per process, kept across shards (useful on CUDA)
     dask_address: str | None = None  # run tasks on this Dask scheduler instead of the thread pool
+    allow_tf32: bool = False  # let CUDA use TF32 (gradients off by several %, docs/numerics.md); CPU unaffected
 
 
 class RunConfig(Section):
@@ -111,6 +112,32 @@ class RunConfig(Section):
         if len(set(layers)) != len(layers):
             raise ValueError("layers are listed twice; give each layer once")
         return layers
+
+
+def numeric_mode(config: RunConfig) -> dict:
+    """The settings that change the extracted numbers, beyond the model and the store dtype:
+    ``{}`` in the default exact float32 mode, else ``autocast`` and/or ``allow_tf32``. Part of the
+    run record and of every cache key (shard digests, fit keys, score keys); empty by default, so
+    keys of default runs are unchanged."""
+    mode = {}
+    if config.extract.autocast != "none":
+        mode["autocast"] = config.extract.autocast
+    if config.execution.allow_tf32:
+        mode["allow_tf32"] = True
+    return mode
+
+
+def numeric_warnings(config: RunConfig) -> list[str]:
+    """What a non-default numeric mode costs in accuracy, said once per run (docs/numerics.md)."""
+    warnings = []
+    if config.extract.autocast != "none":
+        warnings.append(f"extract.autocast is {config.extract.autocast}: gradients and S_k->c sums are far less exact "
+                        "than in float32 and predicted classes can change (see docs/numerics.md); "
+                        "set extract.autocast: none for exact numbers")
+    if config.execution.allow_tf32:
+        warnings.append("execution.allow_tf32 is on: on CUDA, gradients differ from float32 by several per cent "
+                        "(see docs/numerics.md); set it to false for exact numbers")
+    return warnings
 
 
 class ConfigError(ValueError):

@@ -8,6 +8,11 @@ activation module itself (e.g. ``features.1`` for the ReLU after ``features.0``)
 
 Layout: every array returned is channels-last ``(N, H, W, C)`` float32 on the CPU.
 Gradients are of the target class **logit** (pre-softmax) with respect to the layer output.
+
+Numerics: exact float32 by default on every device. PyTorch leaves cuDNN's TF32 mode on for
+convolutions, which changes gradients on CUDA by several per cent (docs/numerics.md); ``extract``
+turns TF32 off for convolutions and matmuls while the model runs (``allow_tf32=True`` keeps it on)
+and restores the previous settings after. ``autocast`` runs the forward pass in half precision.
 """
 
 from __future__ import annotations
@@ -68,6 +73,18 @@ def capture_layers(module: nn.Module, layer_names: Sequence[str]) -> Iterator[di
             handle.remove()
 
 
+@contextmanager
+def tf32_mode(allow_tf32: bool) -> Iterator[None]:
+    """cuDNN convolutions and CUDA matmuls may use TF32 only if ``allow_tf32``; the previous
+    process-wide settings are restored on exit, also when the body raises."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @dataclass
 class Extraction:
     """Per-layer activations/gradients (N, H, W, C) float32, logits (N, K), targets (N,) int64."""
@@ -109,6 +126,7 @@ def extract(
     target: int | Sequence[int] | torch.Tensor | None = None,
     with_gradients: bool = True,
     autocast: torch.dtype | None = None,
+    allow_tf32: bool = False,
 ) -> Extraction:
     """Run ``module`` (put in eval mode) on ``images`` (N, 3, H, W) once.
 
@@ -116,7 +134,8 @@ def extract(
     the target logit of each image (see :func:`resolve_targets`) with respect to those activations.
     Images in a batch are independent in eval mode, so the gradient of the summed target logits
     gives every image its own gradient. ``autocast`` (e.g. ``torch.bfloat16``) runs the forward pass
-    in that precision; what is returned is float32 whatever it is.
+    in that precision; what is returned is float32 whatever it is. ``allow_tf32`` lets CUDA use TF32
+    (see the module docstring); off by default.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
@@ -124,7 +143,7 @@ def extract(
     device = next(module.parameters()).device
     images = images.to(device, non_blocking=True)
     precision = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
-    with torch.set_grad_enabled(with_gradients), capture_layers(module, layers) as captured:
+    with tf32_mode(allow_tf32), torch.set_grad_enabled(with_gradients), capture_layers(module, layers) as captured:
         with precision:
             logits = module(images).float()  # (N, K)
         targets = resolve_targets(target, logits.detach())

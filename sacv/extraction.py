@@ -72,6 +72,8 @@ def prepare_store(run: RunDir, config: RunConfig, model: LoadedModel, images: pd
 def shard_digest(rows: pd.DataFrame, config: RunConfig) -> str:
     """What a shard's content depends on besides the store identity: its images and the settings."""
     settings = {"layers": sorted(config.layers), "autocast": config.extract.autocast}
+    if config.execution.allow_tf32:
+        settings["allow_tf32"] = True
     if rows["group"].iloc[0] == "dataset":  # only dataset shards hold gradients of a target logit
         settings |= {"target": config.dataset.target, "keep_gradients": config.extract.keep_gradients}
     content = ",".join(rows["image_id"]) + json.dumps(settings, sort_keys=True)
@@ -140,7 +142,7 @@ def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str])
 
 def shard_extractions(rows: pd.DataFrame, model: LoadedModel, config: RunConfig, with_gradients: bool) -> Iterator[Extraction]:
     """The one batch loop over a shard's images (``rows`` in row order): decode, preprocess, then
-    :func:`sacv.extract.extract` per batch with the config's layers, targets and autocast."""
+    :func:`sacv.extract.extract` per batch with the config's layers, targets and numeric mode."""
     device = next(model.module.parameters()).device
     targets = shard_targets(config, rows, model.class_names) if with_gradients else None
     loader = shard_batches(ShardImages(rows, model, config), config.extract.batch_size,
@@ -149,7 +151,8 @@ def shard_extractions(rows: pd.DataFrame, model: LoadedModel, config: RunConfig,
     done = 0
     for batch in loader:
         batch_targets = targets[done : done + len(batch)] if isinstance(targets, torch.Tensor) else targets
-        yield extract(model.module, batch, config.layers, batch_targets, with_gradients=with_gradients, autocast=autocast)
+        yield extract(model.module, batch, config.layers, batch_targets, with_gradients=with_gradients,
+                      autocast=autocast, allow_tf32=config.execution.allow_tf32)
         done += len(batch)
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 import zarr
 
 from sacv.catalog import ImageCatalog
-from sacv.config import RunConfig
+from sacv.config import RunConfig, numeric_mode
 from sacv.outofcore import OutOfCoreConceptVector, choose_solver, positions_from_store
 from sacv.plans import FitPlan
 from sacv.rundir import RunDir
@@ -87,6 +87,8 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
         layer_identity = {k: v for k, v in identity.items() if k != "layers"} | {"shape": identity["layers"][layer]}
         for concept, kind, positives, random_set, negatives in pairs:
             content = {"store": layer_identity, "layer": layer, "pos": positives, "neg": negatives, "fit": settings}
+            if numeric_mode(config):  # activations extracted in another numeric mode: other vectors
+                content["numerics"] = numeric_mode(config)
             key = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
             jobs.append({"layer": layer, "concept": concept, "kind": kind, "random_set": random_set,
                          "pos": positives, "neg": negatives, "key": key})

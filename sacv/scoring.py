@@ -20,7 +20,7 @@ import pandas as pd
 import zarr
 
 from sacv.catalog import ImageCatalog
-from sacv.config import RunConfig
+from sacv.config import RunConfig, numeric_mode
 from sacv.extraction import shard_extractions
 from sacv.maps import ConceptMaps, concept_maps
 from sacv.models import cached_model
@@ -132,10 +132,13 @@ def _recompute(config: RunConfig, rows: pd.DataFrame):
 
 
 def shard_score_key(rows: pd.DataFrame, vectors: pd.DataFrame, config: RunConfig) -> str:
-    """What a shard's scores depend on: its images, the vectors, the layers and the mode."""
+    """What a shard's scores depend on: its images, the vectors, the layers, the mode and the
+    numeric mode (activations and gradients, stored or recomputed, depend on it)."""
     content = [sorted(rows["image_id"]), list(vectors["key"]), list(vectors["concept"]), list(vectors["random_set"]),
                sorted(config.layers), config.score.mode, config.score.store_maps,
                config.dataset.target if config.dataset else None]
+    if numeric_mode(config):
+        content.append(numeric_mode(config))
     return hashlib.sha256(repr(content).encode()).hexdigest()[:16]
 
 

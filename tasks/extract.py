@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from sacv import extraction
-from sacv.config import RunConfig
+from sacv.config import RunConfig, numeric_warnings
 from sacv.plans import ExtractPlan
 
 
@@ -13,7 +13,10 @@ from sacv.plans import ExtractPlan
 def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
     """Scan collections, write images/rejects tables and the store template; return the shard plan."""
     plan = extraction.plan_extraction(run_uri, config)
-    get_run_logger().info("%d images, %d rejected, shards %s, %d to do", plan.images, plan.rejects, plan.shards, len(plan.todo))
+    logger = get_run_logger()
+    logger.info("%d images, %d rejected, shards %s, %d to do", plan.images, plan.rejects, plan.shards, len(plan.todo))
+    for warning in numeric_warnings(config):
+        logger.warning(warning)
     return plan
 
 
