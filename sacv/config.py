@@ -58,6 +58,7 @@ class DatasetConfig(Section):
 class ExtractConfig(Section):
     dtype: Literal["float16", "float32"] = "float16"  # stored activation dtype
     shard_size: int = Field(32, ge=1)  # images per shard = per Zarr chunk along N
+    shards_per_task: int = Field(8, ge=1)  # shards one extraction task pipelines (decode, compute, write overlap)
     batch_size: int = Field(16, ge=1)  # images per forward/backward pass
     keep_gradients: bool = True  # store dataset gradients (needed for blockwise scoring)
     max_pixels: int = Field(89_478_485, ge=1)  # decompression-bomb limit, pixels per image
@@ -91,6 +92,7 @@ class ExecutionConfig(Section):
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool
     loader_workers: int = Field(0, ge=0)  # image decoding threads per process, kept across shards (useful on CUDA)
+    write_workers: int = Field(4, ge=1)  # chunk-writer threads per extraction task (compression releases the GIL)
     dask_address: str | None = None  # run tasks on this Dask scheduler instead of the thread pool
     allow_tf32: bool = False  # let CUDA use TF32 (gradients off by several %, docs/numerics.md); CPU unaffected
 
