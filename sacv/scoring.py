@@ -173,7 +173,8 @@ def build_tables(run_uri: str, config: RunConfig, shards: list[int], class_names
     run = RunDir(run_uri)
     parts = [pd.read_parquet(io.BytesIO(run.fs.cat_file(f"{run.root}/scores/{s:06d}.parquet"))) for s in shards]
     scores = pd.concat(parts, ignore_index=True)
-    table = contributions(scores, class_names, config.score.alpha, config.score.correction, config.score.min_images)
+    table = contributions(scores, class_names, config.score.alpha, config.score.correction, config.score.min_images,
+                          config.score.statistic)
     return {
         "image_scores": run.write_table("image_scores", scores),
         "contributions": run.write_table("contributions", table),
