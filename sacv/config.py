@@ -40,7 +40,7 @@ class ConceptsConfig(Section):
     root: str  # folder (or fsspec URL) with one sub-folder per concept, e.g. DTD's images/
     names: list[str] | None = None  # concept folders to fit; None = every sub-folder
     random_pool: str | None = None  # folder of random images; None = the other concept folders
-    random_sets: int = Field(5, ge=1)  # R: random sets per concept (and R null vectors); >= 3 with a dataset
+    random_sets: int = Field(30, ge=1)  # R: random sets per concept (and R null vectors); >= 3 with a dataset
     images_per_set: int = Field(30, ge=2)  # images drawn per random set
 
     _folders = field_validator("root", "random_pool")(_check_local_folder)
@@ -122,7 +122,7 @@ class RunConfig(Section):
             raise ValueError(
                 f"concepts.random_sets is {self.concepts.random_sets}, but the contributions table needs at least "
                 f"{MIN_RANDOM_SETS} (R random sets give R concept vectors and, for R >= 3, R null vectors; with 1 or 2 "
-                f"every p-value would be null): set concepts.random_sets to 3 or more (see docs/tables.md)"
+                f"every p-value would be null): set concepts.random_sets to 3 or more (default 30, see docs/tables.md)"
             )
         return self
 
