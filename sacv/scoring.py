@@ -177,7 +177,7 @@ def build_tables(run_uri: str, config: RunConfig, shards: list[int]) -> dict:
     run = RunDir(run_uri)
     scores = pd.concat([run.read_shard_scores(s) for s in shards], ignore_index=True)
     table = contributions(scores, class_names_of(run.store_uri), config.score.alpha, config.score.correction,
-                          config.score.min_images)
+                          config.score.min_images, config.score.statistic)
     return {
         "image_scores": run.write_table("image_scores", scores),
         "contributions": run.write_table("contributions", table),
