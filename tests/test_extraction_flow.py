@@ -219,7 +219,7 @@ def test_cli_reports_done_with_rejects(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sacv.cli", "extract", str(config), "--strict"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 3, result.stdout + result.stderr
-    assert "extract done with rejects: 4 images, 5 rejected" in result.stdout
+    assert "extract done with rejects: 4 images, 7 rejected" in result.stdout  # 5 bad images, 2 other file types
 
 
 def test_dask_runner_gives_the_same_store_as_the_thread_pool(collection, prefect):
