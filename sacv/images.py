@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import fsspec
 import numpy as np
@@ -90,6 +92,26 @@ def _decode_error_reason(e: Exception) -> str:
     return f"corrupt image ({type(e).__name__}: {msg})"
 
 
+@contextmanager
+def _opened(data: bytes, max_pixels: int, min_size: int) -> Iterator[Image.Image]:
+    """The image's header opened and size-checked; every failure, in the header or in the body's
+    work on the pixels, becomes ImageRejected(stage="decode")."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                _check_size(*img.size, max_pixels, min_size)
+                yield img
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError:
+        raise ImageRejected("decode", "not an image (cannot identify image file)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected("decode", f"too large: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+        raise ImageRejected("decode", _decode_error_reason(e)) from None
+
+
 def decode_image(
     data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = DEFAULT_MIN_SIZE
 ) -> Image.Image:
@@ -99,40 +121,17 @@ def decode_image(
     Raises ImageRejected(stage="decode") for non-images, truncated or corrupt data,
     decompression bombs, and images outside the size limits.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                _check_size(*img.size, max_pixels, min_size)
-                img.load()
-                return _to_rgb(ImageOps.exif_transpose(img))
-    except ImageRejected:
-        raise
-    except UnidentifiedImageError:
-        raise ImageRejected("decode", "not an image (cannot identify image file)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageRejected("decode", f"too large: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
-        raise ImageRejected("decode", _decode_error_reason(e)) from None
+    with _opened(data, max_pixels, min_size) as img:
+        img.load()
+        return _to_rgb(ImageOps.exif_transpose(img))
 
 
 def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = DEFAULT_MIN_SIZE) -> None:
     """Check the header only (no pixel data decoded): an image PIL can identify, within the size
     limits. Raises ImageRejected(stage="decode"); truncated or corrupt pixel data is found later,
     by :func:`decode_image`."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                _check_size(*img.size, max_pixels, min_size)
-    except ImageRejected:
-        raise
-    except UnidentifiedImageError:
-        raise ImageRejected("decode", "not an image (cannot identify image file)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageRejected("decode", f"too large: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
-        raise ImageRejected("decode", _decode_error_reason(e)) from None
+    with _opened(data, max_pixels, min_size):
+        pass
 
 
 def check_supported(path: str) -> None:
