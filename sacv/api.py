@@ -174,7 +174,7 @@ class Run:
         if group == "guidance":
             coords["concept"] = ("image", rows["concept"].fillna("").to_numpy(dtype=str))
         else:
-            coords["target"] = ("image", da.from_zarr(store["dataset/targets"]).compute())
+            coords["target"] = ("image", store["dataset/targets"][...])
         data = xr.DataArray(da.from_zarr(array), dims=("image", "row", "col", "channel"), coords=coords,
                             name=path.rsplit("/", 1)[-1], attrs={"layer": path.split("/")[1], "group": group})
         return data.set_xindex("image_id")
@@ -375,8 +375,9 @@ class Run:
         return facts
 
     def __repr__(self) -> str:
-        width = max(len(name) for name, _ in self.facts())
-        return "<sacv.Run>\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in self.facts())
+        facts = self.facts()
+        width = max(len(name) for name, _ in facts)
+        return "<sacv.Run>\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in facts)
 
     def _repr_html_(self) -> str:
         rows = "".join(f"<tr><th style='text-align:left'>{html.escape(n)}</th><td style='text-align:left'>"

@@ -18,9 +18,7 @@ import pandas as pd
 
 from sacv import report_plots as plots
 from sacv.api import Run
-from sacv.catalog import ImageCatalog
-from sacv.images import ImageRejected, load_image
-from sacv.models import Preprocessing
+from sacv.images import ImageRejected
 from sacv.rundir import RunDir
 
 MAX_SECTIONS = 12
@@ -95,14 +93,11 @@ class Section:
 
 class _Context:
     """What the per-section figures need: the run (``sacv.api.Run``: rankings, vectors, maps, as a
-    notebook sees them), preprocessing and (lazily) the model."""
+    notebook sees them) and (lazily) the model."""
 
     def __init__(self, run: RunDir, record: dict):
         self.run, self.record = run, record
         self.api = Run(run)
-        self.dataset = ImageCatalog.read(run).rows("dataset").set_index("row")
-        prep = record.get("model", {}).get("preprocessing")
-        self.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()}) if prep else None
         self._model, self._model_error, self._fields = None, None, {}
 
     def model(self):
@@ -112,7 +107,6 @@ class _Context:
             config = self.record.get("config", {}).get("model", {})
             try:
                 self._model = load_model(config.get("spec") or self.record["model"]["spec"], config.get("weights"))
-                self.preprocessing = self.preprocessing or self._model.preprocessing
             except Exception as err:  # noqa: BLE001 - the report must still be written
                 self._model_error = f"{type(err).__name__}: {err}"
         return self._model
@@ -125,12 +119,11 @@ class _Context:
         return self._fields[layer, size]
 
     def picture(self, row: int) -> tuple[np.ndarray | None, str]:
-        path = str(self.dataset.loc[row, "path"])
+        path = str(self.api.image(row)["path"])
         try:
-            _, image = load_image(path)
+            return self.api.picture(row), path
         except ImageRejected as err:
             return None, path + f" (unreadable now: {err})"
-        return np.asarray(self.preprocessing.geometry(image) if self.preprocessing else image), path
 
 
 def _section(ctx: _Context, row: pd.Series, top_images: int) -> Section:

@@ -31,7 +31,7 @@ def runs(tmp_path_factory, prefect):
     config = make_config(root, run="run")
     config = config.model_copy(update={
         "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
-        "fit": config.fit.model_copy(update={"solver": "lbfgs"}),
+        "fit": config.fit.model_copy(update={"solver": "inmemory"}),
         "score": config.score.model_copy(update={"min_images": 2}),
     })
     run_pipeline(config)
@@ -244,3 +244,19 @@ def test_the_example_notebook_runs_end_to_end(runs, monkeypatch):
     assert (namespace["layer"], namespace["concept"], namespace["cls"]) == (strongest["layer"], strongest["concept"], strongest["class_name"])
     pd.testing.assert_frame_equal(namespace["top"], run.top_images(strongest["layer"], strongest["concept"], strongest["class_name"], n=3))
     assert len([ax for ax in namespace["fig"].axes if ax.images]) == 3 * 3
+
+
+def test_the_report_shows_the_notebook_figure(runs):
+    from sacv.report import _chosen_rows, build_report
+    from sacv.report_plots import png_uri
+
+    run_dir, _ = runs
+    page = Path(build_report(str(run_dir))).read_text(encoding="utf-8")
+    run = sacv.open_run(str(run_dir))
+    row = _chosen_rows(run.table("contributions"))[0].iloc[0]  # the report's first section
+    ranked = run.top_images(row["layer"], row["concept"], int(row["class_index"]), n=None)
+    rows = list(ranked["row"][:3]) + [r for r in list(ranked["row"])[::-1][:3] if r not in list(ranked["row"][:3])]
+    sums = ranked.set_index("row")["s_kc_sum"]
+    labels = [f"{'top' if i < 3 else 'bottom'} {i + 1 if i < 3 else i - 2}\nΣS→c = {sums[r]:.3g}" for i, r in enumerate(rows)]
+    fig = sacv.plot.overlay([run.maps(r, row["layer"], row["concept"]) for r in rows], [run.picture(r) for r in rows], labels)
+    assert png_uri(fig) in page  # byte for byte the same PNG
