@@ -250,8 +250,9 @@ class Run:
 
         _, picture = load_image(str(self.image(image)["path"]))
         prep = self.model.preprocessing if self.model else {}
-        geometry = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()}).geometry
-        return np.asarray(geometry(picture) if prep else picture)
+        if prep:
+            picture = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()}).geometry(picture)
+        return np.asarray(picture)
 
     def class_index(self, class_: str | int) -> int:
         """A class given by index or name -> its index."""

@@ -85,7 +85,8 @@ def test_run_facts_tables_and_engines(runs):
     text = repr(run)
     assert str(run_dir) in text and "tests.models:small" in text and "features.2 16×16×8" in text
     assert "dataset 10, guidance 15" in text and f"{len(table)} rows" in text and "gradients      kept" in text
-    assert "<table>" in run._repr_html_() and "&lt;" not in repr(run)
+    page = run._repr_html_()
+    assert page.count("<tr>") == len(run.facts()) == len(text.splitlines()) - 1 and f"<td style='text-align:left'>file://{run_dir}</td>" in page
 
 
 def test_activations_gradients_and_vectors_are_lazy_views_of_the_store(runs):
