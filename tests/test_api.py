@@ -114,6 +114,19 @@ def test_activations_gradients_and_vectors_are_lazy_views_of_the_store(runs):
     assert list(vectors["concept"].to_numpy()) == list(table["concept"]) and list(vectors["kind"].to_numpy()) == list(table["kind"])
 
 
+def test_a_run_on_fsspec_storage_reads_as_on_disk(runs):
+    import fsspec
+
+    run_dir, _ = runs
+    fsspec.filesystem("memory").put(str(run_dir), "/api-test/run", recursive=True)
+    remote = sacv.open_run("memory://api-test/run", storage_options={"skip_instance_cache": True})
+    local = sacv.open_run(str(run_dir))
+    assert remote.store is not None and remote.layers == local.layers
+    pd.testing.assert_frame_equal(remote.table("image_scores"), local.table("image_scores"))
+    np.testing.assert_array_equal(remote.activations("features.0").isel(image=[1, 9]), local.activations("features.0").isel(image=[1, 9]))
+    np.testing.assert_array_equal(remote.maps(4, "features.2", "dotted"), local.maps(4, "features.2", "dotted"))
+
+
 def _mean_vector(store, layer: str, rows: np.ndarray) -> tuple[np.ndarray, float]:
     v, b = store[f"vectors/{layer}/v"][...][rows].astype(np.float64), store[f"vectors/{layer}/b"][...][rows]
     norm = np.linalg.norm(v.mean(axis=0))
