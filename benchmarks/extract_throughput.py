@@ -5,8 +5,8 @@ One process, one run, EfficientNet-Lite0 (offline weights):
 (a) bare loop: read + decode each JPEG (``sacv.images.load_image``), the model's preprocessing,
     ``sacv.extract.extract`` with gradients of the predicted-class logit, results kept in memory;
 (b) flow: the same files as a dataset folder (``tabby/``), ``flows.extract.run_extract`` with
-    ``dataset.target: predicted``; wall time of the whole call, planning (scan: read, hash and
-    decode every file once more) included.
+    ``dataset.target: predicted``; wall time of the whole call, planning (scan: list, read, hash
+    and check the header of every file) included.
 
 Both are warmed up first (model load, first-call overhead; Prefect's temporary API server start-up
 on a 4-image flow run), so neither timing includes them.
@@ -150,11 +150,13 @@ def run_flow(root: Path, run: str, args, device: str) -> tuple[float, dict, Path
 
         summary = dataclasses.asdict(run_extract(config))
     else:
-        from sacv.extraction import plan_extraction, run_shard
+        from flows.extract import shard_blocks
+        from sacv.extraction import plan_extraction, record_shard_rejects, run_shards
 
         plan = plan_extraction(config.run_dir, config)
-        for group, shard in plan.todo:
-            run_shard(config.run_dir, config, group, shard)
+        for group, shards in shard_blocks(plan.todo, config.extract.shards_per_task):
+            run_shards(config.run_dir, config, group, shards)
+        record_shard_rejects(config.run_dir)
         summary = {"images": plan.images, "shards_run": len(plan.todo), "seconds": round(time.perf_counter() - started, 2)}
     seconds = time.perf_counter() - started
     return seconds, summary, root / run
@@ -198,7 +200,7 @@ def main(argv=None) -> dict:
 
         print("timed: flow ...", flush=True)
         flow_seconds, summary, run_dir = run_flow(root, "timed", args, str(device))
-        markers = [json.loads(p.read_text()) for p in sorted((run_dir / "shards").glob("*/*.json"))]
+        markers = [json.loads(p.read_text()) for p in sorted((run_dir / "shards").glob("*/*.json")) if not p.name.endswith(".rejects.json")]
         shard_seconds = sum(m["seconds"] for m in markers)
         stored_bytes = folder_bytes(run_dir / "store.zarr")
         n = summary["images"]

@@ -1,4 +1,4 @@
-"""The extraction flow: plan shards, then one task per shard, resumable."""
+"""The extraction flow: plan shards, then one task per block of shards, resumable."""
 
 from __future__ import annotations
 
@@ -13,7 +13,18 @@ from sacv.config import RunConfig
 from sacv.plans import ExtractSummary
 from sacv.provenance import versions
 from sacv.rundir import RunDir
-from tasks.extract import extract_shard, plan_extraction
+from tasks.extract import extract_shards, plan_extraction, record_rejects
+
+
+def shard_blocks(todo: list[tuple[str, int]], per_task: int) -> list[tuple[str, list[int]]]:
+    """Consecutive shards of one group, at most ``per_task`` per block."""
+    blocks: list[tuple[str, list[int]]] = []
+    for group, shard in todo:
+        if blocks and blocks[-1][0] == group and len(blocks[-1][1]) < per_task:
+            blocks[-1][1].append(shard)
+        else:
+            blocks.append((group, [shard]))
+    return blocks
 
 
 @flow(name="sacv-extract")
@@ -22,16 +33,20 @@ def extract_flow(config: RunConfig) -> ExtractSummary:
     started = time.perf_counter()
     run_uri = config.run_dir
     plan = plan_extraction(run_uri, config)
-    futures = [extract_shard.submit(run_uri, config, group, shard) for group, shard in plan.todo]
+    blocks = shard_blocks(plan.todo, config.extract.shards_per_task)
+    futures = [extract_shards.submit(run_uri, config, group, shards) for group, shards in blocks]
     n_images = 0
-    with tqdm(total=len(futures), unit="shard", desc="extract", disable=None) as bar:
+    with tqdm(total=len(plan.todo), unit="shard", desc="extract", disable=None) as bar:
         for future in as_completed(futures):
-            n_images += future.result()["images"]
-            bar.update(1)
+            markers = future.result()
+            n_images += sum(marker["images"] for marker in markers)
+            bar.update(len(markers))
             bar.set_postfix(images=n_images)
+    rejects = record_rejects(run_uri)  # after every shard: one writer of the two tables
+    decode_rejects = rejects - plan.rejects
     summary = ExtractSummary(
-        status="done with rejects" if plan.rejects else "done",
-        images=plan.images, rejects=plan.rejects, shards=plan.shards, shards_run=len(futures),
+        status="done with rejects" if rejects else "done",
+        images=plan.images - decode_rejects, rejects=rejects, shards=plan.shards, shards_run=len(plan.todo),
     )
     numerics = {"autocast": config.extract.autocast, "allow_tf32": config.execution.allow_tf32}
     RunDir(run_uri).update_run_record(config=config.model_dump(mode="json"), versions=versions(), model=plan.model,

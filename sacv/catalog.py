@@ -5,8 +5,12 @@ Two groups of images go into the store:
   separate random pool (role ``random``);
 - ``dataset``: the audit images (role ``dataset``), from class folders or a manifest.
 
-Every file is read, hashed (``image_id``) and decoded once while scanning; unreadable files go to
-the rejects table with their stage and reason. Within a group, each distinct image gets one store
+Every file is read and hashed (``image_id``) while scanning, and its header checked (type, size
+limits) without decoding pixels; files of unsupported types, unreadable files and bad headers go
+to the rejects table with their stage and reason. Pixel data is decoded once, by the extraction
+shard that owns the image; a shard that cannot decode an image quarantines it (status
+``rejected``, recorded in the rejects table by ``sacv.extraction.record_shard_rejects``), and later
+scans keep it rejected without trying again until its content changes. Within a group, each distinct image gets one store
 row (duplicates under other names point to the same row), ordered by (concept/label, image_id) so
 that renaming a file changes no row. Rows are cut into shards of ``shard_size`` = Zarr chunks.
 """
@@ -22,11 +26,11 @@ import numpy as np
 import pandas as pd
 
 from sacv.config import ConceptsConfig, DatasetConfig
-from sacv.images import ImageRejected, list_images, load_image
+from sacv.images import IMAGE_EXTENSIONS, ImageRejected, check_supported, image_id, list_files, probe_image, read_bytes
 from sacv.rundir import RunDir
 
 IMAGE_COLUMNS = ["image_id", "path", "group", "role", "concept", "label", "mask", "row", "shard", "status"]
-REJECT_COLUMNS = ["path", "group", "stage", "reason"]
+REJECT_COLUMNS = ["path", "group", "stage", "reason", "image_id"]  # image_id: set for rejects found after hashing
 
 
 @dataclass(frozen=True)
@@ -57,10 +61,10 @@ def concept_candidates(cfg: ConceptsConfig) -> list[Candidate]:
     if cfg.random_pool is None and len(folders) < 2:
         raise ValueError("random sets need other concept folders or a `concepts.random_pool` folder")
     root = cfg.root.rstrip("/")
-    out = [Candidate(p, "guidance", "concept", concept=f) for f in folders for p in list_images(f"{root}/{f}")]
+    out = [Candidate(p, "guidance", "concept", concept=f) for f in folders for p in list_files(f"{root}/{f}")]
     if cfg.random_pool is not None:
-        out += [Candidate(p, "guidance", "random", concept="random") for p in list_images(cfg.random_pool)]
-    empty = [n for n in names if not any(c.concept == n for c in out)]
+        out += [Candidate(p, "guidance", "random", concept="random") for p in list_files(cfg.random_pool)]
+    empty = [n for n in names if not any(c.concept == n and c.path.lower().endswith(IMAGE_EXTENSIONS) for c in out)]
     if empty:
         raise ValueError(f"concept folders with no images: {empty}; add images or remove them from concepts.names")
     return out
@@ -92,7 +96,7 @@ def dataset_candidates(cfg: DatasetConfig, class_names: list[str]) -> list[Candi
         return [
             Candidate(p, "dataset", "dataset", label=match_class(folder, class_names))
             for folder in _subfolders(cfg.root)
-            for p in list_images(f"{root}/{folder}")
+            for p in list_files(f"{root}/{folder}")
         ]
     reader = pd.read_parquet if cfg.manifest.endswith(".parquet") else pd.read_csv
     table = reader(cfg.manifest)
@@ -116,9 +120,12 @@ def dataset_candidates(cfg: DatasetConfig, class_names: list[str]) -> list[Candi
 
 
 def _check(candidate: Candidate, max_pixels: int, min_size: int) -> tuple[Candidate, str | None, ImageRejected | None]:
+    """Type, bytes, content id and header of one candidate (no pixel decoding)."""
     try:
-        image_id, _ = load_image(candidate.path, max_pixels=max_pixels, min_size=min_size)
-        return candidate, image_id, None
+        check_supported(candidate.path)
+        data = read_bytes(candidate.path)
+        probe_image(data, max_pixels=max_pixels, min_size=min_size)
+        return candidate, image_id(data), None
     except ImageRejected as rejected:
         return candidate, None, rejected
 
@@ -129,15 +136,29 @@ def scan(
     max_pixels: int,
     min_size: int,
     threads: int = 4,
+    known_rejects: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read, hash and decode every candidate; return (images, rejects) tables with rows and shards."""
+    """Read, hash and check every candidate; return (images, rejects) tables with rows and shards.
+
+    ``known_rejects``: the previous rejects table; an image whose (path, image_id) a shard could not
+    decode before keeps its row with status ``rejected`` and its reject row, and is not tried again.
+    """
+    known = {}
+    if known_rejects is not None and "image_id" in known_rejects.columns:
+        decode = known_rejects[known_rejects["image_id"].notna()]
+        known = {(p, i): (s, r) for p, i, s, r in zip(decode["path"], decode["image_id"], decode["stage"], decode["reason"])}
     rows, rejects = [], []
     with ThreadPoolExecutor(threads) as pool:
-        for candidate, image_id, rejected in pool.map(lambda c: _check(c, max_pixels, min_size), candidates):
+        for candidate, content_id, rejected in pool.map(lambda c: _check(c, max_pixels, min_size), candidates):
             if rejected is not None:
-                rejects.append({"path": candidate.path, "group": candidate.group, "stage": rejected.stage, "reason": rejected.reason})
-            else:
-                rows.append({**candidate.__dict__, "image_id": image_id})
+                rejects.append({"path": candidate.path, "group": candidate.group, "stage": rejected.stage,
+                                "reason": rejected.reason, "image_id": None})
+                continue
+            rows.append({**candidate.__dict__, "image_id": content_id})
+            if (candidate.path, content_id) in known:
+                stage, reason = known[candidate.path, content_id]
+                rejects.append({"path": candidate.path, "group": candidate.group, "stage": stage,
+                                "reason": reason, "image_id": content_id})
     images = pd.DataFrame(rows, columns=[c for c in IMAGE_COLUMNS if c not in ("row", "shard", "status")])
     images["label"] = images["label"].astype("Int64")
     images = images.sort_values(["group", "concept", "label", "image_id", "path"], na_position="first", kind="stable")
@@ -149,6 +170,10 @@ def scan(
         images.loc[part.index, "row"] = part["image_id"].map(row_of).astype("Int64")
         images.loc[part.index[~first.to_numpy()], "status"] = "duplicate"
     images["shard"] = (images["row"] // shard_size).astype("Int64")
+    quarantined = {(r["path"], r["image_id"]) for r in rejects if r["image_id"] is not None}
+    if quarantined:
+        is_known = pd.Series(list(zip(images["path"], images["image_id"])), index=images.index).isin(quarantined)
+        images.loc[is_known & (images["status"] == "ok"), "status"] = "rejected"
     return images[IMAGE_COLUMNS].reset_index(drop=True), pd.DataFrame(rejects, columns=REJECT_COLUMNS)
 
 
@@ -170,9 +195,11 @@ class ImageCatalog:
             raise RuntimeError(f"{run.uri} has no images table; run the extract stage first")
         return cls(frame)
 
-    def rows(self, group: str, shard: int | None = None) -> pd.DataFrame:
-        """The distinct images of ``group`` (of one shard when given), in store-row order."""
-        part = self._ok[self._ok["group"] == group]
+    def rows(self, group: str, shard: int | None = None, with_rejected: bool = False) -> pd.DataFrame:
+        """The distinct images of ``group`` (of one shard when given), in store-row order; with
+        ``with_rejected`` also those a shard could not decode (they keep their rows, filled with 0)."""
+        frame = self.frame[self.frame["status"].isin(["ok", "rejected"])] if with_rejected else self._ok
+        part = frame[frame["group"] == group]
         if shard is not None:
             part = part[part["shard"] == shard]
         return part.sort_values("row")

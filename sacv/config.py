@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -40,7 +40,7 @@ class ConceptsConfig(Section):
     root: str  # folder (or fsspec URL) with one sub-folder per concept, e.g. DTD's images/
     names: list[str] | None = None  # concept folders to fit; None = every sub-folder
     random_pool: str | None = None  # folder of random images; None = the other concept folders
-    random_sets: int = Field(5, ge=1)  # R: random sets per concept (and R null vectors)
+    random_sets: int = Field(30, ge=1)  # R: random sets per concept (and R null vectors); >= 3 with a dataset
     images_per_set: int = Field(30, ge=2)  # images drawn per random set
 
     _folders = field_validator("root", "random_pool")(_check_local_folder)
@@ -58,6 +58,7 @@ class DatasetConfig(Section):
 class ExtractConfig(Section):
     dtype: Literal["float16", "float32"] = "float16"  # stored activation dtype
     shard_size: int = Field(32, ge=1)  # images per shard = per Zarr chunk along N
+    shards_per_task: int = Field(8, ge=1)  # shards one extraction task pipelines (decode, compute, write overlap)
     batch_size: int = Field(16, ge=1)  # images per forward/backward pass
     keep_gradients: bool = True  # store dataset gradients (needed for blockwise scoring)
     max_pixels: int = Field(89_478_485, ge=1)  # decompression-bomb limit, pixels per image
@@ -83,6 +84,7 @@ class ScoreConfig(Section):
     mode: Literal["blockwise", "streamed"] = "blockwise"  # from stored gradients, or recompute them per shard
     alpha: float = Field(0.05, gt=0, lt=1)  # significance level after correction
     correction: Literal["holm", "bh"] = "holm"  # multiple-testing correction across the contributions table
+    statistic: Literal["spatial", "tcav", "both"] = "both"  # what is tested; both: the correction runs over both p-values
     min_images: int = Field(3, ge=1)  # classes with fewer images get p_value null and a reason
     store_maps: bool = False  # also keep maps/<layer>/S_k and S_kc (N, K, H, W) float16 in the store
 
@@ -91,8 +93,12 @@ class ExecutionConfig(Section):
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool
     loader_workers: int = Field(0, ge=0)  # image decoding threads per process, kept across shards (useful on CUDA)
+    write_workers: int = Field(4, ge=1)  # chunk-writer threads per extraction task (compression releases the GIL)
     dask_address: str | None = None  # run tasks on this Dask scheduler instead of the thread pool
     allow_tf32: bool = False  # let CUDA use TF32 (gradients off by several %, docs/numerics.md); CPU unaffected
+
+
+MIN_RANDOM_SETS = 3  # with a dataset: fewer give fewer than 2 null vectors, so no row could be tested
 
 
 class RunConfig(Section):
@@ -112,6 +118,16 @@ class RunConfig(Section):
         if len(set(layers)) != len(layers):
             raise ValueError("layers are listed twice; give each layer once")
         return layers
+
+    @model_validator(mode="after")
+    def _testable_contributions(self) -> RunConfig:
+        if self.concepts is not None and self.dataset is not None and self.concepts.random_sets < MIN_RANDOM_SETS:
+            raise ValueError(
+                f"concepts.random_sets is {self.concepts.random_sets}, but the contributions table needs at least "
+                f"{MIN_RANDOM_SETS} (R random sets give R concept vectors and, for R >= 3, R null vectors; with 1 or 2 "
+                f"every p-value would be null): set concepts.random_sets to 3 or more (default 30, see docs/tables.md)"
+            )
+        return self
 
 
 def numeric_mode(config: RunConfig) -> dict:
@@ -155,6 +171,8 @@ def _known_keys(loc: tuple) -> list[str]:
 
 
 def _describe(error: dict) -> str:
+    if not error["loc"] and error["type"] == "value_error":  # a check across sections names its keys itself
+        return error["msg"].removeprefix("Value error, ")
     key = ".".join(str(p) for p in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(error["loc"][-1]), _known_keys(error["loc"]), n=1)

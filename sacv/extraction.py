@@ -13,6 +13,7 @@ import hashlib
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,10 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sacv.catalog import ImageCatalog, concept_candidates, dataset_candidates, match_class, scan
+from sacv.catalog import REJECT_COLUMNS, ImageCatalog, concept_candidates, dataset_candidates, match_class, scan
 from sacv.config import RunConfig
 from sacv.extract import Extraction, extract
-from sacv.images import load_image
+from sacv.images import ImageRejected, load_image
 from sacv.models import LoadedModel, cached_model, layer_shapes, resolve_layers
 from sacv.plans import ExtractPlan
 from sacv.rundir import RunDir
@@ -82,11 +83,13 @@ def shard_digest(rows: pd.DataFrame, config: RunConfig) -> str:
 
 def shard_is_done(run: RunDir, catalog: ImageCatalog, group: str, shard: int, config: RunConfig) -> bool:
     marker = run.read_shard_marker(group, shard)
-    return marker is not None and marker.get("digest") == shard_digest(catalog.rows(group, shard), config)
+    return marker is not None and marker.get("digest") == shard_digest(catalog.rows(group, shard, with_rejected=True), config)
 
 
 class ShardImages:
-    """The shard's images, decoded, checked against their scanned id and preprocessed: (3, S, S)."""
+    """A shard's images (``rows`` in row order): each decoded, checked against its scanned content id
+    and preprocessed to (3, S, S) float32; or the ``ImageRejected`` that says why not; or ``None``
+    for an image an earlier run already quarantined (status ``rejected``: not tried again)."""
 
     def __init__(self, rows: pd.DataFrame, model: LoadedModel, config: RunConfig):
         self.rows = rows.reset_index(drop=True)
@@ -96,11 +99,16 @@ class ShardImages:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> torch.Tensor | ImageRejected | None:
         row = self.rows.iloc[index]
-        image_id, image = load_image(row["path"], **self.limits)
-        if image_id != row["image_id"]:
-            raise RuntimeError(f"{row['path']} changed since it was scanned; rerun to scan the collection again")
+        if row["status"] == "rejected":
+            return None
+        try:
+            content_id, image = load_image(row["path"], **self.limits)
+        except ImageRejected as rejected:
+            return rejected
+        if content_id != row["image_id"]:
+            return ImageRejected("read", "file changed since planning (content hash differs); the next run plans it again")
         return self.preprocessing(image)
 
 
@@ -108,24 +116,26 @@ _DECODERS: dict[int, ThreadPoolExecutor] = {}
 _DECODERS_LOCK = threading.Lock()
 
 
-def shard_batches(images: ShardImages, batch_size: int, workers: int, pin: bool) -> Iterator[torch.Tensor]:
-    """Batches (B, 3, S, S) in row order. With ``workers`` > 0 a thread pool (one per process, kept
-    across shards, so no start-up per shard) decodes the whole shard ahead of the model; ``pin``
-    pins batches for non-blocking copies to CUDA."""
-    if workers:
-        with _DECODERS_LOCK:
-            pool = _DECODERS.setdefault(workers, ThreadPoolExecutor(workers, thread_name_prefix="sacv-decode"))
-        items = pool.map(images.__getitem__, range(len(images)))
-    else:
-        items = (images[i] for i in range(len(images)))
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == batch_size:
-            yield torch.stack(batch).pin_memory() if pin else torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch).pin_memory() if pin else torch.stack(batch)
+def decoded_shards(shards: list[ShardImages], workers: int) -> Iterator[Iterator]:
+    """For each shard in order, an iterator over its decoded items in row order.
+
+    With ``workers`` > 0 a decode thread pool (one per process, kept across tasks) works ahead of the
+    model: when shard k starts, shard k+1's images are submitted, so at most two shards of decoded
+    images are held, and decoding overlaps the model's work. With 0, images decode in the caller."""
+    if not workers:
+        for images in shards:
+            yield (images[i] for i in range(len(images)))
+        return
+    with _DECODERS_LOCK:
+        pool = _DECODERS.setdefault(workers, ThreadPoolExecutor(workers, thread_name_prefix="sacv-decode"))
+
+    def submit(images: ShardImages) -> list:
+        return [pool.submit(images.__getitem__, i) for i in range(len(images))]
+
+    ahead = submit(shards[0]) if shards else []
+    for k in range(len(shards)):
+        current, ahead = ahead, submit(shards[k + 1]) if k + 1 < len(shards) else []
+        yield (future.result() for future in current)
 
 
 def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str]) -> torch.Tensor | int | None:
@@ -140,51 +150,135 @@ def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str])
     return match_class(target, class_names)
 
 
-def shard_extractions(rows: pd.DataFrame, model: LoadedModel, config: RunConfig, with_gradients: bool) -> Iterator[Extraction]:
-    """The one batch loop over a shard's images (``rows`` in row order): decode, preprocess, then
-    :func:`sacv.extract.extract` per batch with the config's layers, targets and numeric mode."""
+def _extractions(items: Iterator, model: LoadedModel, config: RunConfig, targets, with_gradients: bool,
+                 blank: torch.Tensor) -> Iterator[tuple[Extraction, dict[int, ImageRejected | None]]]:
+    """Batches of ``config.extract.batch_size`` decoded items through :func:`sacv.extract.extract`.
+    An item that is not a tensor (a reject, or None) is replaced by ``blank``; yields each batch's
+    extraction with those items by their index in the shard."""
     device = next(model.module.parameters()).device
-    targets = shard_targets(config, rows, model.class_names) if with_gradients else None
-    loader = shard_batches(ShardImages(rows, model, config), config.extract.batch_size,
-                           config.execution.loader_workers, pin=device.type == "cuda")
+    pin = device.type == "cuda"
     autocast = None if config.extract.autocast == "none" else getattr(torch, config.extract.autocast)
-    done = 0
-    for batch in loader:
+    done, batch = 0, []
+
+    def run(batch: list) -> tuple[Extraction, dict[int, ImageRejected | None]]:
+        blanks = {done + i: item for i, item in enumerate(batch) if not isinstance(item, torch.Tensor)}
+        stacked = torch.stack([item if isinstance(item, torch.Tensor) else blank for item in batch])  # (B, 3, S, S)
         batch_targets = targets[done : done + len(batch)] if isinstance(targets, torch.Tensor) else targets
-        yield extract(model.module, batch, config.layers, batch_targets, with_gradients=with_gradients,
-                      autocast=autocast, allow_tf32=config.execution.allow_tf32)
-        done += len(batch)
+        result = extract(model.module, stacked.pin_memory() if pin else stacked, config.layers, batch_targets,
+                         with_gradients=with_gradients, autocast=autocast, allow_tf32=config.execution.allow_tf32)
+        return result, blanks
+
+    for item in items:
+        batch.append(item)
+        if len(batch) == config.extract.batch_size:
+            yield run(batch)
+            done, batch = done + len(batch), []
+    if batch:
+        yield run(batch)
 
 
-def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
-    """Extract one shard and write its region; the marker goes last. Returns the marker."""
-    started = time.perf_counter()
+def _blank(model: LoadedModel) -> torch.Tensor:
+    size = model.preprocessing.crop
+    return torch.zeros(3, size, size)
+
+
+def shard_extractions(rows: pd.DataFrame, model: LoadedModel, config: RunConfig, with_gradients: bool) -> Iterator[Extraction]:
+    """The batch loop over images that decoded at extraction (``rows`` in row order, status ok), for
+    streamed scoring: an image that fails now is an error, not a reject."""
+    images = ShardImages(rows, model, config)
+    items = next(decoded_shards([images], config.execution.loader_workers))
+    targets = shard_targets(config, images.rows, model.class_names) if with_gradients else None
+    for result, blanks in _extractions(items, model, config, targets, with_gradients, _blank(model)):
+        if blanks:
+            index, reason = next(iter(blanks.items()))
+            raise RuntimeError(f"{images.rows['path'].iloc[index]} decoded at extraction but not now ({reason}); "
+                               "run the extract stage again")
+        yield result
+
+
+def _write_shard(run: RunDir, root, group: str, shard: int, start: int, arrays: dict[str, np.ndarray],
+                 marker: dict, rejects: list[dict], started: float) -> dict:
+    """One shard's regions, then its rejects, then its marker (last). Runs in a writer thread."""
+    for path, values in arrays.items():
+        try:
+            write_region(root[path], start, values)
+        except Exception as err:
+            raise RuntimeError(f"writing {path} rows {start}:{start + len(values)} (shard {group}/{shard}) failed: {err}") from err
+    run.write_shard_rejects(group, shard, rejects)
+    marker = {**marker, "seconds": round(time.perf_counter() - started, 3), "finished_at": time.time()}
+    run.write_shard_marker(group, shard, marker)
+    return marker
+
+
+def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -> list[dict]:
+    """Extract a block of shards of ``group`` with decode, compute and writes overlapping.
+
+    Decoding runs ahead in a thread pool (``execution.loader_workers``, at most two shards ahead),
+    the model runs in this thread, and each finished shard goes to a pool of
+    ``execution.write_workers`` writer threads (at most that many shards waiting). Each shard is
+    still written by exactly one writer, its marker last. An image that fails to decode (or changed
+    since planning) is quarantined: its row is written as zeros (target -1) and it is listed in the
+    shard's rejects file. Returns the markers, in shard order.
+    """
     run = RunDir(run_uri)
-    rows = ImageCatalog.read(run).rows(group, shard)
+    catalog = ImageCatalog.read(run)
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
     root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype))
     gradients = group == "dataset"
-    outputs: dict[str, list[np.ndarray]] = {}
-    for result in shard_extractions(rows, model, config, with_gradients=gradients):
-        for layer in config.layers:
-            outputs.setdefault(f"{group}/{layer}/act", []).append(result.activations[layer].numpy())
-            if gradients and config.extract.keep_gradients:
-                outputs.setdefault(f"{group}/{layer}/grad", []).append(result.gradients[layer].numpy())
-        if gradients:
-            outputs.setdefault("dataset/logits", []).append(result.logits.numpy())
-            outputs.setdefault("dataset/targets", []).append(result.targets.numpy())
-    start = int(rows["row"].iloc[0])
-    with ThreadPoolExecutor(len(outputs)) as writers:  # one writer per array; compression releases the GIL
-        list(writers.map(lambda item: write_region(root[item[0]], start, np.concatenate(item[1])), outputs.items()))
-    marker = {
-        "digest": shard_digest(rows, config),
-        "rows": [start, start + len(rows)],
-        "images": len(rows),
-        "seconds": round(time.perf_counter() - started, 3),
-        "finished_at": time.time(),
-    }
-    run.write_shard_marker(group, shard, marker)
-    return marker
+    blocks = [ShardImages(catalog.rows(group, shard, with_rejected=True), model, config) for shard in shards]
+    blank = _blank(model)
+    markers, pending = [], deque()
+    with ThreadPoolExecutor(config.execution.write_workers, thread_name_prefix="sacv-write") as writers:
+        for shard, images, items in zip(shards, blocks, decoded_shards(blocks, config.execution.loader_workers)):
+            started = time.perf_counter()
+            rows = images.rows
+            targets = shard_targets(config, rows, model.class_names) if gradients else None
+            parts: dict[str, list[np.ndarray]] = {}
+            missing: dict[int, ImageRejected | None] = {}
+            for result, blanks in _extractions(items, model, config, targets, gradients, blank):
+                missing |= blanks
+                for layer in config.layers:
+                    parts.setdefault(f"{group}/{layer}/act", []).append(result.activations[layer].numpy())
+                    if gradients and config.extract.keep_gradients:
+                        parts.setdefault(f"{group}/{layer}/grad", []).append(result.gradients[layer].numpy())
+                if gradients:
+                    parts.setdefault("dataset/logits", []).append(result.logits.numpy())
+                    parts.setdefault("dataset/targets", []).append(result.targets.numpy())
+            arrays = {path: np.concatenate(values) for path, values in parts.items()}
+            for i in missing:  # no image: zeros (never used: its status is not ok)
+                for path, values in arrays.items():
+                    values[i] = -1 if path == "dataset/targets" else 0
+            rejects = [{"path": rows["path"].iloc[i], "group": group, "stage": reason.stage, "reason": reason.reason,
+                        "image_id": rows["image_id"].iloc[i]}
+                       for i, reason in missing.items() if reason is not None]  # None: listed by an earlier run
+            start = int(rows["row"].iloc[0])
+            marker = {"digest": shard_digest(rows, config), "rows": [start, start + len(rows)],
+                      "images": len(rows) - len(missing), "rejected": len(rejects)}
+            pending.append(writers.submit(_write_shard, run, root, group, shard, start, arrays, marker, rejects, started))
+            while len(pending) > config.execution.write_workers:
+                markers.append(pending.popleft().result())
+        markers += [future.result() for future in pending]
+    return markers
+
+
+def record_shard_rejects(run_uri: str) -> int:
+    """Merge the rejects the shards found into ``rejects.parquet`` and mark those images
+    ``rejected`` in ``images.parquet`` (one writer: call once, after every shard). Returns the
+    number of rows of the rejects table."""
+    run = RunDir(run_uri)
+    found = run.read_shard_rejects()
+    rejects = run.read_table("rejects")
+    if found:
+        new = pd.DataFrame(found, columns=REJECT_COLUMNS)
+        rejects = pd.concat([rejects, new], ignore_index=True).drop_duplicates(["path", "image_id"], keep="first")
+        images = run.read_table("images")
+        bad = pd.Series(list(zip(images["path"], images["image_id"])), index=images.index).isin(
+            set(zip(new["path"], new["image_id"])))
+        if (bad & (images["status"] == "ok")).any():
+            images.loc[bad & (images["status"] == "ok"), "status"] = "rejected"
+            run.write_table("images", images)
+        run.write_table("rejects", rejects.reset_index(drop=True))
+    return len(rejects)
 
 
 def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
@@ -197,9 +291,10 @@ def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
     if config.dataset:
         candidates += dataset_candidates(config.dataset, model.class_names)
     images, rejects = scan(candidates, config.extract.shard_size, config.extract.max_pixels, config.extract.min_size,
-                           threads=max(4, config.execution.loader_workers))
-    if images.empty:
-        raise ValueError(f"none of the {len(candidates)} images could be read; see tables/rejects.parquet")
+                           threads=max(4, config.execution.loader_workers), known_rejects=run.read_table("rejects"))
+    if not (images["status"] == "ok").any():
+        run.write_table("rejects", rejects)
+        raise ValueError(f"none of the {len(candidates)} files is a usable image; see tables/rejects.parquet")
     shards = prepare_store(run, config, model, images)
     run.write_table("rejects", rejects)
     run.write_table("images", images)  # written last: a shard task reads its rows from it

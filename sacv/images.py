@@ -1,6 +1,6 @@
 """Robust image input: read bytes from any fsspec URL, hash, decode to 8-bit RGB.
 
-Every bad input raises `ImageRejected` with a stage ("read" or "decode") and a short reason,
+Every bad input raises `ImageRejected` with a stage ("list", "read" or "decode") and a short reason,
 so callers can record it in rejects.parquet instead of silently dropping it.
 """
 
@@ -22,7 +22,7 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 class ImageRejected(ValueError):
-    """An input that cannot be used as an image; `stage` is "read" or "decode"."""
+    """An input that cannot be used as an image; `stage` is "list", "read" or "decode"."""
 
     def __init__(self, stage: str, reason: str):
         super().__init__(f"{stage}: {reason}")
@@ -116,6 +116,33 @@ def decode_image(
         raise ImageRejected("decode", _decode_error_reason(e)) from None
 
 
+def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = DEFAULT_MIN_SIZE) -> None:
+    """Check the header only (no pixel data decoded): an image PIL can identify, within the size
+    limits. Raises ImageRejected(stage="decode"); truncated or corrupt pixel data is found later,
+    by :func:`decode_image`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                _check_size(*img.size, max_pixels, min_size)
+    except ImageRejected:
+        raise
+    except UnidentifiedImageError:
+        raise ImageRejected("decode", "not an image (cannot identify image file)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected("decode", f"too large: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+        raise ImageRejected("decode", _decode_error_reason(e)) from None
+
+
+def check_supported(path: str) -> None:
+    """Reject (stage "list") a file whose suffix is not a supported image type."""
+    if not path.lower().endswith(IMAGE_EXTENSIONS):
+        suffix = path.rsplit("/", 1)[-1].rpartition(".")[2] if "." in path.rsplit("/", 1)[-1] else ""
+        kind = f"'.{suffix.lower()}'" if suffix else "without a suffix"
+        raise ImageRejected("list", f"unsupported file type {kind}; supported: {', '.join(IMAGE_EXTENSIONS)}")
+
+
 def load_image(
     path: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = DEFAULT_MIN_SIZE
 ) -> tuple[str, Image.Image]:
@@ -125,11 +152,16 @@ def load_image(
 
 
 def list_images(root: str) -> list[str]:
-    """Sorted image files under a local folder or fsspec URL, recursively.
+    """Sorted image files under a local folder or fsspec URL, recursively (see :func:`list_files`)."""
+    return [p for p in list_files(root) if p.lower().endswith(IMAGE_EXTENSIONS)]
 
-    Files whose suffix (case-insensitive) is not in IMAGE_EXTENSIONS are skipped, as are
-    hidden files and anything inside hidden folders (names starting with "."). Local paths
-    are returned as plain absolute paths, remote ones as full URLs.
+
+def list_files(root: str) -> list[str]:
+    """Sorted files under a local folder or fsspec URL, recursively, of any type.
+
+    Hidden files and anything inside hidden folders (names starting with ".") are skipped; files of
+    other types are kept, so that a scan can list them as rejects (:func:`check_supported`). Local
+    paths are returned as plain absolute paths, remote ones as full URLs.
     """
     fs, base = fsspec.core.url_to_fs(root)
     if not fs.isdir(base):
@@ -139,8 +171,6 @@ def list_images(root: str) -> list[str]:
     for p in fs.find(base):
         parts = p[len(base):].strip("/").split("/")
         if any(part.startswith(".") for part in parts):
-            continue
-        if not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
             continue
         out.append(p if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(p))
     return sorted(out)

@@ -27,7 +27,7 @@ CONTRIBUTION_VIEW = [  # (header, column, formatter); the first column of a cell
     ("class", "class_name"), ("layer", "layer"), ("concept", "concept"), ("n_images", "n_images"),
     ("spatial_score [95% CI]", "spatial_score"), ("spatial null", "spatial_score_null"),
     ("tcav_score", "tcav_score"), ("tcav null", "tcav_score_null"), ("p_adjusted", "p_adjusted"),
-    ("effect_size", "effect_size"), ("significant", "significant"), ("reason", "reason"),
+    ("effect_size", "effect_size"), ("direction", "direction"), ("significant", "significant"), ("reason", "reason"),
 ]
 
 
@@ -170,12 +170,26 @@ def _gallery(ctx: _Context, layer: str, positions: list, notes: list[str]) -> st
     return plots.patch_gallery(patches, labels)
 
 
+def ordered_contributions(table: pd.DataFrame) -> pd.DataFrame:
+    """Significant rows that raise the class logit, then significant rows that lower it, then the
+    rest; within each, the largest |effect size| first."""
+    group = np.select([table["significant"] & (table["direction"] == "positive"), table["significant"]], [0, 1], 2)
+    ordered = table.assign(_g=group, _s=-table["effect_size"].abs().fillna(-1.0))
+    return ordered.sort_values(["_g", "_s"], kind="stable").drop(columns=["_g", "_s"])
+
+
+def _row_class(row) -> str:
+    if not row["significant"]:
+        return ""
+    return "sig neg" if row["direction"] == "negative" else "sig"
+
+
 def _chosen_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
-    strength = table.assign(_s=table["effect_size"].abs().fillna(-1.0))
-    significant = strength[strength["significant"]].sort_values("_s", ascending=False)
+    ordered = ordered_contributions(table)
+    significant = ordered[ordered["significant"]]
     if len(significant):
         return significant.head(MAX_SECTIONS), True
-    return strength.sort_values("_s", ascending=False).head(3), False
+    return ordered.head(3), False
 
 
 def _section_html(section: Section, significant: bool) -> str:
@@ -184,7 +198,12 @@ def _section_html(section: Section, significant: bool) -> str:
     stats = (f"spatial score {fmt(row['spatial_score'])} (null {fmt(row['spatial_score_null'])}), "
              f"TCAV {fmt(row['tcav_score'])} (null {fmt(row['tcav_score_null'])}), "
              f"effect size {fmt(row['effect_size'])}, p<sub>adj</sub> {fmt(row['p_adjusted'])}")
-    badge = '<span class="badge sig">significant</span>' if significant else '<span class="badge ns">not significant</span>'
+    if significant:
+        negative = row["direction"] == "negative"
+        badge = (f'<span class="badge sig{" neg" if negative else ""}">significant: '
+                 f'{"lowers" if negative else "raises"} the class logit</span>')
+    else:
+        badge = '<span class="badge ns">not significant</span>'
     parts = [f'<section class="concept"><h3>{title} {badge}</h3><p class="stats">{stats}</p>']
     parts += [f'<p class="note">{note}</p>' for note in section.notes]
     if section.maps_uri:
@@ -215,7 +234,9 @@ def _header(run: RunDir, record: dict, images, rejects, vectors, table) -> str:
         facts.append(("vectors", f"{len(concept)} concept ({int(concept['near_chance'].sum())} near chance), "
                                  f"{len(vectors) - len(concept)} null"))
     if table is not None:
-        facts.append(("contributions", f"{len(table)} rows, {int(table['significant'].sum())} significant"))
+        signs = table.loc[table["significant"], "direction"].value_counts()
+        facts.append(("contributions", f"{len(table)} rows, {int(table['significant'].sum())} significant "
+                                       f"({signs.get('positive', 0)} raise, {signs.get('negative', 0)} lower the class logit)"))
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)
     return f'<table class="facts">{rows}</table>'
 
@@ -244,15 +265,17 @@ def build_report(run_uri: str, top_images: int = 3) -> str:
         body.append('<h2>Contributions</h2><p class="note">No contributions table: run the score stage.</p>')
     else:
         body.append("<h2>Contributions</h2><p>One row per (class, concept, layer); click a column header to sort. "
-                    "Significant rows are highlighted.</p>"
-                    + table_html(table, "contributions", _contribution_cells, lambda r: "sig" if r["significant"] else ""))
+                    "Significant rows are highlighted: green where the concept raises the class logit (direction "
+                    "positive), red where it lowers it (negative); they come first, in that order.</p>"
+                    + table_html(ordered_contributions(table), "contributions", _contribution_cells, _row_class))
         chosen, significant = _chosen_rows(table)
         body.append("<h2>Where the concepts are</h2>")
         if not significant:
             body.append(f'<p class="note">No row is significant; the {len(chosen)} rows with the largest |effect size| '
                         "are shown, and they are <b>not significant</b>.</p>")
         elif table["significant"].sum() > MAX_SECTIONS:
-            body.append(f"<p>The {MAX_SECTIONS} significant rows with the largest |effect size| are shown.</p>")
+            body.append(f"<p>The first {MAX_SECTIONS} significant rows are shown: those that raise the class logit, "
+                        "then those that lower it, each by |effect size|.</p>")
         if len(chosen) and vectors is not None and images is not None:
             ctx = _Context(run, record)
             body += [_section_html(_section(ctx, row, top_images), significant) for _, row in chosen.iterrows()]
@@ -288,7 +311,7 @@ table.sortable th:hover{background:#dde3ea}
 table.sortable th[aria-sort=ascending]::after{content:" \\25B2";font-size:.8em}
 table.sortable th[aria-sort=descending]::after{content:" \\25BC";font-size:.8em}
 table.sortable tbody tr:nth-child(even){background:#fafbfc}
-table.sortable tbody tr.sig{background:#e3f4e1;font-weight:600}
+table.sortable tbody tr.sig{background:#e3f4e1;font-weight:600}table.sortable tbody tr.sig.neg{background:#fbe3e1}
 table.facts{width:auto}table.facts th{color:#5a6372;font-weight:600;padding-right:18px;white-space:nowrap}
 table.facts td{word-break:break-all;font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:.95em}
 .scroll{overflow-x:auto;max-height:560px;overflow-y:auto;border:1px solid #e3e6eb;border-radius:4px}
@@ -297,7 +320,7 @@ table.facts td{word-break:break-all;font-family:ui-monospace,"DejaVu Sans Mono",
 section.concept{border:1px solid #e3e6eb;border-radius:6px;padding:12px 16px;margin:16px 0}
 .stats{color:#3c4654;margin:.3em 0 .6em}
 .badge{font-size:.75em;padding:2px 8px;border-radius:10px;margin-left:6px;vertical-align:middle}
-.badge.sig{background:#2e7d32;color:#fff}.badge.ns{background:#c9ced6;color:#1d2430}
+.badge.sig{background:#2e7d32;color:#fff}.badge.sig.neg{background:#b3261e}.badge.ns{background:#c9ced6;color:#1d2430}
 figure{margin:10px 0}figure img{max-width:100%;height:auto;display:block}
 figcaption{font-size:.85em;color:#3c4654;margin-top:4px}figcaption ul{margin:4px 0;padding-left:20px}
 </style></head>

@@ -5,6 +5,7 @@ Layout (docs/store.md, docs/architecture.md)::
     RUN/store.zarr/                  activations, gradients, vectors, maps (``store_uri``)
     RUN/tables/<name>.parquet        result tables (``read_table`` / ``write_table``)
     RUN/shards/<group>/<shard>.json  extraction done-markers (``read_shard_marker``)
+    RUN/shards/<group>/<shard>.rejects.json   images a shard could not decode (``read_shard_rejects``)
     RUN/fits/plan.json               the planned fit jobs (``read_fit_plan``)
     RUN/fits/<layer>/<key>.json      one cached fit result per job (``read_fit_result``)
     RUN/scores/<shard>.parquet|json  per-shard scores and their marker (``read_shard_scores``)
@@ -139,6 +140,21 @@ class RunDir:
     def write_shard_marker(self, group: str, shard: int, marker: dict) -> None:
         """Written after all of the shard's arrays: its presence means the shard is done."""
         self._write_json(f"shards/{group}/{shard:06d}.json", marker)
+
+    def write_shard_rejects(self, group: str, shard: int, rejects: list[dict]) -> None:
+        """The images the shard could not decode (written before its marker); none: no file."""
+        relpath = f"shards/{group}/{shard:06d}.rejects.json"
+        if rejects:
+            self._write_json(relpath, {"rejects": rejects})
+        elif self._exists(relpath):
+            self.fs.rm(self._path(relpath))
+
+    def read_shard_rejects(self) -> list[dict]:
+        """Every shard's decode rejects, over all groups (one listing of ``shards/``)."""
+        if not self._exists("shards"):
+            return []
+        found = sorted(self.fs.glob(self._path("shards/*/*.rejects.json")))
+        return [r for path in found for r in json.loads(self.fs.cat_file(path))["rejects"]]
 
     # --- fits ------------------------------------------------------------------------------------
 

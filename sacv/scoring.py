@@ -81,15 +81,19 @@ def _read_vectors(run: RunDir) -> pd.DataFrame:
 
 
 def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.DataFrame, mode: str) -> pd.DataFrame:
-    """Scores of one dataset shard (``rows``: its images in row order) for every layer and vector of
-    ``vectors`` (the vectors table); ``mode``: blockwise | streamed."""
-    start, stop = int(rows["row"].iloc[0]), int(rows["row"].iloc[-1]) + 1
+    """Scores of one dataset shard (``rows``: its decodable images in row order; rows of images a
+    shard could not decode are skipped) for every layer and vector of ``vectors`` (the vectors
+    table); ``mode``: blockwise | streamed."""
+    store = zarr.open_group(run.store_uri, mode="r")
+    start = int(rows["shard"].iloc[0]) * config.extract.shard_size  # the shard's region = one chunk
+    stop = min(start + config.extract.shard_size, store["dataset/targets"].shape[0])
+    within = rows["row"].to_numpy(dtype=np.int64) - start  # (n,) rows of the images inside the region
     if mode == "blockwise":
-        store = zarr.open_group(run.store_uri, mode="r")
         if f"dataset/{config.layers[0]}/grad" not in store:
             raise RuntimeError("blockwise scoring needs stored gradients: set extract.keep_gradients: true, or score.mode: streamed")
-        targets = store["dataset/targets"][start:stop]
-        per_layer = {layer: (store[f"dataset/{layer}/act"][start:stop], store[f"dataset/{layer}/grad"][start:stop]) for layer in config.layers}
+        targets = store["dataset/targets"][start:stop][within]
+        per_layer = {layer: (store[f"dataset/{layer}/act"][start:stop][within], store[f"dataset/{layer}/grad"][start:stop][within])
+                     for layer in config.layers}
     elif mode == "streamed":
         per_layer, targets = recompute_layers(config, rows)
     else:
@@ -98,10 +102,12 @@ def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.
     for layer, (act, grad) in per_layer.items():
         v, offsets, vector_table = _layer_vectors(run, vectors, layer)
         maps = concept_maps(act.astype(np.float32), v, offsets, grad.astype(np.float32))
-        if config.score.store_maps:  # this shard's rows are whole chunks of the map arrays: one writer
-            store = zarr.open_group(run.store_uri, mode="r+")
-            write_region(store[f"maps/{layer}/S_k"], start, maps.s_k)
-            write_region(store[f"maps/{layer}/S_kc"], start, maps.s_kc)
+        if config.score.store_maps:  # this shard's rows are one whole chunk of the map arrays: one writer
+            writable = zarr.open_group(run.store_uri, mode="r+")
+            for name, values in (("S_k", maps.s_k), ("S_kc", maps.s_kc)):
+                region = np.zeros((stop - start, *values.shape[1:]), np.float16)  # (rows, K, H, W); 0 where no image
+                region[within] = values
+                write_region(writable[f"maps/{layer}/{name}"], start, region)
         tables.append(_table(summarize_maps(maps), rows, np.asarray(targets), layer, vector_table))
     return pd.concat(tables, ignore_index=True)
 
@@ -171,7 +177,7 @@ def build_tables(run_uri: str, config: RunConfig, shards: list[int]) -> dict:
     run = RunDir(run_uri)
     scores = pd.concat([run.read_shard_scores(s) for s in shards], ignore_index=True)
     table = contributions(scores, class_names_of(run.store_uri), config.score.alpha, config.score.correction,
-                          config.score.min_images)
+                          config.score.min_images, config.score.statistic)
     return {
         "image_scores": run.write_table("image_scores", scores),
         "contributions": run.write_table("contributions", table),

@@ -1,4 +1,4 @@
-"""Extraction tasks: plan the run, extract one shard."""
+"""Extraction tasks: plan the run, extract a block of shards, record the rejects the shards found."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from sacv.plans import ExtractPlan
 
 @task(name="plan-extraction")
 def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
-    """Scan collections, write images/rejects tables and the store template; return the shard plan."""
+    """List and hash the collections, write images/rejects tables and the store template; return the shard plan."""
     plan = extraction.plan_extraction(run_uri, config)
     logger = get_run_logger()
     logger.info("%d images, %d rejected, shards %s, %d to do", plan.images, plan.rejects, plan.shards, len(plan.todo))
@@ -20,12 +20,20 @@ def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
     return plan
 
 
-@task(name="extract-shard", retries=1, retry_delay_seconds=2)
-def extract_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
-    """Extract one shard (= one Zarr chunk) and write its done-marker last; return the marker."""
+@task(name="extract-shards", retries=1, retry_delay_seconds=2)
+def extract_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -> list[dict]:
+    """Extract a block of shards (each = one Zarr chunk, marker written last); return the markers."""
     try:
-        marker = extraction.run_shard(run_uri, config, group, shard)
+        markers = extraction.run_shards(run_uri, config, group, shards)
     except Exception as err:
-        raise RuntimeError(f"shard {group}/{shard} failed: {err}") from err
-    get_run_logger().info("shard %s/%d: %d images in %.1f s", group, shard, marker["images"], marker["seconds"])
-    return marker
+        raise RuntimeError(f"shards {group}/{shards[0]}..{shards[-1]} failed: {err}") from err
+    logger = get_run_logger()
+    for shard, marker in zip(shards, markers):
+        logger.info("shard %s/%d: %d images, %d rejected, %.1f s", group, shard, marker["images"], marker["rejected"], marker["seconds"])
+    return markers
+
+
+@task(name="record-rejects")
+def record_rejects(run_uri: str) -> int:
+    """Merge the shards' decode rejects into the rejects and images tables; return the rejects count."""
+    return extraction.record_shard_rejects(run_uri)

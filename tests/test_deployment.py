@@ -23,6 +23,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -99,7 +100,7 @@ def _write_config(tmp_path: Path) -> Path:
         "run_dir": str(tmp_path / "run"),
         "model": {"spec": "tests.models:small"},
         "layers": ["features.2"],
-        "concepts": {"root": str(root / "concepts"), "random_sets": 2, "images_per_set": 3},
+        "concepts": {"root": str(root / "concepts"), "random_sets": 3, "images_per_set": 4},
         "dataset": {"root": str(root / "data"), "target": "label"},
         "extract": {"shard_size": 4, "batch_size": 3},
         "fit": {"solver": "lbfgs"},
@@ -194,6 +195,8 @@ def test_audit_deployment_runs_on_a_process_worker(tmp_path):
         assert state == "COMPLETED", f"flow run ended {state}: {flow_run['state'].get('message')}\n{debug()}"
         for table in TABLES:
             assert (tmp_path / "run" / "tables" / f"{table}.parquet").is_file(), f"{table} missing\n{debug()}"
+        tested = pd.read_parquet(tmp_path / "run" / "tables" / "contributions.parquet")
+        assert tested["p_value"].notna().all(), f"untested contributions:\n{tested[['concept', 'reason']]}"
         assert flow_run["parameters"] == {"config_path": str(config_path)}
         # The flow run process imports flows/__init__.py, whose embedded defaults switch off server
         # services; they must not reach this server: its task runs are still recorded.

@@ -145,8 +145,11 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
     Image.fromarray(rng.integers(0, 255, size=(40, 40, 4), dtype=np.uint8), "RGBA").save(folder / "alpha.png")
     Image.new("RGB", (1, 1), (10, 20, 30)).save(folder / "tiny.png")
     Image.new("RGB", (120, 120), (200, 10, 10)).save(folder / "huge.png")
+    (folder / "notes.txt").write_text("not an image file type")
+    (folder / "logo.svg").write_text("<svg/>")
     return {"truncated.jpg": "truncated", "empty.jpg": "zero-byte", "text.png": "not an image",
-            "tiny.png": "too small", "huge.png": "too large"}
+            "tiny.png": "too small", "huge.png": "too large", "notes.txt": "unsupported file type '.txt'",
+            "logo.svg": "unsupported file type '.svg'"}
 
 
 def test_bad_inputs_are_rejected_with_reasons_and_the_rest_is_stored(tmp_path, prefect):
@@ -159,11 +162,50 @@ def test_bad_inputs_are_rejected_with_reasons_and_the_rest_is_stored(tmp_path, p
     assert reasons.keys() == expected.keys()
     for name, fragment in expected.items():
         assert fragment in reasons[name], (name, reasons[name])
-    assert set(rejects["stage"]) <= {"read", "decode"}
+    stages = dict(zip(rejects["path"].map(lambda p: Path(p).name), rejects["stage"]))
+    assert stages["notes.txt"] == stages["logo.svg"] == "list" and stages["empty.jpg"] == "read"
+    assert stages["truncated.jpg"] == "decode"  # found by the shard that decoded it: pixels decoded once
     images = pd.read_parquet(Path(config.run_dir) / "tables/images.parquet")
-    assert sorted(Path(p).name for p in images["path"]) == ["alpha.png", "cmyk.jpg", "deep16.png", "good.jpg"]
-    acts = zarr.open_group(str(Path(config.run_dir) / "store.zarr"))["dataset/features.0/act"][...]
-    assert acts.shape[0] == 4 and np.isfinite(acts).all() and (np.abs(acts).reshape(4, -1).sum(1) > 0).all()
+    ok = images[images["status"] == "ok"]
+    assert sorted(Path(p).name for p in ok["path"]) == ["alpha.png", "cmyk.jpg", "deep16.png", "good.jpg"]
+    quarantined = images[images["status"] == "rejected"]
+    assert list(quarantined["path"].map(lambda p: Path(p).name)) == ["truncated.jpg"]  # keeps its row, filled with 0
+    store = zarr.open_group(str(Path(config.run_dir) / "store.zarr"))
+    acts = store["dataset/features.0/act"][...]
+    assert acts.shape[0] == 5 and np.isfinite(acts).all()
+    assert (np.abs(acts[ok["row"].to_numpy(int)]).reshape(4, -1).sum(1) > 0).all()
+    bad_row = int(quarantined["row"].iloc[0])
+    assert not acts[bad_row].any() and store["dataset/targets"][bad_row] == -1
+    # a rerun neither tries the known reject again nor redoes a shard
+    again = run_extract(config)
+    assert again.shards_run == 0 and again.rejects == len(expected) and again.images == 4
+    assert pd.read_parquet(Path(config.run_dir) / "tables/rejects.parquet").equals(rejects)
+
+
+def test_a_file_that_changes_after_planning_is_a_reject_not_a_failed_shard(tmp_path, prefect, monkeypatch):
+    folder = tmp_path / "data" / "cat"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    config = make_config(tmp_path, with_concepts=False)
+    import sacv.extraction as extraction
+
+    planned = extraction.plan_extraction
+
+    def plan_then_change(run_uri, cfg):
+        plan = planned(run_uri, cfg)
+        Image.fromarray(rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)).save(folder / "img1.png")
+        return plan
+
+    monkeypatch.setattr(extraction, "plan_extraction", plan_then_change)
+    summary = run_extract(config)
+    rejects = pd.read_parquet(Path(config.run_dir) / "tables/rejects.parquet")
+    assert summary.rejects == 1 and summary.images == 2
+    assert Path(rejects["path"].iloc[0]).name == "img1.png" and "changed since planning" in rejects["reason"].iloc[0]
+    monkeypatch.undo()
+    rerun = run_extract(config)  # the changed file has a new content id: planned and extracted again
+    assert rerun.images == 3 and rerun.rejects == 0
 
 
 def test_cli_reports_done_with_rejects(tmp_path):
@@ -177,7 +219,7 @@ def test_cli_reports_done_with_rejects(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sacv.cli", "extract", str(config), "--strict"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 3, result.stdout + result.stderr
-    assert "extract done with rejects: 4 images, 5 rejected" in result.stdout
+    assert "extract done with rejects: 4 images, 7 rejected" in result.stdout  # 5 bad images, 2 other file types
 
 
 def test_dask_runner_gives_the_same_store_as_the_thread_pool(collection, prefect):

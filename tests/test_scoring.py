@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 import zarr
 from click.testing import CliRunner
+from scipy import stats
 
 from flows.pipeline import run_pipeline
 from flows.score import run_score
@@ -67,18 +69,71 @@ def test_image_scores_equal_a_direct_numpy_computation(scored):
                 assert (got["argmax_i"], got["argmax_j"]) == np.unravel_index(np.argmax(s_k), s_k.shape)
 
 
-def test_contribution_rows_aggregate_the_image_scores(scored):
+def _per_set(part: pd.DataFrame, key: list[str]) -> pd.DataFrame:
+    """Spatial score (pooled over the class's images), TCAV score and images with a relevant position, per vector."""
+    rows = {}
+    for name, vector in part.groupby(key):
+        relevant, positive = vector["relevant_frac"].to_numpy(), vector["positive_frac"].fillna(0).to_numpy()
+        rows[name] = {"spatial": (relevant * positive).sum() / relevant.sum(), "tcav": (vector["s_kc_sum"] > 0).mean(),
+                      "relevant_images": (relevant > 0).sum()}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _permutation_p(x: np.ndarray, y: np.ndarray) -> float:
+    pooled, observed, n = np.concatenate([x, y]), abs(x.mean() - y.mean()), len(x)
+    diffs = [abs(pooled[list(c)].mean() - np.delete(pooled, list(c)).mean()) for c in itertools.combinations(range(len(pooled)), n)]
+    return float(np.mean(np.array(diffs) >= observed - 1e-12))
+
+
+def _holm(p: np.ndarray) -> np.ndarray:
+    order, m = np.argsort(p, kind="stable"), len(p)
+    adjusted, running = np.empty(m), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")  # one side constant: SciPy warns, p stands
+def test_contribution_columns_equal_scipy_on_a_pipeline_table(scored):
     _, config, summary = scored
     run = Path(config.run_dir)
     scores = pd.read_parquet(run / "tables/image_scores.parquet")
     table = pd.read_parquet(run / "tables/contributions.parquet")
     assert summary.score.rows == len(table) == 2 * 3 * 2  # layers x concepts x classes
-    row = table.iloc[0]
-    mine = scores[(scores["layer"] == row["layer"]) & (scores["concept"] == row["concept"]) & (scores["target"] == row["class_index"])]
-    per_set = mine.groupby("random_set")
-    assert row["n_images"] == mine["image_id"].nunique() and row["n_random_sets"] == 3
-    assert row["tcav_score"] == pytest.approx(per_set.apply(lambda g: (g["s_kc_sum"] > 0).mean()).mean())
-    assert row["spatial_score"] == pytest.approx(per_set["positive_frac"].mean().mean())
+    assert config.score.statistic == "both" and config.score.correction == "holm"
+    expected = []
+    for _, row in table.iterrows():
+        mine = scores[(scores["layer"] == row["layer"]) & (scores["target"] == row["class_index"])]
+        concept = _per_set(mine[(mine["concept"] == row["concept"]) & (mine["kind"] == "concept")], ["random_set"])
+        null = _per_set(mine[mine["kind"] == "null"], ["concept", "random_set"])  # null vector random_i vs random_j
+        x, y = concept["spatial"].to_numpy(), null["spatial"].to_numpy()
+        p = {}
+        for name, (a, b) in {"spatial": (x, y), "tcav": (concept["tcav"].to_numpy(), null["tcav"].to_numpy())}.items():
+            constant = a.std() == 0 and b.std() == 0
+            p[name] = _permutation_p(a, b) if constant else stats.ttest_ind(a, b, equal_var=False).pvalue
+        mannwhitney = _permutation_p(x, y) if x.std() == 0 and y.std() == 0 else stats.mannwhitneyu(x, y, alternative="two-sided").pvalue
+        low, high = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x)) if x.std() > 0 else (x.mean(),) * 2
+        expected.append({
+            "n_images": mine["image_id"].nunique(), "n_random_sets": len(x), "n_null": len(y),
+            "n_images_relevant": concept["relevant_images"].mean(), "n_images_relevant_null": null["relevant_images"].mean(),
+            "spatial_score": x.mean(), "spatial_score_null": y.mean(), "spatial_score_ci_low": low, "spatial_score_ci_high": high,
+            "tcav_score": concept["tcav"].mean(), "tcav_score_null": null["tcav"].mean(),
+            "p_value": p["spatial"], "p_value_tcav": p["tcav"], "p_value_mannwhitney": mannwhitney,
+            "effect_size": (x.mean() - y.mean()) / np.sqrt((x.var(ddof=1) + y.var(ddof=1)) / 2),
+        })
+    expected = pd.DataFrame(expected)
+    for column in expected.columns:
+        np.testing.assert_allclose(table[column].to_numpy(dtype=float), expected[column].to_numpy(dtype=float), rtol=1e-9, err_msg=column)
+    family = _holm(np.concatenate([expected["p_value"], expected["p_value_tcav"]])).reshape(2, -1)
+    np.testing.assert_allclose(table["p_adjusted"], family.min(axis=0), rtol=1e-12)
+    tcav_tested = family[1] < family[0]
+    difference = np.where(tcav_tested, expected["tcav_score"] - expected["tcav_score_null"],
+                          expected["spatial_score"] - expected["spatial_score_null"])
+    assert list(table["direction"]) == ["positive" if d > 0 else "negative" for d in difference]
+    assert list(table["significant"]) == list(family.min(axis=0) < config.score.alpha)
+    bh = contributions(scores, list(map(str, range(5))), config.score.alpha, "bh", config.score.min_images, "spatial")
+    np.testing.assert_allclose(bh["p_adjusted"], stats.false_discovery_control(expected["p_value"]), rtol=1e-12)
 
 
 def test_streamed_scores_equal_blockwise_scores(scored):

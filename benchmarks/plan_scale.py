@@ -1,0 +1,83 @@
+"""Planning at collection scale: list, read, hash and header-check many small files.
+
+Generates ``--files`` small PNGs (16x16, distinct content) in class folders, then times
+``sacv.catalog.dataset_candidates`` (listing) and ``sacv.catalog.scan`` (read + sha256 + header
+check in a thread pool, row assignment) on them, the work of the ``plan-extraction`` task before
+the store template. Pixels are not decoded at planning (the shards decode each image once).
+
+    python benchmarks/plan_scale.py --files 100000 --out benchmarks/results/plan_scale_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import print_table, write_json  # benchmarks/common.py (the script folder is on sys.path)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=100_000)
+    parser.add_argument("--classes", type=int, default=100, help="class folders (ImageNet class indices)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[4, 16], help="scan thread counts to time")
+    parser.add_argument("--out", default="benchmarks/results/plan_scale_cpu.json")
+    return parser.parse_args(argv)
+
+
+def write_files(root: Path, n: int, classes: int) -> None:
+    """``n`` distinct 16x16 PNGs, spread over ``classes`` folders named by class index."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, size=(16, 16, 3), dtype=np.uint8)
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+    for i in range(n):
+        pixels = base.copy()
+        pixels.reshape(-1)[: 4] = np.frombuffer(i.to_bytes(4, "little"), np.uint8)  # distinct content
+        Image.fromarray(pixels).save(root / str(i % classes) / f"img_{i:07d}.png", compress_level=1)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    from sacv.catalog import dataset_candidates, scan
+    from sacv.config import DatasetConfig
+    from sacv.models import imagenet_class_names
+
+    result = {"benchmark": "plan_scale", "files": args.files, "cpus": os.cpu_count(), "runs": []}
+    with tempfile.TemporaryDirectory(prefix="sacv-plan-") as tmp:
+        root = Path(tmp) / "data"
+        started = time.perf_counter()
+        write_files(root, args.files, args.classes)
+        result["generate_seconds"] = round(time.perf_counter() - started, 1)
+        config = DatasetConfig(root=str(root))
+        class_names = imagenet_class_names()  # imported before the timing (torchvision import)
+        rows = [("files", str(args.files)), ("generate", f"{result['generate_seconds']} s")]
+        for threads in args.threads:
+            started = time.perf_counter()
+            candidates = dataset_candidates(config, class_names)
+            listed = time.perf_counter() - started
+            images, rejects = scan(candidates, shard_size=32, max_pixels=89_478_485, min_size=8, threads=threads)
+            total = time.perf_counter() - started
+            assert len(images) == args.files and rejects.empty
+            run = {"threads": threads, "list_seconds": round(listed, 2), "plan_seconds": round(total, 2),
+                   "files_per_s": round(args.files / total, 1)}
+            result["runs"].append(run)
+            rows.append((f"list + hash + header, {threads} threads",
+                         f"{run['plan_seconds']} s ({run['files_per_s']} files/s; listing {run['list_seconds']} s)"))
+    print_table(rows)
+    write_json(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
