@@ -15,13 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import zarr
 
 from sacv import report_plots as plots
-from sacv.catalog import ImageCatalog
-from sacv.images import ImageRejected, load_image
-from sacv.maps import concept_maps, upsample_map
-from sacv.models import Preprocessing
+from sacv.api import Run
+from sacv.images import ImageRejected
 from sacv.rundir import RunDir
 
 MAX_SECTIONS = 12
@@ -95,16 +92,12 @@ class Section:
 
 
 class _Context:
-    """What the per-section figures need: tables, store, preprocessing and (lazily) the model."""
+    """What the per-section figures need: the run (``sacv.api.Run``: rankings, vectors, maps, as a
+    notebook sees them) and (lazily) the model."""
 
     def __init__(self, run: RunDir, record: dict):
         self.run, self.record = run, record
-        self.dataset = ImageCatalog.read(run).rows("dataset").set_index("row")
-        self.scores = run.read_table("image_scores")
-        self.vectors = run.read_table("vectors")
-        self.store = zarr.open_group(run.store_uri, mode="r")
-        prep = record.get("model", {}).get("preprocessing")
-        self.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()}) if prep else None
+        self.api = Run(run)
         self._model, self._model_error, self._fields = None, None, {}
 
     def model(self):
@@ -114,7 +107,6 @@ class _Context:
             config = self.record.get("config", {}).get("model", {})
             try:
                 self._model = load_model(config.get("spec") or self.record["model"]["spec"], config.get("weights"))
-                self.preprocessing = self.preprocessing or self._model.preprocessing
             except Exception as err:  # noqa: BLE001 - the report must still be written
                 self._model_error = f"{type(err).__name__}: {err}"
         return self._model
@@ -127,57 +119,36 @@ class _Context:
         return self._fields[layer, size]
 
     def picture(self, row: int) -> tuple[np.ndarray | None, str]:
-        path = str(self.dataset.loc[row, "path"])
+        path = str(self.api.image(row)["path"])
         try:
-            _, image = load_image(path)
+            return self.api.picture(row), path
         except ImageRejected as err:
             return None, path + f" (unreadable now: {err})"
-        return np.asarray(self.preprocessing.geometry(image) if self.preprocessing else image), path
-
-    def concept_vector(self, layer: str, concept: str) -> tuple[np.ndarray, float]:
-        own = self.vectors[(self.vectors["layer"] == layer) & (self.vectors["concept"] == concept) & (self.vectors["kind"] == "concept")]
-        rows = own["vector_row"].to_numpy()
-        v, b = self.store[f"vectors/{layer}/v"][...][rows], self.store[f"vectors/{layer}/b"][...][rows]
-        mean = v.mean(axis=0)
-        norm = float(np.linalg.norm(mean)) or 1.0
-        return mean / norm, float(b.mean()) / norm  # decision of the mean: f·mean(v) + mean(b), rescaled
-
-    def maps(self, layer: str, row: int, vector: np.ndarray, offset: float):
-        act = self.store[f"dataset/{layer}/act"][row].astype(np.float32)[None]
-        grad_path = f"dataset/{layer}/grad"
-        grad = self.store[grad_path][row].astype(np.float32)[None] if grad_path in self.store else None
-        result = concept_maps(act, vector, np.array([offset]), grad)
-        return result.s_k[0, 0], result.decision[0, 0], None if result.s_kc is None else result.s_kc[0, 0]
 
 
 def _section(ctx: _Context, row: pd.Series, top_images: int) -> Section:
     layer, concept, cls = row["layer"], row["concept"], int(row["class_index"])
     notes: list[str] = []
-    scores = ctx.scores
-    mine = scores[(scores["layer"] == layer) & (scores["concept"] == concept) & (scores["kind"] == "concept") & (scores["target"] == cls)]
-    ranked = mine.groupby("row")["s_kc_sum"].mean().sort_values(ascending=False)
+    ranked = ctx.api.top_images(layer, concept, cls, n=None).set_index("row")["s_kc_sum"]
     top = list(ranked.index[:top_images])
     bottom = [r for r in ranked.index[::-1][:top_images] if r not in top]
-    vector, offset = ctx.concept_vector(layer, concept)
-    pictures, s_k, s_kc, labels, captions, positions = [], [], [], [], [], []
+    maps, pictures, labels, captions, positions = [], [], [], [], []
     for rank, r in [(f"top {i + 1}", r) for i, r in enumerate(top)] + [(f"bottom {i + 1}", r) for i, r in enumerate(bottom)]:
         image, path = ctx.picture(int(r))
-        m_k, decision, m_kc = ctx.maps(layer, int(r), vector, offset)
-        if image is None:
-            image = np.full((*m_k.shape, 3), 200, dtype=np.uint8)
-        size = image.shape[:2]
+        m = ctx.api.maps(int(r), layer, concept, recompute=False)  # the notebook's maps, stored gradients only
+        maps.append(m)
         pictures.append(image)
-        s_k.append(upsample_map(m_k, size))
-        s_kc.append(None if m_kc is None else upsample_map(m_kc, size))
         labels.append(f"{rank}\nΣS→c = {ranked[r]:.3g}")
         captions.append(f"<b>{esc(rank)}</b>: {esc(path.rsplit('/', 1)[-1])} <span class=\"path\">({esc(path)})</span>, "
                         f"mean Σ S<sub>k→c</sub> = {ranked[r]:.3g}")
-        if m_kc is not None and rank.startswith("top"):
-            positions += [(float(m_kc[i, j]), image, size, int(i), int(j), bool(decision[i, j] > 0))
+        m_kc, decision = m.sel(map="S_kc").to_numpy(), m.sel(map="decision").to_numpy()
+        if m.attrs["gradients"] != "none" and rank.startswith("top"):
+            shown = image if image is not None else np.full((*m_kc.shape, 3), 200, dtype=np.uint8)
+            positions += [(float(m_kc[i, j]), shown, shown.shape[:2], int(i), int(j), bool(decision[i, j] > 0))
                           for i in range(m_kc.shape[0]) for j in range(m_kc.shape[1])]
-    if all(m is None for m in s_kc):
+    if all(m.attrs["gradients"] == "none" for m in maps):
         notes.append("no stored gradients (extract.keep_gradients: false): S<sub>k→c</sub> maps and patches are not shown")
-    maps_uri = plots.overlay_figure(pictures, s_k, s_kc, labels) if pictures else None
+    maps_uri = plots.overlay_figure(maps, pictures, labels) if maps else None
     return Section(row, maps_uri, captions, _gallery(ctx, layer, positions, notes), notes)
 
 

@@ -1,7 +1,8 @@
 """Figures of the run report (``sacv.report``), each returned as a ``data:image/png;base64`` URI.
 
 Matplotlib runs on the Agg backend; text that comes from folders or configs is passed through
-``plain`` so that a ``$`` in a concept name is not read as mathtext.
+``plain`` so that a ``$`` in a concept name is not read as mathtext. The map overlay is the
+notebook's figure (``sacv.plot``), rendered to PNG here.
 """
 
 from __future__ import annotations
@@ -15,15 +16,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
 
-CMAP = "RdBu_r"
-plt.rcParams.update({"font.size": 9, "axes.titlesize": 9, "figure.dpi": 100})
+from sacv.plot import STYLE, overlay, plain  # noqa: E402
 
-
-def plain(text: str) -> str:
-    """Text for matplotlib without mathtext interpretation."""
-    return str(text).replace("$", r"\$")
+plt.rcParams.update(STYLE)
 
 
 def png_uri(fig) -> str:
@@ -34,39 +30,9 @@ def png_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _symmetric(maps: list[np.ndarray]) -> Normalize:
-    vmax = max((float(np.abs(m).max()) for m in maps if m is not None and m.size), default=0.0) or 1e-12
-    return Normalize(-vmax, vmax)
-
-
-def overlay_figure(images: list[np.ndarray], s_k: list[np.ndarray], s_kc: list[np.ndarray | None],
-                   labels: list[str]) -> str:
-    """Columns: images; rows: the model input, S_k over it, S_{k→c} over it (upsampled maps,
-    diverging colour map centred at 0, one symmetric scale and colour bar per map row)."""
-    rows = 3 if any(m is not None for m in s_kc) else 2
-    fig, axes = plt.subplots(rows, len(images), figsize=(1.75 * len(images) + 2.2, 1.85 * rows + 0.5),
-                             squeeze=False, layout="constrained")
-    norms = [_symmetric(s_k), _symmetric([m for m in s_kc if m is not None])]
-    names = ["model input", "$S_k$\n(concept)", "$S_{k\\to c}$\n(contribution)"]
-    for c, image in enumerate(images):
-        for r in range(rows):
-            ax = axes[r, c]
-            ax.imshow(image)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(plain(labels[c]))
-            if c == 0:
-                ax.set_ylabel(names[r], fontsize=10)
-            values = None if r == 0 else (s_k if r == 1 else s_kc)[c]
-            if values is not None:
-                ax.imshow(values, cmap=CMAP, norm=norms[r - 1], alpha=0.65)
-    for r in range(rows):  # row 0 gets an invisible bar so that all rows line up
-        bar = fig.colorbar(plt.cm.ScalarMappable(norm=norms[max(r - 1, 0)], cmap=CMAP), ax=axes[r, :],
-                           fraction=0.025, pad=0.01, aspect=12)
-        bar.ax.tick_params(labelsize=7)
-        bar.ax.set_visible(r > 0)
-    return png_uri(fig)
+def overlay_figure(maps: list, pictures: list[np.ndarray], labels: list[str]) -> str:
+    """The notebook's overlay figure (:func:`sacv.plot.overlay`) of maps from ``Run.maps``."""
+    return png_uri(overlay(maps, pictures, labels))
 
 
 def patch_gallery(patches: list[np.ndarray], labels: list[str], per_row: int = 6) -> str:

@@ -24,21 +24,30 @@ import uuid
 
 import fsspec
 import pandas as pd
+import zarr
 from fsspec.implementations.local import LocalFileSystem
 
 
 class RunDir:
     """``RUN/`` as in docs/store.md; every read returns ``None`` when the file does not exist yet."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, storage_options: dict | None = None):
         self.uri = str(uri).rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.storage_options = storage_options
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
 
     @property
     def store_uri(self) -> str:
         """The Zarr store: a plain path on local disk (also for ``file://`` URLs), else the URL."""
         base = self.root if isinstance(self.fs, LocalFileSystem) else self.uri
         return f"{base}/store.zarr"
+
+    def open_store(self) -> zarr.Group | None:
+        """The Zarr store opened read-only (``None`` when there is none yet)."""
+        if not self._exists("store.zarr"):
+            return None
+        remote = not isinstance(self.fs, LocalFileSystem)
+        return zarr.open_group(self.store_uri, mode="r", storage_options=self.storage_options if remote else None)
 
     def is_run(self) -> bool:
         """Whether ``RUN/`` holds a run record or tables (a run directory at all)."""
@@ -89,6 +98,18 @@ class RunDir:
 
     def read_table(self, name: str) -> pd.DataFrame | None:
         return self._read_parquet(f"tables/{name}.parquet")
+
+    def read_table_bytes(self, name: str) -> bytes | None:
+        """The Parquet file's bytes (for readers other than pandas)."""
+        path = f"tables/{name}.parquet"
+        return self.fs.cat_file(self._path(path)) if self._exists(path) else None
+
+    def table_names(self) -> list[str]:
+        """Names of the tables under ``tables/``, sorted."""
+        if not self._exists("tables"):
+            return []
+        files = self.fs.ls(self._path("tables"), detail=False)
+        return sorted(f.rsplit("/", 1)[-1][: -len(".parquet")] for f in files if f.endswith(".parquet"))
 
     def write_report(self, page: str) -> str:
         """Write ``report/index.html``; return its URI."""

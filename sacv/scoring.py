@@ -95,7 +95,7 @@ def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.
         per_layer = {layer: (store[f"dataset/{layer}/act"][start:stop][within], store[f"dataset/{layer}/grad"][start:stop][within])
                      for layer in config.layers}
     elif mode == "streamed":
-        per_layer, targets = _recompute(config, rows)
+        per_layer, targets = recompute_layers(config, rows)
     else:
         raise ValueError(f"score.mode must be blockwise or streamed, got {mode!r}")
     tables = []
@@ -124,7 +124,7 @@ def prepare_map_arrays(run: RunDir, config: RunConfig, vectors: pd.DataFrame) ->
                          dimension_names=["image", "vector", "row", "col"])
 
 
-def _recompute(config: RunConfig, rows: pd.DataFrame):
+def recompute_layers(config: RunConfig, rows: pd.DataFrame):
     """Forward + backward on the shard's images; activations/gradients rounded to the store dtype."""
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
     parts, target_parts = {layer: ([], []) for layer in config.layers}, []

@@ -13,6 +13,7 @@ import numpy as np
 import zarr
 
 STORE_FORMAT = 1
+READABLE_FORMATS = (1,)  # format 1 before class names were recorded is read too (no `class_names`)
 IDENTITY_KEYS = ("format", "model_spec", "weight_hash", "preprocessing", "layers", "dtype")
 
 
@@ -61,6 +62,18 @@ def store_identity_of(uri: str) -> dict:
     if not attrs:
         raise StoreMismatch(f"{uri} holds no activation store; run the extract stage first")
     return {key: attrs[key] for key in IDENTITY_KEYS if key in attrs}
+
+
+def check_readable(attrs: dict, uri: str) -> None:
+    """Refuse a store whose format this version cannot read, naming the format found."""
+    found = attrs.get("format")
+    if found is None:
+        raise StoreMismatch(f"the store at {uri} records no format version (not an sacv store, or written before "
+                            f"format {READABLE_FORMATS[0]}); extract it again with this version of sacv")
+    if found not in READABLE_FORMATS:
+        raise StoreMismatch(f"the store at {uri} has store format {found}; this version of sacv reads format(s) "
+                            f"{', '.join(map(str, READABLE_FORMATS))}. Open it with the sacv version that wrote it "
+                            "(run.json `versions.sacv`), or extract again")
 
 
 def write_class_names(root: zarr.Group, class_names: list[str]) -> None:
