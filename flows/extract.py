@@ -9,7 +9,7 @@ from prefect.futures import as_completed
 from tqdm import tqdm
 
 from flows.runners import call_flow, finish_stage
-from sacv.config import RunConfig
+from sacv.config import RunConfig, config_record
 from sacv.plans import ExtractSummary
 from sacv.provenance import versions
 from sacv.rundir import RunDir
@@ -34,7 +34,7 @@ def extract_flow(config: RunConfig) -> ExtractSummary:
         images=plan.images, rejects=plan.rejects, shards=plan.shards, shards_run=len(futures),
     )
     numerics = {"autocast": config.extract.autocast, "allow_tf32": config.execution.allow_tf32}
-    RunDir(run_uri).update_run_record(config=config.model_dump(mode="json"), versions=versions(), model=plan.model,
+    RunDir(run_uri).update_run_record(config=config_record(config), versions=versions(), model=plan.model,
                                       numerics=numerics)
     return finish_stage(run_uri, "extract", summary, started)
 

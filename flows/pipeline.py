@@ -10,6 +10,7 @@ from flows.extract import extract_flow, run_extract
 from flows.fit import fit_flow, run_fit
 from flows.runners import call_flow, configure_process, task_runner
 from flows.score import run_score, score_flow
+from sacv import storage
 from sacv.config import RunConfig, load_config
 from sacv.plans import RunSummary
 from sacv.rundir import RunDir
@@ -51,7 +52,9 @@ def _publish(run_uri: str) -> None:
 def audit_flow(config_path: str) -> RunSummary:
     """Deployment entry point: the whole pipeline from a config file path."""
     configure_process()
-    return run_flow(load_config(config_path))
+    config = load_config(config_path)
+    storage.use(config.storage_options)
+    return run_flow(config)
 
 
 def run_pipeline(config: RunConfig) -> RunSummary:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sacv.storage import redact
 
 
 class Section(BaseModel):
@@ -105,6 +107,16 @@ class RunConfig(Section):
     fit: FitConfig = FitConfig()
     score: ScoreConfig = ScoreConfig()
     execution: ExecutionConfig = ExecutionConfig()
+    storage_options: dict[str, dict[str, Any]] = {}  # URL prefix -> fsspec options (longest prefix wins); credentials: environment
+
+    @field_validator("storage_options")
+    @classmethod
+    def _url_prefixes(cls, mapping: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        local = [prefix for prefix in mapping if "://" not in prefix]
+        if local:
+            raise ValueError(f"storage_options keys are URL prefixes such as 's3://bucket/'; {local} are not "
+                             "(local paths need no options)")
+        return mapping
 
     @field_validator("layers")
     @classmethod
@@ -112,6 +124,13 @@ class RunConfig(Section):
         if len(set(layers)) != len(layers):
             raise ValueError("layers are listed twice; give each layer once")
         return layers
+
+
+def config_record(config: RunConfig) -> dict:
+    """The config as written into run.json: JSON values, secrets in ``storage_options`` redacted."""
+    record = config.model_dump(mode="json")
+    record["storage_options"] = redact(record["storage_options"])
+    return record
 
 
 def numeric_mode(config: RunConfig) -> dict:

@@ -52,7 +52,7 @@ def _store_layout(model: LoadedModel, layers: list[str], dtype: str) -> dict:
 def prepare_store(run: RunDir, config: RunConfig, model: LoadedModel, images: pd.DataFrame) -> dict[str, int]:
     """Write the store template once (idempotent). Returns the number of shards per group."""
     identity = store_layout(model, config.layers, config.extract.dtype)
-    root = open_store(run.store_uri, identity)
+    root = open_store(run.store_uri, identity, run.storage_options)
     write_class_names(root, model.class_names)
     size = config.extract.shard_size
     shards = {}
@@ -162,7 +162,7 @@ def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
     run = RunDir(run_uri)
     rows = ImageCatalog.read(run).rows(group, shard)
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
-    root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype))
+    root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype), run.storage_options)
     gradients = group == "dataset"
     outputs: dict[str, list[np.ndarray]] = {}
     for result in shard_extractions(rows, model, config, with_gradients=gradients):

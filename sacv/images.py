@@ -10,10 +10,10 @@ import hashlib
 import io
 import warnings
 
-import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sacv import storage
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's default MAX_IMAGE_PIXELS
 DEFAULT_MIN_SIZE = 8
@@ -36,7 +36,7 @@ class ImageRejected(ValueError):
 def read_bytes(path: str) -> bytes:
     """Read all bytes of a local path or fsspec URL; reject missing, unreadable or empty files."""
     try:
-        with fsspec.open(path, "rb") as f:
+        with storage.open_url(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise ImageRejected("read", "file not found") from None
@@ -131,7 +131,7 @@ def list_images(root: str) -> list[str]:
     hidden files and anything inside hidden folders (names starting with "."). Local paths
     are returned as plain absolute paths, remote ones as full URLs.
     """
-    fs, base = fsspec.core.url_to_fs(root)
+    fs, base = storage.url_to_fs(root)
     if not fs.isdir(base):
         raise FileNotFoundError(f"image folder not found: {root}")
     base = base.rstrip("/")
@@ -142,5 +142,5 @@ def list_images(root: str) -> list[str]:
             continue
         if not parts[-1].lower().endswith(IMAGE_EXTENSIONS):
             continue
-        out.append(p if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(p))
+        out.append(p if storage.is_local(fs) else fs.unstrip_protocol(p))
     return sorted(out)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import zarr
 
 from sacv import report_plots as plots
 from sacv.catalog import ImageCatalog
@@ -102,7 +101,7 @@ class _Context:
         self.dataset = ImageCatalog.read(run).rows("dataset").set_index("row")
         self.scores = run.read_table("image_scores")
         self.vectors = run.read_table("vectors")
-        self.store = zarr.open_group(run.store_uri, mode="r")
+        self.store = run.open_zarr("r")
         prep = record.get("model", {}).get("preprocessing")
         self.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()}) if prep else None
         self._model, self._model_error, self._fields = None, None, {}

@@ -11,33 +11,53 @@ Layout (docs/store.md, docs/architecture.md)::
     RUN/report/index.html            the static report (``write_report``)
     RUN/run.json                     config, versions, model identity, stage timings
 
-Every file is written to a temporary name and then moved into place, so a crash leaves either the
-old file or the new one, never half of one. No other module builds a path under ``RUN/``.
+    RUN/lock.json                    who runs on this directory now (``sacv.runlock``)
+
+Every file is published whole (``sacv.storage.write_whole``: temporary name + rename on local disk,
+one whole-object PUT on object stores, which have no rename), so a crash leaves either the old file
+or the new one, never half of one. Markers are written after what they mark. No other module builds
+a path under ``RUN/``.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import uuid
 
-import fsspec
 import pandas as pd
-from fsspec.implementations.local import LocalFileSystem
+import zarr
+
+from sacv import storage
 
 
 class RunDir:
     """``RUN/`` as in docs/store.md; every read returns ``None`` when the file does not exist yet."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        """``storage_options``: fsspec options for ``uri``; None = the process's options for its
+        prefix (``sacv.storage.options_for``), ``{}`` for local paths."""
         self.uri = str(uri).rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.storage_options = storage.options_for(self.uri) if storage_options is None else dict(storage_options)
+        self.fs, self.root = storage.url_to_fs(self.uri, self.storage_options)
+
+    @property
+    def is_local(self) -> bool:
+        return storage.is_local(self.fs)
 
     @property
     def store_uri(self) -> str:
         """The Zarr store: a plain path on local disk (also for ``file://`` URLs), else the URL."""
-        base = self.root if isinstance(self.fs, LocalFileSystem) else self.uri
+        base = self.root if self.is_local else self.uri
         return f"{base}/store.zarr"
+
+    def open_zarr(self, mode: str = "r"):
+        """The Zarr root group (zarr's fsspec store with ``storage_options`` for a URL)."""
+        return zarr.open_group(self.store_uri, mode=mode, storage_options=self.zarr_options)
+
+    @property
+    def zarr_options(self) -> dict | None:
+        """``storage_options`` as zarr takes them (None for a local path or no options)."""
+        return None if self.is_local else (self.storage_options or None)
 
     def is_run(self) -> bool:
         """Whether ``RUN/`` holds a run record or tables (a run directory at all)."""
@@ -52,11 +72,7 @@ class RunDir:
         return self.fs.exists(self._path(relpath))
 
     def _write_bytes(self, relpath: str, data: bytes) -> None:
-        target = self._path(relpath)
-        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        temporary = f"{target}.tmp-{uuid.uuid4().hex}"
-        self.fs.pipe_file(temporary, data)
-        self.fs.mv(temporary, target)
+        storage.write_whole(self.fs, self._path(relpath), data)
 
     def _write_json(self, relpath: str, obj: dict) -> None:
         self._write_bytes(relpath, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())

@@ -17,7 +17,6 @@ import hashlib
 
 import numpy as np
 import pandas as pd
-import zarr
 
 from sacv.catalog import ImageCatalog
 from sacv.config import RunConfig, numeric_mode
@@ -69,7 +68,7 @@ def _table(summary: dict[str, np.ndarray], rows: pd.DataFrame, targets: np.ndarr
 def _layer_vectors(run: RunDir, vectors: pd.DataFrame, layer: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     if layer not in set(vectors["layer"]):
         raise RuntimeError(f"no fitted vectors for layer {layer!r} in {run.uri}; run the fit stage first")
-    group = zarr.open_group(run.store_uri, mode="r")[f"vectors/{layer}"]
+    group = run.open_zarr("r")[f"vectors/{layer}"]
     return group["v"][...], group["b"][...], vectors[vectors["layer"] == layer].sort_values("vector_row")
 
 
@@ -85,7 +84,7 @@ def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.
     ``vectors`` (the vectors table); ``mode``: blockwise | streamed."""
     start, stop = int(rows["row"].iloc[0]), int(rows["row"].iloc[-1]) + 1
     if mode == "blockwise":
-        store = zarr.open_group(run.store_uri, mode="r")
+        store = run.open_zarr("r")
         if f"dataset/{config.layers[0]}/grad" not in store:
             raise RuntimeError("blockwise scoring needs stored gradients: set extract.keep_gradients: true, or score.mode: streamed")
         targets = store["dataset/targets"][start:stop]
@@ -99,7 +98,7 @@ def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.
         v, offsets, vector_table = _layer_vectors(run, vectors, layer)
         maps = concept_maps(act.astype(np.float32), v, offsets, grad.astype(np.float32))
         if config.score.store_maps:  # this shard's rows are whole chunks of the map arrays: one writer
-            store = zarr.open_group(run.store_uri, mode="r+")
+            store = run.open_zarr("r+")
             write_region(store[f"maps/{layer}/S_k"], start, maps.s_k)
             write_region(store[f"maps/{layer}/S_kc"], start, maps.s_kc)
         tables.append(_table(summarize_maps(maps), rows, np.asarray(targets), layer, vector_table))
@@ -108,7 +107,7 @@ def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.
 
 def prepare_map_arrays(run: RunDir, config: RunConfig, vectors: pd.DataFrame) -> None:
     """Template of ``maps/<layer>/S_k`` and ``S_kc`` (N, K, H, W) float16, chunks of one dataset shard."""
-    store = zarr.open_group(run.store_uri, mode="r+")
+    store = run.open_zarr("r+")
     n = store["dataset/targets"].shape[0]
     for layer in config.layers:
         k = int((vectors["layer"] == layer).sum())
@@ -170,7 +169,7 @@ def build_tables(run_uri: str, config: RunConfig, shards: list[int]) -> dict:
 
     run = RunDir(run_uri)
     scores = pd.concat([run.read_shard_scores(s) for s in shards], ignore_index=True)
-    table = contributions(scores, class_names_of(run.store_uri), config.score.alpha, config.score.correction,
+    table = contributions(scores, class_names_of(run.store_uri, run.storage_options), config.score.alpha, config.score.correction,
                           config.score.min_images)
     return {
         "image_scores": run.write_table("image_scores", scores),

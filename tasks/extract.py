@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from sacv import extraction
+from sacv import extraction, storage
 from sacv.config import RunConfig, numeric_warnings
 from sacv.plans import ExtractPlan
 
@@ -12,6 +12,7 @@ from sacv.plans import ExtractPlan
 @task(name="plan-extraction")
 def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
     """Scan collections, write images/rejects tables and the store template; return the shard plan."""
+    storage.use(config.storage_options)  # this process may be a Dask worker
     plan = extraction.plan_extraction(run_uri, config)
     logger = get_run_logger()
     logger.info("%d images, %d rejected, shards %s, %d to do", plan.images, plan.rejects, plan.shards, len(plan.todo))
@@ -23,6 +24,7 @@ def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
 @task(name="extract-shard", retries=1, retry_delay_seconds=2)
 def extract_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
     """Extract one shard (= one Zarr chunk) and write its done-marker last; return the marker."""
+    storage.use(config.storage_options)  # this process may be a Dask worker
     try:
         marker = extraction.run_shard(run_uri, config, group, shard)
     except Exception as err:
