@@ -94,6 +94,8 @@ class ExecutionConfig(Section):
     workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool
     loader_workers: int = Field(0, ge=0)  # image decoding threads per process, kept across shards (useful on CUDA)
     dask_address: str | None = None  # run tasks on this Dask scheduler instead of the thread pool
+    lock_wait_s: float = Field(0, ge=0)  # how long a second run on the same run_dir waits for the lock; 0 = stop at once
+    lock_ttl_s: float = Field(120, gt=0)  # a lock without heartbeat this long is stale (its holder died on another host)
     allow_tf32: bool = False  # let CUDA use TF32 (gradients off by several %, docs/numerics.md); CPU unaffected
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pandas as pd
 import zarr
@@ -166,3 +167,55 @@ class RunDir:
     def shard_scores_key(self, shard: int) -> str | None:
         """The content key recorded when the shard's scores were written (None: not scored)."""
         return (self._read_json(f"scores/{shard:06d}.json") or {}).get("key")
+
+    # --- run lock (sacv.runlock) -----------------------------------------------------------------
+
+    @property
+    def lock_uri(self) -> str:
+        return f"{self.uri}/lock.json"
+
+    def read_lock(self) -> dict | None:
+        """The lock record, or None when there is none (or it is being replaced right now)."""
+        try:
+            return json.loads(self.fs.cat_file(self._path("lock.json")))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def write_lock(self, record: dict) -> None:
+        """Overwrite the lock record (the holder's heartbeat)."""
+        self._write_json("lock.json", record)
+
+    def remove_lock(self) -> None:
+        try:
+            self.fs.rm_file(self._path("lock.json"))
+        except FileNotFoundError:
+            pass
+
+    def create_lock(self, record: dict) -> bool:
+        """Create ``lock.json`` only if absent; True when this call created it. Local disk: a hard
+        link of a complete temporary file (atomic, fails if the name exists); object stores: a
+        conditional PUT (``If-None-Match: *``), or, where the filesystem has no exclusive create,
+        a write that is read back and compared."""
+        data = json.dumps(record, indent=2, sort_keys=True).encode()
+        target = self._path("lock.json")
+        if self.is_local:
+            self.fs.makedirs(self.root, exist_ok=True)
+            temporary = f"{target}.tmp-{record['token']}"
+            self.fs.pipe_file(temporary, data)
+            try:
+                os.link(temporary, target)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(temporary)
+        try:
+            self.fs.pipe_file(target, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError):  # no exclusive create here: write, then read back
+            if self.fs.exists(target):
+                return False
+            self.fs.pipe_file(target, data)
+            return (self.read_lock() or {}).get("token") == record["token"]

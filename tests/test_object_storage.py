@@ -101,6 +101,7 @@ def test_killed_run_on_s3_resumes_with_the_same_tables(remote, s3, tmp_path):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None and len(_markers(run)) < 2:
         time.sleep(0.2)
+    assert process.poll() is None, f"the run ended before it was killed:\n{process.communicate()[0].decode()[-3000:]}"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(10)
     before = _markers(run)
