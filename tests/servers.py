@@ -93,3 +93,42 @@ def upload(fs, local: Path, url: str) -> None:
     """Copy every file under the local folder ``local`` to ``url`` (same relative paths)."""
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         fs.pipe_file(f"{url.removeprefix('s3://')}/{path.relative_to(local).as_posix()}", path.read_bytes())
+
+
+@dataclass
+class DaskCluster:
+    address: str
+    scheduler: subprocess.Popen
+    workers: list[subprocess.Popen]
+
+    def stop(self) -> None:
+        for process in [*self.workers, self.scheduler]:
+            stop(process)
+
+
+def start_dask(n_workers: int, log_dir: Path, env: dict, timeout: float = 90) -> DaskCluster:
+    """``dask scheduler`` and ``n_workers`` × ``dask worker --nthreads 1`` on loopback, each its own
+    process group started from the command line with ``env``; returns when every worker has joined."""
+    from distributed import Client
+
+    dask = [str(Path(sys.executable).parent / "dask")]  # the console script of this environment
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+
+    def spawn(args: list[str], name: str) -> subprocess.Popen:
+        log = log_dir / f"{name}.log"
+        return subprocess.Popen(dask + args, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env)
+
+    scheduler = spawn(["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], "scheduler")
+    workers = [spawn(["worker", address, "--nthreads", "1", "--nworkers", "1", "--no-dashboard", "--host", "127.0.0.1",
+                      "--name", f"w{i}"], f"worker{i}") for i in range(n_workers)]
+    cluster = DaskCluster(address, scheduler, workers)
+    try:
+        with Client(address, timeout=timeout) as client:
+            client.wait_for_workers(n_workers, timeout=timeout)
+    except Exception:
+        cluster.stop()
+        logs = "\n".join(f"{p.name}: {p.read_text()[-1500:]}" for p in sorted(log_dir.glob("*.log")))
+        raise RuntimeError(f"the Dask cluster did not start:\n{logs}") from None
+    return cluster
