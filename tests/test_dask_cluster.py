@@ -59,30 +59,39 @@ def test_external_cluster_gives_the_thread_pool_tables(reference, tmp_path):
 
 
 def test_a_worker_killed_during_extraction_costs_only_its_tasks(reference, tmp_path):
-    """SIGKILL one worker (and its nanny) once the first shard is done: Dask reschedules the lost
-    task on the other worker and the run completes with the thread-pool tables."""
+    """SIGKILL one worker (and its nanny) while it runs a task, once a shard is done: Dask reruns
+    the lost task on the other worker and the run completes with the thread-pool tables."""
     collection, expected = reference
     cluster = start_dask(2, tmp_path, worker_env(SACV_TEST_DELAY="0.3"))
     config = dask_config(collection, "killed-worker", cluster.address)
     run = RunDir(config.run_dir)
-    killed = threading.Event()
+    lost: list[str] = []
 
-    def kill_when_a_shard_is_done():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and run.read_shard_marker("guidance", 0) is None \
-                and run.read_shard_marker("guidance", 1) is None:
-            time.sleep(0.1)
-        os.killpg(cluster.workers[0].pid, signal.SIGKILL)
-        killed.set()
+    def markers() -> list[dict | None]:
+        return [run.read_shard_marker(g, s) for g, n in (("guidance", 4), ("dataset", 2)) for s in range(n)]
 
-    killer = threading.Thread(target=kill_when_a_shard_is_done, daemon=True)
+    def kill_when_busy():
+        """Once a shard is done, SIGKILL worker w0 while it is running a task (the task is lost)."""
+        from distributed import Client
+
+        with Client(cluster.address) as client:
+            address = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "w0")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                busy = client.processing([address])[address]
+                if busy and any(marker is not None for marker in markers()):
+                    lost.extend(busy)
+                    os.killpg(cluster.workers[0].pid, signal.SIGKILL)
+                    return
+                time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
     killer.start()
     try:
         summary = run_pipeline(config)
     finally:
         killer.join(5)
         cluster.stop()
-    assert killed.is_set() and cluster.workers[0].poll() is not None
-    markers = [run.read_shard_marker("guidance", s) for s in range(4)] + [run.read_shard_marker("dataset", s) for s in range(2)]
-    assert summary.extract.shards_run == 6 and all(m is not None for m in markers)
+    assert lost and cluster.workers[0].poll() is not None  # w0 died with a task in hand
+    assert summary.extract.shards_run == 6 and all(m is not None for m in markers())
     assert_same_tables(run_tables(run, str(collection)), expected)
