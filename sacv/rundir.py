@@ -10,7 +10,6 @@ Layout (docs/store.md, docs/architecture.md)::
     RUN/scores/<shard>.parquet|json  per-shard scores and their marker (``read_shard_scores``)
     RUN/report/index.html            the static report (``write_report``)
     RUN/run.json                     config, versions, model identity, stage timings
-
     RUN/lock.json                    who runs on this directory now (``sacv.runlock``)
 
 Every file is published whole (``sacv.storage.write_whole``: temporary name + rename on local disk,

@@ -43,12 +43,13 @@ def use(mapping: dict[str, dict] | None) -> None:
 
 def options_for(url: str, mapping: dict[str, dict] | None = None) -> dict:
     """The options of the longest prefix of ``url`` in ``mapping`` (default: the process's, see
-    :func:`use`); ``{}`` for local paths and unmatched URLs. Returns a copy."""
+    :func:`use`); ``{}`` for local paths and unmatched URLs. Prefixes end at a ``/``: ``s3://a``
+    covers ``s3://a/x`` but not ``s3://ab/x``. Returns a copy."""
     url = str(url)
     if "://" not in url or url.startswith("file://"):
         return {}
     prefixes = _PREFIXES if mapping is None else mapping
-    matches = [p for p in prefixes if url.startswith(p) or url.rstrip("/") == p.rstrip("/")]
+    matches = [p for p in prefixes if url.rstrip("/") == p.rstrip("/") or url.startswith(p.rstrip("/") + "/")]
     return dict(prefixes[max(matches, key=len)]) if matches else {}
 
 

@@ -62,7 +62,7 @@ def test_a_worker_killed_during_extraction_costs_only_its_tasks(reference, tmp_p
     """SIGKILL one worker (and its nanny) while it runs a task, once a shard is done: Dask reruns
     the lost task on the other worker and the run completes with the thread-pool tables."""
     collection, expected = reference
-    cluster = start_dask(2, tmp_path, worker_env(SACV_TEST_DELAY="0.3"))
+    cluster = start_dask(2, tmp_path, worker_env(SACV_TEST_DELAY="0.15"))
     config = dask_config(collection, "killed-worker", cluster.address)
     run = RunDir(config.run_dir)
     lost: list[str] = []

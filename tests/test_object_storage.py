@@ -81,6 +81,8 @@ def test_options_go_to_the_longest_matching_prefix():
     assert storage.options_for("s3://a/x.png", mapping) == {"anon": True}
     assert storage.options_for("s3://a/private/x.png", mapping) == {"anon": False}
     assert storage.options_for("s3://ab/x.png", mapping) == {}
+    assert storage.options_for("gs://b/x.png", mapping) == {"project": "p"}
+    assert storage.options_for("gs://bc/x.png", mapping) == {}  # a prefix ends at a "/"
     assert storage.options_for("/data/s3://a/x.png", mapping) == {}  # a local path: never options
     with pytest.raises(ValueError, match="URL prefixes"):
         parse_config({"run_dir": "r", "layers": ["x"], "storage_options": {"/data": {}}})
@@ -94,7 +96,7 @@ def test_killed_run_on_s3_resumes_with_the_same_tables(remote, s3, tmp_path):
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(s3_raw(bucket, "killed", s3)))
     run = RunDir(f"{bucket}/killed", s3.options)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"), "SACV_TEST_DELAY": "0.3"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"), "SACV_TEST_DELAY": "0.2"}
     command = [sys.executable, "-m", "sacv.cli", "run", str(config_path)]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True)
