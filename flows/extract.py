@@ -9,7 +9,7 @@ from prefect.futures import as_completed
 from tqdm import tqdm
 
 from flows.runners import call_flow, finish_stage
-from sacv.config import RunConfig
+from sacv.config import RunConfig, config_record
 from sacv.plans import ExtractSummary
 from sacv.provenance import versions
 from sacv.rundir import RunDir
@@ -42,14 +42,14 @@ def extract_flow(config: RunConfig) -> ExtractSummary:
             n_images += sum(marker["images"] for marker in markers)
             bar.update(len(markers))
             bar.set_postfix(images=n_images)
-    rejects = record_rejects(run_uri)  # after every shard: one writer of the two tables
+    rejects = record_rejects(run_uri, config)  # after every shard: one writer of the two tables
     decode_rejects = rejects - plan.rejects
     summary = ExtractSummary(
         status="done with rejects" if rejects else "done",
         images=plan.images - decode_rejects, rejects=rejects, shards=plan.shards, shards_run=len(plan.todo),
     )
     numerics = {"autocast": config.extract.autocast, "allow_tf32": config.execution.allow_tf32}
-    RunDir(run_uri).update_run_record(config=config.model_dump(mode="json"), versions=versions(), model=plan.model,
+    RunDir(run_uri).update_run_record(config=config_record(config), versions=versions(), model=plan.model,
                                       numerics=numerics)
     return finish_stage(run_uri, "extract", summary, started)
 

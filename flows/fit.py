@@ -28,7 +28,7 @@ def fit_flow(config: RunConfig) -> FitSummary:
         for future in as_completed(futures):
             near_chance += future.result()["near_chance"]
             bar.update(1)
-    table_uri = collect_vectors(run_uri)
+    table_uri = collect_vectors(run_uri, config)
     summary = FitSummary(status="done", vectors=plan.total, fitted=len(futures), near_chance_fitted=near_chance, table=table_uri)
     return finish_stage(run_uri, "fit", summary, started)
 

@@ -10,6 +10,7 @@ from flows.extract import extract_flow, run_extract
 from flows.fit import fit_flow, run_fit
 from flows.runners import call_flow, configure_process, task_runner
 from flows.score import run_score, score_flow
+from sacv import runlock, storage
 from sacv.config import RunConfig, load_config
 from sacv.plans import RunSummary
 from sacv.rundir import RunDir
@@ -51,7 +52,10 @@ def _publish(run_uri: str) -> None:
 def audit_flow(config_path: str) -> RunSummary:
     """Deployment entry point: the whole pipeline from a config file path."""
     configure_process()
-    return run_flow(load_config(config_path))
+    config = load_config(config_path)
+    storage.use(config.storage_options)
+    with run_lock(config):
+        return run_flow(config)
 
 
 def run_pipeline(config: RunConfig) -> RunSummary:
@@ -63,4 +67,11 @@ def run_stage(stage: str, config: RunConfig):
     runners = {"extract": run_extract, "fit": run_fit, "score": run_score, "run": run_pipeline}
     if stage not in runners:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    return runners[stage](config)
+    with run_lock(config):
+        return runners[stage](config)
+
+
+def run_lock(config: RunConfig) -> runlock.RunLock:
+    """Hold ``RUN/lock.json`` (sacv.runlock): a second run on the same run_dir waits or stops."""
+    run = RunDir(config.run_dir, storage.options_for(config.run_dir, config.storage_options))
+    return runlock.acquire(run, wait_s=config.execution.lock_wait_s, ttl_s=config.execution.lock_ttl_s)

@@ -11,6 +11,7 @@ import time
 from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from sacv import storage
 from sacv.config import ExecutionConfig, RunConfig
 from sacv.rundir import RunDir
 
@@ -55,6 +56,7 @@ def call_flow(flow, config: RunConfig):
     configured) flow-run heartbeats are off: they let a server detect crashed runs, and cost about
     a second per flow run (measured)."""
     configure_process()
+    storage.use(config.storage_options)
     configured = flow.with_options(task_runner=task_runner(config.execution))
     if PREFECT_API_URL.value():
         return configured(config)

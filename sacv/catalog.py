@@ -21,10 +21,10 @@ import difflib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import pandas as pd
 
+from sacv import storage
 from sacv.config import ConceptsConfig, DatasetConfig
 from sacv.images import IMAGE_EXTENSIONS, ImageRejected, check_supported, image_id, list_files, probe_image, read_bytes
 from sacv.rundir import RunDir
@@ -44,7 +44,7 @@ class Candidate:
 
 
 def _subfolders(root: str) -> list[str]:
-    fs, base = fsspec.core.url_to_fs(root)
+    fs, base = storage.url_to_fs(root)
     if not fs.isdir(base):
         raise FileNotFoundError(f"folder {root} does not exist; check the path in the config")
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False) if fs.isdir(p))
@@ -99,7 +99,7 @@ def dataset_candidates(cfg: DatasetConfig, class_names: list[str]) -> list[Candi
             for p in list_files(f"{root}/{folder}")
         ]
     reader = pd.read_parquet if cfg.manifest.endswith(".parquet") else pd.read_csv
-    table = reader(cfg.manifest)
+    table = reader(cfg.manifest, storage_options=storage.options_for(cfg.manifest) or None)
     if "path" not in table.columns:
         raise ValueError(f"manifest {cfg.manifest} has no 'path' column (columns: {list(table.columns)})")
     base = cfg.manifest.rsplit("/", 1)[0] if "/" in cfg.manifest else "."

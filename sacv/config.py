@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sacv.storage import redact
 
 
 class Section(BaseModel):
@@ -95,6 +97,8 @@ class ExecutionConfig(Section):
     loader_workers: int = Field(0, ge=0)  # image decoding threads per process, kept across shards (useful on CUDA)
     write_workers: int = Field(4, ge=1)  # chunk-writer threads per extraction task (compression releases the GIL)
     dask_address: str | None = None  # run tasks on this Dask scheduler instead of the thread pool
+    lock_wait_s: float = Field(0, ge=0)  # how long a second run on the same run_dir waits for the lock; 0 = stop at once
+    lock_ttl_s: float = Field(120, gt=0)  # a lock without heartbeat this long is stale (its holder died on another host)
     allow_tf32: bool = False  # let CUDA use TF32 (gradients off by several %, docs/numerics.md); CPU unaffected
 
 
@@ -111,6 +115,16 @@ class RunConfig(Section):
     fit: FitConfig = FitConfig()
     score: ScoreConfig = ScoreConfig()
     execution: ExecutionConfig = ExecutionConfig()
+    storage_options: dict[str, dict[str, Any]] = {}  # URL prefix -> fsspec options (longest prefix wins); credentials: environment
+
+    @field_validator("storage_options")
+    @classmethod
+    def _url_prefixes(cls, mapping: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        local = [prefix for prefix in mapping if "://" not in prefix]
+        if local:
+            raise ValueError(f"storage_options keys are URL prefixes such as 's3://bucket/'; {local} are not "
+                             "(local paths need no options)")
+        return mapping
 
     @field_validator("layers")
     @classmethod
@@ -128,6 +142,13 @@ class RunConfig(Section):
                 f"every p-value would be null): set concepts.random_sets to 3 or more (default 30, see docs/tables.md)"
             )
         return self
+
+
+def config_record(config: RunConfig) -> dict:
+    """The config as written into run.json: JSON values, secrets in ``storage_options`` redacted."""
+    record = config.model_dump(mode="json")
+    record["storage_options"] = redact(record["storage_options"])
+    return record
 
 
 def numeric_mode(config: RunConfig) -> dict:

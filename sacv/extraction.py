@@ -53,7 +53,7 @@ def _store_layout(model: LoadedModel, layers: list[str], dtype: str) -> dict:
 def prepare_store(run: RunDir, config: RunConfig, model: LoadedModel, images: pd.DataFrame) -> dict[str, int]:
     """Write the store template once (idempotent). Returns the number of shards per group."""
     identity = store_layout(model, config.layers, config.extract.dtype)
-    root = open_store(run.store_uri, identity)
+    root = open_store(run.store_uri, identity, run.storage_options)
     write_class_names(root, model.class_names)
     size = config.extract.shard_size
     shards = {}
@@ -223,7 +223,7 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
     run = RunDir(run_uri)
     catalog = ImageCatalog.read(run)
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
-    root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype))
+    root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype), run.storage_options)
     gradients = group == "dataset"
     blocks = [ShardImages(catalog.rows(group, shard, with_rejected=True), model, config) for shard in shards]
     blank = _blank(model)

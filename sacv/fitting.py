@@ -21,7 +21,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import zarr
 
 from sacv.catalog import ImageCatalog
 from sacv.config import RunConfig, numeric_mode
@@ -98,7 +97,7 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
 def plan_fits(run_uri: str, config: RunConfig) -> FitPlan:
     """Write the fit plan into the run directory; return the number of jobs and the keys without a cached result."""
     run = RunDir(run_uri)
-    jobs = plan_jobs(ImageCatalog.read(run).frame, config, store_identity_of(run.store_uri))
+    jobs = plan_jobs(ImageCatalog.read(run).frame, config, store_identity_of(run.store_uri, run.storage_options))
     run.write_fit_plan(jobs)
     todo = list(dict.fromkeys(job["key"] for job in jobs if not run.has_fit_result(job["layer"], job["key"])))
     return FitPlan(total=len(jobs), todo=todo)
@@ -115,7 +114,7 @@ def fit_job(run_uri: str, config: RunConfig, job: dict) -> dict:
     catalog = ImageCatalog.read(run)
     label_of = dict.fromkeys(catalog.row_of(job["pos"]).tolist(), 1) | dict.fromkeys(catalog.row_of(job["neg"]).tolist(), 0)
     rows = np.array(sorted(label_of))
-    array = zarr.open_group(run.store_uri, mode="r")[f"guidance/{job['layer']}/act"]
+    array = run.open_zarr("r")[f"guidance/{job['layer']}/act"]
     X = positions_from_store(array, rows)
     per_image = X.shape[0] // len(rows)
     y = np.repeat([label_of[r] for r in rows], per_image)
@@ -147,7 +146,7 @@ def collect_vectors(run_uri: str) -> pd.DataFrame:
     """Write ``vectors/<layer>/{v,b,coef,intercept}`` (one row per planned job, plan order) and vectors.parquet."""
     run = RunDir(run_uri)
     jobs = run.read_fit_plan()
-    root = zarr.open_group(run.store_uri, mode="a")
+    root = run.open_zarr("a")
     rows = []
     for layer in dict.fromkeys(job["layer"] for job in jobs):
         layer_jobs = [job for job in jobs if job["layer"] == layer]

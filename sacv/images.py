@@ -12,10 +12,10 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sacv import storage
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's default MAX_IMAGE_PIXELS
 DEFAULT_MIN_SIZE = 8
@@ -38,7 +38,7 @@ class ImageRejected(ValueError):
 def read_bytes(path: str) -> bytes:
     """Read all bytes of a local path or fsspec URL; reject missing, unreadable or empty files."""
     try:
-        with fsspec.open(path, "rb") as f:
+        with storage.open_url(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise ImageRejected("read", "file not found") from None
@@ -162,7 +162,7 @@ def list_files(root: str) -> list[str]:
     other types are kept, so that a scan can list them as rejects (:func:`check_supported`). Local
     paths are returned as plain absolute paths, remote ones as full URLs.
     """
-    fs, base = fsspec.core.url_to_fs(root)
+    fs, base = storage.url_to_fs(root)
     if not fs.isdir(base):
         raise FileNotFoundError(f"image folder not found: {root}")
     base = base.rstrip("/")
@@ -171,5 +171,5 @@ def list_files(root: str) -> list[str]:
         parts = p[len(base):].strip("/").split("/")
         if any(part.startswith(".") for part in parts):
             continue
-        out.append(p if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(p))
+        out.append(p if storage.is_local(fs) else fs.unstrip_protocol(p))
     return sorted(out)

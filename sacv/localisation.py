@@ -15,15 +15,14 @@ invariant to a positive scale of the map.
 
 from __future__ import annotations
 
-import fsspec
 import numpy as np
 import pandas as pd
-import zarr
 from PIL import Image
 from scipy.ndimage import binary_dilation
 from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 
+from sacv import storage
 from sacv.catalog import ImageCatalog
 from sacv.config import parse_config
 from sacv.maps import concept_maps, upsample_map
@@ -105,7 +104,7 @@ def image_metrics(map_, mask: np.ndarray, stride: int, distractor: np.ndarray | 
 
 def load_mask(path: str, preprocessing: Preprocessing) -> np.ndarray:
     """A mask file (non-zero = object) -> (H, W) bool at the model input (resize and crop, nearest)."""
-    with fsspec.open(path, "rb") as handle:
+    with storage.open_url(path, "rb") as handle:
         image = Image.open(handle).convert("L")
         image.load()
     return np.asarray(preprocessing.geometry(image, Image.Resampling.NEAREST)) > 127
@@ -153,7 +152,7 @@ def tcav_vector(run: RunDir, catalog: ImageCatalog, layer: str, concept: str) ->
     row_of = catalog.row_of
     positive_rows = set(row_of(sorted(positives)).tolist())
     rows = sorted(positive_rows | set(row_of(sorted(negatives)).tolist()))
-    act = zarr.open_group(run.store_uri, mode="r")[f"guidance/{layer}/act"]
+    act = run.open_zarr("r")[f"guidance/{layer}/act"]
     features = np.asarray(act.get_orthogonal_selection((rows,)), dtype=np.float32)  # (n, H, W, C)
     labels = np.array([int(r in positive_rows) for r in rows])
     model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000, random_state=0)
@@ -177,7 +176,7 @@ def evaluate_run(run_uri: str, n_random: int = 20, seed: int = 0) -> pd.DataFram
     run = RunDir(run_uri)
     config = parse_config(run.read_run_record()["config"])
     catalog = ImageCatalog.read(run)
-    store = zarr.open_group(run.store_uri, mode="r")
+    store = run.open_zarr("r")
     preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in store.attrs["preprocessing"].items()})
     vectors = run.read_table("vectors")
     vectors = vectors[vectors["kind"] == "concept"]

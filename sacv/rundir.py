@@ -11,43 +11,60 @@ Layout (docs/store.md, docs/architecture.md)::
     RUN/scores/<shard>.parquet|json  per-shard scores and their marker (``read_shard_scores``)
     RUN/report/index.html            the static report (``write_report``)
     RUN/run.json                     config, versions, model identity, stage timings
+    RUN/lock.json                    who runs on this directory now (``sacv.runlock``)
 
-Every file is written to a temporary name and then moved into place, so a crash leaves either the
-old file or the new one, never half of one. No other module builds a path under ``RUN/``.
+Every file is published whole (``sacv.storage.write_whole``: temporary name + rename on local disk,
+one whole-object PUT on object stores, which have no rename), so a crash leaves either the old file
+or the new one, never half of one. Markers are written after what they mark. No other module builds
+a path under ``RUN/``.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import uuid
+import os
 
-import fsspec
 import pandas as pd
 import zarr
-from fsspec.implementations.local import LocalFileSystem
+
+from sacv import storage
 
 
 class RunDir:
     """``RUN/`` as in docs/store.md; every read returns ``None`` when the file does not exist yet."""
 
     def __init__(self, uri: str, storage_options: dict | None = None):
+        """``storage_options``: fsspec options for ``uri``; None = the process's options for its
+        prefix (``sacv.storage.options_for``), ``{}`` for local paths."""
         self.uri = str(uri).rstrip("/")
-        self.storage_options = storage_options
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
+        self.storage_options = storage.options_for(self.uri) if storage_options is None else dict(storage_options)
+        self.fs, self.root = storage.url_to_fs(self.uri, self.storage_options)
+
+    @property
+    def is_local(self) -> bool:
+        return storage.is_local(self.fs)
 
     @property
     def store_uri(self) -> str:
         """The Zarr store: a plain path on local disk (also for ``file://`` URLs), else the URL."""
-        base = self.root if isinstance(self.fs, LocalFileSystem) else self.uri
+        base = self.root if self.is_local else self.uri
         return f"{base}/store.zarr"
 
     def open_store(self) -> zarr.Group | None:
         """The Zarr store opened read-only (``None`` when there is none yet)."""
         if not self._exists("store.zarr"):
             return None
-        remote = not isinstance(self.fs, LocalFileSystem)
-        return zarr.open_group(self.store_uri, mode="r", storage_options=self.storage_options if remote else None)
+        return self.open_zarr("r")
+
+    def open_zarr(self, mode: str = "r"):
+        """The Zarr root group (zarr's fsspec store with ``storage_options`` for a URL)."""
+        return zarr.open_group(self.store_uri, mode=mode, storage_options=self.zarr_options)
+
+    @property
+    def zarr_options(self) -> dict | None:
+        """``storage_options`` as zarr takes them (None for a local path or no options)."""
+        return None if self.is_local else (self.storage_options or None)
 
     def is_run(self) -> bool:
         """Whether ``RUN/`` holds a run record or tables (a run directory at all)."""
@@ -62,11 +79,7 @@ class RunDir:
         return self.fs.exists(self._path(relpath))
 
     def _write_bytes(self, relpath: str, data: bytes) -> None:
-        target = self._path(relpath)
-        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        temporary = f"{target}.tmp-{uuid.uuid4().hex}"
-        self.fs.pipe_file(temporary, data)
-        self.fs.mv(temporary, target)
+        storage.write_whole(self.fs, self._path(relpath), data)
 
     def _write_json(self, relpath: str, obj: dict) -> None:
         self._write_bytes(relpath, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
@@ -187,3 +200,55 @@ class RunDir:
     def shard_scores_key(self, shard: int) -> str | None:
         """The content key recorded when the shard's scores were written (None: not scored)."""
         return (self._read_json(f"scores/{shard:06d}.json") or {}).get("key")
+
+    # --- run lock (sacv.runlock) -----------------------------------------------------------------
+
+    @property
+    def lock_uri(self) -> str:
+        return f"{self.uri}/lock.json"
+
+    def read_lock(self) -> dict | None:
+        """The lock record, or None when there is none (or it is being replaced right now)."""
+        try:
+            return json.loads(self.fs.cat_file(self._path("lock.json")))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def write_lock(self, record: dict) -> None:
+        """Overwrite the lock record (the holder's heartbeat)."""
+        self._write_json("lock.json", record)
+
+    def remove_lock(self) -> None:
+        try:
+            self.fs.rm_file(self._path("lock.json"))
+        except FileNotFoundError:
+            pass
+
+    def create_lock(self, record: dict) -> bool:
+        """Create ``lock.json`` only if absent; True when this call created it. Local disk: a hard
+        link of a complete temporary file (atomic, fails if the name exists); object stores: a
+        conditional PUT (``If-None-Match: *``), or, where the filesystem has no exclusive create,
+        a write that is read back and compared."""
+        data = json.dumps(record, indent=2, sort_keys=True).encode()
+        target = self._path("lock.json")
+        if self.is_local:
+            self.fs.makedirs(self.root, exist_ok=True)
+            temporary = f"{target}.tmp-{record['token']}"
+            self.fs.pipe_file(temporary, data)
+            try:
+                os.link(temporary, target)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(temporary)
+        try:
+            self.fs.pipe_file(target, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError):  # no exclusive create here: write, then read back
+            if self.fs.exists(target):
+                return False
+            self.fs.pipe_file(target, data)
+            return (self.read_lock() or {}).get("token") == record["token"]

@@ -17,7 +17,6 @@ import hashlib
 
 import numpy as np
 import pandas as pd
-import zarr
 
 from sacv.catalog import ImageCatalog
 from sacv.config import RunConfig, numeric_mode
@@ -69,7 +68,7 @@ def _table(summary: dict[str, np.ndarray], rows: pd.DataFrame, targets: np.ndarr
 def _layer_vectors(run: RunDir, vectors: pd.DataFrame, layer: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     if layer not in set(vectors["layer"]):
         raise RuntimeError(f"no fitted vectors for layer {layer!r} in {run.uri}; run the fit stage first")
-    group = zarr.open_group(run.store_uri, mode="r")[f"vectors/{layer}"]
+    group = run.open_zarr("r")[f"vectors/{layer}"]
     return group["v"][...], group["b"][...], vectors[vectors["layer"] == layer].sort_values("vector_row")
 
 
@@ -84,7 +83,7 @@ def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.
     """Scores of one dataset shard (``rows``: its decodable images in row order; rows of images a
     shard could not decode are skipped) for every layer and vector of ``vectors`` (the vectors
     table); ``mode``: blockwise | streamed."""
-    store = zarr.open_group(run.store_uri, mode="r")
+    store = run.open_zarr("r")
     start = int(rows["shard"].iloc[0]) * config.extract.shard_size  # the shard's region = one chunk
     stop = min(start + config.extract.shard_size, store["dataset/targets"].shape[0])
     within = rows["row"].to_numpy(dtype=np.int64) - start  # (n,) rows of the images inside the region
@@ -103,7 +102,7 @@ def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.
         v, offsets, vector_table = _layer_vectors(run, vectors, layer)
         maps = concept_maps(act.astype(np.float32), v, offsets, grad.astype(np.float32))
         if config.score.store_maps:  # this shard's rows are one whole chunk of the map arrays: one writer
-            writable = zarr.open_group(run.store_uri, mode="r+")
+            writable = run.open_zarr("r+")
             for name, values in (("S_k", maps.s_k), ("S_kc", maps.s_kc)):
                 region = np.zeros((stop - start, *values.shape[1:]), np.float16)  # (rows, K, H, W); 0 where no image
                 region[within] = values
@@ -114,7 +113,7 @@ def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.
 
 def prepare_map_arrays(run: RunDir, config: RunConfig, vectors: pd.DataFrame) -> None:
     """Template of ``maps/<layer>/S_k`` and ``S_kc`` (N, K, H, W) float16, chunks of one dataset shard."""
-    store = zarr.open_group(run.store_uri, mode="r+")
+    store = run.open_zarr("r+")
     n = store["dataset/targets"].shape[0]
     for layer in config.layers:
         k = int((vectors["layer"] == layer).sum())
@@ -176,8 +175,8 @@ def build_tables(run_uri: str, config: RunConfig, shards: list[int]) -> dict:
 
     run = RunDir(run_uri)
     scores = pd.concat([run.read_shard_scores(s) for s in shards], ignore_index=True)
-    table = contributions(scores, class_names_of(run.store_uri), config.score.alpha, config.score.correction,
-                          config.score.min_images, config.score.statistic)
+    table = contributions(scores, class_names_of(run.store_uri, run.storage_options), config.score.alpha,
+                          config.score.correction, config.score.min_images, config.score.statistic)
     return {
         "image_scores": run.write_table("image_scores", scores),
         "contributions": run.write_table("contributions", table),

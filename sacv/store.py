@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
+from sacv import storage
+
 STORE_FORMAT = 1
 READABLE_FORMATS = (1,)  # format 1 before class names were recorded is read too (no `class_names`)
 IDENTITY_KEYS = ("format", "model_spec", "weight_hash", "preprocessing", "layers", "dtype")
@@ -33,9 +35,15 @@ def store_identity(model_spec: str, weight_hash: str, preprocessing: dict, layer
     }
 
 
-def open_store(uri: str, identity: dict) -> zarr.Group:
+def _open(uri: str, mode: str, storage_options: dict | None, **kwargs) -> zarr.Group:
+    """``zarr.open_group`` with fsspec options for a URL (default: ``sacv.storage.options_for``)."""
+    options = storage.options_for(uri) if storage_options is None else storage_options
+    return zarr.open_group(uri, mode=mode, storage_options=options if "://" in uri and options else None, **kwargs)
+
+
+def open_store(uri: str, identity: dict, storage_options: dict | None = None) -> zarr.Group:
     """Open (creating if absent) the store and check that it was made for ``identity``."""
-    root = zarr.open_group(uri, mode="a", zarr_format=3)
+    root = _open(uri, "a", storage_options, zarr_format=3)
     existing = root.attrs.asdict()
     if not existing:
         root.attrs.update(identity)
@@ -56,9 +64,9 @@ def open_store(uri: str, identity: dict) -> zarr.Group:
     return root
 
 
-def store_identity_of(uri: str) -> dict:
+def store_identity_of(uri: str, storage_options: dict | None = None) -> dict:
     """The identity recorded in an existing store (see :func:`store_identity`)."""
-    attrs = zarr.open_group(uri, mode="r").attrs.asdict()
+    attrs = _open(uri, "r", storage_options).attrs.asdict()
     if not attrs:
         raise StoreMismatch(f"{uri} holds no activation store; run the extract stage first")
     return {key: attrs[key] for key in IDENTITY_KEYS if key in attrs}
@@ -82,9 +90,9 @@ def write_class_names(root: zarr.Group, class_names: list[str]) -> None:
         root.attrs["class_names"] = list(class_names)
 
 
-def class_names_of(uri: str) -> list[str]:
+def class_names_of(uri: str, storage_options: dict | None = None) -> list[str]:
     """The class names recorded at extraction time."""
-    names = zarr.open_group(uri, mode="r").attrs.get("class_names")
+    names = _open(uri, "r", storage_options).attrs.get("class_names")
     if names is None:
         raise StoreMismatch(f"the store at {uri} records no class names (written by an older version); "
                             "run the extract stage again to record them (done shards are kept)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from sacv import extraction
+from sacv import extraction, storage
 from sacv.config import RunConfig, numeric_warnings
 from sacv.plans import ExtractPlan
 
@@ -12,6 +12,7 @@ from sacv.plans import ExtractPlan
 @task(name="plan-extraction")
 def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
     """List and hash the collections, write images/rejects tables and the store template; return the shard plan."""
+    storage.use(config.storage_options)  # this process may be a Dask worker
     plan = extraction.plan_extraction(run_uri, config)
     logger = get_run_logger()
     logger.info("%d images, %d rejected, shards %s, %d to do", plan.images, plan.rejects, plan.shards, len(plan.todo))
@@ -23,6 +24,7 @@ def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
 @task(name="extract-shards", retries=1, retry_delay_seconds=2)
 def extract_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -> list[dict]:
     """Extract a block of shards (each = one Zarr chunk, marker written last); return the markers."""
+    storage.use(config.storage_options)  # this process may be a Dask worker
     try:
         markers = extraction.run_shards(run_uri, config, group, shards)
     except Exception as err:
@@ -34,6 +36,7 @@ def extract_shards(run_uri: str, config: RunConfig, group: str, shards: list[int
 
 
 @task(name="record-rejects")
-def record_rejects(run_uri: str) -> int:
+def record_rejects(run_uri: str, config: RunConfig) -> int:
     """Merge the shards' decode rejects into the rejects and images tables; return the rejects count."""
+    storage.use(config.storage_options)  # this process may be a Dask worker
     return extraction.record_shard_rejects(run_uri)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from sacv import scoring
+from sacv import scoring, storage
 from sacv.config import RunConfig
 from sacv.plans import ScorePlan
 
@@ -12,6 +12,7 @@ from sacv.plans import ScorePlan
 @task(name="plan-scoring")
 def plan_scoring(run_uri: str, config: RunConfig) -> ScorePlan:
     """Dataset shards and those whose scores are missing or stale."""
+    storage.use(config.storage_options)  # this process may be a Dask worker
     plan = scoring.plan_scoring(run_uri, config)
     get_run_logger().info("%d dataset shards, %d to score (%s)", len(plan.shards), len(plan.todo), config.score.mode)
     return plan
@@ -20,6 +21,7 @@ def plan_scoring(run_uri: str, config: RunConfig) -> ScorePlan:
 @task(name="score-shard", retries=1, retry_delay_seconds=2)
 def score_shard(run_uri: str, config: RunConfig, shard: int) -> int:
     """Write the shard's scores, then its marker; return the number of score rows."""
+    storage.use(config.storage_options)  # this process may be a Dask worker
     rows = scoring.write_shard_scores(run_uri, config, shard)
     get_run_logger().info("scored dataset shard %d: %d rows", shard, rows)
     return rows
@@ -28,4 +30,5 @@ def score_shard(run_uri: str, config: RunConfig, shard: int) -> int:
 @task(name="build-tables")
 def build_tables(run_uri: str, config: RunConfig, shards: list[int]) -> dict:
     """image_scores.parquet and contributions.parquet from the shard scores; their URIs and counts."""
+    storage.use(config.storage_options)  # this process may be a Dask worker
     return scoring.build_tables(run_uri, config, shards)

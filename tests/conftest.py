@@ -56,3 +56,25 @@ def prefect():
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """An S3-compatible server (moto) on a free loopback port for the session, with dummy
+    credentials in this process's environment; stopped (SIGTERM, then SIGKILL) at teardown."""
+    import os
+
+    from tests.servers import S3_ENV, start_s3, stop
+
+    saved = {key: os.environ.get(key) for key in S3_ENV}
+    os.environ.update(S3_ENV)
+    server = start_s3(tmp_path_factory.mktemp("s3") / "moto.log")
+    try:
+        yield server
+    finally:
+        stop(server.process)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

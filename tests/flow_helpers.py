@@ -57,3 +57,51 @@ def _walk(group):
     for name, sub in group.groups():
         for path, array in _walk(sub):
             yield f"{name}/{path}", array
+
+
+TABLES = ("images", "rejects", "vectors", "image_scores", "contributions")
+WALL_TIME_COLUMNS = ("wall_s",)
+
+
+def pipeline_raw(collection: str, run_dir: str, spec: str = "tests.models:small", dataset: dict | None = None) -> dict:
+    """A small whole-pipeline config (3 random sets of 4 images, one layer) as a raw dict;
+    ``collection`` is a local folder or URL made by :func:`write_collection`."""
+    return {
+        "run_dir": run_dir,
+        "model": {"spec": spec},
+        "layers": ["features.2"],
+        "concepts": {"root": f"{collection}/concepts", "random_sets": 3, "images_per_set": 4},
+        "dataset": dataset or {"root": f"{collection}/data", "target": "label"},
+        "extract": {"shard_size": 4, "batch_size": 3},
+        "score": {"min_images": 2},
+    }
+
+
+def write_manifest(collection: Path, base_url: str) -> Path:
+    """manifest.csv in ``collection``: the class-folder images as ``base_url/data/...`` URLs, labels by name."""
+    paths = sorted((collection / "data").rglob("*.jpg"))
+    lines = ["path,label"] + [f"{base_url}/{p.relative_to(collection).as_posix()},{p.parent.name}" for p in paths]
+    (collection / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return collection / "manifest.csv"
+
+
+def run_tables(run, collection: str) -> dict:
+    """Every result table of a ``RunDir``; image paths relative to ``collection``, wall times dropped."""
+    out = {}
+    for name in TABLES:
+        table = run.read_table(name)
+        for column in ("path", "mask"):
+            if table is not None and column in table:
+                table[column] = table[column].str.removeprefix(f"{collection}/")
+        out[name] = None if table is None else table.drop(columns=[c for c in WALL_TIME_COLUMNS if c in table])
+    return out
+
+
+def assert_same_tables(tables: dict, expected: dict) -> None:
+    """Exactly equal tables (values, dtypes, row order), one assertion per table."""
+    import pandas as pd
+
+    assert set(tables) == set(expected)
+    for name, table in expected.items():
+        assert table is not None and tables[name] is not None, f"{name} is missing"
+        pd.testing.assert_frame_equal(tables[name], table, check_exact=True, obj=name)

@@ -30,8 +30,10 @@ class SmallNet(nn.Module):
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
-def small(seed: int = 0, delay: float = 0.0) -> LoadedModel:
+def small(seed: int = 0, delay: float | None = None) -> LoadedModel:
+    """The tiny classifier; ``delay`` (default: ``SACV_TEST_DELAY`` or 0) seconds of sleep per batch."""
     torch.manual_seed(seed)
+    delay = float(os.environ.get("SACV_TEST_DELAY", "0")) if delay is None else delay
     names = ["cat", "dog", "zebra", "horse"]
     return LoadedModel("tests.models:small", SmallNet(delay), SMALL, names)
 

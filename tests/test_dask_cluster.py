@@ -1,0 +1,97 @@
+"""The pipeline on an external Dask cluster: ``dask scheduler`` and two ``dask worker --nthreads 1``
+processes started from the command line on loopback; tables equal to a thread-pool run, also when
+a worker is SIGKILLed in the middle of extraction."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.pipeline import run_pipeline
+from sacv.config import parse_config
+from sacv.rundir import RunDir
+from tests.flow_helpers import assert_same_tables, pipeline_raw, run_tables, write_collection
+from tests.servers import start_dask
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, prefect):
+    """A collection and the tables of its thread-pool run."""
+    collection = write_collection(tmp_path_factory.mktemp("collection"))
+    config = parse_config(pipeline_raw(str(collection), str(collection / "threads")))
+    run_pipeline(config)
+    return collection, run_tables(RunDir(config.run_dir), str(collection))
+
+
+def worker_env(**extra: str) -> dict:
+    """The environment docs/deploy.md prescribes for workers, with this session's Prefect API."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_ARENA_MAX": "1", "PREFECT_API_URL": PREFECT_API_URL.value(),
+            **extra}
+
+
+def dask_config(collection: Path, run: str, address: str):
+    raw = pipeline_raw(str(collection), str(collection / run))
+    return parse_config(raw | {"execution": {"dask_address": address}})
+
+
+def test_external_cluster_gives_the_thread_pool_tables(reference, tmp_path):
+    collection, expected = reference
+    cluster = start_dask(2, tmp_path, worker_env())
+    try:
+        config = dask_config(collection, "dask", cluster.address)
+        summary = run_pipeline(config)
+    finally:
+        cluster.stop()
+    assert summary.extract.shards_run == 6 and summary.fit.fitted == 12
+    assert_same_tables(run_tables(RunDir(config.run_dir), str(collection)), expected)
+    workers_used = {p.read_text().count("Starting Worker") for p in tmp_path.glob("worker*.log")}
+    assert workers_used == {1}  # both command-line workers joined (and none restarted)
+
+
+def test_a_worker_killed_during_extraction_costs_only_its_tasks(reference, tmp_path):
+    """SIGKILL one worker (and its nanny) while it runs a task, once a shard is done: Dask reruns
+    the lost task on the other worker and the run completes with the thread-pool tables."""
+    collection, expected = reference
+    cluster = start_dask(2, tmp_path, worker_env(SACV_TEST_DELAY="0.15"))
+    config = dask_config(collection, "killed-worker", cluster.address)
+    run = RunDir(config.run_dir)
+    lost: list[str] = []
+
+    def markers() -> list[dict | None]:
+        return [run.read_shard_marker(g, s) for g, n in (("guidance", 4), ("dataset", 2)) for s in range(n)]
+
+    def kill_when_busy():
+        """Once a shard is done, SIGKILL worker w0 while it is running a task (the task is lost)."""
+        from distributed import Client
+
+        with Client(cluster.address) as client:
+            address = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "w0")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                busy = client.processing([address])[address]
+                if busy and any(marker is not None for marker in markers()):
+                    lost.extend(busy)
+                    os.killpg(cluster.workers[0].pid, signal.SIGKILL)
+                    return
+                time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
+    try:
+        summary = run_pipeline(config)
+    finally:
+        killer.join(5)
+        cluster.stop()
+    assert lost and cluster.workers[0].poll() is not None  # w0 died with a task in hand
+    assert summary.extract.shards_run == 6 and all(m is not None for m in markers())
+    assert_same_tables(run_tables(run, str(collection)), expected)
