@@ -17,11 +17,12 @@ from tasks.extract import extract_shard, plan_extraction
 
 
 @flow(name="sacv-extract")
-def extract_flow(config: RunConfig) -> ExtractSummary:
-    """Extract activations (and dataset gradients) of every layer into the run's store."""
+def extract_flow(config: RunConfig, audit_id: str | None = None) -> ExtractSummary:
+    """Extract activations (and dataset gradients) of every layer into the run's store; ``audit_id``
+    marks the images this scan adds or removes (a new id when not given)."""
     started = time.perf_counter()
     run_uri = config.run_dir
-    plan = plan_extraction(run_uri, config)
+    plan = plan_extraction(run_uri, config, audit_id)
     futures = [extract_shard.submit(run_uri, config, group, shard) for group, shard in plan.todo]
     n_images = 0
     with tqdm(total=len(futures), unit="shard", desc="extract", disable=None) as bar:
@@ -32,6 +33,7 @@ def extract_flow(config: RunConfig) -> ExtractSummary:
     summary = ExtractSummary(
         status="done with rejects" if plan.rejects else "done",
         images=plan.images, rejects=plan.rejects, shards=plan.shards, shards_run=len(futures),
+        images_extracted=n_images, added=plan.added, removed=plan.removed,
     )
     numerics = {"autocast": config.extract.autocast, "allow_tf32": config.execution.allow_tf32}
     RunDir(run_uri).update_run_record(config=config.model_dump(mode="json"), versions=versions(), model=plan.model,

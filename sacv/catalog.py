@@ -6,9 +6,16 @@ Two groups of images go into the store:
 - ``dataset``: the audit images (role ``dataset``), from class folders or a manifest.
 
 Every file is read, hashed (``image_id``) and decoded once while scanning; unreadable files go to
-the rejects table with their stage and reason. Within a group, each distinct image gets one store
-row (duplicates under other names point to the same row), ordered by (concept/label, image_id) so
-that renaming a file changes no row. Rows are cut into shards of ``shard_size`` = Zarr chunks.
+the rejects table with their stage and reason. A file whose ``stamp`` (size and modification time)
+equals the one recorded in the previous images table is not read again: it keeps its id.
+
+Rows are append-only for the life of the store. Within a group, each distinct image gets one store
+row (duplicates under other names point to the same row). The first scan orders rows by
+(concept/label, image_id); later scans keep every known image's row (renaming or moving a file
+changes no row), give new images new rows after the last row of the group (in the same order), and
+mark images no longer found ``removed`` (``removed_in`` = the audit that noticed), never moving or
+reusing their rows. Rows are cut into shards of ``shard_size`` = Zarr chunks, so only the shards
+that gain rows change.
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ import numpy as np
 import pandas as pd
 
 from sacv.config import ConceptsConfig, DatasetConfig
-from sacv.images import ImageRejected, list_images, load_image
+from sacv.images import ImageRejected, file_stamp, list_images, load_image
 from sacv.rundir import RunDir
 
-IMAGE_COLUMNS = ["image_id", "path", "group", "role", "concept", "label", "mask", "row", "shard", "status"]
+IMAGE_COLUMNS = ["image_id", "path", "group", "role", "concept", "label", "mask", "row", "shard", "status", "stamp",
+                 "added_in", "removed_in"]
+STORED = ("ok", "removed")  # statuses that own a store row (a duplicate points to another image's row)
 REJECT_COLUMNS = ["path", "group", "stage", "reason"]
 
 
@@ -115,12 +124,17 @@ def dataset_candidates(cfg: DatasetConfig, class_names: list[str]) -> list[Candi
     return out
 
 
-def _check(candidate: Candidate, max_pixels: int, min_size: int) -> tuple[Candidate, str | None, ImageRejected | None]:
+def _check(candidate: Candidate, known: dict[str, tuple[str, str]], max_pixels: int, min_size: int
+           ) -> tuple[Candidate, str | None, str | None, ImageRejected | None]:
+    """(candidate, image_id, stamp, rejection); a file whose stamp is known keeps its id unread."""
+    stamp = file_stamp(candidate.path)
+    if stamp is not None and known.get(candidate.path, (None, None))[0] == stamp:
+        return candidate, known[candidate.path][1], stamp, None
     try:
         image_id, _ = load_image(candidate.path, max_pixels=max_pixels, min_size=min_size)
-        return candidate, image_id, None
+        return candidate, image_id, stamp, None
     except ImageRejected as rejected:
-        return candidate, None, rejected
+        return candidate, None, None, rejected
 
 
 def scan(
@@ -129,39 +143,79 @@ def scan(
     max_pixels: int,
     min_size: int,
     threads: int = 4,
+    previous: pd.DataFrame | None = None,
+    audit_id: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read, hash and decode every candidate; return (images, rejects) tables with rows and shards."""
+    """Read, hash and decode every candidate (unless its stamp is known in ``previous``, the last
+    images table); return (images, rejects) tables with rows kept from ``previous`` (see module doc)."""
+    if previous is not None:
+        previous = previous.reindex(columns=IMAGE_COLUMNS)  # tables written before a column existed
+        seen = previous[previous["status"] != "removed"].dropna(subset=["stamp"])
+        known = {p: (stamp, i) for p, stamp, i in zip(seen["path"], seen["stamp"], seen["image_id"])}
+    else:
+        known = {}
     rows, rejects = [], []
     with ThreadPoolExecutor(threads) as pool:
-        for candidate, image_id, rejected in pool.map(lambda c: _check(c, max_pixels, min_size), candidates):
+        for candidate, image_id, stamp, rejected in pool.map(lambda c: _check(c, known, max_pixels, min_size), candidates):
             if rejected is not None:
                 rejects.append({"path": candidate.path, "group": candidate.group, "stage": rejected.stage, "reason": rejected.reason})
             else:
-                rows.append({**candidate.__dict__, "image_id": image_id})
-    images = pd.DataFrame(rows, columns=[c for c in IMAGE_COLUMNS if c not in ("row", "shard", "status")])
+                rows.append({**candidate.__dict__, "image_id": image_id, "stamp": stamp})
+    found = pd.DataFrame(rows, columns=["image_id", "path", "group", "role", "concept", "label", "mask", "stamp"])
+    return assign_rows(found, previous, shard_size, audit_id), pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+
+
+def assign_rows(found: pd.DataFrame, previous: pd.DataFrame | None, shard_size: int, audit_id: str | None) -> pd.DataFrame:
+    """The images table: ``found`` (the readable candidates with their ids) placed on store rows.
+
+    Known images (status ok in ``previous``) keep their rows and ``added_in``; new distinct images
+    get the next rows of their group in (concept/label, image_id) order; previously ok images not
+    found are kept with status ``removed`` and ``removed_in = audit_id``; removed rows stay removed
+    (an image that comes back gets a new row). Further copies of an image are ``duplicate`` rows.
+    """
+    found = found.assign(label=found["label"].astype("Int64"), status="ok", added_in=audit_id, removed_in=None)
+    found = found.sort_values(["group", "concept", "label", "image_id", "path"], na_position="first", kind="stable")
+    if previous is None:
+        previous = pd.DataFrame(columns=IMAGE_COLUMNS)
+    parts = []
+    for group in sorted(set(found["group"]) | set(previous["group"])):
+        part, old = found[found["group"] == group].copy(), previous[previous["group"] == group]
+        live = old[old["status"] == "ok"]
+        row_of = dict(zip(live["image_id"], live["row"].astype(int)))
+        added_of = {i: a for i, a in zip(live["image_id"], live["added_in"]) if isinstance(a, str)}
+        stored = old.loc[old["status"].isin(STORED), "row"]
+        next_row = int(stored.max()) + 1 if len(stored) else 0
+        first = ~part["image_id"].duplicated()
+        for image_id in part.loc[first, "image_id"]:
+            if image_id not in row_of:
+                row_of[image_id], next_row = next_row, next_row + 1
+        part["row"] = part["image_id"].map(row_of)
+        part["added_in"] = [added_of.get(i, audit_id) for i in part["image_id"]]
+        part.loc[~first, "status"] = "duplicate"
+        gone = live[~live["image_id"].isin(part["image_id"])].assign(status="removed", removed_in=audit_id)
+        parts += [part, old[old["status"] == "removed"], gone]
+    images = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else found
+    images = images.reindex(columns=IMAGE_COLUMNS)
+    images["row"] = images["row"].astype("Int64")
     images["label"] = images["label"].astype("Int64")
-    images = images.sort_values(["group", "concept", "label", "image_id", "path"], na_position="first", kind="stable")
-    images["status"] = "ok"
-    images["row"] = pd.array([pd.NA] * len(images), dtype="Int64")
-    for group, part in images.groupby("group", sort=True):
-        first = ~part.duplicated("image_id")
-        row_of = {image_id: r for r, image_id in enumerate(part.loc[first, "image_id"])}
-        images.loc[part.index, "row"] = part["image_id"].map(row_of).astype("Int64")
-        images.loc[part.index[~first.to_numpy()], "status"] = "duplicate"
     images["shard"] = (images["row"] // shard_size).astype("Int64")
-    return images[IMAGE_COLUMNS].reset_index(drop=True), pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+    images["duplicate"] = images["status"] == "duplicate"
+    images = images.sort_values(["group", "row", "duplicate"], kind="stable")
+    return images[IMAGE_COLUMNS].reset_index(drop=True)
 
 
 class ImageCatalog:
     """``tables/images.parquet``, read once per task: which store rows hold which images.
 
     ``frame`` is the table as written (columns ``IMAGE_COLUMNS``); duplicates point to the row of
-    their first copy and are skipped by every lookup below.
+    their first copy and are skipped by every lookup below, as are removed images (except in
+    ``stored_rows``, the extraction stage's view of a shard's region).
     """
 
     def __init__(self, frame: pd.DataFrame):
         self.frame = frame
         self._ok = frame[frame["status"] == "ok"]
+        self._stored = frame[frame["status"].isin(STORED)]
 
     @classmethod
     def read(cls, run: RunDir) -> ImageCatalog:
@@ -177,8 +231,18 @@ class ImageCatalog:
             part = part[part["shard"] == shard]
         return part.sort_values("row")
 
+    def current(self) -> pd.DataFrame:
+        """Every row but the removed ones: the images found by the last scan (duplicates included)."""
+        return self.frame[self.frame["status"] != "removed"]
+
+    def stored_rows(self, group: str, shard: int) -> pd.DataFrame:
+        """Every store row of one shard, removed ones included, in row order: the shard's region
+        (rows ``shard * shard_size`` on, contiguous)."""
+        part = self._stored[(self._stored["group"] == group) & (self._stored["shard"] == shard)]
+        return part.sort_values("row")
+
     def shards(self, group: str) -> list[int]:
-        """The shard numbers of ``group``, ascending (empty when the group has no images)."""
+        """The shard numbers of ``group`` that hold current images, ascending (empty when none)."""
         return sorted(int(s) for s in self._ok.loc[self._ok["group"] == group, "shard"].unique())
 
     def row_of(self, image_ids, group: str = "guidance") -> np.ndarray:

@@ -2,8 +2,10 @@
 
 A shard is a contiguous block of store rows = one Zarr chunk along N, so exactly one writer owns it.
 Its done-marker (``RunDir.write_shard_marker``) is written after all of its arrays and records a
-digest of its image ids and settings: a rerun skips a shard whose marker matches and redoes any
-other. ``shard_extractions`` is the one batch loop over a shard's images; scoring in ``streamed``
+digest of its stored image ids (removed ones included: a removal changes no shard) and settings:
+a rerun skips a shard whose marker matches and redoes any other. Rows are append-only
+(``sacv.catalog``), so new images only change the shards that gain rows; a redone shard writes
+zeros in the rows of removed images (their files may be gone; nothing reads those rows). ``shard_extractions`` is the one batch loop over a shard's images; scoring in ``streamed``
 mode reuses it. The per-batch primitive is ``sacv.extract.extract``.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sacv.audits import new_audit_id
 from sacv.catalog import ImageCatalog, concept_candidates, dataset_candidates, match_class, scan
 from sacv.config import RunConfig
 from sacv.extract import Extraction, extract
@@ -74,15 +77,21 @@ def shard_digest(rows: pd.DataFrame, config: RunConfig) -> str:
     settings = {"layers": sorted(config.layers), "autocast": config.extract.autocast}
     if config.execution.allow_tf32:
         settings["allow_tf32"] = True
+    content = ",".join(rows["image_id"])
     if rows["group"].iloc[0] == "dataset":  # only dataset shards hold gradients of a target logit
         settings |= {"target": config.dataset.target, "keep_gradients": config.extract.keep_gradients}
-    content = ",".join(rows["image_id"]) + json.dumps(settings, sort_keys=True)
+        if config.dataset.target == "label":  # a relabelled image changes its stored gradients
+            content += "|" + ",".join(str(label) for label in rows["label"])
+    content += json.dumps(settings, sort_keys=True)
     return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
 def shard_is_done(run: RunDir, catalog: ImageCatalog, group: str, shard: int, config: RunConfig) -> bool:
+    """Whether the shard's marker matches its stored rows; a shard with no current image counts as done."""
+    if catalog.rows(group, shard).empty:
+        return True
     marker = run.read_shard_marker(group, shard)
-    return marker is not None and marker.get("digest") == shard_digest(catalog.rows(group, shard), config)
+    return marker is not None and marker.get("digest") == shard_digest(catalog.stored_rows(group, shard), config)
 
 
 class ShardImages:
@@ -160,7 +169,8 @@ def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
     """Extract one shard and write its region; the marker goes last. Returns the marker."""
     started = time.perf_counter()
     run = RunDir(run_uri)
-    rows = ImageCatalog.read(run).rows(group, shard)
+    catalog = ImageCatalog.read(run)
+    rows, stored = catalog.rows(group, shard), catalog.stored_rows(group, shard)
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
     root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype))
     gradients = group == "dataset"
@@ -173,12 +183,22 @@ def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
         if gradients:
             outputs.setdefault("dataset/logits", []).append(result.logits.numpy())
             outputs.setdefault("dataset/targets", []).append(result.targets.numpy())
-    start = int(rows["row"].iloc[0])
+    start = int(stored["row"].iloc[0])
+    offsets = rows["row"].to_numpy(dtype=np.int64) - start  # current images within the region
+
+    def region(parts: list[np.ndarray]) -> np.ndarray:  # (len(stored), ...): zeros in removed rows
+        values = np.concatenate(parts)
+        if len(offsets) == len(stored):
+            return values
+        full = np.zeros((len(stored), *values.shape[1:]), values.dtype)
+        full[offsets] = values
+        return full
+
     with ThreadPoolExecutor(len(outputs)) as writers:  # one writer per array; compression releases the GIL
-        list(writers.map(lambda item: write_region(root[item[0]], start, np.concatenate(item[1])), outputs.items()))
+        list(writers.map(lambda item: write_region(root[item[0]], start, region(item[1])), outputs.items()))
     marker = {
-        "digest": shard_digest(rows, config),
-        "rows": [start, start + len(rows)],
+        "digest": shard_digest(stored, config),
+        "rows": [start, start + len(stored)],
         "images": len(rows),
         "seconds": round(time.perf_counter() - started, 3),
         "finished_at": time.time(),
@@ -187,18 +207,23 @@ def run_shard(run_uri: str, config: RunConfig, group: str, shard: int) -> dict:
     return marker
 
 
-def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
-    """Scan the collections, write images/rejects tables and the store template; plan the shards."""
+def plan_extraction(run_uri: str, config: RunConfig, audit_id: str | None = None) -> ExtractPlan:
+    """Scan the collections, write images/rejects tables and the store template; plan the shards.
+    Known images keep their rows (the previous images table); ``audit_id`` marks added and removed ones."""
     if config.concepts is None and config.dataset is None:
         raise ValueError("the config names no images: add a `concepts` or a `dataset` section")
     run = RunDir(run_uri)
+    audit_id = audit_id or new_audit_id()
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
     candidates = concept_candidates(config.concepts) if config.concepts else []
     if config.dataset:
         candidates += dataset_candidates(config.dataset, model.class_names)
+    previous = run.read_table("images")
+    if previous is not None and len(previous) and (previous["shard"] != previous["row"] // config.extract.shard_size).any():
+        raise ValueError(f"the store in {run.uri} was built with another extract.shard_size; keep it or use a new run_dir")
     images, rejects = scan(candidates, config.extract.shard_size, config.extract.max_pixels, config.extract.min_size,
-                           threads=max(4, config.execution.loader_workers))
-    if images.empty:
+                           threads=max(4, config.execution.loader_workers), previous=previous, audit_id=audit_id)
+    if not (images["status"] == "ok").any():
         raise ValueError(f"none of the {len(candidates)} images could be read; see tables/rejects.parquet")
     shards = prepare_store(run, config, model, images)
     run.write_table("rejects", rejects)
@@ -210,5 +235,7 @@ def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
         todo=todo,
         images=int((images["status"] == "ok").sum()),
         rejects=len(rejects),
+        added=int(((images["status"] == "ok") & (images["added_in"] == audit_id)).sum()),
+        removed=int((images["removed_in"] == audit_id).sum()),
         model={"spec": model.spec, "weight_hash": model.weight_hash, "preprocessing": model.preprocessing.to_dict()},
     )

@@ -84,12 +84,14 @@ def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.
     """Scores of one dataset shard (``rows``: its images in row order) for every layer and vector of
     ``vectors`` (the vectors table); ``mode``: blockwise | streamed."""
     start, stop = int(rows["row"].iloc[0]), int(rows["row"].iloc[-1]) + 1
+    picked = rows["row"].to_numpy(dtype=np.int64) - start  # rows of removed images are skipped
     if mode == "blockwise":
         store = zarr.open_group(run.store_uri, mode="r")
         if f"dataset/{config.layers[0]}/grad" not in store:
             raise RuntimeError("blockwise scoring needs stored gradients: set extract.keep_gradients: true, or score.mode: streamed")
-        targets = store["dataset/targets"][start:stop]
-        per_layer = {layer: (store[f"dataset/{layer}/act"][start:stop], store[f"dataset/{layer}/grad"][start:stop]) for layer in config.layers}
+        targets = store["dataset/targets"][start:stop][picked]
+        per_layer = {layer: (store[f"dataset/{layer}/act"][start:stop][picked], store[f"dataset/{layer}/grad"][start:stop][picked])
+                     for layer in config.layers}
     elif mode == "streamed":
         per_layer, targets = _recompute(config, rows)
     else:
@@ -100,10 +102,18 @@ def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.
         maps = concept_maps(act.astype(np.float32), v, offsets, grad.astype(np.float32))
         if config.score.store_maps:  # this shard's rows are whole chunks of the map arrays: one writer
             store = zarr.open_group(run.store_uri, mode="r+")
-            write_region(store[f"maps/{layer}/S_k"], start, maps.s_k)
-            write_region(store[f"maps/{layer}/S_kc"], start, maps.s_kc)
+            for name, values in (("S_k", maps.s_k), ("S_kc", maps.s_kc)):
+                _write_shard_maps(store[f"maps/{layer}/{name}"], rows, values, config.extract.shard_size)
         tables.append(_table(summarize_maps(maps), rows, np.asarray(targets), layer, vector_table))
     return pd.concat(tables, ignore_index=True)
+
+
+def _write_shard_maps(array: zarr.Array, rows: pd.DataFrame, values: np.ndarray, shard_size: int) -> None:
+    """Write one shard's maps (n, K, H, W) into its whole region; rows of removed images get zeros."""
+    first = int(rows["row"].iloc[0]) // shard_size * shard_size
+    full = np.zeros((min(first + shard_size, array.shape[0]) - first, *values.shape[1:]), values.dtype)
+    full[rows["row"].to_numpy(dtype=np.int64) - first] = values
+    write_region(array, first, full)
 
 
 def prepare_map_arrays(run: RunDir, config: RunConfig, vectors: pd.DataFrame) -> None:
@@ -132,13 +142,16 @@ def _recompute(config: RunConfig, rows: pd.DataFrame):
 
 
 def shard_score_key(rows: pd.DataFrame, vectors: pd.DataFrame, config: RunConfig) -> str:
-    """What a shard's scores depend on: its images, the vectors, the layers, the mode and the
-    numeric mode (activations and gradients, stored or recomputed, depend on it)."""
+    """What a shard's scores depend on: its current images (and their labels when they are the
+    targets), the vectors, the layers, the mode and the numeric mode (activations and gradients,
+    stored or recomputed, depend on it)."""
     content = [sorted(rows["image_id"]), list(vectors["key"]), list(vectors["concept"]), list(vectors["random_set"]),
                sorted(config.layers), config.score.mode, config.score.store_maps,
                config.dataset.target if config.dataset else None]
     if numeric_mode(config):
         content.append(numeric_mode(config))
+    if config.dataset and config.dataset.target == "label":  # a relabelled image has other gradients
+        content.append(sorted(zip(rows["image_id"], rows["label"].astype(int))))
     return hashlib.sha256(repr(content).encode()).hexdigest()[:16]
 
 
@@ -169,7 +182,9 @@ def build_tables(run_uri: str, config: RunConfig, shards: list[int]) -> dict:
     from sacv.contributions import contributions
 
     run = RunDir(run_uri)
+    live = ImageCatalog.read(run).rows("dataset")["row"]
     scores = pd.concat([run.read_shard_scores(s) for s in shards], ignore_index=True)
+    scores = scores[scores["row"].isin(live)].reset_index(drop=True)  # removed images leave every table
     table = contributions(scores, class_names_of(run.store_uri), config.score.alpha, config.score.correction,
                           config.score.min_images)
     return {
