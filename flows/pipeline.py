@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -10,6 +12,7 @@ from flows.extract import extract_flow, run_extract
 from flows.fit import fit_flow, run_fit
 from flows.runners import call_flow, configure_process, task_runner
 from flows.score import run_score, score_flow
+from sacv.audits import new_audit_id, record_audit
 from sacv.config import RunConfig, load_config
 from sacv.plans import RunSummary
 from sacv.rundir import RunDir
@@ -20,16 +23,23 @@ STAGES = ("extract", "fit", "score", "run")
 
 @flow(name="sacv-run")
 def run_flow(config: RunConfig) -> RunSummary:
-    """Run every stage; a rerun resumes (done shards, cached vectors and scored shards are skipped)."""
+    """Run every stage as one audit; a rerun resumes (done shards, cached vectors and scored shards
+    are skipped). The audit is recorded last (``sacv.audits.record_audit``), also when a stage fails."""
     runner = task_runner(config.execution)
-    extract = extract_flow.with_options(task_runner=runner)(config)
-    fit = score = None
-    if config.concepts is not None:
-        fit = fit_flow.with_options(task_runner=runner)(config)
-    if config.concepts is not None and config.dataset is not None:
-        score = score_flow.with_options(task_runner=runner)(config)
-        _publish(config.run_dir)
-    return RunSummary(extract=extract, fit=fit, score=score)
+    audit_id, started = new_audit_id(), time.time()
+    extract = fit = score = None
+    try:
+        extract = extract_flow.with_options(task_runner=runner)(config, audit_id)
+        if config.concepts is not None:
+            fit = fit_flow.with_options(task_runner=runner)(config)
+        if config.concepts is not None and config.dataset is not None:
+            score = score_flow.with_options(task_runner=runner)(config)
+            _publish(config.run_dir)
+    except BaseException as err:
+        record_audit(config.run_dir, audit_id, started, config, extract, status="failed", message=f"{type(err).__name__}: {err}"[:500])
+        raise
+    record_audit(config.run_dir, audit_id, started, config, extract, scored=score is not None)
+    return RunSummary(extract=extract, fit=fit, score=score, audit_id=audit_id)
 
 
 def _publish(run_uri: str) -> None:

@@ -128,6 +128,15 @@ def inspect_command(run_dir: str, top: int) -> None:
         raise click.ClickException(str(err)) from None
 
 
+@main.command("history")
+@click.argument("run_dir")
+def history_command(run_dir: str) -> None:
+    """Print the audits recorded in RUN_DIR (tables/audits.parquet), oldest first."""
+    from sacv.audits import describe_audits
+
+    click.echo(describe_audits(run_dir))
+
+
 @main.command("report")
 @click.argument("run_dir")
 def report_command(run_dir: str) -> None:

@@ -87,6 +87,10 @@ class ScoreConfig(Section):
     store_maps: bool = False  # also keep maps/<layer>/S_k and S_kc (N, K, H, W) float16 in the store
 
 
+class AuditConfig(Section):
+    baseline: str | None = None  # audit id that drift.parquet compares the latest audit with; None = the previous audit
+
+
 class ExecutionConfig(Section):
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool
@@ -104,6 +108,7 @@ class RunConfig(Section):
     extract: ExtractConfig = ExtractConfig()
     fit: FitConfig = FitConfig()
     score: ScoreConfig = ScoreConfig()
+    audit: AuditConfig = AuditConfig()
     execution: ExecutionConfig = ExecutionConfig()
 
     @field_validator("layers")

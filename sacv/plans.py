@@ -73,3 +73,4 @@ class RunSummary:
     extract: ExtractSummary
     fit: FitSummary | None  # None without a `concepts` section
     score: ScoreSummary | None  # None without `concepts` and `dataset`
+    audit_id: str | None = None  # the audit this run recorded (tables/audits.parquet)

@@ -1,0 +1,126 @@
+"""Audits and drift: history rows per audit, commit order, `sacv history`, drift tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from flows.pipeline import run_pipeline
+from sacv import audits
+from sacv.cli import main
+from sacv.drift import drift_table
+from sacv.rundir import RunDir
+from tests.flow_helpers import make_config, write_collection
+
+
+def per_set(rng, rows: int, sets: int, shift: dict[int, float] | None = None) -> pd.DataFrame:
+    """A per-set table: ``rows`` (layer, concept, target) keys, ``sets`` random sets each, spatial
+    and tcav drawn around a per-row level (sd 0.03); ``shift`` moves the spatial level of some rows."""
+    records = []
+    for key in range(rows):
+        level = 0.3 + 0.4 * (key % 7) / 7 + (shift or {}).get(key, 0.0)
+        for r in range(sets):
+            records.append({"layer": "l", "concept": f"c{key}", "target": 0, "random_set": f"random_{r}",
+                            "kind": "concept", "spatial": rng.normal(level, 0.03), "tcav": rng.normal(0.5, 0.03)})
+    return pd.DataFrame(records)
+
+
+def test_drift_finds_a_planted_change_and_few_false_ones():
+    rng = np.random.default_rng(0)
+    before = per_set(rng, rows=100, sets=10)
+    null = drift_table(before, per_set(rng, rows=100, sets=10), ["cat"], alpha=0.05, correction="holm")
+    assert len(null) == 100 and null["significant"].mean() <= 0.05
+    after = per_set(rng, rows=100, sets=10, shift={17: 0.15})
+    planted = drift_table(before, after, ["cat"], alpha=0.05)
+    top = planted.iloc[0]  # sorted by the size of the spatial change
+    assert top["concept"] == "c17" and top["significant"] and top["spatial_change"] == pytest.approx(0.15, abs=0.05)
+    assert planted["significant"].sum() <= 1 + 0.05 * 100
+    # p-values are SciPy's Welch test on the per-set numbers
+    row = planted.set_index("concept").loc["c3"]
+    a, b = (side.loc[side["concept"] == "c3", "spatial"] for side in (before, after))
+    assert row["p_spatial"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert row["spatial_change"] == pytest.approx(b.mean() - a.mean())
+
+
+@pytest.fixture(scope="module")
+def two_audits(tmp_path_factory, prefect):
+    root = write_collection(tmp_path_factory.mktemp("audits"), n_per_concept=5, n_per_class=5)
+    config = make_config(root, run="run")
+    config = config.model_copy(update={
+        "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
+        "fit": config.fit.model_copy(update={"solver": "lbfgs"}),
+        "score": config.score.model_copy(update={"min_images": 2}),
+    })
+    first = run_pipeline(config)
+    victim = sorted((root / "data" / "cat").glob("*.jpg"))[0]
+    victim.unlink()
+    second = run_pipeline(config)
+    return root, config, first, second
+
+
+def test_each_audit_adds_one_audit_row_and_its_history(two_audits):
+    _, config, first, second = two_audits
+    run = RunDir(config.run_dir)
+    table = run.read_audits()
+    assert table["audit_id"].tolist() == [first.audit_id, second.audit_id]
+    assert table["status"].tolist() == ["done", "done"]
+    assert table["images_added"].tolist() == [25, 0] and table["images_removed"].tolist() == [0, 1]
+    assert table["images_total"].tolist() == [25, 24] and (table["finished"] > table["started"]).all()
+    assert table["weight_hash"].notna().all() and table["config_hash"].nunique() == 1
+    history = audits.history(run, "contributions")
+    latest = run.read_table("contributions")
+    assert history.groupby("audit_id").size().to_dict() == {first.audit_id: len(latest), second.audit_id: len(latest)}
+    pd.testing.assert_frame_equal(history[history["audit_id"] == second.audit_id].drop(columns="audit_id").reset_index(drop=True),
+                                  latest)
+    drift = run.read_table("drift")
+    assert set(drift["before"]) == {first.audit_id} and set(drift["after"]) == {second.audit_id}
+    assert len(drift) == len(latest)
+    history_text = CliRunner().invoke(main, ["history", config.run_dir]).output
+    assert first.audit_id in history_text and second.audit_id in history_text
+    assert f"audit    {second.audit_id} done" in CliRunner().invoke(main, ["inspect", config.run_dir]).output
+
+
+def test_a_crashed_audit_leaves_no_history_rows(two_audits, tmp_path, monkeypatch):
+    _, config, first, second = two_audits
+    copy = tmp_path / "run"
+    shutil.copytree(config.run_dir, copy)
+    run = RunDir(str(copy))
+    config = config.model_copy(update={"run_dir": str(copy)})
+    before = audits.history(run, "contributions")
+
+    def crash(self, table):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(RunDir, "write_audits", crash)  # history written, the commit fails
+    with pytest.raises(OSError):
+        audits.record_audit(str(copy), "crashed", 0.0, config, second.extract, scored=True)
+    assert len(run.read_history("contributions")) > len(before)  # the rows are on disk ...
+    pd.testing.assert_frame_equal(audits.history(run, "contributions"), before)  # ... but never read
+    monkeypatch.undo()
+    audits.record_audit(str(copy), "next", 0.0, config, second.extract, scored=True)
+    assert list(dict.fromkeys(run.read_history("contributions")["audit_id"])) == [first.audit_id, second.audit_id, "next"]
+    assert run.read_table("drift")["before"].iloc[0] == second.audit_id
+
+
+def test_a_failed_stage_records_a_failed_audit_and_no_history(two_audits, tmp_path, monkeypatch):
+    root, config, first, second = two_audits
+    copy = tmp_path / "run"
+    shutil.copytree(config.run_dir, copy)
+    config = config.model_copy(update={"run_dir": str(copy), "score": config.score.model_copy(update={"mode": "streamed"})})
+    import sacv.scoring
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("scoring broke")
+
+    monkeypatch.setattr(sacv.scoring, "score_shard", broken)
+    with pytest.raises(Exception):
+        run_pipeline(config)
+    table = RunDir(str(copy)).read_audits()
+    assert table["status"].tolist() == ["done", "done", "failed"] and "scoring broke" in table["message"].iloc[-1]
+    assert set(audits.history(RunDir(str(copy)), "contributions")["audit_id"]) == {first.audit_id, second.audit_id}
