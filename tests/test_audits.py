@@ -124,3 +124,29 @@ def test_a_failed_stage_records_a_failed_audit_and_no_history(two_audits, tmp_pa
     table = RunDir(str(copy)).read_audits()
     assert table["status"].tolist() == ["done", "done", "failed"] and "scoring broke" in table["message"].iloc[-1]
     assert set(audits.history(RunDir(str(copy)), "contributions")["audit_id"]) == {first.audit_id, second.audit_id}
+
+
+def test_a_null_pair_of_audits_shows_at_most_alpha_false_drifts(two_audits, tmp_path):
+    """Same images, new random sets (another fit seed): every row of drift.parquet is a null."""
+    _, config, _, second = two_audits
+    copy = tmp_path / "run"
+    shutil.copytree(config.run_dir, copy)
+    config = config.model_copy(update={"run_dir": str(copy), "fit": config.fit.model_copy(update={"seed": 7})})
+    third = run_pipeline(config)
+    assert third.extract.shards_run == 0 and third.fit.fitted == third.fit.vectors  # new sets, same store
+    drift = RunDir(str(copy)).read_table("drift")
+    assert set(drift["before"]) == {second.audit_id} and drift["p_spatial"].notna().all()
+    assert drift["significant"].mean() <= config.score.alpha
+
+
+def test_report_shows_the_history_and_the_drift_table(two_audits):
+    from sacv.report import build_report
+
+    _, config, first, second = two_audits
+    page = Path(build_report(config.run_dir)).read_text()
+    history = page[page.index("<h2>History (2 audits)</h2>"):]
+    drift = RunDir(config.run_dir).read_table("drift")
+    assert f"against {first.audit_id}" in history and 'alt="scores over audits"' in history
+    table = history[history.index('id="drift"'):]
+    table = table[: table.index("</table>")]
+    assert table.count("<tr") == len(drift) + 1  # header + one row per drift row
