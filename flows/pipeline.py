@@ -13,6 +13,7 @@ from flows.fit import fit_flow, run_fit
 from flows.runners import call_flow, configure_process, task_runner
 from flows.score import run_score, score_flow
 from sacv.audits import new_audit_id, record_audit
+from sacv.checks import ChecksFailed, failure_message
 from sacv.config import RunConfig, load_config
 from sacv.plans import RunSummary
 from sacv.rundir import RunDir
@@ -24,7 +25,8 @@ STAGES = ("extract", "fit", "score", "run")
 @flow(name="sacv-run")
 def run_flow(config: RunConfig) -> RunSummary:
     """Run every stage as one audit; a rerun resumes (done shards, cached vectors and scored shards
-    are skipped). The audit is recorded last (``sacv.audits.record_audit``), also when a stage fails."""
+    are skipped). The audit is recorded last (``sacv.audits.record_audit``), also when a stage fails;
+    failing policy checks (config ``checks``) then fail the flow run with ``ChecksFailed``."""
     runner = task_runner(config.execution)
     audit_id, started = new_audit_id(), time.time()
     extract = fit = score = None
@@ -38,7 +40,9 @@ def run_flow(config: RunConfig) -> RunSummary:
     except BaseException as err:
         record_audit(config.run_dir, audit_id, started, config, extract, status="failed", message=f"{type(err).__name__}: {err}"[:500])
         raise
-    record_audit(config.run_dir, audit_id, started, config, extract, scored=score is not None)
+    checks = record_audit(config.run_dir, audit_id, started, config, extract, scored=score is not None)
+    if checks is not None and not checks["passed"].all():
+        raise ChecksFailed(failure_message(checks))  # the flow run ends Failed with the failing checks
     return RunSummary(extract=extract, fit=fit, score=score, audit_id=audit_id)
 
 

@@ -5,7 +5,7 @@
   its ``audit_id``; ``tables/history/per_set.parquet``: the per-random-set scores behind it (what
   drift tests need);
 - ``tables/drift.parquet``: the latest audit against the previous one (or ``audit.baseline``),
-  see ``sacv.drift``.
+  see ``sacv.drift``; ``tables/checks.parquet``: the config's policy checks (``sacv.checks``).
 
 Appending rewrites each table whole (``RunDir`` writes are atomic), history first and the audit row
 last: the audit row commits the audit. History rows of an audit without a ``done`` row (a crash
@@ -28,7 +28,7 @@ from sacv.store import class_names_of
 
 AUDIT_COLUMNS = [
     "audit_id", "started", "finished", "status", "config_hash", "model_spec", "weight_hash",
-    "images_added", "images_removed", "images_total", "shards_run", "images_extracted", "message",
+    "images_added", "images_removed", "images_total", "shards_run", "images_extracted", "checks_failed", "message",
 ]
 
 
@@ -74,17 +74,23 @@ def per_set_scores(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def record_audit(run_uri: str, audit_id: str, started: float, config: RunConfig, extract=None,
-                 status: str = "done", message: str | None = None, scored: bool = False) -> pd.DataFrame:
+                 status: str = "done", message: str | None = None, scored: bool = False) -> pd.DataFrame | None:
     """Commit one audit: when it is ``done`` and ``scored`` (its score stage built the tables),
-    append the contributions table and its per-set scores to the history and write the drift
-    table; then append the audit row (last). ``started``: epoch seconds; ``extract``: the audit's
-    ``ExtractSummary`` (None when extraction failed); ``status``: done | failed. Returns the audits table."""
+    append the contributions table and its per-set scores to the history, write the drift table
+    and evaluate the config's checks (``tables/checks.parquet``); then append the audit row (last).
+    ``started``: epoch seconds; ``extract``: the audit's ``ExtractSummary`` (None when extraction
+    failed); ``status``: done | failed. Returns the checks table (None when none were evaluated)."""
+    from sacv.checks import run_checks
+
     run = RunDir(run_uri)
+    checks = None
     if status == "done" and scored:
         contributions = run.read_table("contributions")
         _append_history(run, "contributions", audit_id, contributions)
         current = _append_history(run, "per_set", audit_id, per_set_scores(run.read_table("image_scores")))
         write_drift(run, config, current)
+        if config.checks:
+            checks = run_checks(run_uri, config)
     model = (run.read_run_record() or {}).get("model", {})
     row = {
         "audit_id": audit_id, "started": pd.Timestamp(started, unit="s", tz="UTC"), "finished": pd.Timestamp.now(tz="UTC"),
@@ -92,14 +98,15 @@ def record_audit(run_uri: str, audit_id: str, started: float, config: RunConfig,
         "weight_hash": model.get("weight_hash"),
         "images_added": getattr(extract, "added", None), "images_removed": getattr(extract, "removed", None),
         "images_total": getattr(extract, "images", None), "shards_run": getattr(extract, "shards_run", None),
-        "images_extracted": getattr(extract, "images_extracted", None), "message": message,
+        "images_extracted": getattr(extract, "images_extracted", None),
+        "checks_failed": None if checks is None else int((~checks["passed"]).sum()), "message": message,
     }
     audits = done_audits(run)
     table = pd.DataFrame([row], columns=AUDIT_COLUMNS) if audits.empty else pd.concat([audits, pd.DataFrame([row])], ignore_index=True)
-    for column in ("images_added", "images_removed", "images_total", "shards_run", "images_extracted"):
+    for column in ("images_added", "images_removed", "images_total", "shards_run", "images_extracted", "checks_failed"):
         table[column] = table[column].astype("Int64")
     run.write_audits(table[AUDIT_COLUMNS])
-    return table[AUDIT_COLUMNS]
+    return checks
 
 
 def baseline_audit(run: RunDir, baseline: str | None) -> str | None:
@@ -137,6 +144,6 @@ def describe_audits(run_uri: str) -> str:
                           seconds=(audits["finished"] - audits["started"]).dt.total_seconds().round(1),
                           weight_hash=audits["weight_hash"].str[:12])
     columns = ["audit_id", "started", "seconds", "status", "images_total", "images_added", "images_removed",
-               "shards_run", "config_hash", "weight_hash", "message"]
+               "shards_run", "checks_failed", "config_hash", "weight_hash", "message"]
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
         return shown[columns].to_string(index=False)

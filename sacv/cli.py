@@ -49,9 +49,14 @@ def _load_config(path: str):
 def _run_stage(stage: str, config_path: str):
     from flows.pipeline import run_stage
 
+    from sacv.checks import ChecksFailed
+
     config = _load_config(config_path)
     try:
         return run_stage(stage, config)
+    except ChecksFailed as err:
+        click.echo(str(err), err=True)
+        sys.exit(4)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         raise click.ClickException(f"{stage} failed: {err}") from None
 
@@ -106,7 +111,8 @@ def score_command(config_path: str) -> None:
 @click.argument("config_path", metavar="CONFIG")
 @STRICT
 def run_command(config_path: str, strict: bool) -> None:
-    """extract -> fit -> score as one Prefect flow; a rerun resumes where it stopped."""
+    """extract -> fit -> score as one Prefect flow (one audit); a rerun resumes where it stopped.
+    Exits with status 4 when policy checks (config `checks`) fail."""
     summary = _run_stage("run", config_path)
     if summary.fit is not None:
         _report_fit(summary.fit)

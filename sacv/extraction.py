@@ -24,6 +24,7 @@ import torch
 
 from sacv.audits import new_audit_id
 from sacv.catalog import ImageCatalog, concept_candidates, dataset_candidates, match_class, scan
+from sacv.checks import validate_checks
 from sacv.config import RunConfig
 from sacv.extract import Extraction, extract
 from sacv.images import load_image
@@ -216,6 +217,8 @@ def plan_extraction(run_uri: str, config: RunConfig, audit_id: str | None = None
     audit_id = audit_id or new_audit_id()
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
     candidates = concept_candidates(config.concepts) if config.concepts else []
+    if config.checks:  # names in checks: an error before any work
+        validate_checks(config, sorted({c.concept for c in candidates if c.role == "concept"}), model.class_names)
     if config.dataset:
         candidates += dataset_candidates(config.dataset, model.class_names)
     previous = run.read_table("images")

@@ -3,8 +3,8 @@
 ``build_report`` writes ``RUN/report/index.html``: header (model, layers, counts, timings), the
 contributions table (sortable by clicking a header), spatial maps and receptive-field patches of
 the strongest (class, concept, layer) rows, a per-layer profile, the audit history with the drift
-table and the drifting rows' scores over audits, the localisation table when there is one, and the
-rejects. Plots are embedded PNG data URIs; no server, network, font or script
+table and the drifting rows' scores over audits, the policy checks, the localisation table when
+there is one, and the rejects. Plots are embedded PNG data URIs; no server, network, font or script
 outside the file is needed. Every text from files, folders, configs and tables is HTML-escaped.
 """
 
@@ -318,6 +318,11 @@ def build_report(run_uri: str, top_images: int = 3) -> str:
         body.append('<h2>Per-layer profile: where does a concept emerge?</h2>'
                     f'<figure><img src="{profile}" alt="per-layer profile"></figure>')
     body += _history_html(run)
+    checks = run.read_table("checks")
+    if checks is not None and len(checks):
+        failed = int((~checks["passed"]).sum())
+        body.append(f"<h2>Policy checks ({failed} of {len(checks)} rows failed)</h2>"
+                    + table_html(checks, "checks", row_class=lambda r: "" if r["passed"] else "fail"))
     localisation = run.read_table("localisation")
     if localisation is not None:
         body.append("<h2>Localisation</h2>" + table_html(localisation, "localisation"))
@@ -347,6 +352,7 @@ table.sortable th[aria-sort=ascending]::after{content:" \\25B2";font-size:.8em}
 table.sortable th[aria-sort=descending]::after{content:" \\25BC";font-size:.8em}
 table.sortable tbody tr:nth-child(even){background:#fafbfc}
 table.sortable tbody tr.sig{background:#e3f4e1;font-weight:600}
+table.sortable tbody tr.fail{background:#fde2e1;font-weight:600}
 table.facts{width:auto}table.facts th{color:#5a6372;font-weight:600;padding-right:18px;white-space:nowrap}
 table.facts td{word-break:break-all;font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:.95em}
 .scroll{overflow-x:auto;max-height:560px;overflow-y:auto;border:1px solid #e3e6eb;border-radius:4px}

@@ -150,3 +150,34 @@ def test_report_shows_the_history_and_the_drift_table(two_audits):
     table = history[history.index('id="drift"'):]
     table = table[: table.index("</table>")]
     assert table.count("<tr") == len(drift) + 1  # header + one row per drift row
+
+
+def test_a_failing_check_exits_with_status_4_and_is_recorded(two_audits, tmp_path):
+    import yaml
+
+    _, config, _, second = two_audits
+    copy = tmp_path / "run"
+    shutil.copytree(config.run_dir, copy)
+    lowest = RunDir(config.run_dir).read_table("contributions").sort_values("spatial_score").iloc[0]
+    failing = {"kind": "min_spatial_score", "concept": lowest["concept"], "class_name": lowest["class_name"],
+               "layer": lowest["layer"], "value": round(min(1.0, float(lowest["spatial_score"]) + 0.05), 3)}
+    raw = config.model_dump(mode="json") | {"run_dir": str(copy), "checks": [failing, {"kind": "max_drift", "value": 10.0}]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 4, result.output
+    assert (f"min_spatial_score(concept={lowest['concept']}, class_name={lowest['class_name']}, "
+            f"layer={lowest['layer']}, value={failing['value']})") in result.output
+    run = RunDir(str(copy))
+    checks = run.read_table("checks")
+    drift = run.read_table("drift")
+    assert checks["passed"].tolist() == [False] + [True] * len(drift)
+    assert checks.loc[0, "value"] == pytest.approx(lowest["spatial_score"])  # same data: same score
+    audit = run.read_audits().iloc[-1]
+    assert audit["status"] == "done" and audit["checks_failed"] == 1
+    assert audit["audit_id"] in set(audits.history(run, "contributions")["audit_id"])  # the audit's data is kept
+    raw["checks"][0]["class_name"] = lowest["class_name"][:-1]
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 1
+    assert f"checks[0].class '{lowest['class_name'][:-1]}' is unknown: did you mean '{lowest['class_name']}'" in result.output
