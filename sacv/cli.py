@@ -143,6 +143,21 @@ def history_command(run_dir: str) -> None:
     click.echo(describe_audits(run_dir))
 
 
+@main.command("compare")
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--out", default="compare", show_default=True, help="Folder for compare.parquet and compare.html.")
+def compare_command(run_a: str, run_b: str, out: str) -> None:
+    """Change in contribution from RUN_A to RUN_B (two models, same images and concepts)."""
+    from sacv.compare import compare_runs
+
+    try:
+        table = compare_runs(run_a, run_b, out)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{len(table)} rows, {int(table['significant'].sum())} significant changes -> {out}/compare.parquet, {out}/compare.html")
+
+
 @main.command("report")
 @click.argument("run_dir")
 def report_command(run_dir: str) -> None:

@@ -181,3 +181,24 @@ def test_a_failing_check_exits_with_status_4_and_is_recorded(two_audits, tmp_pat
     result = CliRunner().invoke(main, ["run", str(path)])
     assert result.exit_code == 1
     assert f"checks[0].class '{lowest['class_name'][:-1]}' is unknown: did you mean '{lowest['class_name']}'" in result.output
+
+
+def test_compare_two_models_on_the_same_images(two_audits, tmp_path):
+    root, config, _, _ = two_audits
+    other = config.model_copy(update={"run_dir": str(root / "other"), "model": config.model.model_copy(update={"spec": "tests.models:small_other"})})
+    run_pipeline(other)
+    result = CliRunner().invoke(main, ["compare", config.run_dir, other.run_dir, "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(tmp_path / "cmp/compare.parquet")
+    a, b = (RunDir(r).read_table("contributions").set_index(["layer", "concept", "class_index"]) for r in (config.run_dir, other.run_dir))
+    keyed = table.set_index(["layer", "concept", "class_index"])
+    assert len(table) == len(a) and set(keyed.index) == set(a.index)
+    for column, side in (("spatial_before", a), ("spatial_after", b)):
+        np.testing.assert_allclose(keyed[column], side.loc[keyed.index, "spatial_score"])
+    np.testing.assert_allclose(keyed["tcav_change"], b.loc[keyed.index, "tcav_score"] - a.loc[keyed.index, "tcav_score"])
+    assert keyed["spatial_change"].abs().max() > 0  # another model, other scores
+    page = (tmp_path / "cmp/compare.html").read_text()
+    assert page.count("<tr") == len(table) + 1 + 4  # table rows, its header, four facts
+    same = CliRunner().invoke(main, ["compare", config.run_dir, config.run_dir, "--out", str(tmp_path / "same")])
+    identical = pd.read_parquet(tmp_path / "same/compare.parquet")
+    assert same.exit_code == 0 and (identical["spatial_change"] == 0).all() and not identical["significant"].any()
