@@ -3,7 +3,8 @@
 
 The extraction flow (``flows.extract.run_extract``, Prefect embedded mode, warmed up on a 4-image
 run first) with ``dataset.target: label``. Images are generated 24x24 PNGs in two class folders.
-For comparison the script also counts the shards that the earlier row assignment (all rows sorted
+It also times the planning step alone (``sacv.extraction.plan_extraction``: listing, stamps,
+tables) once more with nothing new. For comparison the script also counts the shards that the earlier row assignment (all rows sorted
 by (label, image_id) on every scan) would have redone for the same increment: computed from the
 two images tables, not run.
 
@@ -104,6 +105,12 @@ def main(argv=None) -> dict:
     third = run_extract(cfg)
     timings["nothing new"] = (time.perf_counter() - started, third)
 
+    from sacv.extraction import plan_extraction
+
+    started = time.perf_counter()
+    plan_extraction(cfg.run_dir, cfg)  # the planning step alone: listing, stamps, tables (nothing new)
+    plan_seconds = time.perf_counter() - started
+
     result = {
         "command": "python benchmarks/nightly_increment.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": platform.platform(), "cpus": os.cpu_count(), "model": args.model, "layers": args.layers,
@@ -112,10 +119,12 @@ def main(argv=None) -> dict:
                         "images_extracted": s.images_extracted, "added": s.added, "removed": s.removed}
                  for name, (seconds, s) in timings.items()},
         "sorted_rows_shards_redone": sorted_shards_changed(before, after, args.shard_size),
+        "plan_seconds_nothing_new": round(plan_seconds, 2),
     }
     rows = [(f"{name}: seconds / shards run / images extracted",
              f"{r['seconds']} / {r['shards_run']} of {r['shards_total']} / {r['images_extracted']}")
             for name, r in result["runs"].items()]
+    rows.append(("planning alone, nothing new: seconds", str(result["plan_seconds_nothing_new"])))
     rows.append(("increment under sorted rows (computed): shards redone", str(result["sorted_rows_shards_redone"])))
     print_table(rows)
     write_json(result, args.out)
