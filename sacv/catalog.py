@@ -216,6 +216,16 @@ class ImageCatalog:
         self.frame = frame
         self._ok = frame[frame["status"] == "ok"]
         self._stored = frame[frame["status"].isin(STORED)]
+        self._shards: dict[tuple[bool, str, int], pd.DataFrame] | None = None  # (stored?, group, shard) -> rows
+
+    def _shard(self, stored: bool, group: str, shard: int) -> pd.DataFrame:
+        """One shard's rows in row order, from one grouping of the table (planning asks for every shard)."""
+        if self._shards is None:
+            self._shards = {}
+            for flag, part in ((False, self._ok), (True, self._stored)):
+                for (g, s), rows in part.sort_values("row").groupby(["group", "shard"], sort=False):
+                    self._shards[(flag, g, int(s))] = rows
+        return self._shards.get((stored, group, shard), self.frame.iloc[:0])
 
     @classmethod
     def read(cls, run: RunDir) -> ImageCatalog:
@@ -226,10 +236,9 @@ class ImageCatalog:
 
     def rows(self, group: str, shard: int | None = None) -> pd.DataFrame:
         """The distinct images of ``group`` (of one shard when given), in store-row order."""
-        part = self._ok[self._ok["group"] == group]
         if shard is not None:
-            part = part[part["shard"] == shard]
-        return part.sort_values("row")
+            return self._shard(False, group, shard)
+        return self._ok[self._ok["group"] == group].sort_values("row")
 
     def current(self) -> pd.DataFrame:
         """Every row but the removed ones: the images found by the last scan (duplicates included)."""
@@ -238,8 +247,7 @@ class ImageCatalog:
     def stored_rows(self, group: str, shard: int) -> pd.DataFrame:
         """Every store row of one shard, removed ones included, in row order: the shard's region
         (rows ``shard * shard_size`` on, contiguous)."""
-        part = self._stored[(self._stored["group"] == group) & (self._stored["shard"] == shard)]
-        return part.sort_values("row")
+        return self._shard(True, group, shard)
 
     def shards(self, group: str) -> list[int]:
         """The shard numbers of ``group`` that hold current images, ascending (empty when none)."""
