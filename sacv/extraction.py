@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sacv.audits import new_audit_id
+from sacv.audits import baseline_audit, new_audit_id
 from sacv.catalog import ImageCatalog, concept_candidates, dataset_candidates, match_class, scan
 from sacv.checks import validate_checks
 from sacv.config import RunConfig
@@ -217,6 +217,8 @@ def plan_extraction(run_uri: str, config: RunConfig, audit_id: str | None = None
     audit_id = audit_id or new_audit_id()
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
     candidates = concept_candidates(config.concepts) if config.concepts else []
+    if config.audit.baseline is not None:  # an unknown baseline audit: an error before any work
+        baseline_audit(run, config.audit.baseline)
     if config.checks:  # names in checks: an error before any work
         validate_checks(config, sorted({c.concept for c in candidates if c.role == "concept"}), model.class_names)
     if config.dataset:

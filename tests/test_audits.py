@@ -202,3 +202,16 @@ def test_compare_two_models_on_the_same_images(two_audits, tmp_path):
     same = CliRunner().invoke(main, ["compare", config.run_dir, config.run_dir, "--out", str(tmp_path / "same")])
     identical = pd.read_parquet(tmp_path / "same/compare.parquet")
     assert same.exit_code == 0 and (identical["spatial_change"] == 0).all() and not identical["significant"].any()
+
+
+def test_a_named_baseline_is_used_and_an_unknown_one_is_refused_before_any_work(two_audits, tmp_path):
+    _, config, first, second = two_audits
+    copy = tmp_path / "run"
+    shutil.copytree(config.run_dir, copy)
+    named = config.model_copy(update={"run_dir": str(copy), "audit": config.audit.model_copy(update={"baseline": first.audit_id})})
+    run_pipeline(named)
+    assert set(RunDir(str(copy)).read_table("drift")["before"]) == {first.audit_id}
+    typo = named.model_copy(update={"audit": config.audit.model_copy(update={"baseline": first.audit_id[:-1]})})
+    with pytest.raises(ValueError, match=f"close audit ids: \\['{first.audit_id}'"):
+        run_pipeline(typo)
+    assert RunDir(str(copy)).read_audits()["status"].tolist()[-1] == "failed"
