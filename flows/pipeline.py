@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pandas as pd
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.extract import extract_flow, run_extract
@@ -38,7 +38,11 @@ def run_flow(config: RunConfig) -> RunSummary:
             score = score_flow.with_options(task_runner=runner)(config)
             _publish(config.run_dir)
     except BaseException as err:
-        record_audit(config.run_dir, audit_id, started, config, extract, status="failed", message=f"{type(err).__name__}: {err}"[:500])
+        try:  # the stage's error is what the caller must see, even if the record cannot be written
+            record_audit(config.run_dir, audit_id, started, config, extract, status="failed",
+                         message=f"{type(err).__name__}: {err}"[:500])
+        except Exception as record_err:
+            get_run_logger().warning("could not record failed audit %s: %s", audit_id, record_err)
         raise
     checks = record_audit(config.run_dir, audit_id, started, config, extract, scored=score is not None)
     if checks is not None and not checks["passed"].all():
