@@ -28,11 +28,12 @@ def shard_blocks(todo: list[tuple[str, int]], per_task: int) -> list[tuple[str, 
 
 
 @flow(name="sacv-extract")
-def extract_flow(config: RunConfig) -> ExtractSummary:
-    """Extract activations (and dataset gradients) of every layer into the run's store."""
+def extract_flow(config: RunConfig, audit_id: str | None = None) -> ExtractSummary:
+    """Extract activations (and dataset gradients) of every layer into the run's store; ``audit_id``
+    marks the images this scan adds or removes (a new id when not given)."""
     started = time.perf_counter()
     run_uri = config.run_dir
-    plan = plan_extraction(run_uri, config)
+    plan = plan_extraction(run_uri, config, audit_id)
     blocks = shard_blocks(plan.todo, config.extract.shards_per_task)
     futures = [extract_shards.submit(run_uri, config, group, shards) for group, shards in blocks]
     n_images = 0
@@ -47,6 +48,7 @@ def extract_flow(config: RunConfig) -> ExtractSummary:
     summary = ExtractSummary(
         status="done with rejects" if rejects else "done",
         images=plan.images - decode_rejects, rejects=rejects, shards=plan.shards, shards_run=len(plan.todo),
+        images_extracted=n_images, added=plan.added, removed=plan.removed,
     )
     numerics = {"autocast": config.extract.autocast, "allow_tf32": config.execution.allow_tf32}
     RunDir(run_uri).update_run_record(config=config_record(config), versions=versions(), model=plan.model,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.extract import extract_flow, run_extract
@@ -11,6 +13,8 @@ from flows.fit import fit_flow, run_fit
 from flows.runners import call_flow, configure_process, task_runner
 from flows.score import run_score, score_flow
 from sacv import runlock, storage
+from sacv.audits import new_audit_id, record_audit
+from sacv.checks import ChecksFailed, failure_message
 from sacv.config import RunConfig, load_config
 from sacv.plans import RunSummary
 from sacv.rundir import RunDir
@@ -21,16 +25,30 @@ STAGES = ("extract", "fit", "score", "run")
 
 @flow(name="sacv-run")
 def run_flow(config: RunConfig) -> RunSummary:
-    """Run every stage; a rerun resumes (done shards, cached vectors and scored shards are skipped)."""
+    """Run every stage as one audit; a rerun resumes (done shards, cached vectors and scored shards
+    are skipped). The audit is recorded last (``sacv.audits.record_audit``), also when a stage fails;
+    failing policy checks (config ``checks``) then fail the flow run with ``ChecksFailed``."""
     runner = task_runner(config.execution)
-    extract = extract_flow.with_options(task_runner=runner)(config)
-    fit = score = None
-    if config.concepts is not None:
-        fit = fit_flow.with_options(task_runner=runner)(config)
-    if config.concepts is not None and config.dataset is not None:
-        score = score_flow.with_options(task_runner=runner)(config)
-        _publish(config.run_dir)
-    return RunSummary(extract=extract, fit=fit, score=score)
+    audit_id, started = new_audit_id(), time.time()
+    extract = fit = score = None
+    try:
+        extract = extract_flow.with_options(task_runner=runner)(config, audit_id)
+        if config.concepts is not None:
+            fit = fit_flow.with_options(task_runner=runner)(config)
+        if config.concepts is not None and config.dataset is not None:
+            score = score_flow.with_options(task_runner=runner)(config)
+            _publish(config.run_dir)
+    except BaseException as err:
+        try:  # the stage's error is what the caller must see, even if the record cannot be written
+            record_audit(config.run_dir, audit_id, started, config, extract, status="failed",
+                         message=f"{type(err).__name__}: {err}"[:500])
+        except Exception as record_err:
+            get_run_logger().warning("could not record failed audit %s: %s", audit_id, record_err)
+        raise
+    checks = record_audit(config.run_dir, audit_id, started, config, extract, scored=score is not None)
+    if checks is not None and not checks["passed"].all():
+        raise ChecksFailed(failure_message(checks))  # the flow run ends Failed with the failing checks
+    return RunSummary(extract=extract, fit=fit, score=score, audit_id=audit_id)
 
 
 def _publish(run_uri: str) -> None:

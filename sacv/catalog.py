@@ -5,14 +5,22 @@ Two groups of images go into the store:
   separate random pool (role ``random``);
 - ``dataset``: the audit images (role ``dataset``), from class folders or a manifest.
 
-Every file is read and hashed (``image_id``) while scanning, and its header checked (type, size
-limits) without decoding pixels; files of unsupported types, unreadable files and bad headers go
-to the rejects table with their stage and reason. Pixel data is decoded once, by the extraction
-shard that owns the image; a shard that cannot decode an image quarantines it (status
-``rejected``, recorded in the rejects table by ``sacv.extraction.record_shard_rejects``), and later
-scans keep it rejected without trying again until its content changes. Within a group, each distinct image gets one store
-row (duplicates under other names point to the same row), ordered by (concept/label, image_id) so
-that renaming a file changes no row. Rows are cut into shards of ``shard_size`` = Zarr chunks.
+Every file is listed, read and hashed (``image_id``) while scanning, and its header checked (type,
+size limits) without decoding pixels; files of unsupported types, unreadable files and bad headers go
+to the rejects table with their stage and reason. A file whose ``stamp`` (size and modification time)
+equals the one recorded in the previous images table is not read again: it keeps its id. Pixel data
+is decoded once, by the extraction shard that owns the image; a shard that cannot decode an image
+quarantines it (status ``rejected``: it keeps its row, recorded in the rejects table by
+``sacv.extraction.record_shard_rejects``), and later scans keep it rejected without trying again
+until its content changes.
+
+Rows are append-only for the life of the store. Within a group, each distinct image gets one store
+row (duplicates under other names point to the same row). The first scan orders rows by
+(concept/label, image_id); later scans keep every known image's row (renaming or moving a file
+changes no row), give new images new rows after the last row of the group (in the same order), and
+mark images no longer found ``removed`` (``removed_in`` = the audit that noticed), never moving or
+reusing their rows. Rows are cut into shards of ``shard_size`` = Zarr chunks, so only the shards
+that gain rows change.
 """
 
 from __future__ import annotations
@@ -26,10 +34,15 @@ import pandas as pd
 
 from sacv import storage
 from sacv.config import ConceptsConfig, DatasetConfig
-from sacv.images import IMAGE_EXTENSIONS, ImageRejected, check_supported, image_id, list_files, probe_image, read_bytes
+from sacv.images import (
+    IMAGE_EXTENSIONS, ImageRejected, check_supported, file_stamp, image_id, list_files, probe_image, read_bytes,
+)
 from sacv.rundir import RunDir
 
-IMAGE_COLUMNS = ["image_id", "path", "group", "role", "concept", "label", "mask", "row", "shard", "status"]
+IMAGE_COLUMNS = ["image_id", "path", "group", "role", "concept", "label", "mask", "row", "shard", "status", "stamp",
+                 "added_in", "removed_in"]
+STORED = ("ok", "rejected", "removed")  # statuses that own a store row (a duplicate points to another image's row)
+LIVE = ("ok", "rejected")  # found by the last scan and owning a row
 REJECT_COLUMNS = ["path", "group", "stage", "reason", "image_id"]  # image_id: set for rejects found after hashing
 
 
@@ -119,15 +132,20 @@ def dataset_candidates(cfg: DatasetConfig, class_names: list[str]) -> list[Candi
     return out
 
 
-def _check(candidate: Candidate, max_pixels: int, min_size: int) -> tuple[Candidate, str | None, ImageRejected | None]:
-    """Type, bytes, content id and header of one candidate (no pixel decoding)."""
+def _check(candidate: Candidate, known: dict[str, tuple[str, str]], max_pixels: int, min_size: int
+           ) -> tuple[Candidate, str | None, str | None, ImageRejected | None]:
+    """(candidate, image_id, stamp, rejection): type, bytes, content id and header (no pixel
+    decoding); a file whose stamp is known keeps its id unread."""
+    stamp = file_stamp(candidate.path)
+    if stamp is not None and known.get(candidate.path, (None, None))[0] == stamp:
+        return candidate, known[candidate.path][1], stamp, None
     try:
         check_supported(candidate.path)
         data = read_bytes(candidate.path)
         probe_image(data, max_pixels=max_pixels, min_size=min_size)
-        return candidate, image_id(data), None
+        return candidate, image_id(data), stamp, None
     except ImageRejected as rejected:
-        return candidate, None, rejected
+        return candidate, None, None, rejected
 
 
 def scan(
@@ -136,57 +154,109 @@ def scan(
     max_pixels: int,
     min_size: int,
     threads: int = 4,
+    previous: pd.DataFrame | None = None,
+    audit_id: str | None = None,
     known_rejects: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read, hash and check every candidate; return (images, rejects) tables with rows and shards.
+    """Read, hash and check every candidate (unless its stamp is known in ``previous``, the last
+    images table); return (images, rejects) tables with rows kept from ``previous`` (see module doc).
 
     ``known_rejects``: the previous rejects table; an image whose (path, image_id) a shard could not
     decode before keeps its row with status ``rejected`` and its reject row, and is not tried again.
     """
-    known = {}
+    if previous is not None:
+        previous = previous.reindex(columns=IMAGE_COLUMNS)  # tables written before a column existed
+        seen = previous[previous["status"] != "removed"].dropna(subset=["stamp"])
+        known = {p: (stamp, i) for p, stamp, i in zip(seen["path"], seen["stamp"], seen["image_id"])}
+    else:
+        known = {}
+    quarantined = {}
     if known_rejects is not None and "image_id" in known_rejects.columns:
         decode = known_rejects[known_rejects["image_id"].notna()]
-        known = {(p, i): (s, r) for p, i, s, r in zip(decode["path"], decode["image_id"], decode["stage"], decode["reason"])}
+        quarantined = {(p, i): (s, r) for p, i, s, r in zip(decode["path"], decode["image_id"], decode["stage"], decode["reason"])}
     rows, rejects = [], []
     with ThreadPoolExecutor(threads) as pool:
-        for candidate, content_id, rejected in pool.map(lambda c: _check(c, max_pixels, min_size), candidates):
+        for candidate, content_id, stamp, rejected in pool.map(lambda c: _check(c, known, max_pixels, min_size), candidates):
             if rejected is not None:
                 rejects.append({"path": candidate.path, "group": candidate.group, "stage": rejected.stage,
                                 "reason": rejected.reason, "image_id": None})
                 continue
-            rows.append({**candidate.__dict__, "image_id": content_id})
-            if (candidate.path, content_id) in known:
-                stage, reason = known[candidate.path, content_id]
+            rows.append({**candidate.__dict__, "image_id": content_id, "stamp": stamp})
+            if (candidate.path, content_id) in quarantined:
+                stage, reason = quarantined[candidate.path, content_id]
                 rejects.append({"path": candidate.path, "group": candidate.group, "stage": stage,
                                 "reason": reason, "image_id": content_id})
-    images = pd.DataFrame(rows, columns=[c for c in IMAGE_COLUMNS if c not in ("row", "shard", "status")])
-    images["label"] = images["label"].astype("Int64")
-    images = images.sort_values(["group", "concept", "label", "image_id", "path"], na_position="first", kind="stable")
-    images["status"] = "ok"
-    images["row"] = pd.array([pd.NA] * len(images), dtype="Int64")
-    for group, part in images.groupby("group", sort=True):
-        first = ~part.duplicated("image_id")
-        row_of = {image_id: r for r, image_id in enumerate(part.loc[first, "image_id"])}
-        images.loc[part.index, "row"] = part["image_id"].map(row_of).astype("Int64")
-        images.loc[part.index[~first.to_numpy()], "status"] = "duplicate"
-    images["shard"] = (images["row"] // shard_size).astype("Int64")
-    quarantined = {(r["path"], r["image_id"]) for r in rejects if r["image_id"] is not None}
-    if quarantined:
-        is_known = pd.Series(list(zip(images["path"], images["image_id"])), index=images.index).isin(quarantined)
+    found = pd.DataFrame(rows, columns=["image_id", "path", "group", "role", "concept", "label", "mask", "stamp"])
+    images = assign_rows(found, previous, shard_size, audit_id)
+    keep_out = {(r["path"], r["image_id"]) for r in rejects if r["image_id"] is not None}
+    if keep_out:
+        is_known = pd.Series(list(zip(images["path"], images["image_id"])), index=images.index).isin(keep_out)
         images.loc[is_known & (images["status"] == "ok"), "status"] = "rejected"
-    return images[IMAGE_COLUMNS].reset_index(drop=True), pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+    return images, pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+
+
+def assign_rows(found: pd.DataFrame, previous: pd.DataFrame | None, shard_size: int, audit_id: str | None) -> pd.DataFrame:
+    """The images table: ``found`` (the readable candidates with their ids) placed on store rows.
+
+    Known images (status ok or rejected in ``previous``) keep their rows and ``added_in``; new
+    distinct images get the next rows of their group in (concept/label, image_id) order; previously
+    known images not found are kept with status ``removed`` and ``removed_in = audit_id``; removed
+    rows stay removed (an image that comes back gets a new row). Further copies of an image are
+    ``duplicate`` rows. Every found image comes out ``ok``: the scan marks known rejects.
+    """
+    found = found.assign(label=found["label"].astype("Int64"), status="ok", added_in=audit_id, removed_in=None)
+    found = found.sort_values(["group", "concept", "label", "image_id", "path"], na_position="first", kind="stable")
+    if previous is None:
+        previous = pd.DataFrame(columns=IMAGE_COLUMNS)
+    parts = []
+    for group in sorted(set(found["group"]) | set(previous["group"])):
+        part, old = found[found["group"] == group].copy(), previous[previous["group"] == group]
+        live = old[old["status"].isin(LIVE)]
+        row_of = dict(zip(live["image_id"], live["row"].astype(int)))
+        added_of = {i: a for i, a in zip(live["image_id"], live["added_in"]) if isinstance(a, str)}
+        stored = old.loc[old["status"].isin(STORED), "row"]
+        next_row = int(stored.max()) + 1 if len(stored) else 0
+        first = ~part["image_id"].duplicated()
+        for content_id in part.loc[first, "image_id"]:
+            if content_id not in row_of:
+                row_of[content_id], next_row = next_row, next_row + 1
+        part["row"] = part["image_id"].map(row_of)
+        part["added_in"] = [added_of.get(i, audit_id) for i in part["image_id"]]
+        part.loc[~first, "status"] = "duplicate"
+        gone = live[~live["image_id"].isin(part["image_id"])].assign(status="removed", removed_in=audit_id)
+        parts += [part, old[old["status"] == "removed"], gone]
+    images = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else found
+    images = images.reindex(columns=IMAGE_COLUMNS)
+    images["row"] = images["row"].astype("Int64")
+    images["label"] = images["label"].astype("Int64")
+    images["shard"] = (images["row"] // shard_size).astype("Int64")
+    images["duplicate"] = images["status"] == "duplicate"
+    images = images.sort_values(["group", "row", "duplicate"], kind="stable")
+    return images[IMAGE_COLUMNS].reset_index(drop=True)
 
 
 class ImageCatalog:
     """``tables/images.parquet``, read once per task: which store rows hold which images.
 
     ``frame`` is the table as written (columns ``IMAGE_COLUMNS``); duplicates point to the row of
-    their first copy and are skipped by every lookup below.
+    their first copy and are skipped by every lookup below, as are removed and quarantined images
+    (except in ``stored_rows``, the extraction stage's view of a shard's region).
     """
 
     def __init__(self, frame: pd.DataFrame):
         self.frame = frame
         self._ok = frame[frame["status"] == "ok"]
+        self._stored = frame[frame["status"].isin(STORED)]
+        self._shards: dict[tuple[bool, str, int], pd.DataFrame] | None = None  # (stored?, group, shard) -> rows
+
+    def _shard(self, stored: bool, group: str, shard: int) -> pd.DataFrame:
+        """One shard's rows in row order, from one grouping of the table (planning asks for every shard)."""
+        if self._shards is None:
+            self._shards = {}
+            for flag, part in ((False, self._ok), (True, self._stored)):
+                for (g, s), rows in part.sort_values("row").groupby(["group", "shard"], sort=False):
+                    self._shards[(flag, g, int(s))] = rows
+        return self._shards.get((stored, group, shard), self.frame.iloc[:0])
 
     @classmethod
     def read(cls, run: RunDir) -> ImageCatalog:
@@ -195,17 +265,24 @@ class ImageCatalog:
             raise RuntimeError(f"{run.uri} has no images table; run the extract stage first")
         return cls(frame)
 
-    def rows(self, group: str, shard: int | None = None, with_rejected: bool = False) -> pd.DataFrame:
-        """The distinct images of ``group`` (of one shard when given), in store-row order; with
-        ``with_rejected`` also those a shard could not decode (they keep their rows, filled with 0)."""
-        frame = self.frame[self.frame["status"].isin(["ok", "rejected"])] if with_rejected else self._ok
-        part = frame[frame["group"] == group]
+    def rows(self, group: str, shard: int | None = None) -> pd.DataFrame:
+        """The distinct images of ``group`` (of one shard when given), in store-row order."""
         if shard is not None:
-            part = part[part["shard"] == shard]
-        return part.sort_values("row")
+            return self._shard(False, group, shard)
+        return self._ok[self._ok["group"] == group].sort_values("row")
+
+    def current(self) -> pd.DataFrame:
+        """The usable images found by the last scan, duplicates included (no removed or quarantined ones)."""
+        frame = self.frame
+        return frame[frame["status"].isin(("ok", "duplicate")) & frame["image_id"].isin(self._ok["image_id"])]
+
+    def stored_rows(self, group: str, shard: int) -> pd.DataFrame:
+        """Every store row of one shard, removed and quarantined ones included, in row order: the
+        shard's region (rows ``shard * shard_size`` on, contiguous)."""
+        return self._shard(True, group, shard)
 
     def shards(self, group: str) -> list[int]:
-        """The shard numbers of ``group``, ascending (empty when the group has no images)."""
+        """The shard numbers of ``group`` that hold current images, ascending (empty when none)."""
         return sorted(int(s) for s in self._ok.loc[self._ok["group"] == group, "shard"].unique())
 
     def row_of(self, image_ids, group: str = "guidance") -> np.ndarray:

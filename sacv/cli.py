@@ -49,9 +49,14 @@ def _load_config(path: str):
 def _run_stage(stage: str, config_path: str):
     from flows.pipeline import run_stage
 
+    from sacv.checks import ChecksFailed
+
     config = _load_config(config_path)
     try:
         return run_stage(stage, config)
+    except ChecksFailed as err:
+        click.echo(str(err), err=True)
+        sys.exit(4)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         raise click.ClickException(f"{stage} failed: {err}") from None
 
@@ -106,7 +111,8 @@ def score_command(config_path: str) -> None:
 @click.argument("config_path", metavar="CONFIG")
 @STRICT
 def run_command(config_path: str, strict: bool) -> None:
-    """extract -> fit -> score as one Prefect flow; a rerun resumes where it stopped."""
+    """extract -> fit -> score as one Prefect flow (one audit); a rerun resumes where it stopped.
+    Exits with status 4 when policy checks (config `checks`) fail."""
     summary = _run_stage("run", config_path)
     if summary.fit is not None:
         _report_fit(summary.fit)
@@ -126,6 +132,30 @@ def inspect_command(run_dir: str, top: int) -> None:
         click.echo(describe_run(run_dir, top))
     except FileNotFoundError as err:
         raise click.ClickException(str(err)) from None
+
+
+@main.command("history")
+@click.argument("run_dir")
+def history_command(run_dir: str) -> None:
+    """Print the audits recorded in RUN_DIR (tables/audits.parquet), oldest first."""
+    from sacv.audits import describe_audits
+
+    click.echo(describe_audits(run_dir))
+
+
+@main.command("compare")
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--out", default="compare", show_default=True, help="Folder for compare.parquet and compare.html.")
+def compare_command(run_a: str, run_b: str, out: str) -> None:
+    """Change in contribution from RUN_A to RUN_B (two models, same images and concepts)."""
+    from sacv.compare import compare_runs
+
+    try:
+        table = compare_runs(run_a, run_b, out)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{len(table)} rows, {int(table['significant'].sum())} significant changes -> {out}/compare.parquet, {out}/compare.html")
 
 
 @main.command("report")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sacv.storage import redact
@@ -91,6 +92,43 @@ class ScoreConfig(Section):
     store_maps: bool = False  # also keep maps/<layer>/S_k and S_kc (N, K, H, W) float16 in the store
 
 
+class AuditConfig(Section):
+    baseline: str | None = None  # audit id that drift.parquet compares the latest audit with; None = the previous audit
+
+
+class NoSignificantContribution(Section):
+    """Concept ``concept`` must not contribute significantly to any class (``classes``: only these)."""
+
+    kind: Literal["no_significant_contribution"]
+    concept: str  # a concept folder name
+    direction: Literal["positive", "negative", "any"] = "positive"  # sign of the effect size that fails the check
+    classes: list[str] | None = None  # class names; None = every class
+    layer: str | None = None  # one of `layers`; None = every layer
+
+
+class MinSpatialScore(Section):
+    """The spatial score of (layer, concept, class) must be at least ``value``."""
+
+    kind: Literal["min_spatial_score"]
+    concept: str  # a concept folder name
+    class_name: str  # a class name of the model
+    layer: str  # one of `layers`
+    value: float = Field(ge=0, le=1)  # the smallest spatial score that passes
+
+
+class MaxDrift(Section):
+    """No row of drift.parquet may change by more than ``value`` (spatial or TCAV score)."""
+
+    kind: Literal["max_drift"]
+    value: float = Field(gt=0)  # the largest |change| that passes
+    significant_only: bool = False  # only rows whose drift is significant can fail
+
+
+Check = Annotated[NoSignificantContribution | MinSpatialScore | MaxDrift, Field(discriminator="kind")]
+CHECK_KINDS = {"no_significant_contribution": NoSignificantContribution, "min_spatial_score": MinSpatialScore,
+               "max_drift": MaxDrift}
+
+
 class ExecutionConfig(Section):
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool
@@ -114,6 +152,8 @@ class RunConfig(Section):
     extract: ExtractConfig = ExtractConfig()
     fit: FitConfig = FitConfig()
     score: ScoreConfig = ScoreConfig()
+    audit: AuditConfig = AuditConfig()
+    checks: list[Check] = []  # policy checks evaluated after each audit (docs/config.md)
     execution: ExecutionConfig = ExecutionConfig()
     storage_options: dict[str, dict[str, Any]] = {}  # URL prefix -> fsspec options (longest prefix wins); credentials: environment
 
@@ -143,12 +183,32 @@ class RunConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_names(self) -> RunConfig:
+        """Layers and (when the config lists them) concepts named by checks must exist; class names
+        are checked against the model when the run starts (``sacv.checks.validate_checks``)."""
+        concepts = self.concepts.names if self.concepts is not None else None
+        for i, check in enumerate(self.checks):
+            if getattr(check, "layer", None) is not None:
+                unknown_name(f"checks[{i}].layer", check.layer, self.layers)
+            if concepts is not None and getattr(check, "concept", None) is not None:
+                unknown_name(f"checks[{i}].concept", check.concept, concepts)
+        return self
+
 
 def config_record(config: RunConfig) -> dict:
     """The config as written into run.json: JSON values, secrets in ``storage_options`` redacted."""
     record = config.model_dump(mode="json")
     record["storage_options"] = redact(record["storage_options"])
     return record
+
+
+def unknown_name(key: str, name: str, known: list[str]) -> None:
+    """Raise ValueError naming ``key`` and the close known names when ``name`` is not in ``known``."""
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        raise ValueError(f"{key} {name!r} is unknown: {hint}known: {sorted(known)[:20]}")
 
 
 def numeric_mode(config: RunConfig) -> dict:
@@ -185,9 +245,14 @@ def _known_keys(loc: tuple) -> list[str]:
     """The keys allowed where an unknown key ``loc`` was found."""
     model: type[BaseModel] = RunConfig
     for part in loc[:-1]:
+        if isinstance(part, int):  # a list index
+            continue
+        if part in CHECK_KINDS:  # the tag of a check: its model
+            model = CHECK_KINDS[part]
+            continue
         annotation = model.model_fields[part].annotation
         candidates = [annotation, *getattr(annotation, "__args__", ())]
-        model = next(c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), model)
     return list(model.model_fields)
 
 
@@ -201,6 +266,8 @@ def _describe(error: dict) -> str:
         return f"unknown key '{key}': {hint}remove it or fix its spelling (see docs/config.md)"
     if error["type"] == "missing":
         return f"missing key '{key}': add it (see docs/config.md)"
+    if not error["loc"]:  # a check across sections: the message names the key
+        return error["msg"].removeprefix("Value error, ")
     return f"'{key}': {error['msg']} (got {error.get('input')!r})"
 
 

@@ -2,8 +2,10 @@
 
 A shard is a contiguous block of store rows = one Zarr chunk along N, so exactly one writer owns it.
 Its done-marker (``RunDir.write_shard_marker``) is written after all of its arrays and records a
-digest of its image ids and settings: a rerun skips a shard whose marker matches and redoes any
-other. ``shard_extractions`` is the one batch loop over a shard's images; scoring in ``streamed``
+digest of its stored image ids (removed ones included: a removal changes no shard) and settings:
+a rerun skips a shard whose marker matches and redoes any other. Rows are append-only
+(``sacv.catalog``), so new images only change the shards that gain rows; a redone shard writes
+zeros in the rows of removed images (their files may be gone; nothing reads those rows). ``shard_extractions`` is the one batch loop over a shard's images; scoring in ``streamed``
 mode reuses it. The per-batch primitive is ``sacv.extract.extract``.
 """
 
@@ -21,7 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sacv.audits import baseline_audit, new_audit_id
 from sacv.catalog import REJECT_COLUMNS, ImageCatalog, concept_candidates, dataset_candidates, match_class, scan
+from sacv.checks import validate_checks
 from sacv.config import RunConfig
 from sacv.extract import Extraction, extract
 from sacv.images import ImageRejected, load_image
@@ -75,21 +79,28 @@ def shard_digest(rows: pd.DataFrame, config: RunConfig) -> str:
     settings = {"layers": sorted(config.layers), "autocast": config.extract.autocast}
     if config.execution.allow_tf32:
         settings["allow_tf32"] = True
+    content = ",".join(rows["image_id"])
     if rows["group"].iloc[0] == "dataset":  # only dataset shards hold gradients of a target logit
         settings |= {"target": config.dataset.target, "keep_gradients": config.extract.keep_gradients}
-    content = ",".join(rows["image_id"]) + json.dumps(settings, sort_keys=True)
+        if config.dataset.target == "label":  # a relabelled image changes its stored gradients
+            content += "|" + ",".join(str(label) for label in rows["label"])
+    content += json.dumps(settings, sort_keys=True)
     return hashlib.sha256(content.encode()).hexdigest()[:16]
 
 
 def shard_is_done(run: RunDir, catalog: ImageCatalog, group: str, shard: int, config: RunConfig) -> bool:
+    """Whether the shard's marker matches its stored rows; a shard with no current image counts as done."""
+    if catalog.rows(group, shard).empty:
+        return True
     marker = run.read_shard_marker(group, shard)
-    return marker is not None and marker.get("digest") == shard_digest(catalog.rows(group, shard, with_rejected=True), config)
+    return marker is not None and marker.get("digest") == shard_digest(catalog.stored_rows(group, shard), config)
 
 
 class ShardImages:
     """A shard's images (``rows`` in row order): each decoded, checked against its scanned content id
     and preprocessed to (3, S, S) float32; or the ``ImageRejected`` that says why not; or ``None``
-    for an image an earlier run already quarantined (status ``rejected``: not tried again)."""
+    for a removed image or one an earlier run already quarantined (status ``rejected``: not tried
+    again)."""
 
     def __init__(self, rows: pd.DataFrame, model: LoadedModel, config: RunConfig):
         self.rows = rows.reset_index(drop=True)
@@ -101,7 +112,7 @@ class ShardImages:
 
     def __getitem__(self, index: int) -> torch.Tensor | ImageRejected | None:
         row = self.rows.iloc[index]
-        if row["status"] == "rejected":
+        if row["status"] != "ok":  # removed, or quarantined by an earlier run
             return None
         try:
             content_id, image = load_image(row["path"], **self.limits)
@@ -218,14 +229,15 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
     ``execution.write_workers`` writer threads (at most that many shards waiting). Each shard is
     still written by exactly one writer, its marker last. An image that fails to decode (or changed
     since planning) is quarantined: its row is written as zeros (target -1) and it is listed in the
-    shard's rejects file. Returns the markers, in shard order.
+    shard's rejects file; rows of removed or earlier quarantined images are written as zeros too
+    (their files may be gone; nothing reads those rows). Returns the markers, in shard order.
     """
     run = RunDir(run_uri)
     catalog = ImageCatalog.read(run)
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
     root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype), run.storage_options)
     gradients = group == "dataset"
-    blocks = [ShardImages(catalog.rows(group, shard, with_rejected=True), model, config) for shard in shards]
+    blocks = [ShardImages(catalog.stored_rows(group, shard), model, config) for shard in shards]
     blank = _blank(model)
     markers, pending = [], deque()
     with ThreadPoolExecutor(config.execution.write_workers, thread_name_prefix="sacv-write") as writers:
@@ -281,17 +293,27 @@ def record_shard_rejects(run_uri: str) -> int:
     return len(rejects)
 
 
-def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
-    """Scan the collections, write images/rejects tables and the store template; plan the shards."""
+def plan_extraction(run_uri: str, config: RunConfig, audit_id: str | None = None) -> ExtractPlan:
+    """Scan the collections, write images/rejects tables and the store template; plan the shards.
+    Known images keep their rows (the previous images table); ``audit_id`` marks added and removed ones."""
     if config.concepts is None and config.dataset is None:
         raise ValueError("the config names no images: add a `concepts` or a `dataset` section")
     run = RunDir(run_uri)
+    audit_id = audit_id or new_audit_id()
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
     candidates = concept_candidates(config.concepts) if config.concepts else []
+    if config.audit.baseline is not None:  # an unknown baseline audit: an error before any work
+        baseline_audit(run, config.audit.baseline)
+    if config.checks:  # names in checks: an error before any work
+        validate_checks(config, sorted({c.concept for c in candidates if c.role == "concept"}), model.class_names)
     if config.dataset:
         candidates += dataset_candidates(config.dataset, model.class_names)
+    previous = run.read_table("images")
+    if previous is not None and len(previous) and (previous["shard"] != previous["row"] // config.extract.shard_size).any():
+        raise ValueError(f"the store in {run.uri} was built with another extract.shard_size; keep it or use a new run_dir")
     images, rejects = scan(candidates, config.extract.shard_size, config.extract.max_pixels, config.extract.min_size,
-                           threads=max(4, config.execution.loader_workers), known_rejects=run.read_table("rejects"))
+                           threads=max(4, config.execution.loader_workers), previous=previous, audit_id=audit_id,
+                           known_rejects=run.read_table("rejects"))
     if not (images["status"] == "ok").any():
         run.write_table("rejects", rejects)
         raise ValueError(f"none of the {len(candidates)} files is a usable image; see tables/rejects.parquet")
@@ -305,5 +327,7 @@ def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
         todo=todo,
         images=int((images["status"] == "ok").sum()),
         rejects=len(rejects),
+        added=int(((images["status"] == "ok") & (images["added_in"] == audit_id)).sum()),
+        removed=int((images["removed_in"] == audit_id).sum()),
         model={"spec": model.spec, "weight_hash": model.weight_hash, "preprocessing": model.preprocessing.to_dict()},
     )

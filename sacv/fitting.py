@@ -53,7 +53,8 @@ def draw_random_sets(pool: list[str], exclude: set[str], n_sets: int, per_set: i
 
 
 def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[dict]:
-    """Every vector to fit, in a fixed order, each with its positive/negative image ids and key."""
+    """Every vector to fit, in a fixed order, each with its positive/negative image ids and key.
+    ``images``: the current rows of the images table (``ImageCatalog.current``: no removed images)."""
     guidance = images[images["group"] == "guidance"]
     by_concept = guidance[guidance["role"] == "concept"].groupby("concept")["image_id"].apply(lambda s: sorted(set(s)))
     cfg = config.concepts
@@ -97,7 +98,7 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
 def plan_fits(run_uri: str, config: RunConfig) -> FitPlan:
     """Write the fit plan into the run directory; return the number of jobs and the keys without a cached result."""
     run = RunDir(run_uri)
-    jobs = plan_jobs(ImageCatalog.read(run).frame, config, store_identity_of(run.store_uri, run.storage_options))
+    jobs = plan_jobs(ImageCatalog.read(run).current(), config, store_identity_of(run.store_uri, run.storage_options))
     run.write_fit_plan(jobs)
     todo = list(dict.fromkeys(job["key"] for job in jobs if not run.has_fit_result(job["layer"], job["key"])))
     return FitPlan(total=len(jobs), todo=todo)

@@ -173,3 +173,15 @@ def list_files(root: str) -> list[str]:
             continue
         out.append(p if storage.is_local(fs) else fs.unstrip_protocol(p))
     return sorted(out)
+
+
+def file_stamp(path: str) -> str | None:
+    """``"<size>:<modified>"`` of a local path or fsspec URL (None when the file system gives no
+    modification time or the file is missing): equal stamps let a rescan skip reading the file."""
+    try:
+        fs, target = storage.url_to_fs(path)
+        info = fs.info(target)
+    except (FileNotFoundError, OSError):
+        return None
+    modified = info.get("mtime") or info.get("LastModified") or info.get("ETag")
+    return None if modified is None else f"{info.get('size')}:{modified}"

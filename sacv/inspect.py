@@ -18,11 +18,18 @@ def describe_run(run_uri: str, top: int = 10) -> str:
     for stage in ("extract", "fit", "score"):
         timing = record.get("timings", {}).get(stage)
         lines.append(f"{stage:<8} " + (f"{timing.get('status', 'done')} in {timing.get('seconds')} s" if timing else "not run"))
+    audits = run.read_audits()
+    if audits is not None and len(audits):
+        last = audits.iloc[-1]
+        lines.append(f"audit    {last['audit_id']} {last['status']} at {last['finished']:%Y-%m-%d %H:%M:%S} UTC "
+                     f"(+{last['images_added']} -{last['images_removed']} images, {last['images_total']} in all; "
+                     f"{len(audits)} audits, see `sacv history`)")
     images = run.read_table("images")
     if images is not None:
         ok = images[images["status"] == "ok"]
         counts = ", ".join(f"{g}: {n}" for g, n in ok.groupby("group").size().items())
-        lines.append(f"images   {counts} (+{(images['status'] == 'duplicate').sum()} duplicates)")
+        lines.append(f"images   {counts} (+{(images['status'] == 'duplicate').sum()} duplicates, "
+                     f"{(images['status'] == 'removed').sum()} removed)")
     rejects = run.read_table("rejects")
     if rejects is not None and len(rejects):
         lines.append(f"rejects  {len(rejects)}:")

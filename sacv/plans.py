@@ -18,6 +18,8 @@ class ExtractPlan:
     images: int  # distinct readable images (status ok)
     rejects: int  # rows of rejects.parquet
     model: dict  # spec, weight_hash, preprocessing: the model identity for run.json
+    added: int = 0  # distinct images new to the store in this scan
+    removed: int = 0  # images marked removed by this scan
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class ExtractSummary:
     shards: dict[str, int]  # group -> number of shards
     shards_run: int  # shards extracted by this run (the rest were done)
     seconds: float = 0.0  # wall time of the stage
+    images_extracted: int = 0  # images decoded and run through the model by this run
+    added: int = 0  # images new to the store (ExtractPlan.added)
+    removed: int = 0  # images marked removed (ExtractPlan.removed)
 
 
 @dataclass(frozen=True)
@@ -68,3 +73,4 @@ class RunSummary:
     extract: ExtractSummary
     fit: FitSummary | None  # None without a `concepts` section
     score: ScoreSummary | None  # None without `concepts` and `dataset`
+    audit_id: str | None = None  # the audit this run recorded (tables/audits.parquet)

@@ -2,8 +2,9 @@
 
 ``build_report`` writes ``RUN/report/index.html``: header (model, layers, counts, timings), the
 contributions table (sortable by clicking a header), spatial maps and receptive-field patches of
-the strongest (class, concept, layer) rows, a per-layer profile, the localisation table when there
-is one, and the rejects. Plots are embedded PNG data URIs; no server, network, font or script
+the strongest (class, concept, layer) rows, a per-layer profile, the audit history with the drift
+table and the drifting rows' scores over audits, the policy checks, the localisation table when
+there is one, and the rejects. Plots are embedded PNG data URIs; no server, network, font or script
 outside the file is needed. Every text from files, folders, configs and tables is HTML-escaped.
 """
 
@@ -23,6 +24,7 @@ from sacv.rundir import RunDir
 
 MAX_SECTIONS = 12
 GALLERY_PATCHES = 12
+HISTORY_PANELS = 6
 CONTRIBUTION_VIEW = [  # (header, column, formatter); the first column of a cell is its sort key
     ("class", "class_name"), ("layer", "layer"), ("concept", "concept"), ("n_images", "n_images"),
     ("spatial_score [95% CI]", "spatial_score"), ("spatial null", "spatial_score_null"),
@@ -250,6 +252,32 @@ def _timings(record: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["stage", "status", "seconds", "details"])
 
 
+def _history_html(run: RunDir) -> list[str]:
+    """The audits, the score over audits of the drifting rows (significant ones, else the largest
+    changes; at most ``HISTORY_PANELS``) and the drift table, largest change first."""
+    from sacv.audits import done_audits, history
+
+    audits = done_audits(run)
+    if audits.empty:
+        return []
+    columns = ["audit_id", "finished", "status", "images_total", "images_added", "images_removed", "shards_run", "weight_hash"]
+    parts = [f"<h2>History ({len(audits)} audits)</h2>" + table_html(audits[columns], "audits")]
+    drift = run.read_table("drift")
+    if drift is None or drift.empty:
+        return parts + ['<p class="note">No drift table yet: it needs two audits with scores.</p>']
+    shown = drift[drift["significant"]] if drift["significant"].any() else drift
+    figure = plots.history_figure(history(run, "contributions"), shown.head(HISTORY_PANELS),
+                                  audits.loc[audits["status"] == "done", "audit_id"].tolist())
+    note = ("" if drift["significant"].any() else
+            '<p class="note">No row drifted significantly; the rows with the largest changes are shown.</p>')
+    parts.append(f"<h3>Drift: audit {esc(drift['after'].iloc[0])} against {esc(drift['before'].iloc[0])}</h3>{note}")
+    if figure:
+        parts.append(f'<figure><img src="{figure}" alt="scores over audits"><figcaption>Spatial and TCAV score of '
+                     "each shown row in every audit (1 = the oldest).</figcaption></figure>")
+    parts.append(table_html(drift.drop(columns=["before", "after"]), "drift", row_class=lambda r: "sig" if r["significant"] else ""))
+    return parts
+
+
 def build_report(run_uri: str, top_images: int = 3) -> str:
     """Write ``RUN/report/index.html`` (see module docstring) and return its path or URL."""
     run = RunDir(run_uri)
@@ -283,6 +311,12 @@ def build_report(run_uri: str, top_images: int = 3) -> str:
     if profile:
         body.append('<h2>Per-layer profile: where does a concept emerge?</h2>'
                     f'<figure><img src="{profile}" alt="per-layer profile"></figure>')
+    body += _history_html(run)
+    checks = run.read_table("checks")
+    if checks is not None and len(checks):
+        failed = int((~checks["passed"]).sum())
+        body.append(f"<h2>Policy checks ({failed} of {len(checks)} rows failed)</h2>"
+                    + table_html(checks, "checks", row_class=lambda r: "" if r["passed"] else "fail"))
     localisation = run.read_table("localisation")
     if localisation is not None:
         body.append("<h2>Localisation</h2>" + table_html(localisation, "localisation"))
@@ -312,6 +346,7 @@ table.sortable th[aria-sort=ascending]::after{content:" \\25B2";font-size:.8em}
 table.sortable th[aria-sort=descending]::after{content:" \\25BC";font-size:.8em}
 table.sortable tbody tr:nth-child(even){background:#fafbfc}
 table.sortable tbody tr.sig{background:#e3f4e1;font-weight:600}table.sortable tbody tr.sig.neg{background:#fbe3e1}
+table.sortable tbody tr.fail{background:#fde2e1;font-weight:600}
 table.facts{width:auto}table.facts th{color:#5a6372;font-weight:600;padding-right:18px;white-space:nowrap}
 table.facts td{word-break:break-all;font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:.95em}
 .scroll{overflow-x:auto;max-height:560px;overflow-y:auto;border:1px solid #e3e6eb;border-radius:4px}

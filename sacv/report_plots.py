@@ -80,3 +80,24 @@ def profile_figure(vectors: pd.DataFrame | None, table: pd.DataFrame | None, lay
         ax.grid(axis="y", alpha=0.3)
     axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     return png_uri(fig)
+
+
+def history_figure(history: pd.DataFrame, rows: pd.DataFrame, order: list[str]) -> str | None:
+    """One small panel per (layer, concept, class) row of ``rows``: its spatial and TCAV scores in
+    every audit of ``history`` (the contributions history), audits in ``order`` (oldest first)."""
+    if rows.empty or history is None or history["audit_id"].nunique() < 2:
+        return None
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.8 * len(rows) + 0.6, 2.6), squeeze=False, layout="constrained")
+    x = np.arange(len(order))
+    for ax, (_, row) in zip(axes[0], rows.iterrows(), strict=True):
+        own = history[(history["layer"] == row["layer"]) & (history["concept"] == row["concept"])
+                      & (history["class_index"] == row["class_index"])].set_index("audit_id").reindex(order)
+        ax.plot(x, own["spatial_score"].to_numpy(dtype=float), marker="o", label="spatial score")
+        ax.plot(x, own["tcav_score"].to_numpy(dtype=float), marker="s", label="TCAV score")
+        ax.set_title(plain(f"{row['concept']} → {row['class_name']}\n{row['layer']}"))
+        ax.set_xticks(x, [str(i + 1) for i in range(len(order))])
+        ax.set_xlabel("audit")
+        ax.set_ylim(0, 1.02)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    return png_uri(fig)

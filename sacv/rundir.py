@@ -4,6 +4,8 @@ Layout (docs/store.md, docs/architecture.md)::
 
     RUN/store.zarr/                  activations, gradients, vectors, maps (``store_uri``)
     RUN/tables/<name>.parquet        result tables (``read_table`` / ``write_table``)
+    RUN/tables/audits.parquet        one row per audit (``read_audits`` / ``write_audits``)
+    RUN/tables/history/<name>.parquet  tables of every audit, with audit_id (``read_history``)
     RUN/shards/<group>/<shard>.json  extraction done-markers (``read_shard_marker``)
     RUN/shards/<group>/<shard>.rejects.json   images a shard could not decode (``read_shard_rejects``)
     RUN/fits/plan.json               the planned fit jobs (``read_fit_plan``)
@@ -123,6 +125,24 @@ class RunDir:
             return []
         files = self.fs.ls(self._path("tables"), detail=False)
         return sorted(f.rsplit("/", 1)[-1][: -len(".parquet")] for f in files if f.endswith(".parquet"))
+
+    def read_audits(self) -> pd.DataFrame | None:
+        return self.read_table("audits")
+
+    def write_audits(self, table: pd.DataFrame) -> str:
+        """Write ``tables/audits.parquet`` whole (the commit of an audit: written after its history)."""
+        return self.write_table("audits", table)
+
+    def history_uri(self, name: str) -> str:
+        return f"{self.uri}/tables/history/{name}.parquet"
+
+    def read_history(self, name: str) -> pd.DataFrame | None:
+        return self._read_parquet(f"tables/history/{name}.parquet")
+
+    def write_history(self, name: str, table: pd.DataFrame) -> str:
+        """Write ``tables/history/<name>.parquet`` whole (every audit's rows, with ``audit_id``)."""
+        self._write_parquet(f"tables/history/{name}.parquet", table)
+        return self.history_uri(name)
 
     def write_report(self, page: str) -> str:
         """Write ``report/index.html``; return its URI."""

@@ -111,6 +111,14 @@ def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.
     return pd.concat(tables, ignore_index=True)
 
 
+def _write_shard_maps(array: zarr.Array, rows: pd.DataFrame, values: np.ndarray, shard_size: int) -> None:
+    """Write one shard's maps (n, K, H, W) into its whole region; rows of removed images get zeros."""
+    first = int(rows["row"].iloc[0]) // shard_size * shard_size
+    full = np.zeros((min(first + shard_size, array.shape[0]) - first, *values.shape[1:]), values.dtype)
+    full[rows["row"].to_numpy(dtype=np.int64) - first] = values
+    write_region(array, first, full)
+
+
 def prepare_map_arrays(run: RunDir, config: RunConfig, vectors: pd.DataFrame) -> None:
     """Template of ``maps/<layer>/S_k`` and ``S_kc`` (N, K, H, W) float16, chunks of one dataset shard."""
     store = run.open_zarr("r+")
@@ -137,13 +145,16 @@ def recompute_layers(config: RunConfig, rows: pd.DataFrame):
 
 
 def shard_score_key(rows: pd.DataFrame, vectors: pd.DataFrame, config: RunConfig) -> str:
-    """What a shard's scores depend on: its images, the vectors, the layers, the mode and the
-    numeric mode (activations and gradients, stored or recomputed, depend on it)."""
+    """What a shard's scores depend on: its current images (and their labels when they are the
+    targets), the vectors, the layers, the mode and the numeric mode (activations and gradients,
+    stored or recomputed, depend on it)."""
     content = [sorted(rows["image_id"]), list(vectors["key"]), list(vectors["concept"]), list(vectors["random_set"]),
                sorted(config.layers), config.score.mode, config.score.store_maps,
                config.dataset.target if config.dataset else None]
     if numeric_mode(config):
         content.append(numeric_mode(config))
+    if config.dataset and config.dataset.target == "label":  # a relabelled image has other gradients
+        content.append(sorted(zip(rows["image_id"], rows["label"].astype(int))))
     return hashlib.sha256(repr(content).encode()).hexdigest()[:16]
 
 
@@ -174,7 +185,9 @@ def build_tables(run_uri: str, config: RunConfig, shards: list[int]) -> dict:
     from sacv.contributions import contributions
 
     run = RunDir(run_uri)
+    live = ImageCatalog.read(run).rows("dataset")["row"]
     scores = pd.concat([run.read_shard_scores(s) for s in shards], ignore_index=True)
+    scores = scores[scores["row"].isin(live)].reset_index(drop=True)  # removed images leave every table
     table = contributions(scores, class_names_of(run.store_uri, run.storage_options), config.score.alpha,
                           config.score.correction, config.score.min_images, config.score.statistic)
     return {

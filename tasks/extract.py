@@ -10,12 +10,13 @@ from sacv.plans import ExtractPlan
 
 
 @task(name="plan-extraction")
-def plan_extraction(run_uri: str, config: RunConfig) -> ExtractPlan:
+def plan_extraction(run_uri: str, config: RunConfig, audit_id: str | None = None) -> ExtractPlan:
     """List and hash the collections, write images/rejects tables and the store template; return the shard plan."""
     storage.use(config.storage_options)  # this process may be a Dask worker
-    plan = extraction.plan_extraction(run_uri, config)
+    plan = extraction.plan_extraction(run_uri, config, audit_id)
     logger = get_run_logger()
-    logger.info("%d images, %d rejected, shards %s, %d to do", plan.images, plan.rejects, plan.shards, len(plan.todo))
+    logger.info("%d images (%d added, %d removed), %d rejected, shards %s, %d to do", plan.images, plan.added,
+                plan.removed, plan.rejects, plan.shards, len(plan.todo))
     for warning in numeric_warnings(config):
         logger.warning(warning)
     return plan

@@ -2,7 +2,8 @@
 
 Starts `prefect server start`, creates the `sacv-process` work pool, runs `prefect deploy --all`
 from the repository root, starts a worker, triggers `sacv-audit/audit` on a tiny config and waits
-for the flow run to complete. Everything runs under a temporary PREFECT_HOME (the developer's
+for the flow run to complete; then adds images and triggers it again: the second audit extracts
+only the new shard and each audit leaves one audits row and its history. Everything runs under a temporary PREFECT_HOME (the developer's
 ~/.prefect is never read). Every process started here, and every descendant (the worker starts flow
 runs in their own sessions), carries a marker variable in its environment; the test stops them all
 and asserts that none is left.
@@ -23,9 +24,11 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from sacv.config import parse_config
 from tests.flow_helpers import write_collection
@@ -92,6 +95,12 @@ def _stop(proc: subprocess.Popen, first: int, wait: float) -> None:
             break
     if proc.poll() is None:
         proc.wait(timeout=10)
+
+
+def _add_images(folder: Path, count: int) -> None:
+    rng = np.random.default_rng(123)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(folder / f"new_{i}.png")
 
 
 def _write_config(tmp_path: Path) -> Path:
@@ -178,21 +187,25 @@ def test_audit_deployment_runs_on_a_process_worker(tmp_path):
         assert _api(f"{api}/deployments/name/sacv-audit/concept-sweep")["schedules"] == []
 
         spawn("worker", "worker", "start", "--pool", "sacv-process", first=signal.SIGINT, grace=30)
-        out = run("trigger", "deployment", "run", "sacv-audit/audit", "--param", f"config_path={config_path}")
-        match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
-        assert match, f"no flow run id in:\n{out}"
-        flow_run_id = match.group(1)
 
-        deadline = time.monotonic() + 300
-        while True:
-            flow_run = _api(f"{api}/flow_runs/{flow_run_id}")
-            state = (flow_run.get("state") or {}).get("type")
-            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                break
-            assert time.monotonic() < deadline, f"flow run still {state} after 300 s\n{debug()}"
-            time.sleep(1)
+        def audit_run() -> dict:
+            """Trigger the nightly deployment once and wait for its flow run to complete."""
+            out = run("trigger", "deployment", "run", "sacv-audit/audit", "--param", f"config_path={config_path}")
+            match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+            assert match, f"no flow run id in:\n{out}"
+            deadline = time.monotonic() + 300
+            while True:
+                flow_run = _api(f"{api}/flow_runs/{match.group(1)}")
+                state = (flow_run.get("state") or {}).get("type")
+                if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                    break
+                assert time.monotonic() < deadline, f"flow run still {state} after 300 s\n{debug()}"
+                time.sleep(1)
+            assert state == "COMPLETED", f"flow run ended {state}: {flow_run['state'].get('message')}\n{debug()}"
+            return flow_run
+
+        flow_run = audit_run()
         timings["run"] = time.monotonic() - t0
-        assert state == "COMPLETED", f"flow run ended {state}: {flow_run['state'].get('message')}\n{debug()}"
         for table in TABLES:
             assert (tmp_path / "run" / "tables" / f"{table}.parquet").is_file(), f"{table} missing\n{debug()}"
         tested = pd.read_parquet(tmp_path / "run" / "tables" / "contributions.parquet")
@@ -204,6 +217,18 @@ def test_audit_deployment_runs_on_a_process_worker(tmp_path):
         while not _api(f"{api}/task_runs/count", {}) and time.monotonic() < deadline:
             time.sleep(1)
         assert _api(f"{api}/task_runs/count", {}) > 0, f"no task runs recorded\n{debug()}"
+
+        # The next night: two new images arrive; the same run_dir is audited incrementally.
+        _add_images(tmp_path / "collection" / "data" / "cat", 2)
+        audit_run()
+        timings["second run"] = time.monotonic() - t0
+        audits = pd.read_parquet(tmp_path / "run" / "tables" / "audits.parquet")
+        assert audits["status"].tolist() == ["done", "done"], audits
+        # 8 dataset images filled shards 0-1 (shard_size 4): the 2 new ones are one new shard, nothing else
+        assert audits["images_added"].tolist() == [23, 2] and audits["shards_run"].tolist()[1] == 1, audits
+        assert audits["images_extracted"].tolist()[1] == 2
+        history = pd.read_parquet(tmp_path / "run" / "tables" / "history" / "contributions.parquet")
+        assert list(dict.fromkeys(history["audit_id"])) == audits["audit_id"].tolist()
     finally:
         for proc, first, grace in reversed(started):  # worker first, then the server
             _stop(proc, first, grace)

@@ -1,0 +1,217 @@
+"""Audits and drift: history rows per audit, commit order, `sacv history`, drift tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from flows.pipeline import run_pipeline
+from sacv import audits
+from sacv.cli import main
+from sacv.drift import drift_table
+from sacv.rundir import RunDir
+from tests.flow_helpers import make_config, write_collection
+
+
+def per_set(rng, rows: int, sets: int, shift: dict[int, float] | None = None) -> pd.DataFrame:
+    """A per-set table: ``rows`` (layer, concept, target) keys, ``sets`` random sets each, spatial
+    and tcav drawn around a per-row level (sd 0.03); ``shift`` moves the spatial level of some rows."""
+    records = []
+    for key in range(rows):
+        level = 0.3 + 0.4 * (key % 7) / 7 + (shift or {}).get(key, 0.0)
+        for r in range(sets):
+            records.append({"layer": "l", "concept": f"c{key}", "target": 0, "random_set": f"random_{r}",
+                            "kind": "concept", "spatial": rng.normal(level, 0.03), "tcav": rng.normal(0.5, 0.03)})
+    return pd.DataFrame(records)
+
+
+def test_drift_finds_a_planted_change_and_few_false_ones():
+    rng = np.random.default_rng(0)
+    before = per_set(rng, rows=100, sets=10)
+    null = drift_table(before, per_set(rng, rows=100, sets=10), ["cat"], alpha=0.05, correction="holm")
+    assert len(null) == 100 and null["significant"].mean() <= 0.05
+    after = per_set(rng, rows=100, sets=10, shift={17: 0.15})
+    planted = drift_table(before, after, ["cat"], alpha=0.05)
+    top = planted.iloc[0]  # sorted by the size of the spatial change
+    assert top["concept"] == "c17" and top["significant"] and top["spatial_change"] == pytest.approx(0.15, abs=0.05)
+    assert planted["significant"].sum() <= 1 + 0.05 * 100
+    # p-values are SciPy's Welch test on the per-set numbers
+    row = planted.set_index("concept").loc["c3"]
+    a, b = (side.loc[side["concept"] == "c3", "spatial"] for side in (before, after))
+    assert row["p_spatial"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert row["spatial_change"] == pytest.approx(b.mean() - a.mean())
+
+
+@pytest.fixture(scope="module")
+def two_audits(tmp_path_factory, prefect):
+    root = write_collection(tmp_path_factory.mktemp("audits"), n_per_concept=5, n_per_class=5)
+    config = make_config(root, run="run")
+    config = config.model_copy(update={
+        "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
+        "fit": config.fit.model_copy(update={"solver": "lbfgs"}),
+        "score": config.score.model_copy(update={"min_images": 2}),
+    })
+    first = run_pipeline(config)
+    victim = sorted((root / "data" / "cat").glob("*.jpg"))[0]
+    victim.unlink()
+    second = run_pipeline(config)
+    return root, config, first, second
+
+
+def test_each_audit_adds_one_audit_row_and_its_history(two_audits):
+    _, config, first, second = two_audits
+    run = RunDir(config.run_dir)
+    table = run.read_audits()
+    assert table["audit_id"].tolist() == [first.audit_id, second.audit_id]
+    assert table["status"].tolist() == ["done", "done"]
+    assert table["images_added"].tolist() == [25, 0] and table["images_removed"].tolist() == [0, 1]
+    assert table["images_total"].tolist() == [25, 24] and (table["finished"] > table["started"]).all()
+    assert table["weight_hash"].notna().all() and table["config_hash"].nunique() == 1
+    history = audits.history(run, "contributions")
+    latest = run.read_table("contributions")
+    assert history.groupby("audit_id").size().to_dict() == {first.audit_id: len(latest), second.audit_id: len(latest)}
+    pd.testing.assert_frame_equal(history[history["audit_id"] == second.audit_id].drop(columns="audit_id").reset_index(drop=True),
+                                  latest)
+    drift = run.read_table("drift")
+    assert set(drift["before"]) == {first.audit_id} and set(drift["after"]) == {second.audit_id}
+    assert len(drift) == len(latest)
+    history_text = CliRunner().invoke(main, ["history", config.run_dir]).output
+    assert first.audit_id in history_text and second.audit_id in history_text
+    assert f"audit    {second.audit_id} done" in CliRunner().invoke(main, ["inspect", config.run_dir]).output
+
+
+def test_a_crashed_audit_leaves_no_history_rows(two_audits, tmp_path, monkeypatch):
+    _, config, first, second = two_audits
+    copy = tmp_path / "run"
+    shutil.copytree(config.run_dir, copy)
+    run = RunDir(str(copy))
+    config = config.model_copy(update={"run_dir": str(copy)})
+    before = audits.history(run, "contributions")
+
+    def crash(self, table):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(RunDir, "write_audits", crash)  # history written, the commit fails
+    with pytest.raises(OSError):
+        audits.record_audit(str(copy), "crashed", 0.0, config, second.extract, scored=True)
+    assert len(run.read_history("contributions")) > len(before)  # the rows are on disk ...
+    pd.testing.assert_frame_equal(audits.history(run, "contributions"), before)  # ... but never read
+    monkeypatch.undo()
+    audits.record_audit(str(copy), "next", 0.0, config, second.extract, scored=True)
+    assert list(dict.fromkeys(run.read_history("contributions")["audit_id"])) == [first.audit_id, second.audit_id, "next"]
+    assert run.read_table("drift")["before"].iloc[0] == second.audit_id
+
+
+def test_a_failed_stage_records_a_failed_audit_and_no_history(two_audits, tmp_path, monkeypatch):
+    root, config, first, second = two_audits
+    copy = tmp_path / "run"
+    shutil.copytree(config.run_dir, copy)
+    config = config.model_copy(update={"run_dir": str(copy), "score": config.score.model_copy(update={"mode": "streamed"})})
+    import sacv.scoring
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("scoring broke")
+
+    monkeypatch.setattr(sacv.scoring, "score_shard", broken)
+    with pytest.raises(Exception):
+        run_pipeline(config)
+    table = RunDir(str(copy)).read_audits()
+    assert table["status"].tolist() == ["done", "done", "failed"] and "scoring broke" in table["message"].iloc[-1]
+    assert set(audits.history(RunDir(str(copy)), "contributions")["audit_id"]) == {first.audit_id, second.audit_id}
+
+
+def test_a_null_pair_of_audits_shows_at_most_alpha_false_drifts(two_audits, tmp_path):
+    """Same images, new random sets (another fit seed): every row of drift.parquet is a null."""
+    _, config, _, second = two_audits
+    copy = tmp_path / "run"
+    shutil.copytree(config.run_dir, copy)
+    config = config.model_copy(update={"run_dir": str(copy), "fit": config.fit.model_copy(update={"seed": 7})})
+    third = run_pipeline(config)
+    assert third.extract.shards_run == 0 and third.fit.fitted == third.fit.vectors  # new sets, same store
+    drift = RunDir(str(copy)).read_table("drift")
+    assert set(drift["before"]) == {second.audit_id} and drift["p_spatial"].notna().all()
+    assert drift["significant"].mean() <= config.score.alpha
+
+
+def test_report_shows_the_history_and_the_drift_table(two_audits):
+    from sacv.report import build_report
+
+    _, config, first, second = two_audits
+    page = Path(build_report(config.run_dir)).read_text()
+    history = page[page.index("<h2>History (2 audits)</h2>"):]
+    drift = RunDir(config.run_dir).read_table("drift")
+    assert f"against {first.audit_id}" in history and 'alt="scores over audits"' in history
+    table = history[history.index('id="drift"'):]
+    table = table[: table.index("</table>")]
+    assert table.count("<tr") == len(drift) + 1  # header + one row per drift row
+
+
+def test_a_failing_check_exits_with_status_4_and_is_recorded(two_audits, tmp_path):
+    import yaml
+
+    _, config, _, second = two_audits
+    copy = tmp_path / "run"
+    shutil.copytree(config.run_dir, copy)
+    lowest = RunDir(config.run_dir).read_table("contributions").sort_values("spatial_score").iloc[0]
+    failing = {"kind": "min_spatial_score", "concept": lowest["concept"], "class_name": lowest["class_name"],
+               "layer": lowest["layer"], "value": round(min(1.0, float(lowest["spatial_score"]) + 0.05), 3)}
+    raw = config.model_dump(mode="json") | {"run_dir": str(copy), "checks": [failing, {"kind": "max_drift", "value": 10.0}]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 4, result.output
+    assert (f"min_spatial_score(concept={lowest['concept']}, class_name={lowest['class_name']}, "
+            f"layer={lowest['layer']}, value={failing['value']})") in result.output
+    run = RunDir(str(copy))
+    checks = run.read_table("checks")
+    drift = run.read_table("drift")
+    assert checks["passed"].tolist() == [False] + [True] * len(drift)
+    assert checks.loc[0, "value"] == pytest.approx(lowest["spatial_score"])  # same data: same score
+    audit = run.read_audits().iloc[-1]
+    assert audit["status"] == "done" and audit["checks_failed"] == 1
+    assert audit["audit_id"] in set(audits.history(run, "contributions")["audit_id"])  # the audit's data is kept
+    raw["checks"][0]["class_name"] = lowest["class_name"][:-1]
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 1
+    assert f"checks[0].class '{lowest['class_name'][:-1]}' is unknown: did you mean '{lowest['class_name']}'" in result.output
+
+
+def test_compare_two_models_on_the_same_images(two_audits, tmp_path):
+    root, config, _, _ = two_audits
+    other = config.model_copy(update={"run_dir": str(root / "other"), "model": config.model.model_copy(update={"spec": "tests.models:small_other"})})
+    run_pipeline(other)
+    result = CliRunner().invoke(main, ["compare", config.run_dir, other.run_dir, "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(tmp_path / "cmp/compare.parquet")
+    a, b = (RunDir(r).read_table("contributions").set_index(["layer", "concept", "class_index"]) for r in (config.run_dir, other.run_dir))
+    keyed = table.set_index(["layer", "concept", "class_index"])
+    assert len(table) == len(a) and set(keyed.index) == set(a.index)
+    for column, side in (("spatial_before", a), ("spatial_after", b)):
+        np.testing.assert_allclose(keyed[column], side.loc[keyed.index, "spatial_score"])
+    np.testing.assert_allclose(keyed["tcav_change"], b.loc[keyed.index, "tcav_score"] - a.loc[keyed.index, "tcav_score"])
+    assert keyed["spatial_change"].abs().max() > 0  # another model, other scores
+    page = (tmp_path / "cmp/compare.html").read_text()
+    assert page.count("<tr") == len(table) + 1 + 4  # table rows, its header, four facts
+    same = CliRunner().invoke(main, ["compare", config.run_dir, config.run_dir, "--out", str(tmp_path / "same")])
+    identical = pd.read_parquet(tmp_path / "same/compare.parquet")
+    assert same.exit_code == 0 and (identical["spatial_change"] == 0).all() and not identical["significant"].any()
+
+
+def test_a_named_baseline_is_used_and_an_unknown_one_is_refused_before_any_work(two_audits, tmp_path):
+    _, config, first, second = two_audits
+    copy = tmp_path / "run"
+    shutil.copytree(config.run_dir, copy)
+    named = config.model_copy(update={"run_dir": str(copy), "audit": config.audit.model_copy(update={"baseline": first.audit_id})})
+    run_pipeline(named)
+    assert set(RunDir(str(copy)).read_table("drift")["before"]) == {first.audit_id}
+    typo = named.model_copy(update={"audit": config.audit.model_copy(update={"baseline": first.audit_id[:-1]})})
+    with pytest.raises(ValueError, match=f"close audit ids: \\['{first.audit_id}'"):
+        run_pipeline(typo)
+    assert RunDir(str(copy)).read_audits()["status"].tolist()[-1] == "failed"

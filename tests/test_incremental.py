@@ -1,0 +1,134 @@
+"""Append-only store rows: a nightly increment extracts only the shards that gain rows; removed
+images are marked, keep their rows and leave every later table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from PIL import Image
+
+import sacv.catalog
+from flows.extract import run_extract
+from flows.pipeline import run_pipeline
+from sacv.catalog import assign_rows
+from sacv.config import parse_config
+from tests.flow_helpers import make_config, write_collection
+
+N, SHARD = 300, 16
+
+
+def write_tiny(folder: Path, start: int, count: int, seed: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(start, start + count):
+        path = folder / f"img_{i:05d}.png"
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def dataset_config(root: Path):
+    return parse_config({
+        "run_dir": str(root / "run"), "model": {"spec": "tests.models:small"}, "layers": ["features.2"],
+        "dataset": {"root": str(root / "data"), "target": "label"},
+        "extract": {"shard_size": SHARD, "batch_size": 32},
+    })
+
+
+def test_increment_extracts_only_the_shards_that_gain_rows(tmp_path, prefect, monkeypatch):
+    write_tiny(tmp_path / "data" / "cat", 0, N // 2, seed=0)
+    write_tiny(tmp_path / "data" / "dog", 0, N // 2, seed=1)
+    config = dataset_config(tmp_path)
+    first = run_extract(config)
+    assert (first.images, first.shards_run, first.images_extracted, first.added) == (N, -(-N // SHARD), N, N)
+    run = tmp_path / "run"
+    before = pd.read_parquet(run / "tables/images.parquet").set_index("image_id")
+    store = zarr.open_group(str(run / "store.zarr"), mode="r")
+    acts = store["dataset/features.2/act"][...]
+
+    new = write_tiny(tmp_path / "data" / "cat", N, 5, seed=2)  # sorts between the known cat images
+    second = run_extract(config)
+    # rows 300..304: the partly filled shard 18 (rows 288..299) gains 4, a new shard 19 holds 1
+    assert second.added == 5 and second.removed == 0 and second.images == N + 5
+    assert second.shards_run == 2 and second.images_extracted == SHARD + 1
+    after = pd.read_parquet(run / "tables/images.parquet").set_index("image_id")
+    pd.testing.assert_series_equal(after.loc[before.index, "row"], before["row"])
+    assert sorted(after.drop(before.index)["row"]) == list(range(N, N + 5))
+    untouched = (N // SHARD) * SHARD
+    np.testing.assert_array_equal(zarr.open_group(str(run / "store.zarr"), mode="r")["dataset/features.2/act"][:untouched],
+                                  acts[:untouched])
+
+    # nothing new: no shard runs and no file is read again (known stamps keep their ids)
+    reads = []
+    original = sacv.catalog.load_image
+    monkeypatch.setattr(sacv.catalog, "load_image", lambda *a, **k: reads.append(a) or original(*a, **k))
+    third = run_extract(config)
+    assert third.shards_run == 0 and third.added == 0 and reads == []
+
+    # removals: marked with the audit that removed them, rows kept, no shard redone
+    gone = [tmp_path / "data" / "dog" / "img_00000.png", new[0]]
+    ids = [after.index[after["path"] == str(p)][0] for p in gone]
+    for path in gone:
+        path.unlink()
+    fourth = run_extract(config)
+    assert fourth.removed == 2 and fourth.images == N + 3 and fourth.shards_run == 0
+    table = pd.read_parquet(run / "tables/images.parquet").set_index("image_id")
+    assert set(table.index[table["status"] == "removed"]) == set(ids)
+    assert table.loc[ids, "removed_in"].nunique() == 1 and table.loc[ids, "removed_in"].notna().all()
+    pd.testing.assert_series_equal(table.loc[after.index, "row"], after["row"])
+
+
+def test_assign_rows_keeps_rows_marks_removals_and_never_reuses_a_row():
+    def found(ids, labels):
+        return pd.DataFrame({"image_id": ids, "path": [f"/d/{i}.png" for i in ids], "group": "dataset",
+                             "role": "dataset", "concept": None, "label": labels, "mask": None, "stamp": None})
+
+    first = assign_rows(found(["b", "d", "a"], [0, 0, 1]), None, 2, "A1")
+    assert dict(zip(first["image_id"], first["row"])) == {"b": 0, "d": 1, "a": 2}  # first scan: (label, id) order
+    second = assign_rows(found(["a", "c", "d", "d"], [1, 0, 0, 0]), first, 2, "A2")
+    ok = second[second["status"] == "ok"].set_index("image_id")
+    assert ok["row"].to_dict() == {"d": 1, "a": 2, "c": 3} and ok.loc["c", "shard"] == 1
+    assert ok.loc["a", "added_in"] == "A1" and ok.loc["c", "added_in"] == "A2"
+    removed = second[second["status"] == "removed"].iloc[0]
+    assert (removed["image_id"], removed["row"], removed["removed_in"]) == ("b", 0, "A2")
+    assert (second["status"] == "duplicate").sum() == 1
+    third = assign_rows(found(["a", "b", "c", "d"], [1, 0, 0, 0]), second, 2, "A3")  # "b" comes back: a new row
+    assert third.loc[(third["image_id"] == "b") & (third["status"] == "ok"), "row"].item() == 4
+    assert third.loc[third["status"] == "removed", "row"].tolist() == [0]
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory, prefect):
+    root = write_collection(tmp_path_factory.mktemp("audited"), n_per_concept=5, n_per_class=5)
+    config = make_config(root, run="run")
+    config = config.model_copy(update={
+        "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
+        "fit": config.fit.model_copy(update={"solver": "lbfgs"}),
+        "score": config.score.model_copy(update={"min_images": 2}),
+    })
+    first = run_pipeline(config)
+    victim = sorted((root / "data" / "zebra").glob("*.jpg"))[0]
+    images = pd.read_parquet(Path(config.run_dir) / "tables/images.parquet")
+    victim_id = images.loc[images["path"] == str(victim), "image_id"].item()
+    before = pd.read_parquet(Path(config.run_dir) / "tables/contributions.parquet")
+    victim.unlink()
+    second = run_pipeline(config)
+    return root, config, first, second, victim_id, before
+
+
+def test_removed_image_leaves_image_scores_and_contributions(audited):
+    _, config, first, second, victim_id, before = audited
+    run = Path(config.run_dir)
+    assert second.extract.removed == 1 and second.extract.shards_run == 0
+    assert second.score.shards_scored == 1  # only the shard that lost the image
+    scores = pd.read_parquet(run / "tables/image_scores.parquet")
+    assert victim_id not in set(scores["image_id"]) and scores["image_id"].nunique() == first.extract.images - 15 - 1
+    after = pd.read_parquet(run / "tables/contributions.parquet")
+    zebra = 2  # the class index of the zebra folder (tests.models:small)
+    assert (after.loc[after["class_index"] == zebra, "n_images"] == 4).all()
+    assert (before.loc[before["class_index"] == zebra, "n_images"] == 5).all()
