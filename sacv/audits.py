@@ -68,9 +68,9 @@ def _append_history(run: RunDir, name: str, audit_id: str, rows: pd.DataFrame) -
 def per_set_scores(scores: pd.DataFrame) -> pd.DataFrame:
     """One row per (layer, target, concept, random_set, kind) of an image_scores table: the per-set
     numbers (``spatial``, ``tcav``, ...) that the contributions table summarises and tests."""
-    from sacv.contributions import _per_vector
+    from sacv.contributions import per_vector
 
-    return _per_vector(scores)
+    return per_vector(scores)
 
 
 def record_audit(run_uri: str, audit_id: str, started: float, config: RunConfig, extract=None,

@@ -59,7 +59,7 @@ def evaluate_checks(config: RunConfig, contributions: pd.DataFrame, drift: pd.Da
                 part = part[part["layer"] == check.layer]
             if check.classes is not None:
                 part = part[part["class_name"].isin(check.classes)]
-            sign = {"positive": part["effect_size"] > 0, "negative": part["effect_size"] < 0, "any": True}[check.direction]
+            sign = {"positive": part["direction"] == "positive", "negative": part["direction"] == "negative", "any": True}[check.direction]
             failed = part["significant"] & sign
             rows += [{"check": text, "kind": check.kind, "row": _label(r), "value": r["p_adjusted"],
                       "threshold": config.score.alpha, "passed": not bad} for (_, r), bad in zip(part.iterrows(), failed)]

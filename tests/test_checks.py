@@ -16,13 +16,14 @@ def config_with(*checks):
 
 
 def contributions() -> pd.DataFrame:
-    rows = [  # layer, concept, class, spatial, effect, p_adjusted, significant
-        ("features.2", "watermark", "zebra", 0.7, 2.0, 0.001, True),
-        ("features.2", "watermark", "cat", 0.4, -1.5, 0.01, True),
-        ("features.0", "watermark", "cat", 0.5, 0.1, 0.6, False),
-        ("features.2", "striped", "zebra", 0.65, 1.0, 0.02, True),
+    rows = [  # layer, concept, class, spatial, effect, direction, p_adjusted, significant
+        ("features.2", "watermark", "zebra", 0.7, 2.0, "positive", 0.001, True),
+        ("features.2", "watermark", "cat", 0.4, -1.5, "negative", 0.01, True),
+        ("features.0", "watermark", "cat", 0.5, 0.1, "positive", 0.6, False),
+        ("features.2", "striped", "zebra", 0.65, 1.0, "positive", 0.02, True),
     ]
-    return pd.DataFrame(rows, columns=["layer", "concept", "class_name", "spatial_score", "effect_size", "p_adjusted", "significant"])
+    columns = ["layer", "concept", "class_name", "spatial_score", "effect_size", "direction", "p_adjusted", "significant"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def test_no_significant_contribution_fails_only_in_the_given_direction():

@@ -65,8 +65,8 @@ def test_increment_extracts_only_the_shards_that_gain_rows(tmp_path, prefect, mo
 
     # nothing new: no shard runs and no file is read again (known stamps keep their ids)
     reads = []
-    original = sacv.catalog.load_image
-    monkeypatch.setattr(sacv.catalog, "load_image", lambda *a, **k: reads.append(a) or original(*a, **k))
+    original = sacv.catalog.read_bytes
+    monkeypatch.setattr(sacv.catalog, "read_bytes", lambda *a, **k: reads.append(a) or original(*a, **k))
     third = run_extract(config)
     assert third.shards_run == 0 and third.added == 0 and reads == []
 
