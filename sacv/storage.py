@@ -23,22 +23,20 @@ disk it goes to a temporary name and is moved into place (``rename`` is atomic t
 
 from __future__ import annotations
 
-import threading
 import uuid
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas", "signature")
-_LOCK = threading.Lock()
 _PREFIXES: dict[str, dict] = {}
 
 
 def use(mapping: dict[str, dict] | None) -> None:
-    """Make ``mapping`` (URL prefix -> fsspec options) this process's storage options."""
-    with _LOCK:
-        _PREFIXES.clear()
-        _PREFIXES.update(mapping or {})
+    """Make ``mapping`` (URL prefix -> fsspec options) this process's storage options (one
+    assignment: threads that read the old mapping meanwhile are not disturbed)."""
+    global _PREFIXES
+    _PREFIXES = dict(mapping or {})
 
 
 def options_for(url: str, mapping: dict[str, dict] | None = None) -> dict:

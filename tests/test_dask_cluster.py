@@ -58,20 +58,28 @@ def test_external_cluster_gives_the_thread_pool_tables(reference, tmp_path):
     assert workers_used == {1}  # both command-line workers joined (and none restarted)
 
 
-def test_a_worker_killed_during_extraction_costs_only_its_tasks(reference, tmp_path):
-    """SIGKILL one worker (and its nanny) while it runs a task, once a shard is done: Dask reruns
-    the lost task on the other worker and the run completes with the thread-pool tables."""
+@pytest.mark.parametrize("stage", ["extract", "fit"])
+def test_a_worker_killed_mid_stage_costs_only_its_tasks(reference, tmp_path, stage):
+    """SIGKILL one worker (and its nanny) while it holds a task of the stage (running or assigned),
+    once a shard is done (extract) or the fit plan is written (fit): Dask reruns the lost tasks on
+    the other worker and the run completes with the thread-pool tables; every shard has a marker."""
     collection, expected = reference
     cluster = start_dask(2, tmp_path, worker_env(SACV_TEST_DELAY="0.15"))
-    config = dask_config(collection, "killed-worker", cluster.address)
+    config = dask_config(collection, f"killed-in-{stage}", cluster.address)
     run = RunDir(config.run_dir)
     lost: list[str] = []
+    task = {"extract": "extract_shard", "fit": "fit_vector"}[stage]  # the Dask key starts with the function name
 
     def markers() -> list[dict | None]:
         return [run.read_shard_marker(g, s) for g, n in (("guidance", 4), ("dataset", 2)) for s in range(n)]
 
+    def started() -> bool:
+        if stage == "extract":
+            return any(marker is not None for marker in markers())
+        return run.read_fit_plan() is not None
+
     def kill_when_busy():
-        """Once a shard is done, SIGKILL worker w0 while it is running a task (the task is lost)."""
+        """Once the stage has started, SIGKILL worker w0 while it is running a task (the task is lost)."""
         from distributed import Client
 
         with Client(cluster.address) as client:
@@ -79,7 +87,7 @@ def test_a_worker_killed_during_extraction_costs_only_its_tasks(reference, tmp_p
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 busy = client.processing([address])[address]
-                if busy and any(marker is not None for marker in markers()):
+                if started() and any(task in str(key) for key in busy):
                     lost.extend(busy)
                     os.killpg(cluster.workers[0].pid, signal.SIGKILL)
                     return
@@ -92,6 +100,6 @@ def test_a_worker_killed_during_extraction_costs_only_its_tasks(reference, tmp_p
     finally:
         killer.join(5)
         cluster.stop()
-    assert lost and cluster.workers[0].poll() is not None  # w0 died with a task in hand
+    assert any(task in str(key) for key in lost) and cluster.workers[0].poll() is not None  # w0 died mid-task
     assert summary.extract.shards_run == 6 and all(m is not None for m in markers())
     assert_same_tables(run_tables(run, str(collection)), expected)

@@ -84,11 +84,11 @@ def test_a_waiting_run_gets_the_lock_when_the_holder_finishes(tmp_path):
 
 def test_heartbeat_keeps_a_long_run_fresh(tmp_path):
     run = RunDir(str(tmp_path / "run"))
-    with runlock.acquire(run, ttl_s=0.4) as lock:
+    with runlock.acquire(run, ttl_s=1.0) as lock:  # a heartbeat every 0.25 s
         first = run.read_lock()["heartbeat"]
-        time.sleep(0.5)  # longer than the ttl: only the heartbeat keeps the lock alive
+        time.sleep(1.2)  # longer than the ttl: only the heartbeat keeps the lock alive
         assert run.read_lock()["heartbeat"] > first
-        assert runlock.stale_reason(run.read_lock(), ttl_s=0.4) is None
+        assert runlock.stale_reason(run.read_lock(), ttl_s=1.0) is None
         assert lock.record["token"] == run.read_lock()["token"]
 
 
