@@ -60,7 +60,7 @@ def _walk(group):
 
 
 TABLES = ("images", "rejects", "vectors", "image_scores", "contributions")
-WALL_TIME_COLUMNS = ("wall_s",)
+PER_RUN_COLUMNS = ("wall_s", "stamp", "added_in", "removed_in")  # wall times, file stamps, audit ids
 
 
 def pipeline_raw(collection: str, run_dir: str, spec: str = "tests.models:small", dataset: dict | None = None) -> dict:
@@ -86,14 +86,15 @@ def write_manifest(collection: Path, base_url: str) -> Path:
 
 
 def run_tables(run, collection: str) -> dict:
-    """Every result table of a ``RunDir``; image paths relative to ``collection``, wall times dropped."""
+    """Every result table of a ``RunDir``; image paths relative to ``collection``; wall times and
+    what differs per run or file system by design (file stamps, audit ids) dropped."""
     out = {}
     for name in TABLES:
         table = run.read_table(name)
         for column in ("path", "mask"):
             if table is not None and column in table:
                 table[column] = table[column].str.removeprefix(f"{collection}/")
-        out[name] = None if table is None else table.drop(columns=[c for c in WALL_TIME_COLUMNS if c in table])
+        out[name] = None if table is None else table.drop(columns=[c for c in PER_RUN_COLUMNS if c in table])
     return out
 
 

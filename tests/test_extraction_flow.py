@@ -193,8 +193,8 @@ def test_a_file_that_changes_after_planning_is_a_reject_not_a_failed_shard(tmp_p
 
     planned = extraction.plan_extraction
 
-    def plan_then_change(run_uri, cfg):
-        plan = planned(run_uri, cfg)
+    def plan_then_change(run_uri, cfg, audit_id=None):
+        plan = planned(run_uri, cfg, audit_id)
         Image.fromarray(rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)).save(folder / "img1.png")
         return plan
 
