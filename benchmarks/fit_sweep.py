@@ -1,0 +1,158 @@
+"""The fit stage of a concept sweep, fresh, before and after fit blocks: process wall, flow wall, peak RSS.
+
+One collection of generated textures (``sacv.textures``): ``--concepts`` concept folders of
+``--per-concept`` images (the generators of ``textures.CONCEPTS``, cycled with other seeds beyond
+eight) and a random pool of ``--pool`` random textures; ``concepts.random_sets`` = ``--sets`` sets
+of ``--per-set`` images; no dataset section (extract + fit only). It extracts once with this
+checkout's code, then for each measured variant deletes every fit output (``fits/``,
+``store.zarr/vectors``, ``tables/vectors.parquet``) and runs ``sacv fit CONFIG`` in a fresh process
+(cwd = the code under test: ``--before`` is a checkout of the code before fit blocks, e.g.
+``git archive <commit> | tar -x -C DIR``). Measured per variant: the process's wall time, the fit
+flow's own wall (``run.json`` ``timings.fit.seconds``), its peak RSS (``os.wait4`` rusage of that
+child), the number of vectors, and the cosine of every vector to the same row of the first variant.
+
+    python benchmarks/fit_sweep.py --before /tmp/sacv-before --out benchmarks/results/fit_sweep_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import write_json  # benchmarks/common.py (the script folder is on sys.path)
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = "from sacv.cli import main; main()"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="efficientnet_lite0", help="model spec")
+    parser.add_argument("--layers", nargs="+", default=["_blocks.8", "_blocks.14"], help="layers")
+    parser.add_argument("--concepts", type=int, default=1, help="concept folders")
+    parser.add_argument("--per-concept", type=int, default=50, help="images per concept folder")
+    parser.add_argument("--pool", type=int, default=250, help="images of the random pool")
+    parser.add_argument("--sets", type=int, default=10, help="random sets R (and R null vectors per layer)")
+    parser.add_argument("--per-set", type=int, default=50, help="images per random set")
+    parser.add_argument("--size", type=int, default=128, help="generated image size in pixels")
+    parser.add_argument("--before", default=None, help="a checkout of the code before fit blocks (optional)")
+    parser.add_argument("--solvers", nargs="+", default=["auto", "mean_difference"], help="solvers measured on this code")
+    parser.add_argument("--keep", default=None, help="keep the collection and run directory here")
+    parser.add_argument("--out", default="benchmarks/results/fit_sweep.json", help="JSON result path")
+    return parser.parse_args(argv)
+
+
+def write_collection(root: Path, args) -> None:
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO))
+    from sacv import textures
+
+    for k in range(args.concepts):
+        name = textures.CONCEPTS[k % len(textures.CONCEPTS)]
+        folder = root / "concepts" / (name if k < len(textures.CONCEPTS) else f"{name}_{k}")
+        folder.mkdir(parents=True)
+        rng = np.random.default_rng([1, k])
+        for i in range(args.per_concept):
+            Image.fromarray(textures.GENERATORS[name](args.size, rng)).save(folder / f"{i:04d}.png")
+    pool = root / "pool"
+    pool.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(args.pool):
+        Image.fromarray(textures.random_texture(args.size, rng)).save(pool / f"{i:04d}.png")
+
+
+def run_cli(command: list[str], cwd: Path) -> dict:
+    """Run the CLI in a fresh process; its wall time and peak RSS (its own rusage)."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-c", CLI, *command], cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(cwd)})
+    output = process.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if status != 0:
+        raise RuntimeError(f"{command} in {cwd} failed:\n{output[-3000:]}")
+    return {"process_wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "output_tail": output[-400:]}
+
+
+def clear_fit(run: Path) -> None:
+    for path in (run / "fits", run / "store.zarr" / "vectors", run / "tables" / "vectors.parquet"):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def coefs(run: Path, layers: list[str]):
+    import numpy as np
+    import zarr
+
+    group = zarr.open_group(str(run / "store.zarr"), mode="r")
+    return np.concatenate([group[f"vectors/{layer}/coef"][...] for layer in layers])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import numpy as np
+    import yaml
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sacv-fitsweep-"))
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"device": f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+                    "settings": {k: v for k, v in vars(args).items() if k not in ("out", "keep")}, "variants": {}}
+    try:
+        if not (work / "concepts").exists():
+            print("writing the collection ...", flush=True)
+            write_collection(work, args)
+        config = {"run_dir": str(work / "run"), "model": {"spec": args.model}, "layers": args.layers,
+                  "concepts": {"root": str(work / "concepts"), "random_pool": str(work / "pool"),
+                               "random_sets": args.sets, "images_per_set": args.per_set}}
+        (work / "config.yaml").write_text(yaml.safe_dump(config))
+        print("extracting ...", flush=True)
+        extract = run_cli(["extract", str(work / "config.yaml")], REPO)
+        record = json.loads((work / "run" / "run.json").read_text())
+        result["extract"] = {**extract, "flow_s": record["timings"]["extract"]["seconds"],
+                             "images": record["timings"]["extract"]["images"]}
+        variants = []
+        if args.before:
+            variants.append(("before (per-vector tasks, auto)", Path(args.before), "auto"))
+        variants += [(f"after ({solver})", REPO, solver) for solver in args.solvers]
+        reference = None
+        for label, code, solver in variants:
+            print(f"fit: {label} ...", flush=True)
+            clear_fit(work / "run")
+            (work / f"config_{solver}.yaml").write_text(yaml.safe_dump({**config, "fit": {"solver": solver}}))
+            measured = run_cli(["fit", str(work / f"config_{solver}.yaml")], code)
+            record = json.loads((work / "run" / "run.json").read_text())
+            c = coefs(work / "run", args.layers)
+            reference = c if reference is None else reference
+            cos = (c * reference).sum(1) / (np.linalg.norm(c, axis=1) * np.linalg.norm(reference, axis=1))
+            result["variants"][label] = {**measured, "flow_s": record["timings"]["fit"]["seconds"],
+                                         "vectors": record["timings"]["fit"]["vectors"],
+                                         "min_cos_to_first": round(float(cos.min()), 6)}
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    e = result["extract"]
+    print(f"\nextract: {e['images']} images, flow {e['flow_s']:.1f} s, process {e['process_wall_s']:.1f} s")
+    print(f"{'fit variant':<34} {'vectors':>7} {'flow s':>7} {'process s':>9} {'peak RSS MB':>11} {'min cos':>9}")
+    for label, r in result["variants"].items():
+        print(f"{label:<34} {r['vectors']:>7} {r['flow_s']:>7.1f} {r['process_wall_s']:>9.1f} {r['peak_rss_mb']:>11.0f} "
+              f"{r['min_cos_to_first']:>9.5f}")
+    result["command"] = "python benchmarks/fit_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_json(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
