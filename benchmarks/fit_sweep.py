@@ -108,6 +108,7 @@ def main(argv=None) -> dict:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sacv-fitsweep-"))
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"device": f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+                    "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
                     "settings": {k: v for k, v in vars(args).items() if k not in ("out", "keep")}, "variants": {}}
     try:
         if not (work / "concepts").exists():
@@ -136,7 +137,7 @@ def main(argv=None) -> dict:
             c = coefs(work / "run", args.layers)
             reference = c if reference is None else reference
             cos = (c * reference).sum(1) / (np.linalg.norm(c, axis=1) * np.linalg.norm(reference, axis=1))
-            result["variants"][label] = {**measured, "flow_s": record["timings"]["fit"]["seconds"],
+            result["variants"][label] = {**measured, "load_avg_1min_after": round(os.getloadavg()[0], 2), "flow_s": record["timings"]["fit"]["seconds"],
                                          "vectors": record["timings"]["fit"]["vectors"],
                                          "min_cos_to_first": round(float(cos.min()), 6)}
     finally:
