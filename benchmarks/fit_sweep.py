@@ -9,7 +9,10 @@ checkout's code, then for each measured variant deletes every fit output (``fits
 (cwd = the code under test: ``--before`` is a checkout of the code before fit blocks, e.g.
 ``git archive <commit> | tar -x -C DIR``). Measured per variant: the process's wall time, the fit
 flow's own wall (``run.json`` ``timings.fit.seconds``), its peak RSS (``os.wait4`` rusage of that
-child), the number of vectors, and the cosine of every vector to the same row of the first variant.
+child), the number of vectors, the cosine of every vector to the same row of the first variant, the
+median held-out balanced accuracy of the concept vectors and, for mean_difference, the median cosine
+to the exact logistic vector of the same job (``cosine_to_logistic`` in vectors.parquet). Solver
+``mean_difference_whiten`` is mean_difference with ``fit.whiten: true``.
 
     python benchmarks/fit_sweep.py --before /tmp/sacv-before --out benchmarks/results/fit_sweep_cpu.json
 """
@@ -92,17 +95,18 @@ def clear_fit(run: Path) -> None:
             path.unlink()
 
 
-def coefs(run: Path, layers: list[str]):
-    import numpy as np
+def coefs(run: Path, layers: list[str]) -> list:
+    """Per layer, the (K, C) raw normals."""
     import zarr
 
     group = zarr.open_group(str(run / "store.zarr"), mode="r")
-    return np.concatenate([group[f"vectors/{layer}/coef"][...] for layer in layers])
+    return [group[f"vectors/{layer}/coef"][...] for layer in layers]
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import numpy as np
+    import pandas as pd
     import yaml
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sacv-fitsweep-"))
@@ -131,12 +135,14 @@ def main(argv=None) -> dict:
         for label, code, solver in variants:
             print(f"fit: {label} ...", flush=True)
             clear_fit(work / "run")
-            (work / f"config_{solver}.yaml").write_text(yaml.safe_dump({**config, "fit": {"solver": solver}}))
+            fit = {"solver": "mean_difference", "whiten": True} if solver == "mean_difference_whiten" else {"solver": solver}
+            (work / f"config_{solver}.yaml").write_text(yaml.safe_dump({**config, "fit": fit}))
             measured = run_cli(["fit", str(work / f"config_{solver}.yaml")], code)
             record = json.loads((work / "run" / "run.json").read_text())
             c = coefs(work / "run", args.layers)
             reference = c if reference is None else reference
-            cos = (c * reference).sum(1) / (np.linalg.norm(c, axis=1) * np.linalg.norm(reference, axis=1))
+            cos = np.concatenate([(a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+                                  for a, b in zip(c, reference)])
             result["variants"][label] = {**measured, "load_avg_1min_after": round(os.getloadavg()[0], 2), "flow_s": record["timings"]["fit"]["seconds"],
                                          "vectors": record["timings"]["fit"]["vectors"],
                                          "min_cos_to_first": round(float(cos.min()), 6)}
@@ -146,10 +152,11 @@ def main(argv=None) -> dict:
 
     e = result["extract"]
     print(f"\nextract: {e['images']} images, flow {e['flow_s']:.1f} s, process {e['process_wall_s']:.1f} s")
-    print(f"{'fit variant':<34} {'vectors':>7} {'flow s':>7} {'process s':>9} {'peak RSS MB':>11} {'min cos':>9}")
+    print(f"{'fit variant':<34} {'vectors':>7} {'flow s':>7} {'process s':>9} {'peak RSS MB':>11} {'min cos':>9} "
+          f"{'bal_acc':>7} {'cos to logistic':>15}")
     for label, r in result["variants"].items():
         print(f"{label:<34} {r['vectors']:>7} {r['flow_s']:>7.1f} {r['process_wall_s']:>9.1f} {r['peak_rss_mb']:>11.0f} "
-              f"{r['min_cos_to_first']:>9.5f}")
+              f"{r['min_cos_to_first']:>9.5f} {r['concept_bal_acc_median']:>7.3f} {r.get('concept_cosine_to_logistic_median', float('nan')):>15.4f}")
     result["command"] = "python benchmarks/fit_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_json(result, args.out)
     return result

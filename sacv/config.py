@@ -71,7 +71,7 @@ class FitConfig(Section):
     C: float = Field(1.0, gt=0)  # inverse L2 strength of the logistic regression
     standardize: bool = False  # penalise in z-scored space (sgd always does)
     validation_fraction: float = Field(0.25, gt=0, lt=1)  # share of images per side held out
-    max_positions_per_class: int | None = Field(None, ge=1)  # subsample training positions
+    max_positions_per_class: int | None = Field(None, ge=1)  # subsample training positions (per job; mean_difference uses all)
     max_iter: int = Field(200, ge=1)  # lbfgs iterations
     tol: float = Field(1e-7, gt=0)  # lbfgs: stop when the loss decreases by less than this (relative)
     epochs: int = Field(5, ge=1)  # sgd epochs

@@ -60,38 +60,45 @@ def batched_logistic(
     """Exact balanced L2 logistic regression for J jobs at once (see the module docstring).
 
     ``mean``, ``scale`` (J, C): each job's training moments (preconditioning; with ``standardize`` also
-    the space of the penalty). Returns raw-space normals (J, C) float64, intercepts (J,) float64,
-    the L-BFGS iterations and the read passes (one per evaluation plus none for the moments).
+    the space of the penalty). Each job's objective is divided by ``C Σ_i s_ij`` (same minimiser; the
+    scale scikit-learn uses), so that jobs weigh alike in the stacked problem and ``tol`` bounds every
+    job's largest gradient component. Returns raw-space normals (J, C) float64, intercepts (J,)
+    float64, the L-BFGS iterations and the passes over the blocks (one per evaluation).
     """
     J, channels = mean.shape
     centre = mean.mean(axis=0)  # shared centre: blocks are centred once in float32 for every job
     offset = mean - centre  # (J, C): each job's mean in centred space
     penalty = np.ones_like(scale) if standardize else 1.0 / scale**2  # ½‖w‖² with w = u / scale
-    passes = [0]
+    total = np.zeros(J)
+    for _, image in blocks():
+        total += weight[image].sum(axis=0)
+    norm = C * total  # (J,) C Σ_i s_ij
+    passes = [1]
 
     def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
         P = params.reshape(J, channels + 1)
         u, c = P[:, :-1], P[:, -1]
         w = u / scale  # (J, C) normals in raw space
         b = c - (w * offset).sum(axis=1)  # (J,) intercepts in centred space
-        loss, grad_w, grad_b = 0.0, np.zeros((channels, J)), np.zeros(J)
+        loss, grad_w, grad_b = np.zeros(J), np.zeros((channels, J)), np.zeros(J)
         w32, b32, centre32 = w.T.astype(np.float32), b.astype(np.float32), centre.astype(np.float32)
         for x, image in blocks():
             xc = x - centre32  # (m, C)
             z = (xc @ w32 + b32).astype(np.float64)  # (m, J): one product for all jobs
             s, y = weight[image], sign[image]
             margin = y * z
-            loss += float((s * np.logaddexp(0.0, -margin)).sum())
+            loss += (s * np.logaddexp(0.0, -margin)).sum(axis=0)
             g = -y * s * expit(-margin)  # (m, J) d loss / d z
             grad_w += xc.T @ g.astype(np.float32)
             grad_b += g.sum(axis=0)
         passes[0] += 1
-        grad_u = (C * grad_w.T - C * grad_b[:, None] * offset) / scale + penalty * u
-        value = C * loss + 0.5 * float((penalty * u * u).sum())
-        return value, np.concatenate([grad_u, C * grad_b[:, None]], axis=1).ravel()
+        grad_u = (C * grad_w.T - C * grad_b[:, None] * offset) / scale + penalty * u  # (J, C)
+        value = (C * loss + 0.5 * (penalty * u * u).sum(axis=1)) / norm
+        grad = np.concatenate([grad_u, C * grad_b[:, None]], axis=1) / norm[:, None]
+        return float(value.sum()), grad.ravel()
 
     result = minimize(objective, np.zeros(J * (channels + 1)), jac=True, method="L-BFGS-B",
-                      options={"maxiter": max_iter, "ftol": tol, "gtol": tol * C, "maxcor": 20})
+                      options={"maxiter": max_iter, "ftol": 64 * np.finfo(float).eps, "gtol": tol, "maxcor": 20})
     P = result.x.reshape(J, channels + 1)
     w = P[:, :-1] / scale
     return w, P[:, -1] - (w * mean).sum(axis=1), int(result.nit), passes[0]

@@ -247,7 +247,8 @@ def fit_block(run_uri: str, config: RunConfig, layer: str, keys: list[str]) -> l
     for group in groups.values():
         group_rows = {row_of[i] for job in group for i in job["pos"] + job["neg"]}
         local = np.flatnonzero(np.isin(rows, list(group_rows)))
-        if config.fit.solver in (*BATCHED, "mean_difference") and not config.fit.max_positions_per_class:
+        fit = config.fit
+        if fit.solver == "mean_difference" or (fit.solver in BATCHED and not fit.max_positions_per_class):
             group_results = fit_group(reader, local, group, row_of, config)
         else:
             group_results = [fit_one(reader, job, row_of, config) for job in group]

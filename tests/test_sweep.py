@@ -143,3 +143,15 @@ def test_logistic_intercept_of_mean_difference_sits_on_the_boundary(tmp_path):
     decision = np.einsum("nhwc,c->nhw", act, v[row]) + b[row]
     assert (decision[:12] > 0).mean() > 0.8 and (decision[12:] > 0).mean() < 0.2
     assert table["cosine_to_logistic"].isna().all()
+
+
+@pytest.mark.parametrize("fit", [{"solver": "inmemory"}, {"solver": "lbfgs", "max_positions_per_class": 60}])
+def test_per_job_solvers_on_the_shared_read_match_reading_per_job(tmp_path, fit):
+    run, config, _ = planted_run(tmp_path, shift=1.0, fit=fit)
+    _, table = fit_all(run, config)
+    coef = zarr.open_group(run.store_uri, mode="r")[f"vectors/{LAYER}/coef"][...]
+    for job, row in zip(run.read_fit_plan(), table.itertuples()):
+        X, y, groups = job_positions(run, job)
+        alone = OutOfCoreConceptVector(**fit, random_state=0).fit(X, y, groups)
+        np.testing.assert_allclose(coef[row.vector_row], alone.coef_, rtol=1e-4, atol=1e-5)
+        assert (row.n_pos, row.n_neg, row.bal_acc) == (alone.metrics_["n_pos"], alone.metrics_["n_neg"], alone.metrics_["bal_acc"])
