@@ -143,13 +143,24 @@ def main(argv=None) -> dict:
             reference = c if reference is None else reference
             cos = np.concatenate([(a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
                                   for a, b in zip(c, reference)])
-            result["variants"][label] = {**measured, "load_avg_1min_after": round(os.getloadavg()[0], 2), "flow_s": record["timings"]["fit"]["seconds"],
+            table = pd.read_parquet(work / "run" / "tables" / "vectors.parquet")
+            concept = table[table["kind"] == "concept"]
+            quality = {"concept_bal_acc_median": round(float(concept["bal_acc"].median()), 4),
+                       "null_bal_acc_median": round(float(table.loc[table["kind"] == "null", "bal_acc"].median()), 4)}
+            if "cosine_to_logistic" in table and table["cosine_to_logistic"].notna().any():
+                quality |= {"concept_cosine_to_logistic_median": round(float(concept["cosine_to_logistic"].median()), 4),
+                            "concept_cosine_to_logistic_min": round(float(concept["cosine_to_logistic"].min()), 4),
+                            "concept_bal_acc_logistic_median": round(float(concept["bal_acc_logistic"].median()), 4)}
+            result["variants"][label] = {**measured, "load_avg_1min_after": round(os.getloadavg()[0], 2), **quality,
+                                         "flow_s": record["timings"]["fit"]["seconds"],
                                          "vectors": record["timings"]["fit"]["vectors"],
                                          "min_cos_to_first": round(float(cos.min()), 6)}
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
+    result["command"] = "python benchmarks/fit_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_json(result, args.out)
     e = result["extract"]
     print(f"\nextract: {e['images']} images, flow {e['flow_s']:.1f} s, process {e['process_wall_s']:.1f} s")
     print(f"{'fit variant':<34} {'vectors':>7} {'flow s':>7} {'process s':>9} {'peak RSS MB':>11} {'min cos':>9} "
@@ -157,8 +168,6 @@ def main(argv=None) -> dict:
     for label, r in result["variants"].items():
         print(f"{label:<34} {r['vectors']:>7} {r['flow_s']:>7.1f} {r['process_wall_s']:>9.1f} {r['peak_rss_mb']:>11.0f} "
               f"{r['min_cos_to_first']:>9.5f} {r['concept_bal_acc_median']:>7.3f} {r.get('concept_cosine_to_logistic_median', float('nan')):>15.4f}")
-    result["command"] = "python benchmarks/fit_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_json(result, args.out)
     return result
 
 
