@@ -12,7 +12,11 @@ flow's own wall (``run.json`` ``timings.fit.seconds``), its peak RSS (``os.wait4
 child), the number of vectors, the cosine of every vector to the same row of the first variant, the
 median held-out balanced accuracy of the concept vectors and, for mean_difference, the median cosine
 to the exact logistic vector of the same job (``cosine_to_logistic`` in vectors.parquet). Solver
-``mean_difference_whiten`` is mean_difference with ``fit.whiten: true``.
+``mean_difference_whiten`` is mean_difference with ``fit.whiten: true``, ``mean_difference_alone`` with
+``fit.compare_logistic: false``. ``--exact-check N``: for the first N concept jobs of the first layer,
+the cosine of each variant's vector to a tightly converged scikit-learn fit of the same training
+positions (``LogisticRegression(class_weight="balanced", tol=1e-10, max_iter=20000)``, split as the
+fit stage draws it).
 
     python benchmarks/fit_sweep.py --before /tmp/sacv-before --out benchmarks/results/fit_sweep_cpu.json
 """
@@ -34,6 +38,8 @@ from common import write_json  # benchmarks/common.py (the script folder is on s
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = "from sacv.cli import main; main()"
+VARIANTS = {"mean_difference_whiten": {"solver": "mean_difference", "whiten": True},
+            "mean_difference_alone": {"solver": "mean_difference", "compare_logistic": False}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=128, help="generated image size in pixels")
     parser.add_argument("--before", default=None, help="a checkout of the code before fit blocks (optional)")
     parser.add_argument("--solvers", nargs="+", default=["auto", "mean_difference"], help="solvers measured on this code")
+    parser.add_argument("--exact-check", type=int, default=2, help="concept jobs checked against a tight fit")
     parser.add_argument("--keep", default=None, help="keep the collection and run directory here")
     parser.add_argument("--out", default="benchmarks/results/fit_sweep.json", help="JSON result path")
     return parser.parse_args(argv)
@@ -103,6 +110,38 @@ def coefs(run: Path, layers: list[str]) -> list:
     return [group[f"vectors/{layer}/coef"][...] for layer in layers]
 
 
+def exact_check(run: Path, layer: str, n: int, kept: dict) -> dict:
+    """Cosine of every variant's vector to a tightly converged scikit-learn fit, first n concept jobs of ``layer``."""
+    import numpy as np
+    import zarr
+    from sklearn.linear_model import LogisticRegression
+
+    sys.path.insert(0, str(REPO))
+    from sacv.catalog import ImageCatalog
+    from sacv.rundir import RunDir
+    from sacv.vectors import grouped_validation_split
+
+    rundir = RunDir(str(run))
+    jobs = [j for j in rundir.read_fit_plan() if j["layer"] == layer]
+    array = zarr.open_group(rundir.store_uri, mode="r")[f"guidance/{layer}/act"]
+    catalog = ImageCatalog.read(rundir)
+    out = {label: [] for label in kept}
+    for index, job in [(i, j) for i, j in enumerate(jobs) if j["kind"] == "concept"][:n]:
+        label_of = dict.fromkeys(catalog.row_of(job["pos"]).tolist(), 1) | dict.fromkeys(catalog.row_of(job["neg"]).tolist(), 0)
+        rows = np.array(sorted(label_of))
+        X = array.oindex[rows].astype(np.float64)  # (n, H, W, C)
+        per = X.shape[1] * X.shape[2]
+        X = X.reshape(-1, X.shape[-1])
+        y, groups = np.repeat([label_of[r] for r in rows], per), np.repeat(rows, per)
+        train = ~grouped_validation_split(y, groups, 0.25, 0)
+        w = LogisticRegression(class_weight="balanced", tol=1e-10, max_iter=20000).fit(X[train], y[train]).coef_[0]
+        for label, c in kept.items():
+            v = c[0][index]
+            out[label].append(round(float(v @ w / (np.linalg.norm(v) * np.linalg.norm(w))), 6))
+    return {"layer": layer, "what": "cosine to LogisticRegression(class_weight=balanced, tol=1e-10, max_iter=20000)",
+            "cosines": out}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import numpy as np
@@ -132,14 +171,16 @@ def main(argv=None) -> dict:
             variants.append(("before (per-vector tasks, auto)", Path(args.before), "auto"))
         variants += [(f"after ({solver})", REPO, solver) for solver in args.solvers]
         reference = None
+        kept: dict = {}
         for label, code, solver in variants:
             print(f"fit: {label} ...", flush=True)
             clear_fit(work / "run")
-            fit = {"solver": "mean_difference", "whiten": True} if solver == "mean_difference_whiten" else {"solver": solver}
+            fit = VARIANTS.get(solver, {"solver": solver})
             (work / f"config_{solver}.yaml").write_text(yaml.safe_dump({**config, "fit": fit}))
             measured = run_cli(["fit", str(work / f"config_{solver}.yaml")], code)
             record = json.loads((work / "run" / "run.json").read_text())
             c = coefs(work / "run", args.layers)
+            kept[label] = c
             reference = c if reference is None else reference
             cos = np.concatenate([(a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
                                   for a, b in zip(c, reference)])
@@ -155,6 +196,9 @@ def main(argv=None) -> dict:
                                          "flow_s": record["timings"]["fit"]["seconds"],
                                          "vectors": record["timings"]["fit"]["vectors"],
                                          "min_cos_to_first": round(float(cos.min()), 6)}
+        if args.exact_check:
+            print("tight reference fits ...", flush=True)
+            result["exact_check"] = exact_check(work / "run", args.layers[0], args.exact_check, kept)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -162,6 +206,8 @@ def main(argv=None) -> dict:
     result["command"] = "python benchmarks/fit_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_json(result, args.out)
     e = result["extract"]
+    for label, cosines in result.get("exact_check", {}).get("cosines", {}).items():
+        print(f"cosine to a tight fit ({result['exact_check']['layer']}), {label}: {cosines}")
     print(f"\nextract: {e['images']} images, flow {e['flow_s']:.1f} s, process {e['process_wall_s']:.1f} s")
     print(f"{'fit variant':<34} {'vectors':>7} {'flow s':>7} {'process s':>9} {'peak RSS MB':>11} {'min cos':>9} "
           f"{'bal_acc':>7} {'cos to logistic':>15}")

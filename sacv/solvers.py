@@ -81,15 +81,14 @@ def batched_logistic(
         w = u / scale  # (J, C) normals in raw space
         b = c - (w * offset).sum(axis=1)  # (J,) intercepts in centred space
         loss, grad_w, grad_b = np.zeros(J), np.zeros((channels, J)), np.zeros(J)
-        w32, b32, centre32 = w.T.astype(np.float32), b.astype(np.float32), centre.astype(np.float32)
         for x, image in blocks():
-            xc = x - centre32  # (m, C)
-            z = (xc @ w32 + b32).astype(np.float64)  # (m, J): one product for all jobs
+            xc = x.astype(np.float64) - centre  # (m, C); float64: float32 sums stall the line search near the optimum
+            z = xc @ w.T + b  # (m, J): one product for all jobs
             s, y = weight[image], sign[image]
             margin = y * z
             loss += (s * np.logaddexp(0.0, -margin)).sum(axis=0)
             g = -y * s * expit(-margin)  # (m, J) d loss / d z
-            grad_w += xc.T @ g.astype(np.float32)
+            grad_w += xc.T @ g
             grad_b += g.sum(axis=0)
         passes[0] += 1
         grad_u = (C * grad_w.T - C * grad_b[:, None] * offset) / scale + penalty * u  # (J, C)
