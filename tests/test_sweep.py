@@ -155,3 +155,22 @@ def test_per_job_solvers_on_the_shared_read_match_reading_per_job(tmp_path, fit)
         alone = OutOfCoreConceptVector(**fit, random_state=0).fit(X, y, groups)
         np.testing.assert_allclose(coef[row.vector_row], alone.coef_, rtol=1e-4, atol=1e-5)
         assert (row.n_pos, row.n_neg, row.bal_acc) == (alone.metrics_["n_pos"], alone.metrics_["n_neg"], alone.metrics_["bal_acc"])
+
+
+def test_a_streamed_block_gives_the_positions_of_a_resident_one(tmp_path):
+    run, _, _ = planted_run(tmp_path)
+    array = zarr.open_group(run.store_uri, mode="r")[f"guidance/{LAYER}/act"]
+    rows = np.array([1, 2, 9, 17, 30, 31])
+    local = np.array([0, 2, 3, 5])  # images rows[local] = 1, 9, 17, 31
+    resident, streamed = sweep.PositionReader(array, rows, True), sweep.PositionReader(array, rows, False)
+    assert streamed.data is None and streamed.chunk_reads == 0  # nothing read up front
+    stacked = {}
+    for name, reader in (("resident", resident), ("streamed", streamed)):
+        x, image = map(np.concatenate, zip(*reader.blocks(local)()))
+        order = np.argsort(image, kind="stable")
+        stacked[name] = (x[order], image[order])
+    np.testing.assert_array_equal(stacked["resident"][0], stacked["streamed"][0])
+    np.testing.assert_array_equal(stacked["resident"][1], np.repeat(np.arange(4), 16))
+    expected = array[...][rows[local]].reshape(-1, C)  # (4 * H * W, C), images in row order
+    np.testing.assert_array_equal(stacked["streamed"][0], expected)
+    assert streamed.chunk_reads == 4  # rows 1, 9, 17, 31 lie in 4 chunks of 8 rows, each read once
