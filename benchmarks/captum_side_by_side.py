@@ -11,7 +11,7 @@ matplotlib, tqdm and packaging, are already in the project's environment) and pu
 Captum process's ``PYTHONPATH`` only. Captum's process: ``TCAV(model, layers)`` with its default layer
 attribution (gradients) and classifier, ``interpret`` of the scenes for every experimental set
 ``[striped, random_i]`` and ``[random_i, random_{i+1}]``, then a two-sided Welch t-test of the
-concept's TCAV scores (``sc``, over the sets) against the null sets' per layer (p < 0.05), as
+concept's TCAV scores (``sign_count``, over the sets) against the null sets' per layer (p < 0.05), as
 Captum's tutorial does. sacv's process: ``sacv run CONFIG`` (extract, fit, score) with
 ``concepts.random_sets`` = ``--sets``; its significance is ``contributions.parquet`` (Holm,
 alpha 0.05). Both preprocess with the model's ``Preprocessing`` (resize 256, crop 224).
@@ -72,8 +72,8 @@ scores = tcav.interpret(inputs=scenes, experimental_sets=experiments, target=zeb
 seconds = time.perf_counter() - started
 out = {"interpret_s": round(seconds, 2), "layers": {}}
 for layer in layers:
-    concept_sc = [float(scores[f"0-{r.id}"][layer]["sc"][0]) for r in randoms]
-    null_sc = [float(scores[f"{randoms[i].id}-{randoms[(i + 1) % sets].id}"][layer]["sc"][0]) for i in range(sets)]
+    concept_sc = [float(scores[f"0-{r.id}"][layer]["sign_count"][0]) for r in randoms]
+    null_sc = [float(scores[f"{randoms[i].id}-{randoms[(i + 1) % sets].id}"][layer]["sign_count"][0]) for i in range(sets)]
     p = float(stats.ttest_ind(concept_sc, null_sc, equal_var=False).pvalue)
     out["layers"][layer] = {"tcav_mean": float(np.mean(concept_sc)), "null_mean": float(np.mean(null_sc)),
                             "p_value": p, "significant": p < 0.05}
