@@ -5,8 +5,10 @@ written with ``sacv.store.ensure_array`` / ``write_region`` (the extraction flow
 are concept images: moved by ``--shift`` along a planted unit direction ``u``; the noise is anisotropic
 (per-channel means and log-normal per-channel scales), as real activations are. Positions come from
 ``sacv.outofcore.positions_from_store`` over every row. For each solver of
-``sacv.outofcore.OutOfCoreConceptVector`` (``inmemory``, ``lbfgs``, ``sgd``; the fit settings are
-``sacv.config.FitConfig``'s defaults) it measures:
+``sacv.outofcore.OutOfCoreConceptVector`` (``inmemory``, ``lbfgs``, ``sgd``, ``dask_ml``; the fit
+settings are ``sacv.config.FitConfig``'s defaults), and for the fit stage's block solvers (``auto`` =
+batched exact L-BFGS, ``mean_difference``; one job, through ``sacv.sweep.fit_group`` on positions
+read once into memory with ``PositionReader``; their time includes that read) it measures:
 
 (a) ``raw read``: ``X_train.astype("float32").sum(axis=0).compute()`` over the very dask array the
     solver iterates over (the training positions), median of 3 after one warm-up read (page cache warm);
@@ -15,7 +17,7 @@ are concept images: moved by ``--shift`` along a planted unit direction ``u``; t
 (c) ``fit_seconds_ / passes_ / raw read`` (goal <= 1.4 for lbfgs and sgd);
 (d) cosine of ``coef_`` to the exact solution: ``sacv.vectors.fit_logistic`` (scikit-learn) in
     memory on the same training positions (split replicated with ``grouped_validation_split``);
-(e) peak RSS of a fresh subprocess that fits lbfgs / sgd on the 1x store and on a 4x store (same
+(e) peak RSS of a fresh subprocess that fits lbfgs / sgd / dask_ml on the 1x store and on a 4x store (same
     generator, 4x the images), with ``max_iter=15, epochs=2`` as in tests/test_fitting.py's memory
     test. Measured as the child's own ``VmHWM`` (reset after the imports): ``ru_maxrss`` is recorded
     too, but Linux carries it across ``exec``, so a child started from a process that holds ~1 GB
@@ -41,7 +43,9 @@ from pathlib import Path
 from common import write_json  # benchmarks/common.py (the script folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
-SOLVERS = ("inmemory", "lbfgs", "sgd")
+SOLVERS = ("inmemory", "lbfgs", "sgd", "dask_ml")
+BLOCK_SOLVERS = ("auto", "mean_difference")  # through sacv.sweep.fit_group on a resident block, as the fit stage runs them
+MEMORY_SOLVERS = ("lbfgs", "sgd", "dask_ml")
 RATIO_GOAL = 1.4
 SHARD = 32  # images per chunk, as extract.shard_size's default
 ARRAY_PATH = "guidance/layer/act"  # inside the store, as a real run's guidance activations
@@ -137,6 +141,27 @@ def peak_rss(path: Path, solver: str, C: float) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def block_fit(array, rows, solver: str, C: float, seed: int, w_exact, read_s: float) -> dict:
+    """One job (odd rows concept, even rows random) through the fit stage's block code."""
+    import numpy as np
+
+    from sacv import sweep
+    from sacv.config import parse_config
+
+    config = parse_config({"run_dir": "unused", "layers": ["layer"], "fit": {"solver": solver, "C": C, "seed": seed}})
+    job = {"layer": "layer", "concept": "planted", "kind": "concept", "random_set": "random_0", "key": "k",
+           "pos": [str(r) for r in rows if r % 2], "neg": [str(r) for r in rows if r % 2 == 0]}
+    started = time.perf_counter()
+    reader = sweep.PositionReader(array, rows, resident=True)
+    (r,) = sweep.fit_group(reader, np.arange(len(rows)), [job], {str(i): int(i) for i in rows}, config)
+    wall = time.perf_counter() - started
+    return {"raw_read_s": round(read_s, 4), "fit_wall_s": round(wall, 3), "solver_s": round(wall, 3),
+            "passes": r["passes"], "n_iter": r["n_iter"], "s_per_pass": round(wall / r["passes"], 4),
+            "ratio_pass_over_read": round(wall / r["passes"] / read_s, 3), "cos_to_exact": cosine(np.array(r["coef"]), w_exact),
+            "intercept": r["intercept"], "bal_acc": r["bal_acc"], "auroc": r["auroc"], "near_chance": r["near_chance"],
+            **({"cosine_to_logistic": r["cosine_to_logistic"], "bal_acc_logistic": r["bal_acc_logistic"]} if "cosine_to_logistic" in r else {})}
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -226,6 +251,9 @@ def main(argv=None) -> dict:
                 "auroc": estimator.metrics_["auroc"],
                 "near_chance": bool(estimator.near_chance_),
             }
+        for solver in BLOCK_SOLVERS:
+            print(f"{solver} (block): fit ...", flush=True)
+            result["solvers"][f"{solver} (block)"] = block_fit(array, rows, solver, args.C, seed, w_exact, read_s)
         bal_exact = None
         try:
             from sklearn.metrics import balanced_accuracy_score
@@ -250,7 +278,7 @@ def main(argv=None) -> dict:
                       "scale": args.memory_scale,
                       "float64_copy_mb": {"1x": round(X.shape[0] * args.channels * 8 / 2**20, 1),
                                           f"{args.memory_scale}x": round(X.shape[0] * args.memory_scale * args.channels * 8 / 2**20, 1)}}
-            for solver in ("lbfgs", "sgd"):
+            for solver in MEMORY_SOLVERS:
                 print(f"{solver}: peak RSS at 1x and {args.memory_scale}x ...", flush=True)
                 runs = {"1x": peak_rss(tmp / "x1.zarr", solver, args.C),
                         f"{args.memory_scale}x": peak_rss(tmp / "xbig.zarr", solver, args.C)}
@@ -263,14 +291,14 @@ def main(argv=None) -> dict:
 
     result["command"] = "python benchmarks/fit_solvers.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
-    header = f"{'solver':<9} {'read s':>7} {'fit s':>7} {'solver s':>8} {'passes':>6} {'iter':>5} {'s/pass':>7} {'ratio':>6} {'cos exact':>10} {'bal_acc':>7}"
+    header = f"{'solver':<24} {'read s':>7} {'fit s':>7} {'solver s':>8} {'passes':>6} {'iter':>5} {'s/pass':>7} {'ratio':>6} {'cos exact':>10} {'bal_acc':>7}"
     print()
     print(f"store: {args.images} images x {args.hw}x{args.hw} x {args.channels} ch float16, "
           f"{result['store']['train_positions']} training positions in {result['store']['train_blocks']} blocks; "
           f"exact fit {result['exact']['seconds']:.2f} s, exact bal_acc {bal_exact}")
     print(header)
     for solver, r in result["solvers"].items():
-        print(f"{solver:<9} {r['raw_read_s']:>7.3f} {r['fit_wall_s']:>7.2f} {r['solver_s']:>8.2f} {r['passes']:>6} "
+        print(f"{solver:<24} {r['raw_read_s']:>7.3f} {r['fit_wall_s']:>7.2f} {r['solver_s']:>8.2f} {r['passes']:>6} "
               f"{r['n_iter']:>5} {r['s_per_pass']:>7.3f} {r['ratio_pass_over_read']:>6.2f} {r['cos_to_exact']:>10.6f} "
               f"{r['bal_acc']:>7.3f}")
     if "memory" in result:
@@ -278,7 +306,7 @@ def main(argv=None) -> dict:
         big_key = f"{m['scale']}x"
         print(f"peak RSS during the fit (MB, VmHWM), fresh process, 1x vs {m['scale']}x "
               f"(a float64 copy of the data would be {m['float64_copy_mb']['1x']} vs {m['float64_copy_mb'][big_key]} MB):")
-        for solver in ("lbfgs", "sgd"):
+        for solver in MEMORY_SOLVERS:
             r = m[solver]
             print(f"  {solver:<6} {r['peak_mb']['1x']:7.1f} -> {r['peak_mb'][big_key]:7.1f}  (x{r['growth']:.3f}; "
                   f"above the after-import RSS: {r['increment_mb']['1x']} -> {r['increment_mb'][big_key]})")

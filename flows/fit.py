@@ -1,4 +1,4 @@
-"""The fitting flow: one task per (layer, concept, random set) and per null pair; cached by content."""
+"""The fitting flow: one task per (layer, block of jobs) sharing one read; cached per vector by content."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tqdm import tqdm
 from flows.runners import call_flow, finish_stage
 from sacv.config import RunConfig
 from sacv.plans import FitSummary
-from tasks.fit import collect_vectors, fit_vector, plan_fits
+from tasks.fit import collect_vectors, fit_block, plan_fits
 
 
 @flow(name="sacv-fit")
@@ -22,14 +22,21 @@ def fit_flow(config: RunConfig) -> FitSummary:
     if config.concepts is None:
         raise ValueError("the fit stage needs a `concepts` section in the config")
     plan = plan_fits(run_uri, config)
-    futures = [fit_vector.submit(run_uri, config, key) for key in plan.todo]
-    near_chance = 0
-    with tqdm(total=len(futures), unit="vector", desc="fit", disable=None) as bar:
-        for future in as_completed(futures):
-            near_chance += future.result()["near_chance"]
-            bar.update(1)
+    futures = [fit_block.submit(run_uri, config, layer, keys) for layer, keys in plan.blocks]
+    per_layer: dict[str, int] = {}
+    for layer, keys in plan.blocks:
+        per_layer[layer] = per_layer.get(layer, 0) + len(keys)
+    bars = {layer: tqdm(total=n, unit="vector", desc=f"fit {layer}", disable=None) for layer, n in per_layer.items()}
+    near_chance = fitted = 0
+    for future in as_completed(futures):
+        done = future.result()
+        near_chance += done["near_chance"]
+        fitted += done["vectors"]
+        bars[done["layer"]].update(done["vectors"])
+    for bar in bars.values():
+        bar.close()
     table_uri = collect_vectors(run_uri, config)
-    summary = FitSummary(status="done", vectors=plan.total, fitted=len(futures), near_chance_fitted=near_chance, table=table_uri)
+    summary = FitSummary(status="done", vectors=plan.total, fitted=fitted, near_chance_fitted=near_chance, table=table_uri)
     return finish_stage(run_uri, "fit", summary, started)
 
 

@@ -8,7 +8,8 @@
   pair once; images in both sets are dropped from both).
 - Every job has a content key: store identity, layer, the image ids of both sides, the fit
   settings and the seed. Its result (``RunDir.write_fit_result``) is the cache: a rerun fits only
-  jobs whose key has no result. ``collect_vectors`` then writes ``vectors/<layer>/…`` in the store and
+  jobs whose key has no result. The jobs to fit are cut into blocks (``sacv.sweep.plan_blocks``), one
+  task each, that share one read of the layer. ``collect_vectors`` then writes ``vectors/<layer>/…`` in the store and
   ``tables/vectors.parquet`` (one writer).
 """
 
@@ -16,24 +17,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-import warnings
 
 import numpy as np
 import pandas as pd
 
 from sacv.catalog import ImageCatalog
 from sacv.config import RunConfig, numeric_mode
-from sacv.outofcore import OutOfCoreConceptVector, choose_solver, positions_from_store
 from sacv.plans import FitPlan
 from sacv.rundir import RunDir
 from sacv.store import store_identity_of
-from sacv.vectors import NearChanceWarning
+from sacv.sweep import plan_blocks
 
 VECTOR_COLUMNS = [
     "layer", "concept", "random_set", "kind", "vector_row", "seed", "solver", "n_pos", "n_neg", "n_val",
     "acc", "bal_acc", "auroc", "norm", "near_chance", "passes", "n_iter", "wall_s", "key",
+    "cosine_to_logistic", "bal_acc_logistic",  # mean_difference with fit.compare_logistic, else null
 ]
+MEAN_DIFFERENCE_ONLY = ("whiten", "intercept", "compare_logistic")
 
 
 def draw_random_sets(pool: list[str], exclude: set[str], n_sets: int, per_set: int, seed: int) -> list[list[str]]:
@@ -81,6 +81,8 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
                 "needs at least 2 (add images, raise concepts.images_per_set or set concepts.random_pool)"
             )
     settings = config.fit.model_dump(mode="json")
+    if config.fit.solver != "mean_difference":  # keys that only mean_difference reads: not part of other keys
+        settings = {k: v for k, v in settings.items() if k not in MEAN_DIFFERENCE_ONLY}
     jobs = []
     for layer in config.layers:
         # what this layer's activations depend on (not the other layers: adding one refits nothing here)
@@ -101,46 +103,9 @@ def plan_fits(run_uri: str, config: RunConfig) -> FitPlan:
     jobs = plan_jobs(ImageCatalog.read(run).current(), config, store_identity_of(run.store_uri, run.storage_options))
     run.write_fit_plan(jobs)
     todo = list(dict.fromkeys(job["key"] for job in jobs if not run.has_fit_result(job["layer"], job["key"])))
-    return FitPlan(total=len(jobs), todo=todo)
-
-
-def planned_job(run_uri: str, key: str) -> dict:
-    return next(j for j in RunDir(run_uri).read_fit_plan() if j["key"] == key)
-
-
-def fit_job(run_uri: str, config: RunConfig, job: dict) -> dict:
-    """Fit one vector from the store (out of core) and write its result file; return the result."""
-    started = time.perf_counter()
-    run = RunDir(run_uri)
-    catalog = ImageCatalog.read(run)
-    label_of = dict.fromkeys(catalog.row_of(job["pos"]).tolist(), 1) | dict.fromkeys(catalog.row_of(job["neg"]).tolist(), 0)
-    rows = np.array(sorted(label_of))
-    array = run.open_zarr("r")[f"guidance/{job['layer']}/act"]
-    X = positions_from_store(array, rows)
-    per_image = X.shape[0] // len(rows)
-    y = np.repeat([label_of[r] for r in rows], per_image)
-    groups = np.repeat(rows, per_image)
-    fit = config.fit
-    solver = fit.solver if fit.solver != "auto" else choose_solver(X.shape[0], X.shape[1], fit.memory_budget_mb)
-    estimator = OutOfCoreConceptVector(
-        solver=solver, C=fit.C, standardize=fit.standardize, validation_fraction=fit.validation_fraction,
-        max_positions_per_class=fit.max_positions_per_class, near_chance=fit.near_chance, max_iter=fit.max_iter, tol=fit.tol,
-        epochs=fit.epochs, memory_budget_mb=fit.memory_budget_mb, random_state=fit.seed,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NearChanceWarning)  # recorded as near_chance and logged by the task
-        estimator.fit(X, y, groups)
-    result = {
-        **{k: job[k] for k in ("layer", "concept", "kind", "random_set", "key")},
-        **estimator.metrics_,
-        "seed": fit.seed, "solver": solver, "near_chance": bool(estimator.near_chance_),
-        "passes": estimator.passes_, "n_iter": estimator.n_iter_,
-        "wall_s": round(time.perf_counter() - started, 3),
-        "vector": estimator.vector_.tolist(), "coef": estimator.coef_.tolist(),
-        "intercept": estimator.intercept_, "offset": estimator.offset_,
-    }
-    run.write_fit_result(job["layer"], job["key"], result)
-    return result
+    shapes = store_identity_of(run.store_uri, run.storage_options)["layers"]
+    blocks = plan_blocks(jobs, todo, shapes, config.fit.memory_budget_mb)
+    return FitPlan(total=len(jobs), todo=todo, blocks=blocks)
 
 
 def collect_vectors(run_uri: str) -> pd.DataFrame:

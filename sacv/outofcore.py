@@ -12,11 +12,16 @@ Three solvers of the same balanced L2 logistic regression as :class:`sacv.vector
   balanced by sampling), shuffles positions within the pair, and regularises in standardised space
   (``alpha = 1 / (C n)``). Bounded memory at any size.
 - ``inmemory``: scikit-learn on a class-stratified subsample that fits ``memory_budget_mb``.
+- ``dask_ml``: ``dask_ml.linear_model.LogisticRegression(solver="lbfgs")`` on the dask array (on the
+  Dask cluster when a client is active). It takes no sample weights, so the larger class is
+  subsampled to the size of the smaller (unit weights = balanced weights), and it penalises the
+  intercept too (small here: positions are centred first). Close to the exact solution, not equal.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 
 import dask
 import dask.array as da
@@ -28,7 +33,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from sacv.vectors import fit_logistic, grouped_validation_split, set_fitted_vector
 
-SOLVERS = ("inmemory", "lbfgs", "sgd")
+SOLVERS = ("inmemory", "lbfgs", "sgd", "dask_ml")
 BYTES_PER_VALUE_IN_MEMORY = 24  # float64 copy, standardised copy and solver workspace per value
 SGD_PAIRS_IN_FLIGHT = 4  # sgd: block pairs read at once (bounds memory, overlaps reading)
 
@@ -45,12 +50,6 @@ def positions_from_store(array: zarr.Array, rows: np.ndarray) -> da.Array:
     images = da.from_zarr(array)[rows]  # (n, H, W, C)
     n, h, w, c = images.shape
     return images.reshape(n * h * w, c)  # channels last: every row is one position's C-vector
-
-
-def choose_solver(n_positions: int, n_channels: int, memory_budget_mb: int) -> str:
-    """``inmemory`` when every training position fits the budget, else the exact ``lbfgs``."""
-    needed = n_positions * n_channels * BYTES_PER_VALUE_IN_MEMORY
-    return "inmemory" if needed <= memory_budget_mb * 2**20 else "lbfgs"
 
 
 def _moments(X: da.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +97,7 @@ class OutOfCoreConceptVector(ClassifierMixin, BaseEstimator):
         memory_budget_mb: int = 1024,
         random_state: int = 0,
     ):
-        self.solver = solver  # inmemory | lbfgs | sgd
+        self.solver = solver  # inmemory | lbfgs | sgd | dask_ml
         self.C = C  # inverse L2 strength
         self.standardize = standardize  # penalise in z-scored space (always so for sgd)
         self.validation_fraction = validation_fraction  # share of images per side held out
@@ -162,6 +161,31 @@ class OutOfCoreConceptVector(ClassifierMixin, BaseEstimator):
         self.passes_, self.n_iter_ = passes[0], int(result.nit)
         w = result.x[:-1] / scale
         return w, float(result.x[-1] - w @ mean)
+
+    def _fit_dask_ml(self, X: da.Array, y: np.ndarray) -> tuple[np.ndarray, float]:
+        from dask.callbacks import Callback
+        from dask_ml.linear_model import LogisticRegression
+
+        mean, scale = _moments(X)
+        rng = np.random.default_rng(self.random_state)
+        n = min(int((y == 0).sum()), int((y == 1).sum()))
+        keep = np.zeros(len(y), bool)
+        keep[np.concatenate([rng.permutation(np.flatnonzero(y == c))[:n] for c in (0, 1)])] = True
+        divisor = scale if self.standardize else np.ones_like(scale)  # the penalty's space, as in lbfgs
+        Xs = (X[keep].astype(np.float64) - mean) / divisor
+        computes = [0]
+
+        class Count(Callback):  # one compute = one read pass (local schedulers; a cluster reports 0)
+            def _start(self, dsk):
+                computes[0] += 1
+
+        clf = LogisticRegression(C=self.C, solver="lbfgs", max_iter=self.max_iter, tol=self.tol)
+        with Count(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+            clf.fit(Xs, y[keep])
+        self.passes_, self.n_iter_ = 1 + computes[0], 0
+        w = np.asarray(clf.coef_, np.float64) / divisor
+        return w, float(clf.intercept_ - w @ mean)
 
     def _fit_sgd(self, X: da.Array, y: np.ndarray) -> tuple[np.ndarray, float]:
         from sklearn.linear_model import SGDClassifier

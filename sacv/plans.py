@@ -26,6 +26,7 @@ class ExtractPlan:
 class FitPlan:
     total: int  # planned vectors (concept and null) over all layers
     todo: list[str]  # keys of the jobs without a cached result
+    blocks: list[tuple[str, list[str]]]  # (layer, keys): the todo jobs cut into blocks, one fit task each
 
 
 @dataclass(frozen=True)

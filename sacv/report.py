@@ -1,11 +1,12 @@
 """A static, self-contained HTML report of a run (``sacv report RUN_DIR``).
 
 ``build_report`` writes ``RUN/report/index.html``: header (model, layers, counts, timings), the
-contributions table (sortable by clicking a header), spatial maps and receptive-field patches of
-the strongest (class, concept, layer) rows, a per-layer profile, the audit history with the drift
-table and the drifting rows' scores over audits, the policy checks, the localisation table when
-there is one, and the rejects. Plots are embedded PNG data URIs; no server, network, font or script
-outside the file is needed. Every text from files, folders, configs and tables is HTML-escaped.
+contributions table (sortable by clicking a header, filtered by a search box, at most
+``CONTRIBUTION_ROWS`` rows), a concept × layer heat map of spatial scores per class, spatial maps
+and receptive-field patches of the strongest (class, concept, layer) rows, a per-layer profile, the
+audit history with the drift table and the drifting rows' scores over audits, the policy checks, the
+localisation table when there is one, and the rejects. Plots are embedded PNG data URIs; no server,
+network, font or script outside the file is needed. Every text from files, folders, configs and tables is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sacv.images import ImageRejected
 from sacv.rundir import RunDir
 
 MAX_SECTIONS = 12
+CONTRIBUTION_ROWS = 300  # rows of the contributions table shown (significant first); the rest stay in the Parquet file
 GALLERY_PATCHES = 12
 HISTORY_PANELS = 6
 CONTRIBUTION_VIEW = [  # (header, column, formatter); the first column of a cell is its sort key
@@ -186,6 +188,12 @@ def _row_class(row) -> str:
     return "sig neg" if row["direction"] == "negative" else "sig"
 
 
+def shown_contributions(table: pd.DataFrame) -> pd.DataFrame:
+    """At most ``CONTRIBUTION_ROWS`` rows, in :func:`ordered_contributions` order: every significant
+    row first (while they fit), then the strongest of the rest."""
+    return ordered_contributions(table).head(CONTRIBUTION_ROWS)
+
+
 def _chosen_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     ordered = ordered_contributions(table)
     significant = ordered[ordered["significant"]]
@@ -292,10 +300,21 @@ def build_report(run_uri: str, top_images: int = 3) -> str:
     if table is None:
         body.append('<h2>Contributions</h2><p class="note">No contributions table: run the score stage.</p>')
     else:
-        body.append("<h2>Contributions</h2><p>One row per (class, concept, layer); click a column header to sort. "
-                    "Significant rows are highlighted: green where the concept raises the class logit (direction "
-                    "positive), red where it lowers it (negative); they come first, in that order.</p>"
-                    + table_html(ordered_contributions(table), "contributions", _contribution_cells, _row_class))
+        shown = shown_contributions(table)
+        more = (f" Shown: the {len(shown)} significant or strongest of {len(table)} rows; all of them are in "
+                "tables/contributions.parquet." if len(shown) < len(table) else "")
+        body.append("<h2>Contributions</h2><p>One row per (class, concept, layer); click a column header to sort, "
+                    "type in the box to filter. Significant rows are highlighted: green where the concept raises "
+                    "the class logit (direction positive), red where it lowers it (negative); they come first, in "
+                    f"that order.{esc(more)}</p>"
+                    '<input type="search" class="filter" data-table="contributions" aria-label="filter rows" '
+                    'placeholder="filter: class, concept or layer">'
+                    + table_html(shown, "contributions", _contribution_cells, _row_class))
+        heatmap = plots.sweep_heatmap(table, layers)
+        if heatmap:
+            body.append("<h2>Sweep: spatial score per concept and layer</h2><p>One panel per class (most significant "
+                        "rows first); * marks significant rows.</p>"
+                        f'<figure><img src="{heatmap}" alt="spatial score per concept and layer"></figure>')
         chosen, significant = _chosen_rows(table)
         body.append("<h2>Where the concepts are</h2>")
         if not significant:
@@ -347,6 +366,7 @@ table.sortable th[aria-sort=descending]::after{content:" \\25BC";font-size:.8em}
 table.sortable tbody tr:nth-child(even){background:#fafbfc}
 table.sortable tbody tr.sig{background:#e3f4e1;font-weight:600}table.sortable tbody tr.sig.neg{background:#fbe3e1}
 table.sortable tbody tr.fail{background:#fde2e1;font-weight:600}
+input.filter{margin:4px 0 8px;padding:4px 8px;width:320px;max-width:100%}
 table.facts{width:auto}table.facts th{color:#5a6372;font-weight:600;padding-right:18px;white-space:nowrap}
 table.facts td{word-break:break-all;font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:.95em}
 .scroll{overflow-x:auto;max-height:560px;overflow-y:auto;border:1px solid #e3e6eb;border-radius:4px}
@@ -364,6 +384,12 @@ figcaption{font-size:.85em;color:#3c4654;margin-top:4px}figcaption ul{margin:4px
 </main>
 <script>
 (function(){
+  document.querySelectorAll("input.filter").forEach(function(box){
+    var table=document.getElementById(box.getAttribute("data-table"));
+    box.addEventListener("input",function(){var q=box.value.toLowerCase();
+      Array.prototype.forEach.call(table.tBodies[0].rows,function(r){
+        r.style.display=r.textContent.toLowerCase().indexOf(q)<0?"none":"";});});
+  });
   function key(td){var v=td.getAttribute("data-v");if(v===null)v=td.textContent;var n=Number(v);
     return v===""?[2,""]:(isNaN(n)?[1,v.toLowerCase()]:[0,n]);}
   function cmp(a,b){return a[0]-b[0]||(a[1]<b[1]?-1:a[1]>b[1]?1:0);}

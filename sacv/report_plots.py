@@ -101,3 +101,35 @@ def history_figure(history: pd.DataFrame, rows: pd.DataFrame, order: list[str]) 
         ax.grid(axis="y", alpha=0.3)
     axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     return png_uri(fig)
+
+
+def sweep_heatmap(table: pd.DataFrame, layers: list[str], max_classes: int = 12) -> str | None:
+    """One panel per class (those with the most significant rows first, at most ``max_classes``):
+    concepts × layers, coloured by the spatial score (0.5 = as many positions push the logit up as
+    down), ``*`` where the row is significant. Returns None for an empty table."""
+    if table is None or not len(table):
+        return None
+    ranking = table.groupby("class_name").agg(sig=("significant", "sum"), n=("n_images", "max"))
+    classes = ranking.sort_values(["sig", "n"], ascending=False).index[:max_classes].tolist()
+    concepts = sorted(table["concept"].unique())
+    order = [layer for layer in layers if layer in set(table["layer"])]
+    columns = min(4, len(classes))
+    rows = (len(classes) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, squeeze=False, layout="constrained",
+                             figsize=(columns * (0.55 * len(order) + 1.6) + 1.0, rows * (0.2 * len(concepts) + 1.0)))
+    norm = Normalize(0.0, 1.0)
+    for ax in axes.flat[len(classes):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, classes):
+        cls = table[table["class_name"] == name]
+        grid = cls.pivot_table(index="concept", columns="layer", values="spatial_score", aggfunc="mean")
+        grid = grid.reindex(index=concepts, columns=order)
+        ax.imshow(grid.to_numpy(dtype=float), cmap=CMAP, norm=norm, aspect="auto", interpolation="nearest")
+        significant = cls[cls["significant"].fillna(False).astype(bool)]
+        for _, r in significant.iterrows():
+            ax.text(order.index(r["layer"]), concepts.index(r["concept"]), "*", ha="center", va="center", fontsize=9)
+        ax.set_title(plain(f"class {name}"))
+        ax.set_xticks(range(len(order)), [plain(layer) for layer in order], rotation=30, ha="right", fontsize=7)
+        ax.set_yticks(range(len(concepts)), [plain(c) for c in concepts] if ax in axes[:, 0] else [], fontsize=7)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=CMAP), ax=axes, fraction=0.02, pad=0.01, label="spatial score")
+    return png_uri(fig)

@@ -1,4 +1,4 @@
-"""Fitting tasks: plan the vectors, fit one vector, collect them into the store and table."""
+"""Fitting tasks: plan the vectors, fit one block of jobs of a layer, collect them into the store and table."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from contextlib import nullcontext
 
 from prefect import get_run_logger, task
 
-from sacv import fitting, storage
+from sacv import fitting, storage, sweep
 from sacv.config import RunConfig
 from sacv.plans import FitPlan
 from sacv.rundir import RunDir
@@ -14,18 +14,18 @@ from sacv.rundir import RunDir
 
 @task(name="plan-fits")
 def plan_fits(run_uri: str, config: RunConfig) -> FitPlan:
-    """Write the fit plan; return the keys of the jobs without a cached result."""
+    """Write the fit plan; return the keys of the jobs without a cached result, cut into blocks."""
     storage.use(config.storage_options)  # this process may be a Dask worker
     plan = fitting.plan_fits(run_uri, config)
-    get_run_logger().info("%d vectors planned, %d to fit (the rest cached)", plan.total, len(plan.todo))
+    get_run_logger().info("%d vectors planned, %d to fit (the rest cached) in %d blocks",
+                          plan.total, len(plan.todo), len(plan.blocks))
     return plan
 
 
-@task(name="fit-vector", retries=1, retry_delay_seconds=2)
-def fit_vector(run_uri: str, config: RunConfig, key: str) -> dict:
-    """Fit the planned job ``key``; dask work goes to the flow's cluster when one is configured."""
+@task(name="fit-block", retries=1, retry_delay_seconds=2)
+def fit_block(run_uri: str, config: RunConfig, layer: str, keys: list[str]) -> dict:
+    """Fit the planned jobs ``keys`` of ``layer`` from one read; dask work goes to the flow's cluster when one is configured."""
     storage.use(config.storage_options)  # this process may be a Dask worker
-    job = fitting.planned_job(run_uri, key)
     if config.execution.dask_address:
         from prefect_dask import get_dask_client
 
@@ -33,14 +33,15 @@ def fit_vector(run_uri: str, config: RunConfig, key: str) -> dict:
     else:
         cluster = nullcontext()
     with cluster:
-        result = fitting.fit_job(run_uri, config, job)
+        results = sweep.fit_block(run_uri, config, layer, keys)
     logger = get_run_logger()
-    logger.info("%s %s vs %s: bal_acc %.3f (%s, %.1f s)", job["layer"], job["concept"], job["random_set"],
-                result["bal_acc"], result["solver"], result["wall_s"])
-    if result["near_chance"] and job["kind"] == "concept":  # null vectors are near chance by design
+    near = [r for r in results if r["near_chance"] and r["kind"] == "concept"]  # null vectors are near chance by design
+    logger.info("%s: %d vectors (%s), median bal_acc %.3f", layer, len(results), config.fit.solver,
+                sorted(r["bal_acc"] for r in results)[len(results) // 2])
+    for r in near:
         logger.warning("near-chance vector: %s %s vs %s, held-out balanced accuracy %.3f",
-                       job["layer"], job["concept"], job["random_set"], result["bal_acc"])
-    return {"key": key, "bal_acc": result["bal_acc"], "near_chance": result["near_chance"] and job["kind"] == "concept"}
+                       layer, r["concept"], r["random_set"], r["bal_acc"])
+    return {"layer": layer, "vectors": len(results), "near_chance": len(near)}
 
 
 @task(name="collect-vectors")

@@ -68,7 +68,7 @@ def test_a_worker_killed_mid_stage_costs_only_its_tasks(reference, tmp_path, sta
     config = dask_config(collection, f"killed-in-{stage}", cluster.address)
     run = RunDir(config.run_dir)
     lost: list[str] = []
-    task = {"extract": "extract_shards", "fit": "fit_vector"}[stage]  # the Dask key starts with the function name
+    task = {"extract": "extract_shards", "fit": "fit_block"}[stage]  # the Dask key starts with the function name
 
     def markers() -> list[dict | None]:
         return [run.read_shard_marker(g, s) for g, n in (("guidance", 4), ("dataset", 2)) for s in range(n)]

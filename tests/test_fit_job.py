@@ -1,4 +1,4 @@
-"""The sign of v_k through the real fit stage (plan -> fit_job -> collect), on a tiny planted store:
+"""The sign of v_k through the real fit stage (plan -> fit_block -> collect), on a tiny planted store:
 no model, no Prefect, a few seconds."""
 
 from __future__ import annotations
@@ -10,16 +10,19 @@ import zarr
 
 from sacv.catalog import IMAGE_COLUMNS
 from sacv.config import parse_config
-from sacv.fitting import collect_vectors, fit_job, plan_fits, planned_job
+from sacv.fitting import collect_vectors, plan_fits
+from sacv.sweep import fit_block
 from sacv.rundir import RunDir
 from sacv.store import ensure_array, open_store, store_identity
 
 LAYER, HW, C = "block", 4, 8
 
 
-def planted_run(tmp_path, concept_is_positive_u: bool = True, n_concept: int = 12, n_random: int = 24, seed: int = 0):
-    """A run directory whose guidance activations put concept images at +5u (or -5u) and random
-    images at 0, plus noise: the fitted concept vector must point along +u (or -u)."""
+def planted_run(tmp_path, concept_is_positive_u: bool = True, n_concept: int = 12, n_random: int = 24, seed: int = 0,
+                shift: float = 5.0, mixing: np.ndarray | None = None, fit: dict | None = None):
+    """A run directory whose guidance activations put concept images at +shift·u (or -shift·u) and
+    random images at 0, plus noise (standard normal, times ``mixing`` (C, C) when given): the fitted
+    concept vector must point along +u (or -u)."""
     rng = np.random.default_rng(seed)
     u = rng.normal(size=C)
     u /= np.linalg.norm(u)
@@ -34,7 +37,9 @@ def planted_run(tmp_path, concept_is_positive_u: bool = True, n_concept: int = 1
     act = ensure_array(root, f"guidance/{LAYER}/act", (n, HW, HW, C), 8, "float32")
     sign = 1.0 if concept_is_positive_u else -1.0
     values = rng.normal(size=(n, HW, HW, C))  # (N, H, W, C)
-    values[:n_concept] += sign * 5.0 * u
+    if mixing is not None:
+        values = values @ mixing.T  # correlated noise, covariance mixing @ mixing.T
+    values[:n_concept] += sign * shift * u
     act[...] = values.astype(np.float32)
     run.write_table("images", images)
     (tmp_path / "concepts").mkdir()
@@ -42,15 +47,15 @@ def planted_run(tmp_path, concept_is_positive_u: bool = True, n_concept: int = 1
         "run_dir": run.uri, "layers": [LAYER],
         "concepts": {"root": str(tmp_path / "concepts"), "random_pool": str(tmp_path / "concepts"),
                      "random_sets": 3, "images_per_set": 8},
-        "fit": {"solver": "lbfgs"},
+        "fit": {"solver": "lbfgs", **(fit or {})},
     })
     return run, config, u
 
 
 def fit_all(run: RunDir, config) -> pd.DataFrame:
     plan = plan_fits(run.uri, config)
-    for key in plan.todo:
-        fit_job(run.uri, config, planned_job(run.uri, key))
+    for layer, keys in plan.blocks:
+        fit_block(run.uri, config, layer, keys)
     return collect_vectors(run.uri)
 
 

@@ -122,6 +122,7 @@ def test_tables_match_the_run(report):
     assert [row[0] for row in tables.tables["timings"]] == ["extract", "fit", "score"]
     assert page.count('<section class="concept">') >= 1
     assert "per-layer profile" in page
+    assert "spatial score per concept and layer" in page and 'class="filter"' in page
 
 
 def _chromium() -> str:
@@ -174,3 +175,40 @@ def test_the_page_works_in_headless_chromium(report, tmp_path):
             browser.close()
     with Image.open(tmp_path / "report.png") as shot:
         assert shot.width >= 1280 and shot.height > 900
+
+
+def sweep_table(concepts: int = 30, layers: int = 4, classes: int = 10, seed: int = 0) -> pd.DataFrame:
+    """A contributions table of a sweep: every (class, concept, layer), a few significant."""
+    rng = np.random.default_rng(seed)
+    rows = [{"layer": f"l{l}", "concept": f"c{k:02d}", "class_index": c, "class_name": f"class{c}", "n_images": 5,
+             "spatial_score": rng.uniform(), "effect_size": rng.normal(), "significant": bool(rng.random() < 0.05)}
+            for c in range(classes) for k in range(concepts) for l in range(layers)]
+    return pd.DataFrame(rows)
+
+
+def test_a_sweep_table_is_cut_to_the_significant_and_strongest_rows():
+    from sacv.report import CONTRIBUTION_ROWS, shown_contributions
+
+    table = sweep_table()
+    shown = shown_contributions(table)
+    assert len(table) == 1200 and len(shown) == CONTRIBUTION_ROWS
+    assert shown["significant"].sum() == table["significant"].sum()  # every significant row is kept
+    rest = shown[~shown["significant"]]
+    dropped = table.drop(index=shown.index)
+    assert rest["effect_size"].abs().min() >= dropped["effect_size"].abs().max()  # then the strongest
+    small = table.head(40)
+    pd.testing.assert_frame_equal(shown_contributions(small), small)  # small tables are shown whole
+
+
+def test_the_sweep_heatmap_has_one_panel_per_class_up_to_the_cap():
+    from sacv.report_plots import sweep_heatmap
+
+    def size(uri):
+        with Image.open(io.BytesIO(base64.b64decode(uri.removeprefix("data:image/png;base64,")))) as image:
+            return image.size
+
+    layers = ["l0", "l1", "l2", "l3"]
+    few, many = sweep_heatmap(sweep_table(classes=2), layers), sweep_heatmap(sweep_table(classes=30), layers)
+    assert few.startswith("data:image/png;base64,") and size(few)[0] < size(many)[0]  # 2 panels vs a row of 4
+    assert size(sweep_heatmap(sweep_table(classes=12), layers)) == size(many)  # capped at 12 classes
+    assert sweep_heatmap(sweep_table().head(0), layers) is None

@@ -1,0 +1,156 @@
+"""Solvers for many concept vectors at once, from shared reads of the positions.
+
+Positions arrive as blocks ``(x, image)`` from a callable ``blocks()`` (a new iterator per pass):
+``x`` (m, C) float32 positions, ``image`` (m,) int64 index of each row's image into the per-image
+tables. Jobs (vectors) are described per image and job, so J jobs share every read:
+
+- ``weight`` (n_img, J) float64: the class-balanced weight ``s`` of each training position of the
+  image in job j (``n_train / (2 n_class)`` in positions), 0 where the image is not in j's training set;
+- ``sign`` (n_img, J): +1 where the image is a concept image of job j, -1 otherwise.
+
+``batched_logistic`` minimises, for every job j at once (stacked parameters (J, C+1), one matrix
+product per block and pass for all J), the objective of :class:`sacv.outofcore.OutOfCoreConceptVector`
+and :func:`sacv.vectors.fit_logistic`: ``C Σ_i s_ij log(1 + exp(-y_ij z_ij)) + ½‖w_j‖²`` (penalty on
+the z-scored normal with ``standardize``), intercept unpenalised. The problems are separable, so the
+stacked minimiser is each job's minimiser. ``mean_difference`` is the closed form of FastCAV:
+the concept mean minus the random mean of the training positions, optionally whitened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import expit
+from sklearn.linear_model import LogisticRegression
+
+Blocks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+def image_stats(blocks: Blocks, n_images: int, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image sufficient statistics in one pass: sums (n_img, C), sums of squares (n_img, C),
+    both float64, and position counts (n_img,) int64."""
+    sums, squares = np.zeros((n_images, channels)), np.zeros((n_images, channels))
+    counts = np.zeros(n_images, np.int64)
+    for x, image in blocks():
+        x64 = x.astype(np.float64)
+        starts = np.flatnonzero(np.r_[True, image[1:] != image[:-1]])  # rows of one image are contiguous
+        np.add.at(sums, image[starts], np.add.reduceat(x64, starts, axis=0))
+        np.add.at(squares, image[starts], np.add.reduceat(x64 * x64, starts, axis=0))
+        np.add.at(counts, image[starts], np.diff(np.r_[starts, len(image)]))
+    return sums, squares, counts
+
+
+def job_moments(mask: np.ndarray, sums: np.ndarray, squares: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (ddof 0) over the positions of the images in ``mask`` (n_img, J) bool:
+    (J, C) float64 each (a zero deviation becomes 1, as in the per-job solvers)."""
+    m = mask.astype(np.float64)
+    n = m.T @ counts  # (J,)
+    mean = (m.T @ sums) / n[:, None]
+    scale = np.sqrt(np.maximum((m.T @ squares) / n[:, None] - mean**2, 0.0))
+    scale[scale < 1e-12] = 1.0
+    return mean, scale
+
+
+def batched_logistic(
+    blocks: Blocks, weight: np.ndarray, sign: np.ndarray, mean: np.ndarray, scale: np.ndarray,
+    C: float, standardize: bool, max_iter: int, tol: float,
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Exact balanced L2 logistic regression for J jobs at once (see the module docstring).
+
+    ``mean``, ``scale`` (J, C): each job's training moments (preconditioning; with ``standardize`` also
+    the space of the penalty). Each job's objective is divided by ``C Σ_i s_ij`` (same minimiser; the
+    scale scikit-learn uses), so that jobs weigh alike in the stacked problem and ``tol`` bounds every
+    job's largest gradient component. Returns raw-space normals (J, C) float64, intercepts (J,)
+    float64, the L-BFGS iterations and the passes over the blocks (one per evaluation).
+    """
+    J, channels = mean.shape
+    centre = mean.mean(axis=0)  # shared centre: blocks are centred once in float32 for every job
+    offset = mean - centre  # (J, C): each job's mean in centred space
+    penalty = np.ones_like(scale) if standardize else 1.0 / scale**2  # ½‖w‖² with w = u / scale
+    total = np.zeros(J)
+    for _, image in blocks():
+        total += weight[image].sum(axis=0)
+    norm = C * total  # (J,) C Σ_i s_ij
+    passes = [1]
+
+    def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
+        P = params.reshape(J, channels + 1)
+        u, c = P[:, :-1], P[:, -1]
+        w = u / scale  # (J, C) normals in raw space
+        b = c - (w * offset).sum(axis=1)  # (J,) intercepts in centred space
+        loss, grad_w, grad_b = np.zeros(J), np.zeros((channels, J)), np.zeros(J)
+        for x, image in blocks():
+            xc = x.astype(np.float64) - centre  # (m, C); float64: float32 sums stall the line search near the optimum
+            z = xc @ w.T + b  # (m, J): one product for all jobs
+            s, y = weight[image], sign[image]
+            margin = y * z
+            loss += (s * np.logaddexp(0.0, -margin)).sum(axis=0)
+            g = -y * s * expit(-margin)  # (m, J) d loss / d z
+            grad_w += xc.T @ g
+            grad_b += g.sum(axis=0)
+        passes[0] += 1
+        grad_u = (C * grad_w.T - C * grad_b[:, None] * offset) / scale + penalty * u  # (J, C)
+        value = (C * loss + 0.5 * (penalty * u * u).sum(axis=1)) / norm
+        grad = np.concatenate([grad_u, C * grad_b[:, None]], axis=1) / norm[:, None]
+        return float(value.sum()), grad.ravel()
+
+    result = minimize(objective, np.zeros(J * (channels + 1)), jac=True, method="L-BFGS-B",
+                      options={"maxiter": max_iter, "ftol": 64 * np.finfo(float).eps, "gtol": tol, "maxcor": 20})
+    P = result.x.reshape(J, channels + 1)
+    w = P[:, :-1] / scale
+    return w, P[:, -1] - (w * mean).sum(axis=1), int(result.nit), passes[0]
+
+
+def mean_difference(
+    pos_mask: np.ndarray, neg_mask: np.ndarray, sums: np.ndarray, counts: np.ndarray, precision: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """FastCAV's direction from per-image sums: concept minus random mean of the training positions,
+    times ``precision`` (C, C, an inverse shared covariance) when whitening. ``pos_mask``/``neg_mask``
+    (n_img, J) bool: each job's training images per side. Returns the normals (J, C) and the
+    midpoint intercepts (J,): ``w·x + b = 0`` halfway between the two means."""
+    p, n = pos_mask.astype(np.float64), neg_mask.astype(np.float64)
+    mu_pos = (p.T @ sums) / (p.T @ counts)[:, None]  # (J, C)
+    mu_neg = (n.T @ sums) / (n.T @ counts)[:, None]
+    w = mu_pos - mu_neg
+    if precision is not None:
+        w = w @ precision  # precision is symmetric
+    return w, -(w * (mu_pos + mu_neg)).sum(axis=1) / 2
+
+
+def shared_precision(blocks: Blocks, channels: int, ridge: float = 1e-3) -> np.ndarray:
+    """Inverse of the covariance (C, C) of every position the blocks yield (one pass), shrunk towards
+    ``ridge × mean variance`` on the diagonal so that it exists for rank-deficient layers."""
+    n, total, outer = 0, np.zeros(channels), np.zeros((channels, channels))
+    for x, _ in blocks():
+        x64 = x.astype(np.float64)
+        n += len(x64)
+        total += x64.sum(axis=0)
+        outer += x64.T @ x64
+    mean = total / n
+    cov = outer / n - np.outer(mean, mean)
+    cov[np.diag_indices(channels)] += ridge * max(float(np.trace(cov)) / channels, 1e-12)
+    return np.linalg.inv(cov)
+
+
+def logistic_1d(projection: np.ndarray, label: np.ndarray, C: float) -> tuple[float, float]:
+    """Balanced logistic fit of labels (1 = concept) on a 1-D projection: returns (slope, intercept)."""
+    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=1000)
+    clf.fit(projection[:, None], label)
+    return float(clf.coef_[0, 0]), float(clf.intercept_[0])
+
+
+def select_scores(blocks: Blocks, w: np.ndarray, b: np.ndarray, want: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Decision values ``x·w_j + b_j`` of the positions of the images in ``want`` (n_img, J) bool, for
+    every job in one pass: a list of J pairs (scores (n_j,) float64, image (n_j,) int64)."""
+    parts: list[list] = [[] for _ in range(len(b))]
+    w32 = w.T.astype(np.float32)
+    for x, image in blocks():
+        z = (x @ w32).astype(np.float64) + b  # (m, J)
+        keep = want[image]  # (m, J)
+        for j in range(len(b)):
+            if keep[:, j].any():
+                parts[j].append((z[keep[:, j], j], image[keep[:, j]]))
+    return [(np.concatenate([s for s, _ in p]), np.concatenate([i for _, i in p])) if p else
+            (np.zeros(0), np.zeros(0, np.int64)) for p in parts]

@@ -1,0 +1,258 @@
+"""Blocks of fit jobs that share one read of a layer's guidance activations.
+
+- ``plan_blocks`` cuts a layer's jobs into blocks: jobs that share their positives (the R random
+  sets of one concept; the null pairs) form a group, and groups are packed in plan order into blocks
+  whose images, as float32 positions, fit ``fit.memory_budget_mb``. A group larger than the budget
+  alone is a block of its own and is streamed (re-read chunk by chunk in every solver pass).
+- ``fit_block`` reads the block's images once (``PositionReader``), fits every group with the
+  configured solver (``sacv.solvers``: all R jobs of a group in one batched solve) and writes one
+  result per job (``RunDir.write_fit_result``): the cache stays per vector.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from sacv import solvers
+from sacv.catalog import ImageCatalog
+from sacv.config import RunConfig
+from sacv.outofcore import OutOfCoreConceptVector, positions_from_store
+from sacv.rundir import RunDir
+from sacv.vectors import NearChanceWarning, grouped_validation_split, set_fitted_vector
+
+BLOCK_IMAGES = 64  # images per block handed to a solver (bounds the per-pass workspace)
+BATCHED = ("auto", "lbfgs")  # solvers run as one batched exact L-BFGS per group
+
+
+def _group_of(job: dict) -> tuple:
+    return (job["layer"], "null") if job["kind"] == "null" else (job["layer"], tuple(job["pos"]))
+
+
+def _bytes(ids: set[str], shape: list[int]) -> int:
+    h, w, c = shape
+    return len(ids) * h * w * c * 4  # float32 positions
+
+
+def plan_blocks(jobs: list[dict], todo: list[str], shapes: dict[str, list[int]], memory_budget_mb: int) -> list[tuple[str, list[str]]]:
+    """``(layer, keys)`` per block: the todo jobs, grouped by shared positives, packed within the budget."""
+    wanted = set(todo)
+    groups: dict[tuple, list[dict]] = {}
+    seen: set[str] = set()
+    for job in jobs:
+        if job["key"] in wanted and job["key"] not in seen:
+            seen.add(job["key"])
+            groups.setdefault(_group_of(job), []).append(job)
+    budget = memory_budget_mb * 2**20
+    blocks: list[tuple[str, list[str], set[str]]] = []
+    for (layer, _), members in groups.items():
+        ids = {i for job in members for i in job["pos"] + job["neg"]}
+        last = blocks[-1] if blocks else None
+        if last is not None and last[0] == layer and _bytes(last[2] | ids, shapes[layer]) <= budget:
+            last[1].extend(job["key"] for job in members)
+            last[2].update(ids)
+        else:
+            blocks.append((layer, [job["key"] for job in members], ids))
+    return [(layer, keys) for layer, keys, _ in blocks]
+
+
+class PositionReader:
+    """Guidance positions of the sorted, distinct store ``rows`` of one (N, H, W, C) array.
+
+    Resident: read once, chunk by chunk (each chunk touched read once), kept as float32
+    (n, H*W, C). Streamed: every pass re-reads the chunks it needs. ``chunk_reads`` counts reads.
+    """
+
+    def __init__(self, array: zarr.Array, rows: np.ndarray, resident: bool):
+        self.array, self.rows = array, np.asarray(rows, np.int64)
+        _, h, w, self.channels = array.shape
+        self.per_image = h * w
+        self.chunk_reads = 0
+        self.data = None
+        if resident:
+            self.data = np.empty((len(self.rows), self.per_image, self.channels), np.float32)
+            for where, block in self._chunks(np.arange(len(self.rows))):
+                self.data[where] = block
+
+    def _chunks(self, local: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions in ``local``, float32 (n, H*W, C)) for each store chunk touched by ``rows[local]``."""
+        step = self.array.chunks[0]
+        rows = self.rows[local]
+        for chunk in np.unique(rows // step):
+            inside = np.flatnonzero(rows // step == chunk)
+            start = int(chunk) * step
+            values = self.array[start : min(start + step, self.array.shape[0])]  # one chunk
+            self.chunk_reads += 1
+            yield inside, values[rows[inside] - start].reshape(len(inside), self.per_image, self.channels).astype(np.float32)
+
+    def blocks(self, local: np.ndarray) -> solvers.Blocks:
+        """The solvers' ``blocks()`` over images ``rows[local]``: ``image`` indexes ``local``."""
+        def resident():
+            for a in range(0, len(local), BLOCK_IMAGES):
+                idx = local[a : a + BLOCK_IMAGES]
+                yield self.data[idx].reshape(-1, self.channels), np.repeat(np.arange(a, a + len(idx)), self.per_image)
+
+        def streamed():
+            for inside, values in self._chunks(local):
+                yield values.reshape(-1, self.channels), np.repeat(inside, self.per_image)
+
+        return resident if self.data is not None else streamed
+
+
+class _Fitted:
+    """Holder of the attributes ``set_fitted_vector`` sets (coef_, vector_, metrics_, …)."""
+
+    def __init__(self, near_chance: float):
+        self.near_chance = near_chance
+
+
+def _sides(group: list[dict], row_of: dict[str, int], local_of: dict[int, int], n_img: int):
+    """Per image and job: concept side (n_img, J) bool, member of the job (n_img, J) bool. An image
+    on both sides counts as random (as the per-job labels always did)."""
+    pos, member = np.zeros((n_img, len(group)), bool), np.zeros((n_img, len(group)), bool)
+    for j, job in enumerate(group):
+        pos[[local_of[row_of[i]] for i in job["pos"]], j] = True
+        neg = [local_of[row_of[i]] for i in job["neg"]]
+        pos[neg, j] = False
+        member[:, j] = pos[:, j]
+        member[neg, j] = True
+    return pos, member
+
+
+def _result(job: dict, fitted, config: RunConfig, solver: str, passes: int, n_iter: int, wall: float) -> dict:
+    """The cached result of one job (docs/store.md, ``fits/<layer>/<key>.json``)."""
+    return {
+        **{k: job[k] for k in ("layer", "concept", "kind", "random_set", "key")},
+        **fitted.metrics_,
+        "seed": config.fit.seed, "solver": solver, "near_chance": bool(fitted.near_chance_),
+        "passes": passes, "n_iter": n_iter, "wall_s": round(wall, 3),
+        "vector": fitted.vector_.tolist(), "coef": fitted.coef_.tolist(),
+        "intercept": fitted.intercept_, "offset": fitted.offset_,
+    }
+
+
+def fit_one(reader: PositionReader, job: dict, row_of: dict[str, int], config: RunConfig) -> dict:
+    """One job on its own with :class:`OutOfCoreConceptVector` over the shared read (solvers
+    ``inmemory``, ``sgd``, ``dask_ml``, and any solver with ``fit.max_positions_per_class``)."""
+    started = time.perf_counter()
+    fit = config.fit
+    label_of = dict.fromkeys((row_of[i] for i in job["pos"]), 1) | dict.fromkeys((row_of[i] for i in job["neg"]), 0)
+    local = np.flatnonzero(np.isin(reader.rows, list(label_of)))
+    rows = reader.rows[local]
+    if reader.data is not None:
+        X = da.from_array(reader.data[local].reshape(-1, reader.channels), chunks=(BLOCK_IMAGES * reader.per_image, -1))
+    else:
+        X = positions_from_store(reader.array, rows)
+    y = np.repeat([label_of[r] for r in rows], reader.per_image)
+    solver = "lbfgs" if fit.solver in BATCHED else fit.solver
+    estimator = OutOfCoreConceptVector(
+        solver=solver, C=fit.C, standardize=fit.standardize, validation_fraction=fit.validation_fraction,
+        max_positions_per_class=fit.max_positions_per_class, near_chance=fit.near_chance, max_iter=fit.max_iter,
+        tol=fit.tol, epochs=fit.epochs, memory_budget_mb=fit.memory_budget_mb, random_state=fit.seed,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NearChanceWarning)  # recorded as near_chance and logged by the task
+        estimator.fit(X, y, np.repeat(rows, reader.per_image))
+    return _result(job, estimator, config, solver, estimator.passes_, estimator.n_iter_, time.perf_counter() - started)
+
+
+def fit_group(reader: PositionReader, local: np.ndarray, group: list[dict], row_of: dict[str, int], config: RunConfig) -> list[dict]:
+    """Fit the jobs of one group (shared positives) over images ``reader.rows[local]``; results per job."""
+    fit = config.fit
+    started = time.perf_counter()
+    local_of = {int(r): k for k, r in enumerate(reader.rows[local])}
+    n_img = len(local)
+    pos, member = _sides(group, row_of, local_of, n_img)
+    image_rows = reader.rows[local]
+    val = np.zeros_like(member)
+    for j in range(len(group)):
+        m = np.flatnonzero(member[:, j])
+        val[m, j] = grouped_validation_split(pos[m, j].astype(np.int8), image_rows[m], fit.validation_fraction, fit.seed)
+    train = member & ~val
+    blocks = reader.blocks(local)
+    sums, squares, counts = solvers.image_stats(blocks, n_img, reader.channels)
+    passes = 1
+    n_pos = (train & pos).T.astype(np.float64) @ counts  # (J,) training positions per side
+    n_neg = (train & ~pos).T.astype(np.float64) @ counts
+    sign = np.where(pos, 1.0, -1.0)
+
+    def logistic():
+        weight = np.where(train & pos, (n_pos + n_neg) / (2 * n_pos), np.where(train, (n_pos + n_neg) / (2 * n_neg), 0.0))
+        mean, scale = solvers.job_moments(train, sums, squares, counts)
+        return solvers.batched_logistic(blocks, weight, sign, mean, scale, fit.C, fit.standardize, fit.max_iter, fit.tol)
+
+    extra: list[dict] = [{} for _ in group]
+    if fit.solver in BATCHED:
+        w, b, n_iter, p = logistic()
+        passes += p
+    else:  # mean_difference
+        precision = solvers.shared_precision(blocks, reader.channels) if fit.whiten else None
+        passes += bool(fit.whiten)
+        w, b = solvers.mean_difference(train & pos, train & ~pos, sums, counts, precision)
+        n_iter = 0
+        if fit.intercept == "logistic":
+            unit = w / np.linalg.norm(w, axis=1, keepdims=True)
+            projections = solvers.select_scores(blocks, unit, np.zeros(len(group)), train)
+            passes += 1
+            for j, (proj, image) in enumerate(projections):
+                slope, intercept = solvers.logistic_1d(proj, pos[image, j].astype(int), fit.C)
+                w[j], b[j] = slope * unit[j], intercept
+        if fit.compare_logistic:
+            w_log, b_log, _, p = logistic()
+            passes += p + 1
+            scores_log = solvers.select_scores(blocks, w_log, b_log, val)
+            for j, (scores, image) in enumerate(scores_log):
+                reference = _Fitted(fit.near_chance)
+                set_fitted_vector(reference, w_log[j], b_log[j], pos[image, j].astype(int), scores, 0, 0)
+                extra[j] = {"cosine_to_logistic": float(w[j] @ w_log[j] / (np.linalg.norm(w[j]) * np.linalg.norm(w_log[j]))),
+                            "bal_acc_logistic": reference.metrics_["bal_acc"]}
+    scores = solvers.select_scores(blocks, w, b, val)
+    passes += 1
+    wall = (time.perf_counter() - started) / len(group)
+    results = []
+    for j, job in enumerate(group):
+        fitted = _Fitted(fit.near_chance)
+        val_scores, image = scores[j]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NearChanceWarning)  # recorded as near_chance and logged by the task
+            set_fitted_vector(fitted, w[j], b[j], pos[image, j].astype(int), val_scores, int(n_pos[j]), int(n_neg[j]))
+        solver = "lbfgs" if fit.solver in BATCHED else fit.solver
+        results.append({**_result(job, fitted, config, solver, passes, n_iter, wall), **extra[j]})
+    return results
+
+
+def fit_block(run_uri: str, config: RunConfig, layer: str, keys: list[str]) -> list[dict]:
+    """Fit the planned jobs ``keys`` of ``layer`` from one read; write and return one result per job."""
+    run = RunDir(run_uri)
+    plan = {job["key"]: job for job in run.read_fit_plan() if job["layer"] == layer}
+    missing = [k for k in keys if k not in plan]
+    if missing:
+        raise KeyError(f"fit jobs {missing[:3]} of layer {layer!r} are not in fits/plan.json; plan the fits again")
+    jobs = [plan[k] for k in dict.fromkeys(keys)]
+    ids = sorted({i for job in jobs for i in job["pos"] + job["neg"]})
+    row_of = dict(zip(ids, ImageCatalog.read(run).row_of(ids).tolist()))
+    rows = np.array(sorted(set(row_of.values())), np.int64)
+    array = run.open_zarr("r")[f"guidance/{layer}/act"]
+    _, h, w, c = array.shape
+    reader = PositionReader(array, rows, resident=len(rows) * h * w * c * 4 <= config.fit.memory_budget_mb * 2**20)
+    groups: dict[tuple, list[dict]] = {}
+    for job in jobs:
+        groups.setdefault(_group_of(job), []).append(job)
+    results = []
+    for group in groups.values():
+        group_rows = {row_of[i] for job in group for i in job["pos"] + job["neg"]}
+        local = np.flatnonzero(np.isin(rows, list(group_rows)))
+        fit = config.fit
+        if fit.solver == "mean_difference" or (fit.solver in BATCHED and not fit.max_positions_per_class):
+            group_results = fit_group(reader, local, group, row_of, config)
+        else:
+            group_results = [fit_one(reader, job, row_of, config) for job in group]
+        for result in group_results:
+            run.write_fit_result(layer, result["key"], result)
+            results.append(result)
+    return results

@@ -1,0 +1,176 @@
+"""Blocks of fit jobs: one read per block, the batched exact solver against the per-job solver,
+mean difference against logistic on planted directions, the per-vector cache. No model, no Prefect."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from sacv import sweep
+from sacv.catalog import ImageCatalog
+from sacv.fitting import collect_vectors, plan_fits
+from sacv.outofcore import OutOfCoreConceptVector, positions_from_store
+from sacv.sweep import fit_block, plan_blocks
+from sacv.vectors import fit_logistic, grouped_validation_split
+from tests.test_fit_job import C, LAYER, planted_run
+
+pytestmark = pytest.mark.filterwarnings("ignore::sacv.vectors.NearChanceWarning")  # null vectors are near chance
+
+
+def cosine(a, b) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def fit_all(run, config):
+    plan = plan_fits(run.uri, config)
+    for layer, keys in plan.blocks:
+        fit_block(run.uri, config, layer, keys)
+    return plan, collect_vectors(run.uri)
+
+
+def job_positions(run, job):
+    """The job's positions as the per-job fit stage read them: (X dask (n, C), y, groups)."""
+    catalog = ImageCatalog.read(run)
+    label_of = dict.fromkeys(catalog.row_of(job["pos"]).tolist(), 1) | dict.fromkeys(catalog.row_of(job["neg"]).tolist(), 0)
+    rows = np.array(sorted(label_of))
+    X = positions_from_store(zarr.open_group(run.store_uri, mode="r")[f"guidance/{job['layer']}/act"], rows)
+    per = X.shape[0] // len(rows)
+    return X, np.repeat([label_of[r] for r in rows], per), np.repeat(rows, per)
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_batched_solver_agrees_with_the_per_job_solvers(tmp_path, standardize):
+    rng = np.random.default_rng(5)
+    mixing = np.diag(np.exp(rng.normal(0, 0.7, C))) + 0.3 * rng.normal(size=(C, C))
+    run, config, _ = planted_run(tmp_path, shift=0.8, mixing=mixing, fit={"C": 0.5, "standardize": standardize})
+    plan, table = fit_all(run, config)
+    coef = zarr.open_group(run.store_uri, mode="r")[f"vectors/{LAYER}/coef"][...]
+    for job, row in zip(run.read_fit_plan(), table.itertuples()):
+        X, y, groups = job_positions(run, job)
+        per_job = OutOfCoreConceptVector(solver="lbfgs", C=0.5, standardize=standardize, random_state=0).fit(X, y, groups)
+        assert cosine(coef[row.vector_row], per_job.coef_) >= 0.9999
+        assert row.bal_acc == pytest.approx(per_job.metrics_["bal_acc"], abs=0.01)
+        assert (row.n_pos, row.n_neg) == (per_job.metrics_["n_pos"], per_job.metrics_["n_neg"])
+        is_val = grouped_validation_split(y, groups, 0.25, 0)
+        w, _ = fit_logistic(X[~is_val].compute().astype(np.float64), y[~is_val], 0.5, standardize, 5000, 0)
+        assert cosine(coef[row.vector_row], w) >= 0.9999  # scikit-learn, in memory
+
+
+def test_a_block_reads_each_chunk_once_and_the_cache_stays_per_vector(tmp_path, monkeypatch):
+    run, config, _ = planted_run(tmp_path)
+    readers = []
+    original = sweep.PositionReader.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        readers.append(self)
+
+    monkeypatch.setattr(sweep.PositionReader, "__init__", recording)
+    plan, _ = fit_all(run, config)
+    assert plan.blocks == [(LAYER, plan.todo)] and len(plan.todo) == 6  # 3 concept + 3 null vectors, one task
+    (reader,) = readers
+    assert reader.data is not None and reader.chunk_reads == len(np.unique(reader.rows // 8))  # chunks of 8 rows
+    # one result per vector: removing one refits exactly that one
+    key = plan.todo[2]
+    run.fs.rm(run._path(f"fits/{LAYER}/{key}.json"))
+    again = plan_fits(run.uri, config)
+    assert again.todo == [key] and again.blocks == [(LAYER, [key])]
+
+
+def test_blocks_respect_the_memory_budget():
+    shape = [16, 16, 64]  # 64 KiB of float32 positions per image
+    jobs = [{"layer": "l", "kind": "concept", "key": f"{k}{r}", "pos": [f"{k}{i}" for i in range(40)],
+             "neg": [f"rand{r}_{i}" for i in range(40)]} for k in "abcd" for r in range(3)]
+    keys = [j["key"] for j in jobs]
+    assert plan_blocks(jobs, keys, {"l": shape}, 1024) == [("l", keys)]
+    # 16 MiB = 256 images; a concept group is 40 + 3 x 40 shared random images, each further concept 40 more
+    small = plan_blocks(jobs, keys, {"l": shape}, 16)
+    assert [len(k) for _, k in small] == [9, 3]  # whole groups (a concept's R sets) stay together
+    for _, block in small:
+        ids = {i for j in jobs if j["key"] in block for i in j["pos"] + j["neg"]}
+        assert len(ids) * 64 * 1024 <= 16 * 2**20
+
+
+def anisotropic_mixing(seed: int = 1) -> np.ndarray:
+    """Noise with a large, correlated variance, so that the Bayes direction Σ⁻¹u is far from u."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(C, C)))
+    return q @ np.diag(np.geomspace(6.0, 0.3, C)) @ q.T
+
+
+def concept_vectors(run, table):
+    v = zarr.open_group(run.store_uri, mode="r")[f"vectors/{LAYER}/v"][...]
+    return table[table["kind"] == "concept"], v
+
+
+def test_mean_difference_agrees_with_logistic_under_isotropic_noise(tmp_path):
+    run, config, u = planted_run(tmp_path, shift=2.0, fit={"solver": "mean_difference"})
+    _, table = fit_all(run, config)
+    concept, v = concept_vectors(run, table)
+    for row in concept.itertuples():
+        assert v[row.vector_row] @ u > 0.97
+        assert row.cosine_to_logistic > 0.97
+        assert row.bal_acc == pytest.approx(row.bal_acc_logistic, abs=0.1)  # 3 held-out images per side
+    assert set(table["solver"]) == {"mean_difference"}
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_mean_difference_differs_under_correlated_noise_and_whitening_recovers(tmp_path, whiten):
+    mixing = anisotropic_mixing()
+    run, config, u = planted_run(tmp_path, shift=1.5, mixing=mixing, n_concept=16, n_random=48,
+                                 fit={"solver": "mean_difference", "whiten": whiten})
+    bayes = np.linalg.solve(mixing @ mixing.T, u)
+    bayes /= np.linalg.norm(bayes)
+    _, table = fit_all(run, config)
+    concept, v = concept_vectors(run, table)
+    for row in concept.itertuples():
+        if whiten:
+            assert v[row.vector_row] @ bayes > 0.97 and row.cosine_to_logistic > 0.97
+        else:
+            assert v[row.vector_row] @ bayes < 0.8 and row.cosine_to_logistic < 0.8
+            assert row.bal_acc < row.bal_acc_logistic  # the exact vector separates better
+
+
+def test_logistic_intercept_of_mean_difference_sits_on_the_boundary(tmp_path):
+    run, config, u = planted_run(tmp_path, shift=2.0, fit={"solver": "mean_difference", "intercept": "logistic",
+                                                            "compare_logistic": False})
+    _, table = fit_all(run, config)
+    group = zarr.open_group(run.store_uri, mode="r")
+    v, b = group[f"vectors/{LAYER}/v"][...], group[f"vectors/{LAYER}/b"][...]
+    act = group[f"guidance/{LAYER}/act"][...]
+    row = int(table.loc[table["kind"] == "concept", "vector_row"].iloc[0])
+    decision = np.einsum("nhwc,c->nhw", act, v[row]) + b[row]
+    assert (decision[:12] > 0).mean() > 0.8 and (decision[12:] > 0).mean() < 0.2
+    assert table["cosine_to_logistic"].isna().all()
+
+
+@pytest.mark.parametrize("fit", [{"solver": "inmemory"}, {"solver": "lbfgs", "max_positions_per_class": 60}])
+def test_per_job_solvers_on_the_shared_read_match_reading_per_job(tmp_path, fit):
+    run, config, _ = planted_run(tmp_path, shift=1.0, fit=fit)
+    _, table = fit_all(run, config)
+    coef = zarr.open_group(run.store_uri, mode="r")[f"vectors/{LAYER}/coef"][...]
+    for job, row in zip(run.read_fit_plan(), table.itertuples()):
+        X, y, groups = job_positions(run, job)
+        alone = OutOfCoreConceptVector(**fit, random_state=0).fit(X, y, groups)
+        np.testing.assert_allclose(coef[row.vector_row], alone.coef_, rtol=1e-4, atol=1e-5)
+        assert (row.n_pos, row.n_neg, row.bal_acc) == (alone.metrics_["n_pos"], alone.metrics_["n_neg"], alone.metrics_["bal_acc"])
+
+
+def test_a_streamed_block_gives_the_positions_of_a_resident_one(tmp_path):
+    run, _, _ = planted_run(tmp_path)
+    array = zarr.open_group(run.store_uri, mode="r")[f"guidance/{LAYER}/act"]
+    rows = np.array([1, 2, 9, 17, 30, 31])
+    local = np.array([0, 2, 3, 5])  # images rows[local] = 1, 9, 17, 31
+    resident, streamed = sweep.PositionReader(array, rows, True), sweep.PositionReader(array, rows, False)
+    assert streamed.data is None and streamed.chunk_reads == 0  # nothing read up front
+    stacked = {}
+    for name, reader in (("resident", resident), ("streamed", streamed)):
+        x, image = map(np.concatenate, zip(*reader.blocks(local)()))
+        order = np.argsort(image, kind="stable")
+        stacked[name] = (x[order], image[order])
+    np.testing.assert_array_equal(stacked["resident"][0], stacked["streamed"][0])
+    np.testing.assert_array_equal(stacked["resident"][1], np.repeat(np.arange(4), 16))
+    expected = array[...][rows[local]].reshape(-1, C)  # (4 * H * W, C), images in row order
+    np.testing.assert_array_equal(stacked["streamed"][0], expected)
+    assert streamed.chunk_reads == 4  # rows 1, 9, 17, 31 lie in 4 chunks of 8 rows, each read once
