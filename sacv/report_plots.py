@@ -16,8 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 
-from sacv.plot import STYLE, overlay, plain  # noqa: E402
+from sacv.plot import CMAP, STYLE, overlay, plain  # noqa: E402
 
 plt.rcParams.update(STYLE)
 

@@ -183,7 +183,8 @@ def sweep_table(concepts: int = 30, layers: int = 4, classes: int = 10, seed: in
     rows = [{"layer": f"l{l}", "concept": f"c{k:02d}", "class_index": c, "class_name": f"class{c}", "n_images": 5,
              "spatial_score": rng.uniform(), "effect_size": rng.normal(), "significant": bool(rng.random() < 0.05)}
             for c in range(classes) for k in range(concepts) for l in range(layers)]
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    return table.assign(direction=np.where(table["effect_size"] > 0, "positive", "negative"))
 
 
 def test_a_sweep_table_is_cut_to_the_significant_and_strongest_rows():
@@ -197,7 +198,7 @@ def test_a_sweep_table_is_cut_to_the_significant_and_strongest_rows():
     dropped = table.drop(index=shown.index)
     assert rest["effect_size"].abs().min() >= dropped["effect_size"].abs().max()  # then the strongest
     small = table.head(40)
-    pd.testing.assert_frame_equal(shown_contributions(small), small)  # small tables are shown whole
+    pd.testing.assert_frame_equal(shown_contributions(small).sort_index(), small)  # small tables are shown whole
 
 
 def test_the_sweep_heatmap_has_one_panel_per_class_up_to_the_cap():
