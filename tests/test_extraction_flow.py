@@ -279,3 +279,30 @@ def test_run_dir_may_be_an_fsspec_url(collection, prefect, scheme):
     store = zarr.open_group(f"{url}/store.zarr" if scheme == "memory" else f"{collection}/url_run/store.zarr", mode="r")
     for key, values in expected.items():
         np.testing.assert_array_equal(store[key][...], values, err_msg=key)
+
+
+def test_a_failing_store_write_fails_the_shard_with_the_chunk_key_and_leaves_no_marker(tmp_path, monkeypatch):
+    """The task bodies without Prefect: a write that fails (e.g. a full disk) names the array and
+    rows, and the shard gets no marker, so a rerun redoes it."""
+    import sacv.extraction as extraction
+    from sacv.rundir import RunDir
+
+    write_collection(tmp_path, n_per_concept=2, n_per_class=3)
+    config = make_config(tmp_path, with_concepts=False)
+    plan = extraction.plan_extraction(config.run_dir, config)
+    original = extraction.write_region
+
+    def full_disk(array, start, data):
+        if array.path.endswith("features.2/act"):
+            raise OSError(28, "No space left on device")
+        return original(array, start, data)
+
+    monkeypatch.setattr(extraction, "write_region", full_disk)
+    shards = [shard for group, shard in plan.todo if group == "dataset"]
+    with pytest.raises(RuntimeError, match=r"writing dataset/features\.2/act rows 0:4 \(shard dataset/0\) failed: .*No space"):
+        extraction.run_shards(config.run_dir, config, "dataset", shards)
+    run = RunDir(config.run_dir)
+    assert run.read_shard_marker("dataset", 0) is None
+    monkeypatch.undo()
+    extraction.run_shards(config.run_dir, config, "dataset", shards)  # the rerun completes
+    assert all(run.read_shard_marker("dataset", s) is not None for s in shards)
