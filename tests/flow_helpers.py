@@ -46,6 +46,16 @@ def make_config(root: Path, run: str = "run", spec: str = "tests.models:small", 
     return parse_config(raw)
 
 
+def pipeline_config(root: Path, run: str = "run", solver: str = "lbfgs", **score):
+    """``make_config`` for a whole small pipeline: 3 random sets of 4 images, classes of 2+ images scored."""
+    config = make_config(root, run=run)
+    return config.model_copy(update={
+        "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
+        "fit": config.fit.model_copy(update={"solver": solver}),
+        "score": config.score.model_copy(update={"min_images": 2, **score}),
+    })
+
+
 def store_arrays(run_dir: Path) -> dict[str, np.ndarray]:
     root = zarr.open_group(str(run_dir / "store.zarr"), mode="r")
     return {path: np.asarray(array[...]) for path, array in _walk(root)}

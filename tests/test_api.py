@@ -18,7 +18,7 @@ import sacv
 from flows.pipeline import run_pipeline
 from sacv.maps import upsample_map
 from sacv.store import StoreMismatch
-from tests.flow_helpers import make_config, write_collection
+from tests.flow_helpers import pipeline_config, write_collection
 
 NOTEBOOK = Path(__file__).parents[1] / "docs" / "example.ipynb"
 
@@ -28,12 +28,7 @@ def runs(tmp_path_factory, prefect):
     """The run (gradients kept) and copies as other runs would leave it: without gradients
     (extract.keep_gradients: false), without class names (an older store), of an unknown format."""
     root = write_collection(tmp_path_factory.mktemp("api"), n_per_concept=5, n_per_class=5)
-    config = make_config(root, run="run")
-    config = config.model_copy(update={
-        "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
-        "fit": config.fit.model_copy(update={"solver": "inmemory"}),
-        "score": config.score.model_copy(update={"min_images": 2}),
-    })
+    config = pipeline_config(root, solver="inmemory")
     run_pipeline(config)
     run = Path(config.run_dir)
     copies = {}

@@ -16,7 +16,7 @@ from sacv import audits
 from sacv.cli import main
 from sacv.drift import drift_table
 from sacv.rundir import RunDir
-from tests.flow_helpers import make_config, write_collection
+from tests.flow_helpers import pipeline_config, write_collection
 
 
 def per_set(rng, rows: int, sets: int, shift: dict[int, float] | None = None) -> pd.DataFrame:
@@ -51,12 +51,7 @@ def test_drift_finds_a_planted_change_and_few_false_ones():
 @pytest.fixture(scope="module")
 def two_audits(tmp_path_factory, prefect):
     root = write_collection(tmp_path_factory.mktemp("audits"), n_per_concept=5, n_per_class=5)
-    config = make_config(root, run="run")
-    config = config.model_copy(update={
-        "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
-        "fit": config.fit.model_copy(update={"solver": "lbfgs"}),
-        "score": config.score.model_copy(update={"min_images": 2}),
-    })
+    config = pipeline_config(root)
     first = run_pipeline(config)
     victim = sorted((root / "data" / "cat").glob("*.jpg"))[0]
     victim.unlink()

@@ -16,7 +16,7 @@ from flows.extract import run_extract
 from flows.pipeline import run_pipeline
 from sacv.catalog import assign_rows
 from sacv.config import parse_config
-from tests.flow_helpers import make_config, write_collection
+from tests.flow_helpers import pipeline_config, write_collection
 
 N, SHARD = 300, 16
 
@@ -105,12 +105,7 @@ def test_assign_rows_keeps_rows_marks_removals_and_never_reuses_a_row():
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory, prefect):
     root = write_collection(tmp_path_factory.mktemp("audited"), n_per_concept=5, n_per_class=5)
-    config = make_config(root, run="run")
-    config = config.model_copy(update={
-        "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
-        "fit": config.fit.model_copy(update={"solver": "lbfgs"}),
-        "score": config.score.model_copy(update={"min_images": 2}),
-    })
+    config = pipeline_config(root)
     first = run_pipeline(config)
     victim = sorted((root / "data" / "zebra").glob("*.jpg"))[0]
     images = pd.read_parquet(Path(config.run_dir) / "tables/images.parquet")

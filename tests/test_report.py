@@ -18,7 +18,7 @@ from PIL import Image
 
 from flows.pipeline import run_pipeline
 from sacv.report import build_report
-from tests.flow_helpers import make_config, write_collection
+from tests.flow_helpers import pipeline_config, write_collection
 
 EVIL = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
@@ -35,12 +35,7 @@ def report(tmp_path_factory, prefect):
     evil.parent.mkdir()
     Image.fromarray(np.random.default_rng(7).integers(0, 255, (50, 60, 3), dtype=np.uint8)).save(evil)
     (root / "data" / "zebra" / "empty.png").write_bytes(b"")  # a reject
-    config = make_config(root, run="run")
-    config = config.model_copy(update={
-        "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
-        "fit": config.fit.model_copy(update={"solver": "lbfgs"}),
-        "score": config.score.model_copy(update={"min_images": 2}),
-    })
+    config = pipeline_config(root)
     run_pipeline(config)
     run = Path(config.run_dir)
     images = pd.read_parquet(run / "tables/images.parquet")

@@ -18,17 +18,7 @@ from sacv.cli import main
 from sacv.contributions import adjust, contributions
 from sacv.maps import concept_maps
 from sacv.scoring import summarize_maps
-from tests.flow_helpers import make_config, write_collection
-
-
-def pipeline_config(root: Path, run: str, **score):
-    config = make_config(root, run=run)
-    return config.model_copy(update={
-        "layers": ["features.0", "features.2"],
-        "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
-        "fit": config.fit.model_copy(update={"solver": "lbfgs"}),
-        "score": config.score.model_copy(update={"min_images": 2, **score}),
-    })
+from tests.flow_helpers import pipeline_config, write_collection
 
 
 @pytest.fixture(scope="module")
