@@ -55,12 +55,11 @@ def compare_runs(run_a: str, run_b: str, out: str, alpha: float | None = None, c
 
 def compare_page(table: pd.DataFrame, facts: dict[str, str]) -> str:
     """A sortable HTML page of the comparison table, largest change first, significant rows highlighted."""
-    from sacv.report import _PAGE, esc, table_html
+    from sacv.report_html import esc, html_page, table_html
 
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts.items())
     body = (f'<h1>SACV model comparison</h1><table class="facts">{rows}</table>'
             "<h2>Change in contribution, B - A</h2><p>Welch tests on the per-random-set scores of both runs, "
             "corrected over the table; click a header to sort.</p>"
             + table_html(table.drop(columns=["before", "after"]), "compare", row_class=lambda r: "sig" if r["significant"] else ""))
-    head, tail = _PAGE.split("{body}")
-    return head.replace("{title}", esc("SACV model comparison")) + body + tail
+    return html_page("SACV model comparison", body)

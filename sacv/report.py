@@ -6,13 +6,12 @@ contributions table (sortable by clicking a header, filtered by a search box, at
 and receptive-field patches of the strongest (class, concept, layer) rows, a per-layer profile, the
 audit history with the drift table and the drifting rows' scores over audits, the policy checks, the
 localisation table when there is one, and the rejects. Plots are embedded PNG data URIs; no server,
-network, font or script outside the file is needed. Every text from files, folders, configs and tables is HTML-escaped.
+network, font or script outside the file is needed (``sacv.report_html``). Every text from files,
+folders, configs and tables is HTML-escaped.
 """
 
 from __future__ import annotations
 
-import html
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +20,7 @@ import pandas as pd
 from sacv import report_plots as plots
 from sacv.api import Run
 from sacv.images import ImageRejected
+from sacv.report_html import esc, fmt, html_page, missing, sort_key, table_html
 from sacv.rundir import RunDir
 
 MAX_SECTIONS = 12
@@ -35,44 +35,10 @@ CONTRIBUTION_VIEW = [  # (header, column, formatter); the first column of a cell
 ]
 
 
-def esc(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _missing(value) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
-
-
-def fmt(value) -> str:
-    """Display text of one table value (escaped)."""
-    if _missing(value):
-        return "–"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.3g}"
-    return esc(value)
-
-
-def sort_key(value) -> str:
-    if _missing(value):
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "1" if value else "0"
-    return esc(value)
-
-
-def table_html(frame: pd.DataFrame, table_id: str, cells=None, row_class=None) -> str:
-    """A sortable table; ``cells(row) -> [(sort key, html)]`` overrides the generic cells."""
-    headers = [name for name, *_ in CONTRIBUTION_VIEW] if cells else list(frame.columns)
-    head = "".join(f'<th tabindex="0" scope="col">{esc(h)}</th>' for h in headers)
-    body = []
-    for _, row in frame.iterrows():
-        items = cells(row) if cells else [(sort_key(v), fmt(v)) for v in row]
-        klass = f' class="{row_class(row)}"' if row_class and row_class(row) else ""
-        body.append(f"<tr{klass}>" + "".join(f'<td data-v="{k}">{v}</td>' for k, v in items) + "</tr>")
-    return (f'<div class="scroll"><table class="sortable" id="{esc(table_id)}"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table></div>')
+def contributions_html(table: pd.DataFrame) -> str:
+    """The sortable contributions table (``CONTRIBUTION_VIEW`` columns, rows coloured by direction)."""
+    headers = [name for name, *_ in CONTRIBUTION_VIEW]
+    return table_html(table, "contributions", _contribution_cells, _row_class, headers=headers)
 
 
 def _contribution_cells(row) -> list[tuple[str, str]]:
@@ -80,7 +46,7 @@ def _contribution_cells(row) -> list[tuple[str, str]]:
     for _, column in CONTRIBUTION_VIEW:
         value = row[column]
         shown = fmt(value)
-        if column == "spatial_score" and not _missing(row["spatial_score_ci_low"]):
+        if column == "spatial_score" and not missing(row["spatial_score_ci_low"]):
             shown += f' <span class="ci">[{fmt(row["spatial_score_ci_low"])}, {fmt(row["spatial_score_ci_high"])}]</span>'
         out.append((sort_key(value), shown))
     return out
@@ -309,7 +275,7 @@ def build_report(run_uri: str, top_images: int = 3) -> str:
                     f"that order.{esc(more)}</p>"
                     '<input type="search" class="filter" data-table="contributions" aria-label="filter rows" '
                     'placeholder="filter: class, concept or layer">'
-                    + table_html(shown, "contributions", _contribution_cells, _row_class))
+                    + contributions_html(shown))
         heatmap = plots.sweep_heatmap(table, layers)
         if heatmap:
             body.append("<h2>Sweep: spatial score per concept and layer</h2><p>One panel per class (most significant "
@@ -344,72 +310,4 @@ def build_report(run_uri: str, top_images: int = 3) -> str:
         body.append(table_html(rejects[[c for c in ("path", "group", "stage", "reason") if c in rejects.columns]], "rejects"))
     else:
         body.append("<p>None.</p>")
-    head, tail = _PAGE.split("{body}")
-    page = head.replace("{title}", esc(f"SACV report: {run.uri}")) + "\n".join(body) + tail
-    return run.write_report(page)
-
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;color:#1d2430;background:#f6f7f9;margin:0}
-main{max-width:1180px;margin:0 auto;padding:24px 28px 60px;background:#fff;min-height:100vh;box-shadow:0 0 12px rgba(0,0,0,.06)}
-h1{font-size:1.6em;margin:.2em 0 .6em}h2{font-size:1.25em;margin:1.8em 0 .5em;border-bottom:2px solid #e3e6eb;padding-bottom:.2em}
-h3{font-size:1.05em;margin:.2em 0}p{line-height:1.45}
-table{border-collapse:collapse;font-size:.86em;width:100%}
-th,td{padding:4px 8px;border-bottom:1px solid #e8eaee;text-align:left;vertical-align:top}
-table.sortable th{background:#eef1f5;cursor:pointer;user-select:none;white-space:nowrap;position:sticky;top:0}
-table.sortable th:hover{background:#dde3ea}
-table.sortable th[aria-sort=ascending]::after{content:" \\25B2";font-size:.8em}
-table.sortable th[aria-sort=descending]::after{content:" \\25BC";font-size:.8em}
-table.sortable tbody tr:nth-child(even){background:#fafbfc}
-table.sortable tbody tr.sig{background:#e3f4e1;font-weight:600}table.sortable tbody tr.sig.neg{background:#fbe3e1}
-table.sortable tbody tr.fail{background:#fde2e1;font-weight:600}
-input.filter{margin:4px 0 8px;padding:4px 8px;width:320px;max-width:100%}
-table.facts{width:auto}table.facts th{color:#5a6372;font-weight:600;padding-right:18px;white-space:nowrap}
-table.facts td{word-break:break-all;font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:.95em}
-.scroll{overflow-x:auto;max-height:560px;overflow-y:auto;border:1px solid #e3e6eb;border-radius:4px}
-.ci{color:#6b7480;font-size:.9em}.path{color:#6b7480;font-size:.85em;word-break:break-all}
-.note{background:#fff6e0;border-left:4px solid #e6a700;padding:6px 10px}
-section.concept{border:1px solid #e3e6eb;border-radius:6px;padding:12px 16px;margin:16px 0}
-.stats{color:#3c4654;margin:.3em 0 .6em}
-.badge{font-size:.75em;padding:2px 8px;border-radius:10px;margin-left:6px;vertical-align:middle}
-.badge.sig{background:#2e7d32;color:#fff}.badge.sig.neg{background:#b3261e}.badge.ns{background:#c9ced6;color:#1d2430}
-figure{margin:10px 0}figure img{max-width:100%;height:auto;display:block}
-figcaption{font-size:.85em;color:#3c4654;margin-top:4px}figcaption ul{margin:4px 0;padding-left:20px}
-</style></head>
-<body><main>
-{body}
-</main>
-<script>
-(function(){
-  document.querySelectorAll("input.filter").forEach(function(box){
-    var table=document.getElementById(box.getAttribute("data-table"));
-    box.addEventListener("input",function(){var q=box.value.toLowerCase();
-      Array.prototype.forEach.call(table.tBodies[0].rows,function(r){
-        r.style.display=r.textContent.toLowerCase().indexOf(q)<0?"none":"";});});
-  });
-  function key(td){var v=td.getAttribute("data-v");if(v===null)v=td.textContent;var n=Number(v);
-    return v===""?[2,""]:(isNaN(n)?[1,v.toLowerCase()]:[0,n]);}
-  function cmp(a,b){return a[0]-b[0]||(a[1]<b[1]?-1:a[1]>b[1]?1:0);}
-  document.querySelectorAll("table.sortable").forEach(function(table){
-    var heads=table.querySelectorAll("thead th");
-    heads.forEach(function(th,i){
-      function sort(){
-        var asc=th.getAttribute("aria-sort")!=="ascending",body=table.tBodies[0];
-        heads.forEach(function(h){h.removeAttribute("aria-sort");});
-        th.setAttribute("aria-sort",asc?"ascending":"descending");
-        var rows=Array.prototype.slice.call(body.rows);
-        rows.sort(function(x,y){var a=key(x.cells[i]),b=key(y.cells[i]);
-          return a[0]===2||b[0]===2?a[0]-b[0]:(asc?1:-1)*cmp(a,b);});
-        rows.forEach(function(r){body.appendChild(r);});
-      }
-      th.addEventListener("click",sort);
-      th.addEventListener("keydown",function(e){if(e.key==="Enter"||e.key===" "){e.preventDefault();sort();}});
-    });
-  });
-})();
-</script>
-</body></html>
-"""
+    return run.write_report(html_page(f"SACV report: {run.uri}", "\n".join(body)))

@@ -14,7 +14,7 @@ from scipy import stats
 
 from sacv.config import ConceptsConfig, ConfigError, ScoreConfig, load_config
 from sacv.contributions import constant_sides_p, contributions, table_adjust
-from sacv.report import _row_class, ordered_contributions, table_html, _contribution_cells
+from sacv.report import _row_class, contributions_html, ordered_contributions
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -134,7 +134,7 @@ def test_direction_tells_raising_from_lowering_and_the_report_shows_them_apart()
     assert not rows.loc["flat", "significant"]
     assert list(ordered_contributions(table.iloc[::-1])["concept"]) == ["up", "down", "flat"]
     assert [_row_class(row) for _, row in ordered_contributions(table).iterrows()] == ["sig", "sig neg", ""]
-    page = table_html(ordered_contributions(table), "contributions", _contribution_cells, _row_class)
+    page = contributions_html(ordered_contributions(table))
     assert page.index('<tr class="sig">') < page.index('<tr class="sig neg">')
     assert ">positive<" in page and ">negative<" in page
 
