@@ -44,8 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_images(n: int, preprocessing) -> "torch.Tensor":
-    """(n, 3, S, S): scikit-image's bundled photos and procedural textures, preprocessed."""
+def test_images(n: int, preprocessing):
+    """(n, 3, S, S) float32 tensor: scikit-image's bundled photos and procedural textures, preprocessed."""
     import torch
     from PIL import Image
 

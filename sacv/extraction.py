@@ -1,12 +1,14 @@
-"""The extraction stage: plan the shards, then extract one shard into the store (a task body).
+"""The extraction stage: plan the shards, then extract blocks of shards into the store (task bodies).
 
 A shard is a contiguous block of store rows = one Zarr chunk along N, so exactly one writer owns it.
 Its done-marker (``RunDir.write_shard_marker``) is written after all of its arrays and records a
-digest of its stored image ids (removed ones included: a removal changes no shard) and settings:
-a rerun skips a shard whose marker matches and redoes any other. Rows are append-only
+digest of its stored image ids (removed and quarantined ones included: a removal changes no shard)
+and settings: a rerun skips a shard whose marker matches and redoes any other. Rows are append-only
 (``sacv.catalog``), so new images only change the shards that gain rows; a redone shard writes
-zeros in the rows of removed images (their files may be gone; nothing reads those rows). ``shard_extractions`` is the one batch loop over a shard's images; scoring in ``streamed``
-mode reuses it. The per-batch primitive is ``sacv.extract.extract``.
+zeros in the rows of removed or quarantined images (nothing reads those rows). ``run_shards``
+overlaps decoding, compute and chunk writes over a block of shards; ``_extractions`` is the one
+batch loop, also behind ``shard_extractions`` (streamed scoring). The per-batch primitive is
+``sacv.extract.extract``.
 """
 
 from __future__ import annotations

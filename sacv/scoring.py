@@ -111,14 +111,6 @@ def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.
     return pd.concat(tables, ignore_index=True)
 
 
-def _write_shard_maps(array: zarr.Array, rows: pd.DataFrame, values: np.ndarray, shard_size: int) -> None:
-    """Write one shard's maps (n, K, H, W) into its whole region; rows of removed images get zeros."""
-    first = int(rows["row"].iloc[0]) // shard_size * shard_size
-    full = np.zeros((min(first + shard_size, array.shape[0]) - first, *values.shape[1:]), values.dtype)
-    full[rows["row"].to_numpy(dtype=np.int64) - first] = values
-    write_region(array, first, full)
-
-
 def prepare_map_arrays(run: RunDir, config: RunConfig, vectors: pd.DataFrame) -> None:
     """Template of ``maps/<layer>/S_k`` and ``S_kc`` (N, K, H, W) float16, chunks of one dataset shard."""
     store = run.open_zarr("r+")
