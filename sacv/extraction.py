@@ -209,16 +209,32 @@ def shard_extractions(rows: pd.DataFrame, model: LoadedModel, config: RunConfig,
         yield result
 
 
+def _timed(items: Iterator, timing: dict[str, float]) -> Iterator:
+    """``items`` unchanged; adds the seconds spent waiting for each item to ``timing["decode_wait_s"]``."""
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        finally:
+            timing["decode_wait_s"] += time.perf_counter() - started
+        yield item
+
+
 def _write_shard(run: RunDir, root, group: str, shard: int, start: int, arrays: dict[str, np.ndarray],
                  marker: dict, rejects: list[dict], started: float) -> dict:
     """One shard's regions, then its rejects, then its marker (last). Runs in a writer thread."""
+    write_started = time.perf_counter()
     for path, values in arrays.items():
         try:
             write_region(root[path], start, values)
         except Exception as err:
             raise RuntimeError(f"writing {path} rows {start}:{start + len(values)} (shard {group}/{shard}) failed: {err}") from err
     run.write_shard_rejects(group, shard, rejects)
-    marker = {**marker, "seconds": round(time.perf_counter() - started, 3), "finished_at": time.time()}
+    finished = time.perf_counter()
+    timing = {**marker["timing"], "write_s": round(finished - write_started, 4)}
+    marker = {**marker, "timing": timing, "seconds": round(finished - started, 3), "finished_at": time.time()}
     run.write_shard_marker(group, shard, marker)
     return marker
 
@@ -233,6 +249,11 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
     since planning) is quarantined: its row is written as zeros (target -1) and it is listed in the
     shard's rejects file; rows of removed or earlier quarantined images are written as zeros too
     (their files may be gone; nothing reads those rows). Returns the markers, in shard order.
+
+    Each marker's ``timing`` splits the model thread's time on that shard: ``writer_wait_s``
+    (blocked on a full writer queue before the shard started), ``decode_wait_s`` (waiting for
+    decoded images), ``compute_s`` (batching, the model, device copies); and ``write_s``, the
+    writer thread's time on the shard's regions, rejects and marker.
     """
     run = RunDir(run_uri)
     catalog = ImageCatalog.read(run)
@@ -241,7 +262,7 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
     gradients = group == "dataset"
     blocks = [ShardImages(catalog.stored_rows(group, shard), model, config) for shard in shards]
     blank = _blank(model)
-    markers, pending = [], deque()
+    markers, pending, blocked = [], deque(), 0.0  # blocked: seconds the model thread waited for a free writer
     with ThreadPoolExecutor(config.execution.write_workers, thread_name_prefix="sacv-write") as writers:
         for shard, images, items in zip(shards, blocks, decoded_shards(blocks, config.execution.loader_workers)):
             started = time.perf_counter()
@@ -249,7 +270,8 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
             targets = shard_targets(config, rows, model.class_names) if gradients else None
             parts: dict[str, list[np.ndarray]] = {}
             missing: dict[int, ImageRejected | None] = {}
-            for result, blanks in _extractions(items, model, config, targets, gradients, blank):
+            timing = {"writer_wait_s": blocked, "decode_wait_s": 0.0}
+            for result, blanks in _extractions(_timed(items, timing), model, config, targets, gradients, blank):
                 missing |= blanks
                 for layer in config.layers:
                     parts.setdefault(f"{group}/{layer}/act", []).append(result.activations[layer].numpy())
@@ -266,11 +288,15 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
                         "image_id": rows["image_id"].iloc[i]}
                        for i, reason in missing.items() if reason is not None]  # None: listed by an earlier run
             start = int(rows["row"].iloc[0])
+            timing["compute_s"] = time.perf_counter() - started - timing["decode_wait_s"]  # batches, model, copies
             marker = {"digest": shard_digest(rows, config), "rows": [start, start + len(rows)],
-                      "images": len(rows) - len(missing), "rejected": len(rejects)}
+                      "images": len(rows) - len(missing), "rejected": len(rejects),
+                      "timing": {key: round(value, 4) for key, value in timing.items()}}
             pending.append(writers.submit(_write_shard, run, root, group, shard, start, arrays, marker, rejects, started))
+            waited = time.perf_counter()
             while len(pending) > config.execution.write_workers:
                 markers.append(pending.popleft().result())
+            blocked = time.perf_counter() - waited  # counted in the next shard's timing
         markers += [future.result() for future in pending]
     return markers
 

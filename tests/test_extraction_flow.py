@@ -306,3 +306,36 @@ def test_a_failing_store_write_fails_the_shard_with_the_chunk_key_and_leaves_no_
     monkeypatch.undo()
     extraction.run_shards(config.run_dir, config, "dataset", shards)  # the rerun completes
     assert all(run.read_shard_marker("dataset", s) is not None for s in shards)
+
+
+def test_each_marker_splits_the_shard_time_into_decode_wait_compute_and_write(tmp_path, monkeypatch):
+    """A planted slow decode (0.05 s per image) shows up as decode wait and a planted slow write
+    (0.2 s per array) as write time, each at least the planted delay; the parts fit in the shard's seconds."""
+    import time
+
+    import sacv.extraction as extraction
+
+    write_collection(tmp_path, n_per_concept=2, n_per_class=3)
+    config = make_config(tmp_path, with_concepts=False)
+    plan = extraction.plan_extraction(config.run_dir, config)
+    original_item, original_write = extraction.ShardImages.__getitem__, extraction.write_region
+
+    def slow_item(self, index):
+        time.sleep(0.05)
+        return original_item(self, index)
+
+    def slow_write(array, start, data):
+        time.sleep(0.2)
+        return original_write(array, start, data)
+
+    monkeypatch.setattr(extraction.ShardImages, "__getitem__", slow_item)
+    monkeypatch.setattr(extraction, "write_region", slow_write)
+    shards = [shard for group, shard in plan.todo if group == "dataset"]
+    markers = extraction.run_shards(config.run_dir, config, "dataset", shards)
+    n_arrays = 2 * len(config.layers) + 2  # act + grad per layer, logits, targets
+    for marker in markers:
+        timing = marker["timing"]
+        assert timing["decode_wait_s"] >= 0.05 * marker["images"] * 0.9
+        assert timing["write_s"] >= 0.2 * n_arrays * 0.9
+        assert timing["compute_s"] > 0 and timing["writer_wait_s"] >= 0
+        assert timing["decode_wait_s"] + timing["compute_s"] + timing["write_s"] <= marker["seconds"] + 0.01
