@@ -9,7 +9,11 @@ One process, one run, EfficientNet-Lite0 (offline weights):
     and check the header of every file) included.
 
 Both are warmed up first (model load, first-call overhead; Prefect's temporary API server start-up
-on a 4-image flow run), so neither timing includes them.
+on a 4-image flow run), so neither timing includes them. Also measured in the same run: the card's
+(or CPU's) raw rate on a batch already on the device (``raw_rates``), decoding alone
+(``decode_rates``: the flow's thread-pool decoder; nvjpeg on CUDA), the flow's time split from the
+shard markers (decode wait / compute / writer wait / writes), and on CUDA the GPU utilisation per
+phase (``nvidia-smi`` sampled every 100 ms).
 
     python benchmarks/extract_throughput.py --images 64 --out benchmarks/results/extract_throughput_cpu.json
 """
@@ -48,22 +52,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def write_images(folder: Path, n: int, seed: int, size: int = 256) -> list[str]:
-    """``n`` generated scenes (striped horse on a random background) saved as JPEG; sorted paths."""
+def _write_scene(job: tuple[str, int, int]) -> str:
+    """One generated scene (striped horse on a random background, seeded by ``seed``) as a JPEG."""
     import numpy as np
     from PIL import Image
 
     from sacv import textures
 
-    rng = np.random.default_rng(seed)
+    path, seed, size = job
+    image, _ = textures.scene(size, "striped", np.random.default_rng(seed))
+    Image.fromarray(image).save(path, quality=90)
+    return path
+
+
+def write_images(folder: Path, n: int, seed: int, size: int = 256) -> list[str]:
+    """``n`` generated scenes saved as JPEG (image i seeded by ``seed`` and i; a process per core
+    for large ``n``); sorted paths."""
+    from concurrent.futures import ProcessPoolExecutor
+
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        image, _ = textures.scene(size, "striped", rng)
-        path = folder / f"scene_{i:05d}.jpg"
-        Image.fromarray(image).save(path, quality=90)
-        paths.append(str(path))
-    return sorted(paths)
+    jobs = [(str(folder / f"scene_{i:05d}.jpg"), seed * 1_000_003 + i, size) for i in range(n)]
+    if n < 256:
+        return sorted(map(_write_scene, jobs))
+    import multiprocessing
+
+    with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return sorted(pool.map(_write_scene, jobs, chunksize=64))
 
 
 def folder_bytes(folder: Path) -> int:
@@ -119,6 +133,123 @@ def store_only_write(results, layers: list[str], shard_size: int, dtype: str, fo
         for start in range(0, len(data), shard_size):
             write_region(array, start, data[start : start + shard_size])
     return time.perf_counter() - started, folder_bytes(folder)
+
+
+def raw_rates(model, layers: list[str], batch_size: int, autocast, repeats: int = 20) -> dict:
+    """The card alone: a (batch, 3, S, S) batch already on the device, TF32 off (the default).
+    ``forward_backward``: the model's forward pass and the gradient of the predicted logits w.r.t.
+    the layers (no copies); ``extract``: ``sacv.extract.extract`` on the same batch (adds the
+    float32 device-to-host copies and finiteness checks the pipeline pays). Images/s of each."""
+    import torch
+
+    from sacv.extract import capture_layers, extract, tf32_mode
+
+    module = model.module
+    device = next(module.parameters()).device
+    size = model.preprocessing.crop
+    batch = torch.randn(batch_size, 3, size, size, device=device)
+    precision = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
+
+    def forward_backward():
+        with tf32_mode(False), capture_layers(module, layers) as captured, precision:
+            logits = module(batch).float()
+            torch.autograd.grad(logits.max(dim=1).values.sum(), [captured[name] for name in layers])
+
+    rates = {}
+    for name, step in (("forward_backward", forward_backward),
+                       ("extract", lambda: extract(module, batch, layers, None, True, autocast))):
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates[name] = round(repeats * batch_size / (time.perf_counter() - started), 1)
+    return rates
+
+
+def decode_rates(paths: list[str], model, workers: int) -> dict:
+    """Images/s of decoding + preprocessing alone: the flow's decoder (``sacv.images.load_image`` +
+    the model's preprocessing) in a pool of ``workers`` threads; on CUDA also torchvision's
+    ``decode_jpeg`` on the device (nvjpeg) + resize and crop there, from the same bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from sacv.images import load_image
+
+    def pil(path):
+        return model.preprocessing(load_image(path)[1])
+
+    rates = {}
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        list(pool.map(pil, paths[:64]))
+        started = time.perf_counter()
+        list(pool.map(pil, paths))
+        rates[f"pil_threads_{max(workers, 1)}"] = round(len(paths) / (time.perf_counter() - started), 1)
+    device = next(model.module.parameters()).device
+    if device.type == "cuda":
+        from torchvision.io import decode_jpeg
+        from torchvision.transforms.v2.functional import center_crop, resize
+
+        def nvjpeg(chunk):
+            datas = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in chunk]
+            images = decode_jpeg(datas, device=device)
+            return [center_crop(resize(image, [model.preprocessing.resize]), [model.preprocessing.crop]) for image in images]
+
+        try:
+            nvjpeg(paths[:64])
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            for k in range(0, len(paths), 64):
+                nvjpeg(paths[k : k + 64])
+            torch.cuda.synchronize(device)
+            rates["nvjpeg_batch_64"] = round(len(paths) / (time.perf_counter() - started), 1)
+        except Exception as err:  # a build without nvjpeg: say so, keep the other numbers
+            rates["nvjpeg_error"] = repr(err)[:200]
+    return rates
+
+
+class GpuSampler:
+    """``nvidia-smi`` sampled every 100 ms in the background: (time.perf_counter(), utilisation %, MiB used)."""
+
+    def __init__(self):
+        import shutil
+        import subprocess
+        import threading
+
+        self.samples: list[tuple[float, float, float]] = []
+        self.process = None
+        if shutil.which("nvidia-smi") is None:
+            return
+        self.process = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "100"],
+            stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            try:
+                util, memory = (float(v) for v in line.split(",")[:2])
+            except ValueError:
+                continue
+            self.samples.append((time.perf_counter(), util, memory))
+
+    def window(self, start: float, end: float) -> dict | None:
+        """Mean and median utilisation (%) and peak memory (MiB) of the samples in [start, end]."""
+        inside = [(u, m) for t, u, m in self.samples if start <= t <= end]
+        if not inside:
+            return None
+        utils = sorted(u for u, _ in inside)
+        return {"samples": len(inside), "util_mean": round(sum(utils) / len(utils), 1),
+                "util_median": utils[len(utils) // 2], "memory_mib_peak": max(m for _, m in inside)}
+
+    def stop(self):
+        if self.process is not None:
+            self.process.terminate()
 
 
 def device_name(device) -> str:
@@ -189,19 +320,36 @@ def main(argv=None) -> dict:
         # Same cached model instance as the flow's shard tasks use in this process.
         model = cached_model("efficientnet_lite0", None, str(device))
 
-        print(f"warm-up: bare loop on {len(paths)} images, flow on {len(warm_paths)} images ...", flush=True)
-        bare_loop(model, paths, args.layers, args.batch_size, args.loader_workers, autocast)
+        print(f"warm-up: bare loop on {min(len(paths), 512)} images, flow on {len(warm_paths)} images ...", flush=True)
+        bare_loop(model, paths[:512], args.layers, args.batch_size, args.loader_workers, autocast)
         run_flow(root, "warm", args, str(device))
 
+        sampler = GpuSampler() if device.type == "cuda" else None
+        windows = {}
+        print("timed: raw rates and decoding alone ...", flush=True)
+        started = time.perf_counter()
+        raw = raw_rates(model, args.layers, args.batch_size, autocast)
+        windows["raw"] = (started, time.perf_counter())
+        decoding = decode_rates(paths[: min(len(paths), 2048)], model, args.loader_workers)
+
         print("timed: bare loop ...", flush=True)
+        started = time.perf_counter()
         bare_seconds, results = bare_loop(model, paths, args.layers, args.batch_size, args.loader_workers, autocast)
+        windows["bare"] = (started, time.perf_counter())
         write_seconds, write_bytes = store_only_write(results, args.layers, args.shard_size, "float16", root / "write-only.zarr")
         del results
 
         print("timed: flow ...", flush=True)
+        started = time.perf_counter()
         flow_seconds, summary, run_dir = run_flow(root, "timed", args, str(device))
+        windows["flow"] = (started, time.perf_counter())
+        if sampler is not None:
+            time.sleep(0.3)  # the last samples
+            sampler.stop()
         markers = [json.loads(p.read_text()) for p in sorted((run_dir / "shards").glob("*/*.json")) if not p.name.endswith(".rejects.json")]
         shard_seconds = sum(m["seconds"] for m in markers)
+        split = {key: round(sum(m["timing"][key] for m in markers), 3)
+                 for key in ("decode_wait_s", "compute_s", "writer_wait_s", "write_s")}
         stored_bytes = folder_bytes(run_dir / "store.zarr")
         n = summary["images"]
         assert n == args.images, f"the flow stored {n} images, expected {args.images}"
@@ -237,6 +385,13 @@ def main(argv=None) -> dict:
             "shard_seconds_sum = sum of marker 'seconds' (decode + extract + Zarr write per shard)",
         },
         "ratio_flow_over_bare": round((n / flow_seconds) / (args.images / bare_seconds), 3),
+        "raw_images_per_s": raw,
+        "ratio_bare_over_raw_forward_backward": round((args.images / bare_seconds) / raw["forward_backward"], 3),
+        "decode_images_per_s": decoding,
+        "time_split": {**split, "what": "summed over shards from the markers' timing: the model thread waiting for "
+                       "decoded images / computing (batching, model, device copies) / waiting for a free writer; "
+                       "write_s is the writer threads' time (overlaps the others)"},
+        "gpu_utilisation": {name: sampler.window(*span) for name, span in windows.items()} if sampler else None,
         "storage": {
             "bytes_stored": stored_bytes,
             "bytes_per_image": round(stored_bytes / n),
@@ -264,10 +419,18 @@ def main(argv=None) -> dict:
         ("flow's own seconds", f"{summary['seconds']:.2f} s"),
         ("shard phase (sum)", f"{result['flow']['images_per_s_shard_phase']:.2f} img/s ({shard_seconds:.2f} s)"),
         ("ratio flow / bare", f"{result['ratio_flow_over_bare']:.3f}"),
+        ("raw fwd+bwd / extract()", f"{raw['forward_backward']:.0f} / {raw['extract']:.0f} img/s (batch on the device)"),
+        ("ratio bare / raw fwd+bwd", f"{result['ratio_bare_over_raw_forward_backward']:.3f}"),
+        ("decoding alone", ", ".join(f"{k} {v}" for k, v in decoding.items())),
+        ("time split (model thread)", f"decode wait {split['decode_wait_s']:.2f} s, compute {split['compute_s']:.2f} s, "
+                                      f"writer wait {split['writer_wait_s']:.2f} s; writers {split['write_s']:.2f} s"),
         ("bytes per image", f"{result['storage']['bytes_per_image']:,}"),
         ("write MB/s (effective)", f"{result['storage']['write_mb_per_s_effective']:.2f}"),
         ("write MB/s (store only)", f"{result['storage']['write_mb_per_s_store_only']:.2f}"),
     ]
+    if sampler:
+        rows += [(f"GPU util. {name}", f"mean {w['util_mean']} %, median {w['util_median']} %, {w['memory_mib_peak']:.0f} MiB")
+                 for name, w in result["gpu_utilisation"].items() if w]
     print_table(rows)
 
     write_json(result, args.out)
