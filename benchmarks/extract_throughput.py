@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from common import print_table, write_json  # benchmarks/common.py (the script folder is on sys.path)
+from device_rates import GpuSampler, decode_rates, raw_rates  # benchmarks/device_rates.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader decoding processes (both paths)")
     parser.add_argument("--autocast", choices=["none", "bfloat16", "float16"], default="none")
+    parser.add_argument("--decoder", choices=["pil", "torchvision"], default="pil", help="extract.decoder (both paths)")
     parser.add_argument("--out", default="benchmarks/results/extract_throughput.json", help="JSON result path")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated images")
@@ -84,10 +86,16 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loader_workers: int, autocast) -> tuple[float, list]:
-    """Decode, preprocess, extract with gradients; keep every result in memory. Returns (seconds, results)."""
+def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loader_workers: int, autocast,
+              decoder: str = "pil") -> tuple[float, list]:
+    """Decode, preprocess, extract with gradients; keep every result in memory. Returns (seconds, results).
+    ``pil``: a DataLoader with ``loader_workers`` processes; ``torchvision``: files read in a pool of
+    ``loader_workers`` threads, each batch decoded on the device (``sacv.decoding``)."""
     import torch
     from torch.utils.data import DataLoader, Dataset
+
+    if decoder == "torchvision":
+        return _bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, autocast)
 
     from sacv.extract import extract
     from sacv.images import load_image
@@ -106,6 +114,32 @@ def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loade
     for batch in loader:
         result = extract(model.module, batch, layers, None, with_gradients=True, autocast=autocast)
         results.append(result)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started, results
+
+
+def _bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, autocast) -> tuple[float, list]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from sacv.decoding import EncodedJpeg, decode_batch, read_for_device
+    from sacv.extract import extract
+
+    device = next(model.module.parameters()).device
+    results = []
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max(loader_workers, 1)) as pool:
+        items = pool.map(lambda p: read_for_device(p, 10**9, 8)[1], paths)
+        batch = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == batch_size or len(results) * batch_size + len(batch) == len(paths):
+                assert all(isinstance(e, EncodedJpeg) for e in batch)
+                images = torch.stack(decode_batch(batch, model.preprocessing, device))
+                results.append(extract(model.module, images, layers, None, with_gradients=True, autocast=autocast))
+                batch = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started, results
@@ -135,123 +169,6 @@ def store_only_write(results, layers: list[str], shard_size: int, dtype: str, fo
     return time.perf_counter() - started, folder_bytes(folder)
 
 
-def raw_rates(model, layers: list[str], batch_size: int, autocast, repeats: int = 20) -> dict:
-    """The card alone: a (batch, 3, S, S) batch already on the device, TF32 off (the default).
-    ``forward_backward``: the model's forward pass and the gradient of the predicted logits w.r.t.
-    the layers (no copies); ``extract``: ``sacv.extract.extract`` on the same batch (adds the
-    float32 device-to-host copies and finiteness checks the pipeline pays). Images/s of each."""
-    import torch
-
-    from sacv.extract import capture_layers, extract, tf32_mode
-
-    module = model.module
-    device = next(module.parameters()).device
-    size = model.preprocessing.crop
-    batch = torch.randn(batch_size, 3, size, size, device=device)
-    precision = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
-
-    def forward_backward():
-        with tf32_mode(False), capture_layers(module, layers) as captured, precision:
-            logits = module(batch).float()
-            torch.autograd.grad(logits.max(dim=1).values.sum(), [captured[name] for name in layers])
-
-    rates = {}
-    for name, step in (("forward_backward", forward_backward),
-                       ("extract", lambda: extract(module, batch, layers, None, True, autocast))):
-        for _ in range(3):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        rates[name] = round(repeats * batch_size / (time.perf_counter() - started), 1)
-    return rates
-
-
-def decode_rates(paths: list[str], model, workers: int) -> dict:
-    """Images/s of decoding + preprocessing alone: the flow's decoder (``sacv.images.load_image`` +
-    the model's preprocessing) in a pool of ``workers`` threads; on CUDA also torchvision's
-    ``decode_jpeg`` on the device (nvjpeg) + resize and crop there, from the same bytes."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    from sacv.images import load_image
-
-    def pil(path):
-        return model.preprocessing(load_image(path)[1])
-
-    rates = {}
-    with ThreadPoolExecutor(max(workers, 1)) as pool:
-        list(pool.map(pil, paths[:64]))
-        started = time.perf_counter()
-        list(pool.map(pil, paths))
-        rates[f"pil_threads_{max(workers, 1)}"] = round(len(paths) / (time.perf_counter() - started), 1)
-    device = next(model.module.parameters()).device
-    if device.type == "cuda":
-        from torchvision.io import decode_jpeg
-        from torchvision.transforms.v2.functional import center_crop, resize
-
-        def nvjpeg(chunk):
-            datas = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in chunk]
-            images = decode_jpeg(datas, device=device)
-            return [center_crop(resize(image, [model.preprocessing.resize]), [model.preprocessing.crop]) for image in images]
-
-        try:
-            nvjpeg(paths[:64])
-            torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            for k in range(0, len(paths), 64):
-                nvjpeg(paths[k : k + 64])
-            torch.cuda.synchronize(device)
-            rates["nvjpeg_batch_64"] = round(len(paths) / (time.perf_counter() - started), 1)
-        except Exception as err:  # a build without nvjpeg: say so, keep the other numbers
-            rates["nvjpeg_error"] = repr(err)[:200]
-    return rates
-
-
-class GpuSampler:
-    """``nvidia-smi`` sampled every 100 ms in the background: (time.perf_counter(), utilisation %, MiB used)."""
-
-    def __init__(self):
-        import shutil
-        import subprocess
-        import threading
-
-        self.samples: list[tuple[float, float, float]] = []
-        self.process = None
-        if shutil.which("nvidia-smi") is None:
-            return
-        self.process = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "100"],
-            stdout=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            try:
-                util, memory = (float(v) for v in line.split(",")[:2])
-            except ValueError:
-                continue
-            self.samples.append((time.perf_counter(), util, memory))
-
-    def window(self, start: float, end: float) -> dict | None:
-        """Mean and median utilisation (%) and peak memory (MiB) of the samples in [start, end]."""
-        inside = [(u, m) for t, u, m in self.samples if start <= t <= end]
-        if not inside:
-            return None
-        utils = sorted(u for u, _ in inside)
-        return {"samples": len(inside), "util_mean": round(sum(utils) / len(utils), 1),
-                "util_median": utils[len(utils) // 2], "memory_mib_peak": max(m for _, m in inside)}
-
-    def stop(self):
-        if self.process is not None:
-            self.process.terminate()
-
-
 def device_name(device) -> str:
     import torch
 
@@ -271,7 +188,8 @@ def run_flow(root: Path, run: str, args, device: str) -> tuple[float, dict, Path
             "model": {"spec": "efficientnet_lite0"},
             "layers": list(args.layers),
             "dataset": {"root": str(root / f"{run}-data"), "target": "predicted"},
-            "extract": {"shard_size": args.shard_size, "batch_size": args.batch_size, "autocast": args.autocast},
+            "extract": {"shard_size": args.shard_size, "batch_size": args.batch_size, "autocast": args.autocast,
+                        "decoder": args.decoder},
             "execution": {"device": device, "loader_workers": args.loader_workers},
         }
     )
@@ -321,7 +239,7 @@ def main(argv=None) -> dict:
         model = cached_model("efficientnet_lite0", None, str(device))
 
         print(f"warm-up: bare loop on {min(len(paths), 512)} images, flow on {len(warm_paths)} images ...", flush=True)
-        bare_loop(model, paths[:512], args.layers, args.batch_size, args.loader_workers, autocast)
+        bare_loop(model, paths[:512], args.layers, args.batch_size, args.loader_workers, autocast, args.decoder)
         run_flow(root, "warm", args, str(device))
 
         sampler = GpuSampler() if device.type == "cuda" else None
@@ -334,7 +252,8 @@ def main(argv=None) -> dict:
 
         print("timed: bare loop ...", flush=True)
         started = time.perf_counter()
-        bare_seconds, results = bare_loop(model, paths, args.layers, args.batch_size, args.loader_workers, autocast)
+        bare_seconds, results = bare_loop(model, paths, args.layers, args.batch_size, args.loader_workers, autocast,
+                                          args.decoder)
         windows["bare"] = (started, time.perf_counter())
         write_seconds, write_bytes = store_only_write(results, args.layers, args.shard_size, "float16", root / "write-only.zarr")
         del results
@@ -367,6 +286,7 @@ def main(argv=None) -> dict:
         "shard_size": args.shard_size,
         "loader_workers": args.loader_workers,
         "autocast": args.autocast,
+        "decoder": args.decoder,
         "torch_threads": torch.get_num_threads(),
         "bare": {
             "seconds": round(bare_seconds, 3),
@@ -413,6 +333,7 @@ def main(argv=None) -> dict:
         ("device", result["device"]),
         ("torch", result["torch"]),
         ("images / batch / shard", f"{args.images} / {args.batch_size} / {args.shard_size}"),
+        ("decoder / loader workers", f"{args.decoder} / {args.loader_workers}"),
         ("layers", " ".join(args.layers)),
         ("bare loop", f"{result['bare']['images_per_s']:.2f} img/s ({bare_seconds:.2f} s)"),
         ("flow (whole call)", f"{result['flow']['images_per_s']:.2f} img/s ({flow_seconds:.2f} s)"),

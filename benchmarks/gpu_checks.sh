@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU rows of the README in one go, on a machine with a CUDA card: numerics (CUDA vs CPU per
-# mode) and extraction throughput (the Prefect flow, and its task bodies without Prefect, against
-# the bare loop and the card's raw rate). Python packages the machine lacks may be given as wheels
+# mode) and extraction throughput (the Prefect flow against the bare loop and the card's raw rate,
+# per decoder). Python packages the machine lacks may be given as wheels
 # in .whl/ (installed into /tmp/site). Results go to ${OUT:-benchmarks/results}.
 set -u
 out=${OUT:-benchmarks/results}
@@ -17,12 +17,11 @@ engine=prefect
 python3 -c "import prefect; print('prefect', prefect.__version__)" || engine=direct
 images=${IMAGES:-8192}
 workers=${LOADER_WORKERS:-12}
-timeout "${AGREEMENT_TIMEOUT:-150}" python3 benchmarks/gpu_agreement.py --out "$out/gpu_agreement_cuda.json"
-timeout "${THROUGHPUT_TIMEOUT:-240}" python3 benchmarks/extract_throughput.py --engine $engine --device cuda \
-  --images "$images" --batch-size 64 --shard-size 128 --loader-workers "$workers" \
-  --out "$out/extract_throughput_cuda_$engine.json"
-if [ "$engine" = prefect ] && [ -z "${SKIP_DIRECT:-}" ]; then
-  timeout "${THROUGHPUT_TIMEOUT:-240}" python3 benchmarks/extract_throughput.py --engine direct --device cuda \
-    --images "$images" --batch-size 64 --shard-size 128 --loader-workers "$workers" \
-    --out "$out/extract_throughput_cuda_direct.json"
+if [ -z "${SKIP_AGREEMENT:-}" ]; then
+  timeout "${AGREEMENT_TIMEOUT:-150}" python3 benchmarks/gpu_agreement.py --out "$out/gpu_agreement_cuda.json"
 fi
+for decoder in ${DECODERS:-torchvision pil}; do
+  timeout "${THROUGHPUT_TIMEOUT:-240}" python3 benchmarks/extract_throughput.py --engine $engine --device cuda \
+    --images "$images" --batch-size 64 --shard-size 128 --loader-workers "$workers" --decoder "$decoder" \
+    --out "$out/extract_throughput_cuda_${engine}_$decoder.json"
+done

@@ -50,7 +50,8 @@ def extract_flow(config: RunConfig, audit_id: str | None = None) -> ExtractSumma
         images=plan.images - decode_rejects, rejects=rejects, shards=plan.shards, shards_run=len(plan.todo),
         images_extracted=n_images, added=plan.added, removed=plan.removed,
     )
-    numerics = {"autocast": config.extract.autocast, "allow_tf32": config.execution.allow_tf32}
+    numerics = {"autocast": config.extract.autocast, "allow_tf32": config.execution.allow_tf32,
+                "decoder": config.extract.decoder}
     RunDir(run_uri).update_run_record(config=config_record(config), versions=versions(), model=plan.model,
                                       numerics=numerics)
     return finish_stage(run_uri, "extract", summary, started)

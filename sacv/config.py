@@ -67,6 +67,7 @@ class ExtractConfig(Section):
     max_pixels: int = Field(89_478_485, ge=1)  # decompression-bomb limit, pixels per image
     min_size: int = Field(8, ge=1)  # smaller images (either side) are rejected
     autocast: Literal["none", "bfloat16", "float16"] = "none"  # forward-pass precision (CUDA, or bfloat16 on CPU); storage dtype unchanged
+    decoder: Literal["pil", "torchvision"] = "pil"  # torchvision: JPEGs decoded and resized on the device (nvjpeg on CUDA)
 
 
 class FitConfig(Section):
@@ -216,7 +217,8 @@ def unknown_name(key: str, name: str, known: list[str]) -> None:
 
 def numeric_mode(config: RunConfig) -> dict:
     """The settings that change the extracted numbers, beyond the model and the store dtype:
-    ``{}`` in the default exact float32 mode, else ``autocast`` and/or ``allow_tf32``. Part of the
+    ``{}`` in the default exact float32 mode with PIL decoding, else ``autocast``, ``allow_tf32``
+    and/or ``decoder``. Part of the
     run record and of every cache key (shard digests, fit keys, score keys); empty by default, so
     keys of default runs are unchanged."""
     mode = {}
@@ -224,6 +226,8 @@ def numeric_mode(config: RunConfig) -> dict:
         mode["autocast"] = config.extract.autocast
     if config.execution.allow_tf32:
         mode["allow_tf32"] = True
+    if config.extract.decoder != "pil":
+        mode["decoder"] = config.extract.decoder
     return mode
 
 

@@ -152,16 +152,18 @@ def extract(
         if with_gradients:
             selected = logits.gather(1, targets[:, None]).sum()
             grads = torch.autograd.grad(selected, outputs, allow_unused=True)
-    activations, gradients = {}, {} if with_gradients else None
-    for i, name in enumerate(layers):
-        act = channels_last(outputs[i].detach()).float().cpu().contiguous()  # (N, H, W, C)
-        _check_finite(name, act, "activations")
-        activations[name] = act
-        if gradients is not None:
-            grad = grads[i]
+    if grads is not None:
+        for name, grad in zip(layers, grads):
             if grad is None:
                 raise ValueError(f"the logit does not depend on layer {name!r}; choose a layer on the path to the output")
-            grad = channels_last(grad.detach()).float().cpu().contiguous()  # (N, H, W, C)
-            _check_finite(name, grad, "gradients")
-            gradients[name] = grad
+    # Layout, dtype and the finiteness check on the device (one synchronisation), then one copy each.
+    on_device = {("activations", name): channels_last(out.detach()).float().contiguous() for name, out in zip(layers, outputs)}
+    if grads is not None:
+        on_device |= {("gradients", name): channels_last(g.detach()).float().contiguous() for name, g in zip(layers, grads)}
+    finite = torch.stack([torch.isfinite(t).all() for t in on_device.values()]).cpu()
+    for ((what, name), tensor), ok in zip(on_device.items(), finite.tolist()):
+        if not ok:
+            _check_finite(name, tensor, what)
+    activations = {name: on_device["activations", name].cpu() for name in layers}  # (N, H, W, C)
+    gradients = {name: on_device["gradients", name].cpu() for name in layers} if grads is not None else None
     return Extraction(activations, gradients, logits.detach().float().cpu(), targets.cpu())

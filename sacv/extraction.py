@@ -29,6 +29,7 @@ from sacv.audits import baseline_audit, new_audit_id
 from sacv.catalog import REJECT_COLUMNS, ImageCatalog, concept_candidates, dataset_candidates, match_class, scan
 from sacv.checks import validate_checks
 from sacv.config import RunConfig
+from sacv.decoding import EncodedJpeg, decode_batch, read_for_device
 from sacv.extract import Extraction, extract
 from sacv.images import ImageRejected, load_image
 from sacv.models import LoadedModel, cached_model, layer_shapes, resolve_layers
@@ -81,6 +82,8 @@ def shard_digest(rows: pd.DataFrame, config: RunConfig) -> str:
     settings = {"layers": sorted(config.layers), "autocast": config.extract.autocast}
     if config.execution.allow_tf32:
         settings["allow_tf32"] = True
+    if config.extract.decoder != "pil":
+        settings["decoder"] = config.extract.decoder
     content = ",".join(rows["image_id"])
     if rows["group"].iloc[0] == "dataset":  # only dataset shards hold gradients of a target logit
         settings |= {"target": config.dataset.target, "keep_gradients": config.extract.keep_gradients}
@@ -100,29 +103,31 @@ def shard_is_done(run: RunDir, catalog: ImageCatalog, group: str, shard: int, co
 
 class ShardImages:
     """A shard's images (``rows`` in row order): each decoded, checked against its scanned content id
-    and preprocessed to (3, S, S) float32; or the ``ImageRejected`` that says why not; or ``None``
-    for a removed image or one an earlier run already quarantined (status ``rejected``: not tried
-    again)."""
+    and preprocessed to (3, S, S) float32 (with ``extract.decoder: torchvision``, a plain JPEG is
+    returned still encoded, for the batch to decode on the device); or the ``ImageRejected`` that
+    says why not; or ``None`` for a removed image or one an earlier run already quarantined (status
+    ``rejected``: not tried again)."""
 
     def __init__(self, rows: pd.DataFrame, model: LoadedModel, config: RunConfig):
         self.rows = rows.reset_index(drop=True)
         self.preprocessing = model.preprocessing
         self.limits = {"max_pixels": config.extract.max_pixels, "min_size": config.extract.min_size}
+        self.read = read_for_device if config.extract.decoder == "torchvision" else load_image
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> torch.Tensor | ImageRejected | None:
+    def __getitem__(self, index: int) -> torch.Tensor | EncodedJpeg | ImageRejected | None:
         row = self.rows.iloc[index]
         if row["status"] != "ok":  # removed, or quarantined by an earlier run
             return None
         try:
-            content_id, image = load_image(row["path"], **self.limits)
+            content_id, image = self.read(row["path"], **self.limits)
         except ImageRejected as rejected:
             return rejected
         if content_id != row["image_id"]:
             return ImageRejected("read", "file changed since planning (content hash differs); the next run plans it again")
-        return self.preprocessing(image)
+        return image if isinstance(image, EncodedJpeg) else self.preprocessing(image)
 
 
 _DECODERS: dict[int, ThreadPoolExecutor] = {}
@@ -165,19 +170,27 @@ def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str])
 
 def _extractions(items: Iterator, model: LoadedModel, config: RunConfig, targets, with_gradients: bool,
                  blank: torch.Tensor) -> Iterator[tuple[Extraction, dict[int, ImageRejected | None]]]:
-    """Batches of ``config.extract.batch_size`` decoded items through :func:`sacv.extract.extract`.
-    An item that is not a tensor (a reject, or None) is replaced by ``blank``; yields each batch's
-    extraction with those items by their index in the shard."""
+    """Batches of ``config.extract.batch_size`` items through :func:`sacv.extract.extract`. Encoded
+    JPEGs are decoded on the device first; an item that is not a tensor then (a reject, or None) is
+    replaced by ``blank``; yields each batch's extraction with those items by their index in the shard."""
     device = next(model.module.parameters()).device
     pin = device.type == "cuda"
     autocast = None if config.extract.autocast == "none" else getattr(torch, config.extract.autocast)
     done, batch = 0, []
 
     def run(batch: list) -> tuple[Extraction, dict[int, ImageRejected | None]]:
+        encoded = [i for i, item in enumerate(batch) if isinstance(item, EncodedJpeg)]
+        if encoded:  # decoded on the device in one call
+            for i, image in zip(encoded, decode_batch([batch[i] for i in encoded], model.preprocessing, device)):
+                batch[i] = image
         blanks = {done + i: item for i, item in enumerate(batch) if not isinstance(item, torch.Tensor)}
-        stacked = torch.stack([item if isinstance(item, torch.Tensor) else blank for item in batch])  # (B, 3, S, S)
+        if encoded:
+            stacked = torch.stack([(item if isinstance(item, torch.Tensor) else blank).to(device) for item in batch])
+        else:
+            stacked = torch.stack([item if isinstance(item, torch.Tensor) else blank for item in batch])  # (B, 3, S, S)
+            stacked = stacked.pin_memory() if pin else stacked
         batch_targets = targets[done : done + len(batch)] if isinstance(targets, torch.Tensor) else targets
-        result = extract(model.module, stacked.pin_memory() if pin else stacked, config.layers, batch_targets,
+        result = extract(model.module, stacked, config.layers, batch_targets,
                          with_gradients=with_gradients, autocast=autocast, allow_tf32=config.execution.allow_tf32)
         return result, blanks
 

@@ -93,7 +93,7 @@ def _decode_error_reason(e: Exception) -> str:
 
 
 @contextmanager
-def _opened(data: bytes, max_pixels: int, min_size: int) -> Iterator[Image.Image]:
+def opened_image(data: bytes, max_pixels: int, min_size: int) -> Iterator[Image.Image]:
     """The image's header opened and size-checked; every failure, in the header or in the body's
     work on the pixels, becomes ImageRejected(stage="decode")."""
     try:
@@ -121,7 +121,7 @@ def decode_image(
     Raises ImageRejected(stage="decode") for non-images, truncated or corrupt data,
     decompression bombs, and images outside the size limits.
     """
-    with _opened(data, max_pixels, min_size) as img:
+    with opened_image(data, max_pixels, min_size) as img:
         img.load()
         return _to_rgb(ImageOps.exif_transpose(img))
 
@@ -130,7 +130,7 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int
     """Check the header only (no pixel data decoded): an image PIL can identify, within the size
     limits. Raises ImageRejected(stage="decode"); truncated or corrupt pixel data is found later,
     by :func:`decode_image`."""
-    with _opened(data, max_pixels, min_size):
+    with opened_image(data, max_pixels, min_size):
         pass
 
 

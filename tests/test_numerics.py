@@ -97,7 +97,7 @@ def test_fit_and_score_keys_depend_on_the_numeric_mode(extracted):
     assert not set(keys["none"]) & set(keys["bfloat16"])  # no stale vector is reused across modes
     rows, vectors = catalog.rows("dataset", 0), run.read_table("vectors")
     assert shard_score_key(rows, vectors, exact) != shard_score_key(rows, vectors, extracted)
-    assert run.read_run_record()["numerics"] == {"autocast": "bfloat16", "allow_tf32": False}
+    assert run.read_run_record()["numerics"] == {"autocast": "bfloat16", "allow_tf32": False, "decoder": "pil"}
 
 
 def test_streamed_scoring_uses_the_autocast_of_the_extraction(extracted):

@@ -1,0 +1,126 @@
+"""What the device and the decoder manage alone, for the throughput benchmark: the raw
+forward/backward rate on a batch already on the device, decoding rates, and GPU utilisation
+sampled with ``nvidia-smi`` while a phase runs."""
+
+from __future__ import annotations
+
+import time
+
+
+def raw_rates(model, layers: list[str], batch_size: int, autocast, repeats: int = 20) -> dict:
+    """The card alone: a (batch, 3, S, S) batch already on the device, TF32 off (the default).
+    ``forward_backward``: the model's forward pass and the gradient of the predicted logits w.r.t.
+    the layers (no copies); ``extract``: ``sacv.extract.extract`` on the same batch (adds the
+    float32 device-to-host copies and finiteness checks the pipeline pays). Images/s of each."""
+    import torch
+
+    from sacv.extract import capture_layers, extract, tf32_mode
+
+    module = model.module
+    device = next(module.parameters()).device
+    size = model.preprocessing.crop
+    batch = torch.randn(batch_size, 3, size, size, device=device)
+    precision = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
+
+    def forward_backward():
+        with tf32_mode(False), capture_layers(module, layers) as captured, precision:
+            logits = module(batch).float()
+            torch.autograd.grad(logits.max(dim=1).values.sum(), [captured[name] for name in layers])
+
+    rates = {}
+    for name, step in (("forward_backward", forward_backward),
+                       ("extract", lambda: extract(module, batch, layers, None, True, autocast))):
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates[name] = round(repeats * batch_size / (time.perf_counter() - started), 1)
+    return rates
+
+
+def decode_rates(paths: list[str], model, workers: int) -> dict:
+    """Images/s of decoding + preprocessing alone: the flow's decoder (``sacv.images.load_image`` +
+    the model's preprocessing) in a pool of ``workers`` threads; on CUDA also torchvision's
+    ``decode_jpeg`` on the device (nvjpeg) + resize and crop there, from the same bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from sacv.images import load_image
+
+    def pil(path):
+        return model.preprocessing(load_image(path)[1])
+
+    rates = {}
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        list(pool.map(pil, paths[:64]))
+        started = time.perf_counter()
+        reference = list(pool.map(pil, paths))
+        rates[f"pil_threads_{max(workers, 1)}"] = round(len(paths) / (time.perf_counter() - started), 1)
+    device = next(model.module.parameters()).device
+    if device.type == "cuda":
+        from sacv.decoding import decode_batch, read_for_device
+
+        def on_device(chunk):
+            with ThreadPoolExecutor(max(workers, 1)) as pool:
+                encoded = list(pool.map(lambda p: read_for_device(p, 10**9, 8)[1], chunk))
+            return decode_batch(encoded, model.preprocessing, device)
+
+        try:
+            on_device(paths[:64])
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            decoded = [image for k in range(0, len(paths), 64) for image in on_device(paths[k : k + 64])]
+            torch.cuda.synchronize(device)
+            rates["nvjpeg_batch_64"] = round(len(paths) / (time.perf_counter() - started), 1)
+            std = torch.tensor(model.preprocessing.std).view(3, 1, 1)
+            levels = torch.stack([((d.cpu() - r) * std * 255).abs() for d, r in zip(decoded[:256], reference[:256])])
+            rates["nvjpeg_vs_pil_levels"] = {"max": round(float(levels.max()), 2), "mean": round(float(levels.mean()), 4),
+                                             "what": "preprocessed pixels of 256 images, in 8-bit levels"}
+        except Exception as err:  # a build without nvjpeg: say so, keep the other numbers
+            rates["nvjpeg_error"] = repr(err)[:200]
+    return rates
+
+
+class GpuSampler:
+    """``nvidia-smi`` sampled every 100 ms in the background: (time.perf_counter(), utilisation %, MiB used)."""
+
+    def __init__(self):
+        import shutil
+        import subprocess
+        import threading
+
+        self.samples: list[tuple[float, float, float]] = []
+        self.process = None
+        if shutil.which("nvidia-smi") is None:
+            return
+        self.process = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "100"],
+            stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            try:
+                util, memory = (float(v) for v in line.split(",")[:2])
+            except ValueError:
+                continue
+            self.samples.append((time.perf_counter(), util, memory))
+
+    def window(self, start: float, end: float) -> dict | None:
+        """Mean and median utilisation (%) and peak memory (MiB) of the samples in [start, end]."""
+        inside = [(u, m) for t, u, m in self.samples if start <= t <= end]
+        if not inside:
+            return None
+        utils = sorted(u for u, _ in inside)
+        return {"samples": len(inside), "util_mean": round(sum(utils) / len(utils), 1),
+                "util_median": utils[len(utils) // 2], "memory_mib_peak": max(m for _, m in inside)}
+
+    def stop(self):
+        if self.process is not None:
+            self.process.terminate()
