@@ -46,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader decoding processes (both paths)")
     parser.add_argument("--autocast", choices=["none", "bfloat16", "float16"], default="none")
     parser.add_argument("--decoder", choices=["pil", "torchvision"], default="pil", help="extract.decoder (both paths)")
+    parser.add_argument("--shards-per-task", type=int, default=8, help="extract.shards_per_task of the flow")
+    parser.add_argument("--workers", type=int, default=1, help="execution.workers (concurrent shard tasks)")
+    parser.add_argument("--variants", nargs="*", default=[], metavar="SHARDS_PER_TASK:WORKERS",
+                        help="more timed flow runs on the same images with these settings")
     parser.add_argument("--out", default="benchmarks/results/extract_throughput.json", help="JSON result path")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated images")
@@ -177,22 +181,28 @@ def device_name(device) -> str:
     return f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()})"
 
 
-def run_flow(root: Path, run: str, args, device: str) -> tuple[float, dict, Path]:
-    """``--engine prefect``: the extraction flow; ``direct``: the same task bodies (plan, then every
-    shard) called in-process without Prefect, for machines without it (the GPU image)."""
+def flow_config(root: Path, run: str, data: str, args, device: str, shards_per_task: int, workers: int):
     from sacv.config import parse_config
 
-    config = parse_config(
+    return parse_config(
         {
             "run_dir": str(root / run),
             "model": {"spec": "efficientnet_lite0"},
             "layers": list(args.layers),
-            "dataset": {"root": str(root / f"{run}-data"), "target": "predicted"},
+            "dataset": {"root": str(root / data), "target": "predicted"},
             "extract": {"shard_size": args.shard_size, "batch_size": args.batch_size, "autocast": args.autocast,
-                        "decoder": args.decoder},
-            "execution": {"device": device, "loader_workers": args.loader_workers},
+                        "decoder": args.decoder, "shards_per_task": shards_per_task},
+            "execution": {"device": device, "loader_workers": args.loader_workers, "workers": workers},
         }
     )
+
+
+def run_flow(root: Path, run: str, args, device: str, data: str | None = None, shards_per_task: int | None = None,
+             workers: int | None = None) -> tuple[float, dict, Path]:
+    """``--engine prefect``: the extraction flow; ``direct``: the same task bodies (plan, then every
+    shard) called in-process without Prefect, for machines without it."""
+    config = flow_config(root, run, data or f"{run}-data", args, device, shards_per_task or args.shards_per_task,
+                         workers or args.workers)
     started = time.perf_counter()
     if args.engine == "prefect":
         from flows.extract import run_extract
@@ -258,10 +268,25 @@ def main(argv=None) -> dict:
         write_seconds, write_bytes = store_only_write(results, args.layers, args.shard_size, "float16", root / "write-only.zarr")
         del results
 
-        print("timed: flow ...", flush=True)
+        print("timed: planning alone, then the flow ...", flush=True)
+        from sacv.extraction import plan_extraction
+
+        started = time.perf_counter()
+        plan_extraction(str(root / "plan-only"), flow_config(root, "plan-only", "timed-data", args, str(device), 1, 1))
+        plan_seconds = time.perf_counter() - started
         started = time.perf_counter()
         flow_seconds, summary, run_dir = run_flow(root, "timed", args, str(device))
         windows["flow"] = (started, time.perf_counter())
+        variants = []
+        for k, variant in enumerate(args.variants):
+            per_task, workers = (int(v) for v in variant.split(":"))
+            print(f"timed: flow with {per_task} shards per task, {workers} task workers ...", flush=True)
+            started = time.perf_counter()
+            seconds, _, _ = run_flow(root, f"variant-{k}", args, str(device), "timed-data", per_task, workers)
+            windows[f"flow {variant}"] = (started, time.perf_counter())
+            variants.append({"shards_per_task": per_task, "workers": workers, "seconds": round(seconds, 3),
+                             "images_per_s": round(args.images / seconds, 2),
+                             "ratio_flow_over_bare": round(bare_seconds / seconds, 3)})
         if sampler is not None:
             time.sleep(0.3)  # the last samples
             sampler.stop()
@@ -305,6 +330,11 @@ def main(argv=None) -> dict:
             "shard_seconds_sum = sum of marker 'seconds' (decode + extract + Zarr write per shard)",
         },
         "ratio_flow_over_bare": round((n / flow_seconds) / (args.images / bare_seconds), 3),
+        "plan_seconds": round(plan_seconds, 3),
+        "plan_files_per_s": round(args.images / plan_seconds, 1),
+        "shards_per_task": args.shards_per_task,
+        "workers": args.workers,
+        "variants": variants,
         "raw_images_per_s": raw,
         "ratio_bare_over_raw_forward_backward": round((args.images / bare_seconds) / raw["forward_backward"], 3),
         "decode_images_per_s": decoding,
@@ -338,6 +368,9 @@ def main(argv=None) -> dict:
         ("bare loop", f"{result['bare']['images_per_s']:.2f} img/s ({bare_seconds:.2f} s)"),
         ("flow (whole call)", f"{result['flow']['images_per_s']:.2f} img/s ({flow_seconds:.2f} s)"),
         ("flow's own seconds", f"{summary['seconds']:.2f} s"),
+        ("planning alone", f"{plan_seconds:.2f} s ({args.images / plan_seconds:.0f} files/s)"),
+        *[(f"flow, {v['shards_per_task']} shards/task, {v['workers']} workers",
+           f"{v['images_per_s']:.2f} img/s ({v['seconds']:.2f} s), ratio {v['ratio_flow_over_bare']:.3f}") for v in variants],
         ("shard phase (sum)", f"{result['flow']['images_per_s_shard_phase']:.2f} img/s ({shard_seconds:.2f} s)"),
         ("ratio flow / bare", f"{result['ratio_flow_over_bare']:.3f}"),
         ("raw fwd+bwd / extract()", f"{raw['forward_backward']:.0f} / {raw['extract']:.0f} img/s (batch on the device)"),

@@ -7,7 +7,7 @@ set -u
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
@@ -22,6 +22,6 @@ if [ -z "${SKIP_AGREEMENT:-}" ]; then
 fi
 for decoder in ${DECODERS:-torchvision pil}; do
   timeout "${THROUGHPUT_TIMEOUT:-240}" python3 benchmarks/extract_throughput.py --engine $engine --device cuda \
-    --images "$images" --batch-size 64 --shard-size 128 --loader-workers "$workers" --decoder "$decoder" \
+    --images "$images" --batch-size 64 --shard-size 128 --loader-workers "$workers" --decoder "$decoder" --variants ${VARIANTS:-} \
     --out "$out/extract_throughput_cuda_${engine}_$decoder.json"
 done
