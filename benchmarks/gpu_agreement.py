@@ -98,12 +98,12 @@ def main(argv=None) -> dict:
         directions[layer] = d / np.linalg.norm(d, axis=1, keepdims=True)  # (D, C) unit rows
     runs = {"cpu-bf16": ("bfloat16", False)}
     if torch.cuda.is_available():
-        model.module.to("cuda")
         result["device"] = torch.cuda.get_device_name(0)
         runs |= MODES
     result["cuda_measured"] = torch.cuda.is_available()
     rows = []
     for mode, (autocast, allow_tf32) in runs.items():
+        model.module.to("cpu" if mode.startswith("cpu") else "cuda")
         other = extract(model.module, images, args.layers, targets,
                         autocast=getattr(torch, autocast) if autocast else None, allow_tf32=allow_tf32)
         changed = int((other.logits.argmax(1) != reference.logits.argmax(1)).sum())
