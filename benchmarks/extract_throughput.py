@@ -259,6 +259,9 @@ def main(argv=None) -> dict:
         raw = raw_rates(model, args.layers, args.batch_size, autocast)
         windows["raw"] = (started, time.perf_counter())
         decoding = decode_rates(paths[: min(len(paths), 2048)], model, args.loader_workers)
+        partial = {"complete": False, "device": device_name(device), "command": " ".join(sys.argv),
+                   "raw_images_per_s": raw, "decode_images_per_s": decoding}
+        write_json(partial, args.out)  # what is measured so far survives a time limit
 
         print("timed: bare loop ...", flush=True)
         started = time.perf_counter()
@@ -275,7 +278,11 @@ def main(argv=None) -> dict:
         plan_extraction(str(root / "plan-only"), flow_config(root, "plan-only", "timed-data", args, str(device), 1, 1))
         plan_seconds = time.perf_counter() - started
         started = time.perf_counter()
+        partial["bare_images_per_s"] = round(args.images / bare_seconds, 2)
+        write_json(partial, args.out)
         flow_seconds, summary, run_dir = run_flow(root, "timed", args, str(device))
+        partial |= {"plan_seconds": round(plan_seconds, 3), "flow_images_per_s": round(args.images / flow_seconds, 2)}
+        write_json(partial, args.out)
         windows["flow"] = (started, time.perf_counter())
         variants = []
         for k, variant in enumerate(args.variants):
@@ -287,6 +294,7 @@ def main(argv=None) -> dict:
             variants.append({"shards_per_task": per_task, "workers": workers, "seconds": round(seconds, 3),
                              "images_per_s": round(args.images / seconds, 2),
                              "ratio_flow_over_bare": round(bare_seconds / seconds, 3)})
+            write_json(partial | {"variants": variants}, args.out)
         if sampler is not None:
             time.sleep(0.3)  # the last samples
             sampler.stop()
@@ -300,6 +308,7 @@ def main(argv=None) -> dict:
 
     mb = 1e6
     result = {
+        "complete": True,
         "device": device_name(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
