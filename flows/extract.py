@@ -1,4 +1,4 @@
-"""The extraction flow: plan shards, then one task per block of shards, resumable."""
+"""The extraction flow: list the files, check them in batches, plan shards, then one task per block of shards, resumable."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sacv.config import RunConfig, config_record
 from sacv.plans import ExtractSummary
 from sacv.provenance import versions
 from sacv.rundir import RunDir
-from tasks.extract import extract_shards, plan_extraction, record_rejects
+from tasks.extract import check_batch, extract_shards, list_collections, plan_extraction, record_rejects
 
 
 def shard_blocks(todo: list[tuple[str, int]], per_task: int) -> list[tuple[str, list[int]]]:
@@ -33,7 +33,10 @@ def extract_flow(config: RunConfig, audit_id: str | None = None) -> ExtractSumma
     marks the images this scan adds or removes (a new id when not given)."""
     started = time.perf_counter()
     run_uri = config.run_dir
-    plan = plan_extraction(run_uri, config, audit_id)
+    batches = list_collections(run_uri, config)
+    for future in [check_batch.submit(run_uri, config, k) for k in range(batches)]:
+        future.result()  # the planning scan fans out over batches of files
+    plan = plan_extraction(run_uri, config, audit_id, batches)
     blocks = shard_blocks(plan.todo, config.extract.shards_per_task)
     futures = [extract_shards.submit(run_uri, config, group, shards) for group, shards in blocks]
     n_images = 0

@@ -132,20 +132,87 @@ def dataset_candidates(cfg: DatasetConfig, class_names: list[str]) -> list[Candi
     return out
 
 
-def _check(candidate: Candidate, known: dict[str, tuple[str, str]], max_pixels: int, min_size: int
-           ) -> tuple[Candidate, str | None, str | None, ImageRejected | None]:
-    """(candidate, image_id, stamp, rejection): type, bytes, content id and header (no pixel
+CANDIDATE_COLUMNS = ["path", "group", "role", "concept", "label", "mask", "known_stamp", "known_id"]
+CHECK_COLUMNS = ["path", "image_id", "stamp", "stage", "reason"]
+
+
+def candidate_frame(candidates: list[Candidate], previous: pd.DataFrame | None) -> pd.DataFrame:
+    """The candidates as a table (``CANDIDATE_COLUMNS``) with the stamp and id that the previous
+    images table records for each path (a file whose stamp is unchanged is not read again)."""
+    frame = pd.DataFrame([c.__dict__ for c in candidates], columns=CANDIDATE_COLUMNS[:6])
+    frame["label"] = frame["label"].astype("Int64")
+    known_stamp, known_id = {}, {}
+    if previous is not None:
+        seen = previous.reindex(columns=IMAGE_COLUMNS)
+        seen = seen[seen["status"] != "removed"].dropna(subset=["stamp"])
+        known_stamp, known_id = dict(zip(seen["path"], seen["stamp"])), dict(zip(seen["path"], seen["image_id"]))
+    frame["known_stamp"] = frame["path"].map(known_stamp).astype(object)
+    frame["known_id"] = frame["path"].map(known_id).astype(object)
+    return frame
+
+
+def _check(path: str, known_stamp, known_id, max_pixels: int, min_size: int) -> tuple:
+    """(path, image_id, stamp, stage, reason): type, bytes, content id and header (no pixel
     decoding); a file whose stamp is known keeps its id unread."""
-    stamp = file_stamp(candidate.path)
-    if stamp is not None and known.get(candidate.path, (None, None))[0] == stamp:
-        return candidate, known[candidate.path][1], stamp, None
+    stamp = file_stamp(path)
+    if stamp is not None and isinstance(known_stamp, str) and known_stamp == stamp:
+        return path, known_id, stamp, None, None
     try:
-        check_supported(candidate.path)
-        data = read_bytes(candidate.path)
+        check_supported(path)
+        data = read_bytes(path)
         probe_image(data, max_pixels=max_pixels, min_size=min_size)
-        return candidate, image_id(data), stamp, None
+        return path, image_id(data), stamp, None, None
     except ImageRejected as rejected:
-        return candidate, None, None, rejected
+        return path, None, None, rejected.stage, rejected.reason
+
+
+def check_files(frame: pd.DataFrame, max_pixels: int, min_size: int, threads: int = 4) -> pd.DataFrame:
+    """Read, hash and check the header of every file of ``frame`` (rows of :func:`candidate_frame`)
+    in a pool of ``threads``; one row per file, ``CHECK_COLUMNS`` (stage and reason set for a reject)."""
+    jobs = zip(frame["path"], frame["known_stamp"], frame["known_id"])
+    with ThreadPoolExecutor(threads) as pool:
+        checked = list(pool.map(lambda job: _check(*job, max_pixels, min_size), jobs))
+    return pd.DataFrame(checked, columns=CHECK_COLUMNS).astype(object)
+
+
+def catalog_from_checks(
+    frame: pd.DataFrame,
+    checked: pd.DataFrame,
+    shard_size: int,
+    previous: pd.DataFrame | None = None,
+    audit_id: str | None = None,
+    known_rejects: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The (images, rejects) tables from the candidates ``frame`` and their ``checked`` rows (same
+    order), with rows kept from ``previous`` (see the module doc).
+
+    ``known_rejects``: the previous rejects table; an image whose (path, image_id) a shard could not
+    decode before keeps its row with status ``rejected`` and its reject row, and is not tried again.
+    """
+    quarantined = {}
+    if known_rejects is not None and "image_id" in known_rejects.columns:
+        decode = known_rejects[known_rejects["image_id"].notna()]
+        quarantined = {(p, i): (s, r) for p, i, s, r in zip(decode["path"], decode["image_id"], decode["stage"], decode["reason"])}
+    if frame["path"].tolist() != checked["path"].tolist():
+        raise ValueError("the checked files do not match the listed candidates; plan the extraction again")
+    frame, checked = frame.reset_index(drop=True), checked.reset_index(drop=True)
+    bad = checked["stage"].notna()
+    rejects = [{"path": p, "group": g, "stage": s, "reason": r, "image_id": None}
+               for p, g, s, r in zip(frame.loc[bad, "path"], frame.loc[bad, "group"], checked.loc[bad, "stage"], checked.loc[bad, "reason"])]
+    found = frame.loc[~bad, CANDIDATE_COLUMNS[:6]].assign(image_id=checked.loc[~bad, "image_id"], stamp=checked.loc[~bad, "stamp"])
+    for path, group, content_id in zip(found["path"], found["group"], found["image_id"]):
+        if (path, content_id) in quarantined:
+            stage, reason = quarantined[path, content_id]
+            rejects.append({"path": path, "group": group, "stage": stage, "reason": reason, "image_id": content_id})
+    found = found[["image_id", "path", "group", "role", "concept", "label", "mask", "stamp"]]
+    if previous is not None:
+        previous = previous.reindex(columns=IMAGE_COLUMNS)  # tables written before a column existed
+    images = assign_rows(found.reset_index(drop=True), previous, shard_size, audit_id)
+    keep_out = {(r["path"], r["image_id"]) for r in rejects if r["image_id"] is not None}
+    if keep_out:
+        is_known = pd.Series(list(zip(images["path"], images["image_id"])), index=images.index).isin(keep_out)
+        images.loc[is_known & (images["status"] == "ok"), "status"] = "rejected"
+    return images, pd.DataFrame(rejects, columns=REJECT_COLUMNS)
 
 
 def scan(
@@ -158,41 +225,11 @@ def scan(
     audit_id: str | None = None,
     known_rejects: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read, hash and check every candidate (unless its stamp is known in ``previous``, the last
-    images table); return (images, rejects) tables with rows kept from ``previous`` (see module doc).
-
-    ``known_rejects``: the previous rejects table; an image whose (path, image_id) a shard could not
-    decode before keeps its row with status ``rejected`` and its reject row, and is not tried again.
-    """
-    if previous is not None:
-        previous = previous.reindex(columns=IMAGE_COLUMNS)  # tables written before a column existed
-        seen = previous[previous["status"] != "removed"].dropna(subset=["stamp"])
-        known = {p: (stamp, i) for p, stamp, i in zip(seen["path"], seen["stamp"], seen["image_id"])}
-    else:
-        known = {}
-    quarantined = {}
-    if known_rejects is not None and "image_id" in known_rejects.columns:
-        decode = known_rejects[known_rejects["image_id"].notna()]
-        quarantined = {(p, i): (s, r) for p, i, s, r in zip(decode["path"], decode["image_id"], decode["stage"], decode["reason"])}
-    rows, rejects = [], []
-    with ThreadPoolExecutor(threads) as pool:
-        for candidate, content_id, stamp, rejected in pool.map(lambda c: _check(c, known, max_pixels, min_size), candidates):
-            if rejected is not None:
-                rejects.append({"path": candidate.path, "group": candidate.group, "stage": rejected.stage,
-                                "reason": rejected.reason, "image_id": None})
-                continue
-            rows.append({**candidate.__dict__, "image_id": content_id, "stamp": stamp})
-            if (candidate.path, content_id) in quarantined:
-                stage, reason = quarantined[candidate.path, content_id]
-                rejects.append({"path": candidate.path, "group": candidate.group, "stage": stage,
-                                "reason": reason, "image_id": content_id})
-    found = pd.DataFrame(rows, columns=["image_id", "path", "group", "role", "concept", "label", "mask", "stamp"])
-    images = assign_rows(found, previous, shard_size, audit_id)
-    keep_out = {(r["path"], r["image_id"]) for r in rejects if r["image_id"] is not None}
-    if keep_out:
-        is_known = pd.Series(list(zip(images["path"], images["image_id"])), index=images.index).isin(keep_out)
-        images.loc[is_known & (images["status"] == "ok"), "status"] = "rejected"
-    return images, pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+    """List, check and catalogue in one call (:func:`candidate_frame`, :func:`check_files`,
+    :func:`catalog_from_checks`); the extraction flow runs the checks in batches, as tasks."""
+    frame = candidate_frame(candidates, previous)
+    checked = check_files(frame, max_pixels, min_size, threads)
+    return catalog_from_checks(frame, checked, shard_size, previous, audit_id, known_rejects)
 
 
 def assign_rows(found: pd.DataFrame, previous: pd.DataFrame | None, shard_size: int, audit_id: str | None) -> pd.DataFrame:

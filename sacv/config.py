@@ -62,6 +62,7 @@ class ExtractConfig(Section):
     dtype: Literal["float16", "float32"] = "float16"  # stored activation dtype
     shard_size: int = Field(32, ge=1)  # images per shard = per Zarr chunk along N
     shards_per_task: int = Field(8, ge=1)  # shards one extraction task pipelines (decode, compute, write overlap)
+    scan_batch: int = Field(20_000, ge=1)  # files one planning task reads and hashes (the batches fan out)
     batch_size: int = Field(16, ge=1)  # images per forward/backward pass
     keep_gradients: bool = True  # store dataset gradients (needed for blockwise scoring)
     max_pixels: int = Field(89_478_485, ge=1)  # decompression-bomb limit, pixels per image

@@ -26,7 +26,10 @@ import pandas as pd
 import torch
 
 from sacv.audits import baseline_audit, new_audit_id
-from sacv.catalog import REJECT_COLUMNS, ImageCatalog, concept_candidates, dataset_candidates, match_class, scan
+from sacv.catalog import (
+    CHECK_COLUMNS, REJECT_COLUMNS, ImageCatalog, candidate_frame, catalog_from_checks, check_files, concept_candidates,
+    dataset_candidates, match_class,
+)
 from sacv.checks import validate_checks
 from sacv.config import RunConfig
 from sacv.decoding import EncodedJpeg, decode_batch, read_for_device
@@ -334,14 +337,10 @@ def record_shard_rejects(run_uri: str) -> int:
     return len(rejects)
 
 
-def plan_extraction(run_uri: str, config: RunConfig, audit_id: str | None = None) -> ExtractPlan:
-    """Scan the collections, write images/rejects tables and the store template; plan the shards.
-    Known images keep their rows (the previous images table); ``audit_id`` marks added and removed ones."""
+def _candidates(run: RunDir, config: RunConfig, model: LoadedModel) -> list:
+    """Every file of the configured collections, after the names the config uses are validated."""
     if config.concepts is None and config.dataset is None:
         raise ValueError("the config names no images: add a `concepts` or a `dataset` section")
-    run = RunDir(run_uri)
-    audit_id = audit_id or new_audit_id()
-    model = cached_model(config.model.spec, config.model.weights, config.execution.device)
     candidates = concept_candidates(config.concepts) if config.concepts else []
     if config.audit.baseline is not None:  # an unknown baseline audit: an error before any work
         baseline_audit(run, config.audit.baseline)
@@ -349,15 +348,54 @@ def plan_extraction(run_uri: str, config: RunConfig, audit_id: str | None = None
         validate_checks(config, sorted({c.concept for c in candidates if c.role == "concept"}), model.class_names)
     if config.dataset:
         candidates += dataset_candidates(config.dataset, model.class_names)
+    return candidates
+
+
+def list_collections(run_uri: str, config: RunConfig) -> int:
+    """First step of a fanned-out plan: list every file into ``RUN/scan/candidates.parquet`` (with
+    the stamps the previous images table knows); returns the number of check batches of
+    ``extract.scan_batch`` files, for :func:`check_batch`."""
+    run = RunDir(run_uri)
+    model = cached_model(config.model.spec, config.model.weights, config.execution.device)
+    frame = candidate_frame(_candidates(run, config, model), run.read_table("images"))
+    run.write_scan_part("candidates", frame)
+    return -(-len(frame) // config.extract.scan_batch)
+
+
+def check_batch(run_uri: str, config: RunConfig, index: int) -> int:
+    """Read, hash and check the header of check batch ``index`` of the listed files into
+    ``RUN/scan/checked-<index>.parquet`` (one writer per batch); returns the number of files."""
+    run = RunDir(run_uri)
+    size = config.extract.scan_batch
+    frame = run.read_scan_part("candidates").iloc[index * size : (index + 1) * size]
+    checked = check_files(frame, config.extract.max_pixels, config.extract.min_size, max(4, config.execution.loader_workers))
+    run.write_scan_part(f"checked-{index:05d}", checked)
+    return len(checked)
+
+
+def plan_extraction(run_uri: str, config: RunConfig, audit_id: str | None = None, batches: int | None = None) -> ExtractPlan:
+    """Scan the collections, write images/rejects tables and the store template; plan the shards.
+    Known images keep their rows (the previous images table); ``audit_id`` marks added and removed ones.
+    With ``batches``, the files were listed by :func:`list_collections` and checked by that many
+    :func:`check_batch` calls (the flow fans these out); without, all of it happens here."""
+    run = RunDir(run_uri)
+    audit_id = audit_id or new_audit_id()
+    model = cached_model(config.model.spec, config.model.weights, config.execution.device)
     previous = run.read_table("images")
     if previous is not None and len(previous) and (previous["shard"] != previous["row"] // config.extract.shard_size).any():
         raise ValueError(f"the store in {run.uri} was built with another extract.shard_size; keep it or use a new run_dir")
-    images, rejects = scan(candidates, config.extract.shard_size, config.extract.max_pixels, config.extract.min_size,
-                           threads=max(4, config.execution.loader_workers), previous=previous, audit_id=audit_id,
-                           known_rejects=run.read_table("rejects"))
+    if batches is None:
+        frame = candidate_frame(_candidates(run, config, model), previous)
+        checked = check_files(frame, config.extract.max_pixels, config.extract.min_size, max(4, config.execution.loader_workers))
+    else:
+        frame = run.read_scan_part("candidates")
+        parts = [run.read_scan_part(f"checked-{k:05d}") for k in range(batches)]
+        checked = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CHECK_COLUMNS)
+    images, rejects = catalog_from_checks(frame, checked, config.extract.shard_size, previous, audit_id,
+                                          run.read_table("rejects"))
     if not (images["status"] == "ok").any():
         run.write_table("rejects", rejects)
-        raise ValueError(f"none of the {len(candidates)} files is a usable image; see tables/rejects.parquet")
+        raise ValueError(f"none of the {len(frame)} files is a usable image; see tables/rejects.parquet")
     shards = prepare_store(run, config, model, images)
     run.write_table("rejects", rejects)
     run.write_table("images", images)  # written last: a shard task reads its rows from it

@@ -189,6 +189,18 @@ class RunDir:
         found = sorted(self.fs.glob(self._path("shards/*/*.rejects.json")))
         return [r for path in found for r in json.loads(self.fs.cat_file(path))["rejects"]]
 
+    # --- the planning scan -------------------------------------------------------------------------
+
+    def write_scan_part(self, name: str, table: pd.DataFrame) -> None:
+        """A part of the planning scan (``candidates``, or ``checked-<k>`` of check batch k)."""
+        self._write_parquet(f"scan/{name}.parquet", table)
+
+    def read_scan_part(self, name: str) -> pd.DataFrame:
+        table = self._read_parquet(f"scan/{name}.parquet")
+        if table is None:
+            raise FileNotFoundError(f"{self._path(f'scan/{name}.parquet')} is missing; plan the extraction again")
+        return table
+
     # --- fits ------------------------------------------------------------------------------------
 
     def read_fit_plan(self) -> list[dict] | None:

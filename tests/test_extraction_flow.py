@@ -193,8 +193,8 @@ def test_a_file_that_changes_after_planning_is_a_reject_not_a_failed_shard(tmp_p
 
     planned = extraction.plan_extraction
 
-    def plan_then_change(run_uri, cfg, audit_id=None):
-        plan = planned(run_uri, cfg, audit_id)
+    def plan_then_change(run_uri, cfg, audit_id=None, batches=None):
+        plan = planned(run_uri, cfg, audit_id, batches)
         Image.fromarray(rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)).save(folder / "img1.png")
         return plan
 
@@ -339,3 +339,28 @@ def test_each_marker_splits_the_shard_time_into_decode_wait_compute_and_write(tm
         assert timing["write_s"] >= 0.2 * n_arrays * 0.9
         assert timing["compute_s"] > 0 and timing["writer_wait_s"] >= 0
         assert timing["decode_wait_s"] + timing["compute_s"] + timing["write_s"] <= marker["seconds"] + 0.01
+
+
+def test_planning_fans_out_over_batches_of_files_and_gives_the_tables_of_one_scan(tmp_path, prefect):
+    """``extract.scan_batch: 4``: the files are listed once, checked by one task per batch of 4
+    (each writing its own part), and the images and rejects tables equal those of one batch, rescanned in one call."""
+    import sacv.extraction as extraction
+    from sacv.rundir import RunDir
+
+    write_collection(tmp_path)
+    write_bad_inputs(tmp_path / "data" / "dog")  # 11 files: 5 usable, 5 rejected by the scan, 1 truncated (by its shard)
+    batched = make_config(tmp_path, run="batched", scan_batch=4)
+    summary = run_extract(batched)
+    listed = len(RunDir(batched.run_dir).read_scan_part("candidates"))
+    batches = -(-listed // 4)
+    parts = sorted(p.name for p in (tmp_path / "batched" / "scan").glob("checked-*.parquet"))
+    assert listed == 15 + 8 + 11 and parts == [f"checked-{k:05d}.parquet" for k in range(batches)]
+
+    single = make_config(tmp_path, run="single")
+    run_extract(single)  # one check batch
+    extraction.plan_extraction(single.run_dir, single)  # and a rescan in one call, without the flow's tasks
+    for table in ("images", "rejects"):
+        a = RunDir(batched.run_dir).read_table(table).drop(columns=["added_in"], errors="ignore")
+        b = RunDir(single.run_dir).read_table(table).drop(columns=["added_in"], errors="ignore")
+        pd.testing.assert_frame_equal(a, b)
+    assert summary.images == 23 + 5 and summary.rejects == 6
