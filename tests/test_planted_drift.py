@@ -11,14 +11,14 @@ significant in 14 of 14, the smaller of its two adjusted p-values at most 0.0063
 per-image scores are the same in both audits.
 
 Why not striped -> zebra: it is saturated. The zebra logit rises along the striped vector almost
-wherever the vector fires, whatever the zebra images show (spatial score 0.96-1.00 at
-``_blocks.15`` and 0.72-0.93 at ``_blocks.12`` for zebra images without stripes), so adding stripes
-to the zebra class cannot move it. Why 6 random sets of 15 images and 8 images per class: the drift
-test is Welch on the per-set scores of the two audits, and the per-set scores spread with the
-vectors. On a similar data set with 5 images per set, the change was found in 0 of 6 seeds with 3 sets and 6 of 6 with 6
-sets; with 15 images per set and 4 sets, in 13 of 14; with 5 images per class, the ladybug class
-before the change sometimes has no relevant position for some vector (spatial score undefined, only
-the TCAV test left).
+wherever the vector fires, whatever the zebra images show (spatial score 0.96-1.00 at ``_blocks.15``
+and 0.72-0.93 at ``_blocks.12`` for zebra images without stripes), so adding stripes to the zebra
+class cannot move it. Why 6 random sets of 15 images and 8 images per class: the drift test is Welch
+on the per-set scores of the two audits, and the per-set scores spread with the vectors. On a
+similar data set with 5 images per set, the change was found in 0 of 6 seeds with 3 sets and 6 of 6
+with 6 sets; with 15 images per set and 4 sets, in 13 of 14; with 5 images per class, the ladybug
+class before the change sometimes has no relevant position for some vector (spatial score undefined,
+only the TCAV test left).
 """
 
 from __future__ import annotations
