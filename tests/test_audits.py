@@ -178,6 +178,50 @@ def test_a_failing_check_exits_with_status_4_and_is_recorded(two_audits, tmp_pat
     assert f"checks[0].class '{lowest['class_name'][:-1]}' is unknown: did you mean '{lowest['class_name']}'" in result.output
 
 
+def test_failing_checks_end_the_flow_runs_failed_with_the_checks_in_the_message(two_audits, tmp_path):
+    """The deployment entry (audit_flow) with two failing checks and a passing one: both its flow
+    run and the pipeline's sub-flow run, read back from the Prefect API, are Failed, and their
+    state message names each failing check and not the passing one."""
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from flows.pipeline import audit_flow
+    from sacv.checks import ChecksFailed
+
+    _, config, _, _ = two_audits
+    copy = tmp_path / "run"
+    shutil.copytree(config.run_dir, copy)
+    lowest = RunDir(config.run_dir).read_table("contributions").sort_values("spatial_score").head(2)
+    failing = [{"kind": "min_spatial_score", "concept": r["concept"], "class_name": r["class_name"], "layer": r["layer"],
+                "value": round(min(1.0, float(r["spatial_score"]) + 0.05), 3)} for _, r in lowest.iterrows()]
+    passing = {"kind": "max_drift", "value": 10.0}
+    raw = config.model_dump(mode="json") | {"run_dir": str(copy), "checks": [failing[0], passing, failing[1]]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    state = audit_flow(str(path), return_state=True)
+    assert state.is_failed() and isinstance(state.result(raise_on_failure=False), ChecksFailed)
+    described = [f"min_spatial_score(concept={c['concept']}, class_name={c['class_name']}, layer={c['layer']}, "
+                 f"value={c['value']})" for c in failing]
+    with get_client(sync_client=True) as client:
+        parent = client.read_flow_run(state.state_details.flow_run_id)
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+        flows = {client.read_flow(run.flow_id).name: run for run in [parent, *children]}
+    assert set(flows) >= {"sacv-audit", "sacv-run"}
+    for name in ("sacv-audit", "sacv-run"):
+        run = flows[name]
+        assert run.state.is_failed(), (name, run.state)
+        message = run.state.message
+        assert "2 of " in message and "policy check rows failed" in message, (name, message)
+        for text in described:
+            assert text in message, (name, text, message)
+        assert "max_drift" not in message, (name, message)
+    audit = RunDir(str(copy)).read_audits().iloc[-1]
+    assert audit["status"] == "done" and audit["checks_failed"] == 2
+
+
 def test_compare_two_models_on_the_same_images(two_audits, tmp_path):
     root, config, _, _ = two_audits
     other = config.model_copy(update={"run_dir": str(root / "other"), "model": config.model.model_copy(update={"spec": "tests.models:small_other"})})
