@@ -158,6 +158,21 @@ def compare_command(run_a: str, run_b: str, out: str) -> None:
     click.echo(f"{len(table)} rows, {int(table['significant'].sum())} significant changes -> {out}/compare.parquet, {out}/compare.html")
 
 
+@main.command("compact")
+@click.argument("run_dir")
+@click.option("--wait", "wait_s", default=0.0, show_default=True, help="Seconds to wait for a run that holds RUN_DIR's lock.")
+def compact_command(run_dir: str, wait_s: float) -> None:
+    """Give the images of RUN_DIR's store contiguous rows again, dropping the rows of removed images.
+    The next `sacv run` rescores the rewritten shards and rebuilds the tables (docs/store.md)."""
+    from sacv.compaction import compact, describe
+
+    try:
+        summary = compact(run_dir, wait_s=wait_s)
+    except (ValueError, RuntimeError) as err:  # RunLocked is a RuntimeError
+        raise click.ClickException(f"compact failed: {err}") from None
+    click.echo(describe(summary))
+
+
 @main.command("report")
 @click.argument("run_dir")
 def report_command(run_dir: str) -> None:

@@ -6,7 +6,7 @@ Layout (docs/store.md, docs/architecture.md)::
     RUN/tables/<name>.parquet        result tables (``read_table`` / ``write_table``)
     RUN/tables/audits.parquet        one row per audit (``read_audits`` / ``write_audits``)
     RUN/tables/history/<name>.parquet  tables of every audit, with audit_id (``read_history``)
-    RUN/shards/<group>/<shard>.json  extraction done-markers (``read_shard_marker``)
+    RUN/shards/<group>/<shard>.json  extraction done-markers (``read_shard_marker``, ``marked_shards``)
     RUN/shards/<group>/<shard>.rejects.json   images a shard could not decode (``read_shard_rejects``)
     RUN/fits/plan.json               the planned fit jobs (``read_fit_plan``)
     RUN/fits/<layer>/<key>.json      one cached fit result per job (``read_fit_result``)
@@ -68,6 +68,12 @@ class RunDir:
         """``storage_options`` as zarr takes them (None for a local path or no options)."""
         return None if self.is_local else (self.storage_options or None)
 
+    def store_bytes(self) -> int:
+        """Bytes of every file under ``store.zarr/`` (0 when there is no store)."""
+        if not self._exists("store.zarr"):
+            return 0
+        return int(self.fs.du(self._path("store.zarr"), total=True))
+
     def is_run(self) -> bool:
         """Whether ``RUN/`` holds a run record or tables (a run directory at all)."""
         return self._exists("run.json") or self._exists("tables")
@@ -79,6 +85,12 @@ class RunDir:
 
     def _exists(self, relpath: str) -> bool:
         return self.fs.exists(self._path(relpath))
+
+    def _remove(self, relpath: str) -> None:
+        try:
+            self.fs.rm_file(self._path(relpath))
+        except FileNotFoundError:
+            pass
 
     def _write_bytes(self, relpath: str, data: bytes) -> None:
         storage.write_whole(self.fs, self._path(relpath), data)
@@ -182,6 +194,18 @@ class RunDir:
         elif self._exists(relpath):
             self.fs.rm(self._path(relpath))
 
+    def remove_shard_marker(self, group: str, shard: int) -> None:
+        """The shard is no longer done: its marker first, then its rejects file."""
+        self._remove(f"shards/{group}/{shard:06d}.json")
+        self._remove(f"shards/{group}/{shard:06d}.rejects.json")
+
+    def marked_shards(self, group: str) -> list[int]:
+        """Shards of ``group`` with a done-marker, ascending."""
+        if not self._exists(f"shards/{group}"):
+            return []
+        names = (p.rsplit("/", 1)[-1] for p in self.fs.glob(self._path(f"shards/{group}/*.json")))
+        return sorted(int(n[: -len(".json")]) for n in names if n[: -len(".json")].isdigit())
+
     def read_shard_rejects(self) -> list[dict]:
         """Every shard's decode rejects, over all groups (one listing of ``shards/``)."""
         if not self._exists("shards"):
@@ -228,6 +252,18 @@ class RunDir:
         """The shard's scores, then its marker with the content ``key`` (marker last)."""
         self._write_parquet(f"scores/{shard:06d}.parquet", table)
         self._write_json(f"scores/{shard:06d}.json", {"key": key, "rows": len(table)})
+
+    def remove_shard_scores(self, shard: int) -> None:
+        """Forget a shard's scores: its marker first, then the scores."""
+        self._remove(f"scores/{shard:06d}.json")
+        self._remove(f"scores/{shard:06d}.parquet")
+
+    def scored_shards(self) -> list[int]:
+        """Dataset shards with a scores file or marker, ascending."""
+        if not self._exists("scores"):
+            return []
+        names = {p.rsplit("/", 1)[-1].split(".")[0] for p in self.fs.ls(self._path("scores"), detail=False)}
+        return sorted(int(n) for n in names if n.isdigit())
 
     def shard_scores_key(self, shard: int) -> str | None:
         """The content key recorded when the shard's scores were written (None: not scored)."""
