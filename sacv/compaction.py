@@ -153,11 +153,12 @@ def compact(run_uri: str, wait_s: float = 0, ttl_s: float = 120) -> CompactSumma
             for shard in shards:
                 started = time.perf_counter()
                 _rewrite_shard(arrays, plan, shard, size)
-                rows = catalog.stored_rows(group, shard)
-                run.write_shard_marker(group, shard, {
+                rows, seconds = catalog.stored_rows(group, shard), time.perf_counter() - started
+                run.write_shard_marker(group, shard, {  # the fields of an extraction marker, and `compacted`
                     "digest": shard_digest(rows, config), "rows": [int(rows["row"].iloc[0]), int(rows["row"].iloc[-1]) + 1],
                     "images": int((rows["status"] == "ok").sum()), "rejected": 0, "compacted": True,
-                    "seconds": round(time.perf_counter() - started, 3), "finished_at": time.time()})
+                    "timing": {"writer_wait_s": 0.0, "decode_wait_s": 0.0, "compute_s": 0.0, "write_s": round(seconds, 4)},
+                    "seconds": round(seconds, 3), "finished_at": time.time()})
             for array in arrays:
                 if array.shape[0] != len(plan.old_rows):
                     array.resize((len(plan.old_rows), *array.shape[1:]))
