@@ -55,12 +55,13 @@ def job_moments(mask: np.ndarray, sums: np.ndarray, squares: np.ndarray, counts:
 
 def batched_logistic(
     blocks: Blocks, weight: np.ndarray, sign: np.ndarray, mean: np.ndarray, scale: np.ndarray,
-    C: float, standardize: bool, max_iter: int, tol: float,
+    C: float, standardize: bool, max_iter: int, tol: float, counts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Exact balanced L2 logistic regression for J jobs at once (see the module docstring).
 
     ``mean``, ``scale`` (J, C): each job's training moments (preconditioning; with ``standardize`` also
-    the space of the penalty). Each job's objective is divided by ``C Σ_i s_ij`` (same minimiser; the
+    the space of the penalty). ``counts`` (n_img,): positions per image, when known (saves the pass
+    that otherwise counts them). Each job's objective is divided by ``C Σ_i s_ij`` (same minimiser; the
     scale scikit-learn uses), so that jobs weigh alike in the stacked problem and ``tol`` bounds every
     job's largest gradient component. Returns raw-space normals (J, C) float64, intercepts (J,)
     float64, the L-BFGS iterations and the passes over the blocks (one per evaluation).
@@ -69,11 +70,14 @@ def batched_logistic(
     centre = mean.mean(axis=0)  # shared centre: blocks are centred once in float32 for every job
     offset = mean - centre  # (J, C): each job's mean in centred space
     penalty = np.ones_like(scale) if standardize else 1.0 / scale**2  # ½‖w‖² with w = u / scale
-    total = np.zeros(J)
-    for _, image in blocks():
-        total += weight[image].sum(axis=0)
+    if counts is not None:
+        total = weight.T @ counts
+    else:
+        total = np.zeros(J)
+        for _, image in blocks():
+            total += weight[image].sum(axis=0)
     norm = C * total  # (J,) C Σ_i s_ij
-    passes = [1]
+    passes = [int(counts is None)]
 
     def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
         P = params.reshape(J, channels + 1)
