@@ -22,7 +22,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+from contextlib import contextmanager
 
 import numpy as np
 from scipy.optimize import minimize
@@ -58,9 +58,13 @@ def job_moments(mask: np.ndarray, sums: np.ndarray, squares: np.ndarray, counts:
     return mean, scale
 
 
-@cache
-def _blas() -> ThreadpoolController:
-    return ThreadpoolController()
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """BLAS limited to one thread in this thread, and in threads started inside, until the exit.
+    (The OpenBLAS here keeps the setting per thread: a limit set in another thread does not apply,
+    and threads inherit the setting of the thread that starts them.)"""
+    with ThreadpoolController().limit(limits=1, user_api="blas"):  # a new controller sees every BLAS loaded by now
+        yield
 
 
 def fit_threads() -> int:
@@ -139,7 +143,7 @@ def batched_logistic(
         grad = np.concatenate([grad_u, C * grad_b[:, None]], axis=1) / norm[:, None]
         return float(value.sum()), grad.ravel()
 
-    with _blas().limit(limits=1, user_api="blas"), ThreadPoolExecutor(threads, thread_name_prefix="sacv-fit") as pool:
+    with single_threaded_blas(), ThreadPoolExecutor(threads, thread_name_prefix="sacv-fit") as pool:  # workers start inside
         result = minimize(objective, np.zeros(J * (channels + 1)), args=(pool,), jac=True, method="L-BFGS-B",
                           options={"maxiter": max_iter, "ftol": 64 * np.finfo(float).eps, "gtol": tol, "maxcor": 20})
     P = result.x.reshape(J, channels + 1)

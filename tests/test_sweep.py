@@ -204,3 +204,25 @@ def test_the_batched_solver_gives_the_same_result_on_any_number_of_threads():
         np.testing.assert_array_equal(w, results[0][0])
         np.testing.assert_array_equal(b, results[0][1])
         assert (n_iter, passes) == results[0][2:]
+
+
+def test_a_solve_runs_blas_single_threaded_in_its_threads_and_restores_it():
+    """The limit holds in the solving thread and the threads it starts (the evaluation's workers),
+    and the thread's setting is back afterwards."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from sacv import solvers
+
+    def blas_threads():
+        return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+
+    before, seen = blas_threads(), {}
+    with solvers.single_threaded_blas():
+        seen["solve"] = blas_threads()
+        worker = threading.Thread(target=lambda: seen.setdefault("worker", blas_threads()))
+        worker.start()
+        worker.join()
+    assert seen == {"solve": [1], "worker": [1]}
+    assert blas_threads() == before
