@@ -17,6 +17,7 @@ Captum's tutorial does. sacv's process: ``sacv run CONFIG`` (extract, fit, score
 alpha 0.05). Both preprocess with the model's ``Preprocessing`` (resize 256, crop 224).
 
     python benchmarks/captum_side_by_side.py --out benchmarks/results/captum_side_by_side_cpu.json
+    python benchmarks/captum_side_by_side.py --sacv-only --out /tmp/anchor_sacv.json   # the sacv side alone
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scenes", type=int, default=60, help="zebra scenes")
     parser.add_argument("--target", default=str(Path(tempfile.gettempdir()) / "sacv-captum"), help="Captum install folder")
     parser.add_argument("--keep", default=None, help="keep the data and run folders here")
+    parser.add_argument("--sacv-only", action="store_true", help="run only the sacv side (no Captum install or run)")
     parser.add_argument("--out", default="benchmarks/results/captum_side_by_side.json", help="JSON result path")
     return parser.parse_args(argv)
 
@@ -137,7 +139,8 @@ def main(argv=None) -> dict:
     import yaml
 
     target = Path(args.target)
-    install_captum(target)
+    if not args.sacv_only:
+        install_captum(target)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sacv-captum-job-"))
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"device": f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
@@ -149,11 +152,14 @@ def main(argv=None) -> dict:
             write_data(work, args)
         for stale in ("captum_cav", "run"):
             shutil.rmtree(work / stale, ignore_errors=True)
-        print("captum ...", flush=True)
-        captum = run_measured([sys.executable, "-c", CAPTUM_SCRIPT, str(work), str(args.sets), str(args.per_set), ",".join(LAYERS)],
-                              REPO, f"{target}{os.pathsep}{REPO}")
-        result["captum"] = {**{k: v for k, v in captum.items() if k != "stdout"},
-                            **json.loads(captum["stdout"].strip().splitlines()[-1])}
+        if args.sacv_only:
+            result["captum"] = "not run (--sacv-only)"
+        else:
+            print("captum ...", flush=True)
+            captum = run_measured([sys.executable, "-c", CAPTUM_SCRIPT, str(work), str(args.sets), str(args.per_set),
+                                   ",".join(LAYERS)], REPO, f"{target}{os.pathsep}{REPO}")
+            result["captum"] = {**{k: v for k, v in captum.items() if k != "stdout"},
+                                **json.loads(captum["stdout"].strip().splitlines()[-1])}
         config = {"run_dir": str(work / "run"), "model": {"spec": "efficientnet_lite0"}, "layers": LAYERS,
                   "concepts": {"root": str(work / "concepts"), "random_pool": str(work / "pool"),
                                "random_sets": args.sets, "images_per_set": args.per_set},
@@ -176,8 +182,9 @@ def main(argv=None) -> dict:
     result["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
     c, s = result["captum"], result["sacv"]
     print(f"\n{'tool':<10} {'wall s':>7} {'peak RSS GiB':>12}  significance (striped -> zebra) per layer")
-    print(f"{'captum':<10} {c['wall_s']:>7.1f} {c['peak_rss_gib']:>12.2f}  " + ", ".join(
-        f"{k}: TCAV {v['tcav_mean']:.2f} vs null {v['null_mean']:.2f}, p {v['p_value']:.2g}" for k, v in c["layers"].items()))
+    if isinstance(c, dict):
+        print(f"{'captum':<10} {c['wall_s']:>7.1f} {c['peak_rss_gib']:>12.2f}  " + ", ".join(
+            f"{k}: TCAV {v['tcav_mean']:.2f} vs null {v['null_mean']:.2f}, p {v['p_value']:.2g}" for k, v in c["layers"].items()))
     print(f"{'sacv run':<10} {s['wall_s']:>7.1f} {s['peak_rss_gib']:>12.2f}  " + ", ".join(
         f"{k}: spatial {v['spatial_score']:.2f} vs null {v['spatial_null']:.2f}, p_adj {v['p_adjusted']:.2g}"
         for k, v in s["layers"].items()))

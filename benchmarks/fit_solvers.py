@@ -145,7 +145,7 @@ def block_fit(array, rows, solver: str, C: float, seed: int, w_exact, read_s: fl
     """One job (odd rows concept, even rows random) through the fit stage's block code."""
     import numpy as np
 
-    from sacv import sweep
+    from sacv import solvers, sweep
     from sacv.config import parse_config
 
     config = parse_config({"run_dir": "unused", "layers": ["layer"], "fit": {"solver": solver, "C": C, "seed": seed}})
@@ -153,7 +153,9 @@ def block_fit(array, rows, solver: str, C: float, seed: int, w_exact, read_s: fl
            "pos": [str(r) for r in rows if r % 2], "neg": [str(r) for r in rows if r % 2 == 0]}
     started = time.perf_counter()
     reader = sweep.PositionReader(array, rows, resident=True)
-    (r,) = sweep.fit_group(reader, np.arange(len(rows)), [job], {str(i): int(i) for i in rows}, config)
+    sides = sweep.GroupSides([job], {str(i): int(i) for i in rows}, config.fit.validation_fraction, seed)
+    stats = solvers.image_stats(reader.blocks(np.searchsorted(rows, sides.rows)), len(sides.rows), array.shape[-1])
+    (r,) = sweep.fit_group(reader, sides, stats, config, stats_passes=1)  # statistics from this read (no markers here)
     wall = time.perf_counter() - started
     return {"raw_read_s": round(read_s, 4), "fit_wall_s": round(wall, 3), "solver_s": round(wall, 3),
             "passes": r["passes"], "n_iter": r["n_iter"], "s_per_pass": round(wall / r["passes"], 4),

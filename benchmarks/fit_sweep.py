@@ -1,14 +1,18 @@
 """The fit stage of a concept sweep, fresh, before and after fit blocks: process wall, flow wall, peak RSS.
 
 One collection of generated textures (``sacv.textures``): ``--concepts`` concept folders of
-``--per-concept`` images (the generators of ``textures.CONCEPTS``, cycled with other seeds beyond
-eight) and a random pool of ``--pool`` random textures; ``concepts.random_sets`` = ``--sets`` sets
+``--per-concept`` images and a random pool of ``--pool`` random textures. Concept ``k`` is generator
+``textures.CONCEPTS[k % 8]`` in variant ``k // 8`` of ``VARIANT_NAMES`` (as generated; fine: drawn at
+twice the size and halved; coarse: drawn at half the size and doubled; warm / cool: a fixed colour
+tint; inverted; blurred), so up to 56 distinct concepts (e.g. ``striped``, ``striped_fine``,
+``striped_warm``); ``concepts.random_sets`` = ``--sets`` sets
 of ``--per-set`` images; no dataset section (extract + fit only). It extracts once with this
 checkout's code, then for each measured variant deletes every fit output (``fits/``,
 ``store.zarr/vectors``, ``tables/vectors.parquet``) and runs ``sacv fit CONFIG`` in a fresh process
 (cwd = the code under test: ``--before`` is a checkout of the code before fit blocks, e.g.
 ``git archive <commit> | tar -x -C DIR``). Measured per variant: the process's wall time, the fit
-flow's own wall (``run.json`` ``timings.fit.seconds``), its peak RSS (``os.wait4`` rusage of that
+flow's own wall (``run.json`` ``timings.fit.seconds``) and its ratio to the extraction flow's wall
+(the extraction of the guidance images; the sweep goal is a fit below twice it), its peak RSS (``os.wait4`` rusage of that
 child), the number of vectors, the cosine of every vector to the same row of the first variant, the
 median held-out balanced accuracy of the concept vectors and, for mean_difference, the median cosine
 to the exact logistic vector of the same job (``cosine_to_logistic`` in vectors.parquet). Solver
@@ -19,6 +23,9 @@ positions (``LogisticRegression(class_weight="balanced", tol=1e-10, max_iter=200
 fit stage draws it).
 
     python benchmarks/fit_sweep.py --before /tmp/sacv-before --out benchmarks/results/fit_sweep_cpu.json
+    python benchmarks/fit_sweep.py --concepts 50 --per-concept 20 --pool 200 --per-set 20 \
+        --layers _blocks.4 _blocks.8 _blocks.11 _blocks.14 --solvers auto mean_difference_alone \
+        --out benchmarks/results/fit_sweep_50x4_cpu.json
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from common import write_json  # benchmarks/common.py (the script folder is on s
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = "from sacv.cli import main; main()"
+VARIANT_NAMES = ("", "fine", "coarse", "warm", "cool", "inverted", "blurred")
 VARIANTS = {"mean_difference_whiten": {"solver": "mean_difference", "whiten": True},
             "mean_difference_alone": {"solver": "mean_difference", "compare_logistic": False}}
 
@@ -53,11 +61,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--per-set", type=int, default=50, help="images per random set")
     parser.add_argument("--size", type=int, default=128, help="generated image size in pixels")
     parser.add_argument("--before", default=None, help="a checkout of the code before fit blocks (optional)")
+    parser.add_argument("--before-label", default="before (per-vector tasks, auto)", help="its label in the table")
     parser.add_argument("--solvers", nargs="+", default=["auto", "mean_difference"], help="solvers measured on this code")
     parser.add_argument("--exact-check", type=int, default=2, help="concept jobs checked against a tight fit")
     parser.add_argument("--keep", default=None, help="keep the collection and run directory here")
     parser.add_argument("--out", default="benchmarks/results/fit_sweep.json", help="JSON result path")
     return parser.parse_args(argv)
+
+
+def concept_image(name: str, variant: str, size: int, rng):
+    """One image of concept ``name`` in ``variant`` (see the module docstring): (size, size, 3) uint8."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    from sacv import textures
+
+    drawn = {"fine": 2 * size, "coarse": size // 2}.get(variant, size)
+    image = Image.fromarray(textures.GENERATORS[name](drawn, rng)).resize((size, size), Image.BILINEAR)
+    if variant == "blurred":
+        image = image.filter(ImageFilter.GaussianBlur(2.5))
+    pixels = np.asarray(image).astype(np.float64)
+    if variant in ("warm", "cool"):
+        pixels = pixels * (np.array([1.0, 0.75, 0.45]) if variant == "warm" else np.array([0.45, 0.75, 1.0]))
+    if variant == "inverted":
+        pixels = 255 - pixels
+    return pixels.clip(0, 255).astype(np.uint8)
 
 
 def write_collection(root: Path, args) -> None:
@@ -67,13 +95,16 @@ def write_collection(root: Path, args) -> None:
     sys.path.insert(0, str(REPO))
     from sacv import textures
 
+    n = len(textures.CONCEPTS)
+    if args.concepts > n * len(VARIANT_NAMES):
+        raise SystemExit(f"at most {n * len(VARIANT_NAMES)} distinct concepts")
     for k in range(args.concepts):
-        name = textures.CONCEPTS[k % len(textures.CONCEPTS)]
-        folder = root / "concepts" / (name if k < len(textures.CONCEPTS) else f"{name}_{k}")
+        name, variant = textures.CONCEPTS[k % n], VARIANT_NAMES[k // n]
+        folder = root / "concepts" / (f"{name}_{variant}" if variant else name)
         folder.mkdir(parents=True)
         rng = np.random.default_rng([1, k])
         for i in range(args.per_concept):
-            Image.fromarray(textures.GENERATORS[name](args.size, rng)).save(folder / f"{i:04d}.png")
+            Image.fromarray(concept_image(name, variant, args.size, rng)).save(folder / f"{i:04d}.png")
     pool = root / "pool"
     pool.mkdir()
     rng = np.random.default_rng(2)
@@ -168,7 +199,7 @@ def main(argv=None) -> dict:
                              "images": record["timings"]["extract"]["images"]}
         variants = []
         if args.before:
-            variants.append(("before (per-vector tasks, auto)", Path(args.before), "auto"))
+            variants.append((args.before_label, Path(args.before), "auto"))
         variants += [(f"after ({solver})", REPO, solver) for solver in args.solvers]
         reference = None
         kept: dict = {}
@@ -192,9 +223,13 @@ def main(argv=None) -> dict:
                 quality |= {"concept_cosine_to_logistic_median": round(float(concept["cosine_to_logistic"].median()), 4),
                             "concept_cosine_to_logistic_min": round(float(concept["cosine_to_logistic"].min()), 4),
                             "concept_bal_acc_logistic_median": round(float(concept["bal_acc_logistic"].median()), 4)}
+            results = [json.loads(p.read_text()) for p in (work / "run" / "fits").glob("*/*.json")]
+            flow_s = record["timings"]["fit"]["seconds"]
             result["variants"][label] = {**measured, "load_avg_1min_after": round(os.getloadavg()[0], 2), **quality,
-                                         "flow_s": record["timings"]["fit"]["seconds"],
+                                         "flow_s": flow_s, "fit_over_extract": round(flow_s / result["extract"]["flow_s"], 3),
                                          "vectors": record["timings"]["fit"]["vectors"],
+                                         "passes_median": float(table["passes"].median()),
+                                         "image_stats": sorted({str(r.get("image_stats")) for r in results}),
                                          "min_cos_to_first": round(float(cos.min()), 6)}
         if args.exact_check:
             print("tight reference fits ...", flush=True)
@@ -208,12 +243,13 @@ def main(argv=None) -> dict:
     e = result["extract"]
     for label, cosines in result.get("exact_check", {}).get("cosines", {}).items():
         print(f"cosine to a tight fit ({result['exact_check']['layer']}), {label}: {cosines}")
-    print(f"\nextract: {e['images']} images, flow {e['flow_s']:.1f} s, process {e['process_wall_s']:.1f} s")
-    print(f"{'fit variant':<34} {'vectors':>7} {'flow s':>7} {'process s':>9} {'peak RSS MB':>11} {'min cos':>9} "
-          f"{'bal_acc':>7} {'cos to logistic':>15}")
+    print(f"\nextract (guidance images): {e['images']} images, flow {e['flow_s']:.1f} s, process {e['process_wall_s']:.1f} s")
+    print(f"{'fit variant':<34} {'vectors':>7} {'flow s':>7} {'fit/extract':>11} {'process s':>9} {'peak RSS MB':>11} "
+          f"{'min cos':>9} {'bal_acc':>7} {'cos to logistic':>15}")
     for label, r in result["variants"].items():
-        print(f"{label:<34} {r['vectors']:>7} {r['flow_s']:>7.1f} {r['process_wall_s']:>9.1f} {r['peak_rss_mb']:>11.0f} "
-              f"{r['min_cos_to_first']:>9.5f} {r['concept_bal_acc_median']:>7.3f} {r.get('concept_cosine_to_logistic_median', float('nan')):>15.4f}")
+        print(f"{label:<34} {r['vectors']:>7} {r['flow_s']:>7.1f} {r['fit_over_extract']:>11.2f} {r['process_wall_s']:>9.1f} "
+              f"{r['peak_rss_mb']:>11.0f} {r['min_cos_to_first']:>9.5f} {r['concept_bal_acc_median']:>7.3f} "
+              f"{r.get('concept_cosine_to_logistic_median', float('nan')):>15.4f}")
     return result
 
 

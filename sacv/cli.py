@@ -123,13 +123,17 @@ def run_command(config_path: str, strict: bool) -> None:
 
 @main.command("inspect")
 @click.argument("run_dir")
-@click.option("--top", default=10, show_default=True, help="Rows of the contributions table to show.")
-def inspect_command(run_dir: str, top: int) -> None:
-    """Print what a run directory holds: stages done, counts, rejects, top contributions."""
+@click.option("--top", default=10, show_default=True, help="Rows of each list to show (contributions, concepts, rejects).")
+@click.option("--layer", "layers", multiple=True, help="Only this layer (repeatable).")
+@click.option("--concept", "concepts", multiple=True, help="Only this concept (repeatable).")
+@click.option("--class", "classes", multiple=True, help="Only this class, by name or index (repeatable).")
+def inspect_command(run_dir: str, top: int, layers: tuple[str, ...], concepts: tuple[str, ...], classes: tuple[str, ...]) -> None:
+    """Print what a run directory holds: stages done, counts, rejects, summaries per layer and
+    concept, top contributions."""
     from sacv.inspect import describe_run
 
     try:
-        click.echo(describe_run(run_dir, top))
+        click.echo(describe_run(run_dir, top, layers, concepts, classes))
     except FileNotFoundError as err:
         raise click.ClickException(str(err)) from None
 

@@ -35,6 +35,7 @@ from sacv.config import RunConfig
 from sacv.decoding import EncodedJpeg, decode_batch, read_for_device
 from sacv.extract import Extraction, extract
 from sacv.images import ImageRejected, load_image
+from sacv.imagestats import MARKER_FLAG, ensure_stats_arrays, shard_stats
 from sacv.models import LoadedModel, cached_model, layer_shapes, resolve_layers
 from sacv.plans import ExtractPlan
 from sacv.rundir import RunDir
@@ -71,6 +72,8 @@ def prepare_store(run: RunDir, config: RunConfig, model: LoadedModel, images: pd
         n = int(part["row"].max()) + 1
         for layer, (h, w, c) in identity["layers"].items():
             ensure_array(root, f"{group}/{layer}/act", (n, h, w, c), size, config.extract.dtype)
+            if group == "guidance":  # per-image position statistics for the fit (sacv.imagestats)
+                ensure_stats_arrays(root, group, layer, n, c, size)
             if group == "dataset" and config.extract.keep_gradients:
                 ensure_array(root, f"{group}/{layer}/grad", (n, h, w, c), size, config.extract.dtype)
         if group == "dataset":
@@ -239,9 +242,17 @@ def _timed(items: Iterator, timing: dict[str, float]) -> Iterator:
 
 
 def _write_shard(run: RunDir, root, group: str, shard: int, start: int, arrays: dict[str, np.ndarray],
-                 marker: dict, rejects: list[dict], started: float) -> dict:
-    """One shard's regions, then its rejects, then its marker (last). Runs in a writer thread."""
+                 marker: dict, rejects: list[dict], started: float, stats_layers: list[str], blank: list[int]) -> dict:
+    """One shard's regions, then its rejects, then its marker (last). Runs in a writer thread.
+    For each of ``stats_layers`` the per-image statistics of ``<group>/<layer>/act`` as stored are
+    computed here and written after it (``sacv.imagestats``; rows ``blank`` hold no image)."""
     write_started = time.perf_counter()
+    for layer in stats_layers:
+        act = f"{group}/{layer}/act"
+        stats = shard_stats(arrays[act], root[act].dtype, blank)
+        arrays = {**arrays, **{f"{group}/{layer}/{name}": values for name, values in stats.items()}}
+    if stats_layers:
+        marker = {**marker, MARKER_FLAG: True}
     for path, values in arrays.items():
         try:
             write_region(root[path], start, values)
@@ -264,12 +275,15 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
     still written by exactly one writer, its marker last. An image that fails to decode (or changed
     since planning) is quarantined: its row is written as zeros (target -1) and it is listed in the
     shard's rejects file; rows of removed or earlier quarantined images are written as zeros too
-    (their files may be gone; nothing reads those rows). Returns the markers, in shard order.
+    (their files may be gone; nothing reads those rows). A guidance shard's writer also writes the
+    per-image position statistics of each layer (``sacv.imagestats``: sums, sums of squares, counts
+    of the stored values) and marks them in the marker (``pos_stats``). Returns the markers, in
+    shard order.
 
     Each marker's ``timing`` splits the model thread's time on that shard: ``writer_wait_s``
     (blocked on a full writer queue before the shard started), ``decode_wait_s`` (waiting for
     decoded images), ``compute_s`` (batching, the model, device copies); and ``write_s``, the
-    writer thread's time on the shard's regions, rejects and marker.
+    writer thread's time on the shard's statistics, regions, rejects and marker.
     """
     run = RunDir(run_uri)
     catalog = ImageCatalog.read(run)
@@ -308,7 +322,9 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
             marker = {"digest": shard_digest(rows, config), "rows": [start, start + len(rows)],
                       "images": len(rows) - len(missing), "rejected": len(rejects),
                       "timing": {key: round(value, 4) for key, value in timing.items()}}
-            pending.append(writers.submit(_write_shard, run, root, group, shard, start, arrays, marker, rejects, started))
+            stats_layers = config.layers if group == "guidance" else []
+            pending.append(writers.submit(_write_shard, run, root, group, shard, start, arrays, marker, rejects, started,
+                                          stats_layers, sorted(missing)))
             waited = time.perf_counter()
             while len(pending) > config.execution.write_workers:
                 markers.append(pending.popleft().result())

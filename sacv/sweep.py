@@ -6,7 +6,9 @@
   alone is a block of its own and is streamed (re-read chunk by chunk in every solver pass).
 - ``fit_block`` reads the block's images once (``PositionReader``), fits every group with the
   configured solver (``sacv.solvers``: all R jobs of a group in one batched solve) and writes one
-  result per job (``RunDir.write_fit_result``): the cache stays per vector.
+  result per job (``RunDir.write_fit_result``): the cache stays per vector. Batched groups take the
+  per-image statistics from the store (``sacv.imagestats``; computed from the positions only for
+  shards written without them) and read only the images their solver needs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import zarr
 from sacv import solvers
 from sacv.catalog import ImageCatalog
 from sacv.config import RunConfig
+from sacv.imagestats import MARKER_FLAG, read_stats
 from sacv.outofcore import OutOfCoreConceptVector, positions_from_store
 from sacv.rundir import RunDir
 from sacv.vectors import NearChanceWarning, grouped_validation_split, set_fitted_vector
@@ -103,6 +106,20 @@ class PositionReader:
 
         return resident if self.data is not None else streamed
 
+    def blocks_of(self, rows: np.ndarray, index: np.ndarray) -> solvers.Blocks:
+        """``blocks()`` over the store ``rows`` (sorted, held by this reader), ``image`` mapped to
+        ``index`` (one entry per row: e.g. the rows' positions in a group's image table)."""
+        local = np.searchsorted(self.rows, rows)
+        if len(rows) and (local.max() >= len(self.rows) or (self.rows[local] != rows).any()):
+            raise ValueError("rows this reader did not read")  # a fit planned without them: a bug
+        inner = self.blocks(local)
+
+        def mapped():
+            for x, image in inner():
+                yield x, index[image]
+
+        return mapped
+
 
 class _Fitted:
     """Holder of the attributes ``set_fitted_vector`` sets (coef_, vector_, metrics_, …)."""
@@ -111,17 +128,35 @@ class _Fitted:
         self.near_chance = near_chance
 
 
-def _sides(group: list[dict], row_of: dict[str, int], local_of: dict[int, int], n_img: int):
-    """Per image and job: concept side (n_img, J) bool, member of the job (n_img, J) bool. An image
-    on both sides counts as random (as the per-job labels always did)."""
-    pos, member = np.zeros((n_img, len(group)), bool), np.zeros((n_img, len(group)), bool)
-    for j, job in enumerate(group):
-        pos[[local_of[row_of[i]] for i in job["pos"]], j] = True
-        neg = [local_of[row_of[i]] for i in job["neg"]]
-        pos[neg, j] = False
-        member[:, j] = pos[:, j]
-        member[neg, j] = True
-    return pos, member
+class GroupSides:
+    """Per image and job of one group (shared positives): the images are the group's store ``rows``
+    (sorted), all (n_img, J) bool: ``pos`` concept side (an image on both sides counts as random, as
+    the per-job labels always did), ``member`` in the job, ``val`` held out (whole images, drawn as
+    ``grouped_validation_split`` draws them per job), ``train`` = member and not held out."""
+
+    def __init__(self, group: list[dict], row_of: dict[str, int], validation_fraction: float, seed: int):
+        self.jobs = group
+        self.rows = np.array(sorted({row_of[i] for job in group for i in job["pos"] + job["neg"]}), np.int64)
+        local_of = {int(r): k for k, r in enumerate(self.rows)}
+        n_img = len(self.rows)
+        pos, member = np.zeros((n_img, len(group)), bool), np.zeros((n_img, len(group)), bool)
+        for j, job in enumerate(group):
+            pos[[local_of[row_of[i]] for i in job["pos"]], j] = True
+            neg = [local_of[row_of[i]] for i in job["neg"]]
+            pos[neg, j] = False
+            member[:, j] = pos[:, j]
+            member[neg, j] = True
+        val = np.zeros_like(member)
+        for j in range(len(group)):
+            m = np.flatnonzero(member[:, j])
+            val[m, j] = grouped_validation_split(pos[m, j].astype(np.int8), self.rows[m], validation_fraction, seed)
+        self.pos, self.member, self.val, self.train = pos, member, val, member & ~val
+
+
+def reads_training_positions(fit) -> bool:
+    """Whether the configured fit reads the training positions; if not (``mean_difference`` with
+    the midpoint intercept, no whitening, no comparison) it reads only the held-out images."""
+    return fit.solver != "mean_difference" or fit.whiten or fit.intercept == "logistic" or fit.compare_logistic
 
 
 def _result(job: dict, fitted, config: RunConfig, solver: str, passes: int, n_iter: int, wall: float) -> dict:
@@ -161,43 +196,44 @@ def fit_one(reader: PositionReader, job: dict, row_of: dict[str, int], config: R
     return _result(job, estimator, config, solver, estimator.passes_, estimator.n_iter_, time.perf_counter() - started)
 
 
-def fit_group(reader: PositionReader, local: np.ndarray, group: list[dict], row_of: dict[str, int], config: RunConfig) -> list[dict]:
-    """Fit the jobs of one group (shared positives) over images ``reader.rows[local]``; results per job."""
+def fit_group(reader: PositionReader, sides: GroupSides, stats: tuple[np.ndarray, np.ndarray, np.ndarray],
+              config: RunConfig, stats_passes: int = 0) -> list[dict]:
+    """Fit the jobs of one group (``sides``) from its images' statistics ``stats`` = (sums (n_img, C)
+    float64, sums of squares (n_img, C) float64, counts (n_img,) int64, in ``sides.rows`` order) and
+    the positions ``reader`` holds; results per job. The reader must hold every image the fit reads:
+    the held-out ones, and with :func:`reads_training_positions` all of the group's.
+    ``stats_passes``: passes already spent on computing ``stats`` (0 when they were stored)."""
     fit = config.fit
     started = time.perf_counter()
-    local_of = {int(r): k for k, r in enumerate(reader.rows[local])}
-    n_img = len(local)
-    pos, member = _sides(group, row_of, local_of, n_img)
-    image_rows = reader.rows[local]
-    val = np.zeros_like(member)
-    for j in range(len(group)):
-        m = np.flatnonzero(member[:, j])
-        val[m, j] = grouped_validation_split(pos[m, j].astype(np.int8), image_rows[m], fit.validation_fraction, fit.seed)
-    train = member & ~val
-    blocks = reader.blocks(local)
-    sums, squares, counts = solvers.image_stats(blocks, n_img, reader.channels)
-    passes = 1
+    group, pos, member, val, train = sides.jobs, sides.pos, sides.member, sides.val, sides.train
+    sums, squares, counts = stats
+
+    def blocks(images: np.ndarray) -> solvers.Blocks:  # positions of the images in the (n_img,) mask
+        return reader.blocks_of(sides.rows[images], np.flatnonzero(images))
+
+    passes = stats_passes
     n_pos = (train & pos).T.astype(np.float64) @ counts  # (J,) training positions per side
     n_neg = (train & ~pos).T.astype(np.float64) @ counts
     sign = np.where(pos, 1.0, -1.0)
 
-    def logistic():
+    def logistic():  # over training images only: a held-out image has weight 0 in every job
         weight = np.where(train & pos, (n_pos + n_neg) / (2 * n_pos), np.where(train, (n_pos + n_neg) / (2 * n_neg), 0.0))
         mean, scale = solvers.job_moments(train, sums, squares, counts)
-        return solvers.batched_logistic(blocks, weight, sign, mean, scale, fit.C, fit.standardize, fit.max_iter, fit.tol)
+        return solvers.batched_logistic(blocks(train.any(axis=1)), weight, sign, mean, scale, fit.C, fit.standardize,
+                                        fit.max_iter, fit.tol, counts)
 
     extra: list[dict] = [{} for _ in group]
     if fit.solver in BATCHED:
         w, b, n_iter, p = logistic()
         passes += p
     else:  # mean_difference
-        precision = solvers.shared_precision(blocks, reader.channels) if fit.whiten else None
+        precision = solvers.shared_precision(blocks(member.any(axis=1)), reader.channels) if fit.whiten else None
         passes += bool(fit.whiten)
         w, b = solvers.mean_difference(train & pos, train & ~pos, sums, counts, precision)
         n_iter = 0
         if fit.intercept == "logistic":
             unit = w / np.linalg.norm(w, axis=1, keepdims=True)
-            projections = solvers.select_scores(blocks, unit, np.zeros(len(group)), train)
+            projections = solvers.select_scores(blocks(train.any(axis=1)), unit, np.zeros(len(group)), train)
             passes += 1
             for j, (proj, image) in enumerate(projections):
                 slope, intercept = solvers.logistic_1d(proj, pos[image, j].astype(int), fit.C)
@@ -205,13 +241,13 @@ def fit_group(reader: PositionReader, local: np.ndarray, group: list[dict], row_
         if fit.compare_logistic:
             w_log, b_log, _, p = logistic()
             passes += p + 1
-            scores_log = solvers.select_scores(blocks, w_log, b_log, val)
+            scores_log = solvers.select_scores(blocks(val.any(axis=1)), w_log, b_log, val)
             for j, (scores, image) in enumerate(scores_log):
                 reference = _Fitted(fit.near_chance)
                 set_fitted_vector(reference, w_log[j], b_log[j], pos[image, j].astype(int), scores, 0, 0)
                 extra[j] = {"cosine_to_logistic": float(w[j] @ w_log[j] / (np.linalg.norm(w[j]) * np.linalg.norm(w_log[j]))),
                             "bal_acc_logistic": reference.metrics_["bal_acc"]}
-    scores = solvers.select_scores(blocks, w, b, val)
+    scores = solvers.select_scores(blocks(val.any(axis=1)), w, b, val)  # held-out images only
     passes += 1
     wall = (time.perf_counter() - started) / len(group)
     results = []
@@ -222,13 +258,22 @@ def fit_group(reader: PositionReader, local: np.ndarray, group: list[dict], row_
             warnings.simplefilter("ignore", NearChanceWarning)  # recorded as near_chance and logged by the task
             set_fitted_vector(fitted, w[j], b[j], pos[image, j].astype(int), val_scores, int(n_pos[j]), int(n_neg[j]))
         solver = "lbfgs" if fit.solver in BATCHED else fit.solver
-        results.append({**_result(job, fitted, config, solver, passes, n_iter, wall), **extra[j]})
+        image_stats = "computed" if stats_passes else "stored"
+        results.append({**_result(job, fitted, config, solver, passes, n_iter, wall), **extra[j], "image_stats": image_stats})
     return results
 
 
 def fit_block(run_uri: str, config: RunConfig, layer: str, keys: list[str]) -> list[dict]:
-    """Fit the planned jobs ``keys`` of ``layer`` from one read; write and return one result per job."""
+    """Fit the planned jobs ``keys`` of ``layer`` from one read; write and return one result per job.
+
+    Batched groups (``mean_difference``; ``auto``/``lbfgs`` without ``max_positions_per_class``) take
+    their per-image statistics from the store (``sacv.imagestats``), computing in one pass only those
+    of images whose shard has none (a store written before they existed), and read only the images
+    their solver needs (:func:`reads_training_positions`; else the held-out ones). Per-job solvers
+    read every image of the block.
+    """
     run = RunDir(run_uri)
+    fit = config.fit
     plan = {job["key"]: job for job in run.read_fit_plan() if job["layer"] == layer}
     missing = [k for k in keys if k not in plan]
     if missing:
@@ -237,22 +282,40 @@ def fit_block(run_uri: str, config: RunConfig, layer: str, keys: list[str]) -> l
     ids = sorted({i for job in jobs for i in job["pos"] + job["neg"]})
     row_of = dict(zip(ids, ImageCatalog.read(run).row_of(ids).tolist()))
     rows = np.array(sorted(set(row_of.values())), np.int64)
-    array = run.open_zarr("r")[f"guidance/{layer}/act"]
+    root = run.open_zarr("r")
+    array = root[f"guidance/{layer}/act"]
     _, h, w, c = array.shape
-    reader = PositionReader(array, rows, resident=len(rows) * h * w * c * 4 <= config.fit.memory_budget_mb * 2**20)
     groups: dict[tuple, list[dict]] = {}
     for job in jobs:
         groups.setdefault(_group_of(job), []).append(job)
-    results = []
-    for group in groups.values():
-        group_rows = {row_of[i] for job in group for i in job["pos"] + job["neg"]}
-        local = np.flatnonzero(np.isin(rows, list(group_rows)))
-        fit = config.fit
-        if fit.solver == "mean_difference" or (fit.solver in BATCHED and not fit.max_positions_per_class):
-            group_results = fit_group(reader, local, group, row_of, config)
+    batched = fit.solver == "mean_difference" or (fit.solver in BATCHED and not fit.max_positions_per_class)
+    if batched:
+        sides = [GroupSides(group, row_of, fit.validation_fraction, fit.seed) for group in groups.values()]
+        sums, squares, counts, have = read_stats(
+            root, layer, rows, lambda shard: bool((run.read_shard_marker("guidance", shard) or {}).get(MARKER_FLAG)))
+        if reads_training_positions(fit):
+            needed = rows
         else:
-            group_results = [fit_one(reader, job, row_of, config) for job in group]
-        for result in group_results:
+            needed = np.union1d(np.concatenate([g.rows[g.val.any(axis=1)] for g in sides]), rows[~have])
+    else:
+        needed = rows
+    reader = PositionReader(array, needed, resident=len(needed) * h * w * c * 4 <= fit.memory_budget_mb * 2**20)
+    results = []
+    if batched:
+        if not have.all():  # no stored statistics for these images: one pass over them
+            lacking = np.flatnonzero(~have)
+            computed = solvers.image_stats(reader.blocks_of(rows[lacking], np.arange(len(lacking))), len(lacking), c)
+            sums[lacking], squares[lacking], counts[lacking] = computed
+        for g in sides:
+            at = np.searchsorted(rows, g.rows)
+            group_results = fit_group(reader, g, (sums[at], squares[at], counts[at]), config, int(not have[at].all()))
+            for result in group_results:
+                run.write_fit_result(layer, result["key"], result)
+            results += group_results
+        return results
+    for group in groups.values():
+        for job in group:
+            result = fit_one(reader, job, row_of, config)
             run.write_fit_result(layer, result["key"], result)
             results.append(result)
     return results

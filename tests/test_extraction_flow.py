@@ -125,7 +125,7 @@ def test_killed_run_resumes_without_redoing_finished_shards(collection, tmp_path
     finally:
         del os.environ["SACV_TEST_DELAY"]
     resumed, clean = store_arrays(Path(config.run_dir)), store_arrays(Path(reference.run_dir))
-    assert resumed.keys() == clean.keys() and len(resumed) == 8
+    assert resumed.keys() == clean.keys() and len(resumed) == 8 + 6  # + pos_sum, pos_sqsum, pos_count of 2 guidance layers
     for key in clean:
         np.testing.assert_array_equal(resumed[key], clean[key], err_msg=key)
 

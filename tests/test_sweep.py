@@ -174,3 +174,55 @@ def test_a_streamed_block_gives_the_positions_of_a_resident_one(tmp_path):
     expected = array[...][rows[local]].reshape(-1, C)  # (4 * H * W, C), images in row order
     np.testing.assert_array_equal(stacked["streamed"][0], expected)
     assert streamed.chunk_reads == 4  # rows 1, 9, 17, 31 lie in 4 chunks of 8 rows, each read once
+
+
+def test_the_batched_solver_gives_the_same_result_on_any_number_of_threads():
+    """Blocks are spread over threads and their partial sums added in block order: bit-identical."""
+    from sacv import solvers
+
+    rng = np.random.default_rng(3)
+    n_img, per, J = 40, 16, 3
+    x = rng.normal(size=(n_img * per, C)).astype(np.float32)
+    image = np.repeat(np.arange(n_img), per)
+    pos = np.zeros((n_img, J), bool)
+    pos[:12] = True
+    x[image < 12] += 0.7
+    weight = np.where(pos, 2.0, 1.0) * (rng.random((n_img, J)) > 0.2)  # some images out of some jobs
+    sign = np.where(pos, 1.0, -1.0)
+
+    def blocks():
+        for a in range(0, len(x), 5 * per):  # 8 blocks
+            yield x[a : a + 5 * per], image[a : a + 5 * per]
+
+    counts = np.full(n_img, per)
+    sums = np.add.reduceat(x.astype(np.float64), np.arange(0, len(x), per))
+    squares = np.add.reduceat(x.astype(np.float64) ** 2, np.arange(0, len(x), per))
+    mean, scale = solvers.job_moments(weight > 0, sums, squares, counts)
+    results = [solvers.batched_logistic(blocks, weight, sign, mean, scale, 1.0, True, 200, 1e-7, counts, threads=t)
+               for t in (1, 2, 5)]
+    for w, b, n_iter, passes in results[1:]:
+        np.testing.assert_array_equal(w, results[0][0])
+        np.testing.assert_array_equal(b, results[0][1])
+        assert (n_iter, passes) == results[0][2:]
+
+
+def test_a_solve_runs_blas_single_threaded_in_its_threads_and_restores_it():
+    """The limit holds in the solving thread and the threads it starts (the evaluation's workers),
+    and the thread's setting is back afterwards."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from sacv import solvers
+
+    def blas_threads():
+        return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+
+    before, seen = blas_threads(), {}
+    with solvers.single_threaded_blas():
+        seen["solve"] = blas_threads()
+        worker = threading.Thread(target=lambda: seen.setdefault("worker", blas_threads()))
+        worker.start()
+        worker.join()
+    assert seen == {"solve": [1], "worker": [1]}
+    assert blas_threads() == before
