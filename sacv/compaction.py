@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from sacv import runlock
+from sacv import imagestats, runlock
 from sacv.catalog import LIVE, ImageCatalog
 from sacv.config import RunConfig, parse_config
 from sacv.extraction import record_shard_rejects, shard_digest
@@ -136,6 +136,10 @@ def compact(run_uri: str, wait_s: float = 0, ttl_s: float = 120) -> CompactSumma
             raise RuntimeError(f"{run.uri} has no images table; nothing to compact")
         bytes_before = run.store_bytes()
         table, plans = plan_rows(images, size)
+        # statistics move with the rows: rewritten shards keep the flag if every old shard had them
+        with_stats = {group: bool(run.marked_shards(group)) and all(
+            (run.read_shard_marker(group, shard) or {}).get(imagestats.MARKER_FLAG) for shard in run.marked_shards(group))
+            for group in plans}
         for group, plan in plans.items():  # 2. nothing marks a shard from `first` on as done
             for shard in run.marked_shards(group):
                 if shard >= plan.first:
@@ -158,6 +162,7 @@ def compact(run_uri: str, wait_s: float = 0, ttl_s: float = 120) -> CompactSumma
                     "digest": shard_digest(rows, config), "rows": [int(rows["row"].iloc[0]), int(rows["row"].iloc[-1]) + 1],
                     "images": int((rows["status"] == "ok").sum()), "rejected": 0, "compacted": True,
                     "timing": {"writer_wait_s": 0.0, "decode_wait_s": 0.0, "compute_s": 0.0, "write_s": round(seconds, 4)},
+                    **({imagestats.MARKER_FLAG: True} if with_stats[group] else {}),
                     "seconds": round(seconds, 3), "finished_at": time.time()})
             for array in arrays:
                 if array.shape[0] != len(plan.old_rows):

@@ -81,6 +81,8 @@ def test_compaction_then_a_rerun_gives_the_tables_and_store_of_a_fresh_run(remov
         assert rows["row"].tolist() == list(range(n))
         assert rows["image_id"].tolist() == kept[(kept["group"] == group) & (kept["status"] == "ok")]["image_id"].tolist()
     assert run.marked_shards("dataset") == [0, 1, 2] and run.marked_shards("guidance") == [0, 1, 2, 3]
+    # the per-image statistics moved with their rows, so the rewritten shards still vouch for them
+    assert all(run.read_shard_marker("guidance", s).get("pos_stats") for s in run.marked_shards("guidance"))
     assert run.scored_shards() == []  # every dataset shard moved: scored again by the next run
 
     rerun = run_pipeline(config)
