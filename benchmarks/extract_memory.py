@@ -29,7 +29,8 @@ sys.path.insert(0, sys.argv[3] + "/benchmarks")
 from extract_throughput import write_images
 from flows.extract import shard_blocks
 from sacv.config import parse_config
-from sacv.extraction import plan_extraction, record_shard_rejects, run_shards
+from sacv.extraction import record_shard_rejects, run_shards
+from sacv.planning import plan_extraction
 from sacv.models import cached_model
 
 root, n = Path(sys.argv[1]), int(sys.argv[2])

@@ -210,7 +210,8 @@ def run_flow(root: Path, run: str, args, device: str, data: str | None = None, s
         summary = dataclasses.asdict(run_extract(config))
     else:
         from flows.extract import shard_blocks
-        from sacv.extraction import plan_extraction, record_shard_rejects, run_shards
+        from sacv.extraction import record_shard_rejects, run_shards
+        from sacv.planning import plan_extraction
 
         plan = plan_extraction(config.run_dir, config)
         for group, shards in shard_blocks(plan.todo, config.extract.shards_per_task):
@@ -272,7 +273,7 @@ def main(argv=None) -> dict:
         del results
 
         print("timed: planning alone, then the flow ...", flush=True)
-        from sacv.extraction import plan_extraction
+        from sacv.planning import plan_extraction
 
         started = time.perf_counter()
         plan_extraction(str(root / "plan-only"), flow_config(root, "plan-only", "timed-data", args, str(device), 1, 1))

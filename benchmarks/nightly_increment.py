@@ -3,7 +3,7 @@
 
 The extraction flow (``flows.extract.run_extract``, Prefect embedded mode, warmed up on a 4-image
 run first) with ``dataset.target: label``. Images are generated 24x24 PNGs in two class folders.
-It also times the planning step alone (``sacv.extraction.plan_extraction``: listing, stamps,
+It also times the planning step alone (``sacv.planning.plan_extraction``: listing, stamps,
 tables) once more with nothing new. For comparison the script also counts the shards that the earlier row assignment (all rows sorted
 by (label, image_id) on every scan) would have redone for the same increment: computed from the
 two images tables, not run.
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     third = run_extract(cfg)
     timings["nothing new"] = (time.perf_counter() - started, third)
 
-    from sacv.extraction import plan_extraction
+    from sacv.planning import plan_extraction
 
     started = time.perf_counter()
     plan_extraction(cfg.run_dir, cfg)  # the planning step alone: listing, stamps, tables (nothing new)

@@ -38,7 +38,8 @@ import pandas as pd
 from sacv import imagestats, runlock
 from sacv.catalog import LIVE, ImageCatalog
 from sacv.config import RunConfig, parse_config
-from sacv.extraction import record_shard_rejects, shard_digest
+from sacv.extraction import record_shard_rejects
+from sacv.planning import shard_digest
 from sacv.rundir import RunDir
 from sacv.store import write_region
 

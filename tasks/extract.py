@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from sacv import extraction, storage
+from sacv import extraction, planning, storage
 from sacv.config import RunConfig, numeric_warnings
 from sacv.plans import ExtractPlan
 
@@ -13,21 +13,21 @@ from sacv.plans import ExtractPlan
 def list_collections(run_uri: str, config: RunConfig) -> int:
     """List every file of the collections; return the number of check batches."""
     storage.use(config.storage_options)  # this process may be a Dask worker
-    return extraction.list_collections(run_uri, config)
+    return planning.list_collections(run_uri, config)
 
 
 @task(name="check-files", retries=1, retry_delay_seconds=2)
 def check_batch(run_uri: str, config: RunConfig, index: int) -> int:
     """Read, hash and check the headers of one batch of listed files; return how many."""
     storage.use(config.storage_options)
-    return extraction.check_batch(run_uri, config, index)
+    return planning.check_batch(run_uri, config, index)
 
 
 @task(name="plan-extraction")
 def plan_extraction(run_uri: str, config: RunConfig, audit_id: str | None, batches: int) -> ExtractPlan:
     """Catalogue the checked files, write images/rejects tables and the store template; return the shard plan."""
     storage.use(config.storage_options)  # this process may be a Dask worker
-    plan = extraction.plan_extraction(run_uri, config, audit_id, batches)
+    plan = planning.plan_extraction(run_uri, config, audit_id, batches)
     logger = get_run_logger()
     logger.info("%d images (%d added, %d removed), %d rejected, shards %s, %d to do", plan.images, plan.added,
                 plan.removed, plan.rejects, plan.shards, len(plan.todo))

@@ -3,7 +3,6 @@ decodes with libjpeg: the same pixels as PIL, the same rejects, the same store."
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pandas as pd

@@ -189,16 +189,16 @@ def test_a_file_that_changes_after_planning_is_a_reject_not_a_failed_shard(tmp_p
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
     config = make_config(tmp_path, with_concepts=False)
-    import sacv.extraction as extraction
+    import sacv.planning as planning
 
-    planned = extraction.plan_extraction
+    planned = planning.plan_extraction
 
     def plan_then_change(run_uri, cfg, audit_id=None, batches=None):
         plan = planned(run_uri, cfg, audit_id, batches)
         Image.fromarray(rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)).save(folder / "img1.png")
         return plan
 
-    monkeypatch.setattr(extraction, "plan_extraction", plan_then_change)
+    monkeypatch.setattr(planning, "plan_extraction", plan_then_change)
     summary = run_extract(config)
     rejects = pd.read_parquet(Path(config.run_dir) / "tables/rejects.parquet")
     assert summary.rejects == 1 and summary.images == 2
@@ -285,11 +285,12 @@ def test_a_failing_store_write_fails_the_shard_with_the_chunk_key_and_leaves_no_
     """The task bodies without Prefect: a write that fails (e.g. a full disk) names the array and
     rows, and the shard gets no marker, so a rerun redoes it."""
     import sacv.extraction as extraction
+    import sacv.planning as planning
     from sacv.rundir import RunDir
 
     write_collection(tmp_path, n_per_concept=2, n_per_class=3)
     config = make_config(tmp_path, with_concepts=False)
-    plan = extraction.plan_extraction(config.run_dir, config)
+    plan = planning.plan_extraction(config.run_dir, config)
     original = extraction.write_region
 
     def full_disk(array, start, data):
@@ -314,10 +315,11 @@ def test_each_marker_splits_the_shard_time_into_decode_wait_compute_and_write(tm
     import time
 
     import sacv.extraction as extraction
+    import sacv.planning as planning
 
     write_collection(tmp_path, n_per_concept=2, n_per_class=3)
     config = make_config(tmp_path, with_concepts=False)
-    plan = extraction.plan_extraction(config.run_dir, config)
+    plan = planning.plan_extraction(config.run_dir, config)
     original_item, original_write = extraction.ShardImages.__getitem__, extraction.write_region
 
     def slow_item(self, index):
@@ -344,7 +346,7 @@ def test_each_marker_splits_the_shard_time_into_decode_wait_compute_and_write(tm
 def test_planning_fans_out_over_batches_of_files_and_gives_the_tables_of_one_scan(tmp_path, prefect):
     """``extract.scan_batch: 4``: the files are listed once, checked by one task per batch of 4
     (each writing its own part), and the images and rejects tables equal those of one batch, rescanned in one call."""
-    import sacv.extraction as extraction
+    import sacv.planning as planning
     from sacv.rundir import RunDir
 
     write_collection(tmp_path)
@@ -358,7 +360,7 @@ def test_planning_fans_out_over_batches_of_files_and_gives_the_tables_of_one_sca
 
     single = make_config(tmp_path, run="single")
     run_extract(single)  # one check batch
-    extraction.plan_extraction(single.run_dir, single)  # and a rescan in one call, without the flow's tasks
+    planning.plan_extraction(single.run_dir, single)  # and a rescan in one call, without the flow's tasks
     for table in ("images", "rejects"):
         a = RunDir(batched.run_dir).read_table(table).drop(columns=["added_in"], errors="ignore")
         b = RunDir(single.run_dir).read_table(table).drop(columns=["added_in"], errors="ignore")

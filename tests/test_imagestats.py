@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from sacv import extraction, sweep
+from sacv import extraction, planning, sweep
 from sacv.catalog import ImageCatalog
 from sacv.fitting import collect_vectors, plan_fits
 from sacv.imagestats import MARKER_FLAG, STATS, ensure_stats_arrays, shard_stats
@@ -71,7 +71,7 @@ def test_shard_statistics_are_those_of_the_stored_float16_values():
 def test_extraction_writes_statistics_equal_to_numpy_over_the_stored_activations(tmp_path):
     write_collection(tmp_path, n_per_concept=3, n_per_class=2)
     config = pipeline_config(tmp_path)
-    plan = extraction.plan_extraction(config.run_dir, config)
+    plan = planning.plan_extraction(config.run_dir, config)
     guidance = [shard for group, shard in plan.todo if group == "guidance"]
     markers = extraction.run_shards(config.run_dir, config, "guidance", guidance)
     extraction.run_shards(config.run_dir, config, "dataset", [s for g, s in plan.todo if g == "dataset"])
@@ -97,7 +97,7 @@ def test_a_store_without_statistics_gives_the_same_vectors_as_one_with_them(tmp_
     the statistics from the positions (one more pass) and gives the vectors of the full store."""
     write_collection(tmp_path, n_per_concept=5, n_per_class=2)
     config = pipeline_config(tmp_path)
-    plan = extraction.plan_extraction(config.run_dir, config)
+    plan = planning.plan_extraction(config.run_dir, config)
     extraction.run_shards(config.run_dir, config, "guidance", [s for g, s in plan.todo if g == "guidance"])
     run = RunDir(config.run_dir)
     fit_all(run, config)
@@ -113,7 +113,7 @@ def test_a_store_without_statistics_gives_the_same_vectors_as_one_with_them(tmp_
     for shard in range(plan.shards["guidance"]):
         marker = run.read_shard_marker("guidance", shard)
         run.write_shard_marker("guidance", shard, {k: v for k, v in marker.items() if k != MARKER_FLAG})
-    again = extraction.plan_extraction(config.run_dir, config)
+    again = planning.plan_extraction(config.run_dir, config)
     assert not [s for g, s in again.todo if g == "guidance"]  # nothing re-extracted
     assert f"guidance/{config.layers[0]}/pos_sum" in zarr.open_group(run.store_uri, mode="r")  # template made again
     clear_fits(run)
