@@ -12,26 +12,21 @@ import zarr
 
 from sacv import extraction, planning, sweep
 from sacv.catalog import ImageCatalog
-from sacv.fitting import collect_vectors, plan_fits
 from sacv.imagestats import MARKER_FLAG, STATS, ensure_stats_arrays, shard_stats
 from sacv.rundir import RunDir
 from sacv.store import write_region
 from sacv.vectors import grouped_validation_split
 from tests.flow_helpers import pipeline_config, write_collection
 from tests.test_fit_job import C, LAYER, planted_run
+from tests.test_sweep import cosine
+from tests.test_sweep import fit_all as fit_planned
 
 pytestmark = pytest.mark.filterwarnings("ignore::sacv.vectors.NearChanceWarning")  # null vectors are near chance
 
 
-def cosine(a, b) -> float:
-    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def fit_all(run, config):
-    plan = plan_fits(run.uri, config)
-    for layer, keys in plan.blocks:
-        sweep.fit_block(run.uri, config, layer, keys)
-    return collect_vectors(run.uri)
+    """Every planned vector fitted (fit blocks in process); the vectors table."""
+    return fit_planned(run, config)[1]
 
 
 def clear_fits(run: RunDir) -> None:
