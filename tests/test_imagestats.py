@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from sacv import extraction, planning, sweep
+from sacv import extraction, planning
 from sacv.catalog import ImageCatalog
 from sacv.imagestats import MARKER_FLAG, STATS, ensure_stats_arrays, shard_stats
 from sacv.rundir import RunDir
@@ -18,7 +18,7 @@ from sacv.store import write_region
 from sacv.vectors import grouped_validation_split
 from tests.flow_helpers import pipeline_config, write_collection
 from tests.test_fit_job import C, LAYER, planted_run
-from tests.test_sweep import cosine
+from tests.test_sweep import cosine, record_readers
 from tests.test_sweep import fit_all as fit_planned
 
 pytestmark = pytest.mark.filterwarnings("ignore::sacv.vectors.NearChanceWarning")  # null vectors are near chance
@@ -149,14 +149,7 @@ def test_planted_vectors_from_stored_statistics_equal_those_from_the_positions(t
 def test_mean_difference_midpoint_reads_only_held_out_images_and_is_the_numpy_mean_difference(tmp_path, monkeypatch):
     run, config, u = planted_run(tmp_path, shift=2.0, fit={"solver": "mean_difference", "compare_logistic": False})
     add_stats(run)
-    readers = []
-    original = sweep.PositionReader.__init__
-
-    def recording(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        readers.append(self)
-
-    monkeypatch.setattr(sweep.PositionReader, "__init__", recording)
+    readers = record_readers(monkeypatch)
     table = fit_all(run, config)
     (reader,) = readers
     catalog = ImageCatalog.read(run)

@@ -57,8 +57,8 @@ def test_batched_solver_agrees_with_the_per_job_solvers(tmp_path, standardize):
         assert cosine(coef[row.vector_row], w) >= 0.9999  # scikit-learn, in memory
 
 
-def test_a_block_reads_each_chunk_once_and_the_cache_stays_per_vector(tmp_path, monkeypatch):
-    run, config, _ = planted_run(tmp_path)
+def record_readers(monkeypatch) -> list:
+    """Every ``sweep.PositionReader`` the fit creates from now on, in order."""
     readers = []
     original = sweep.PositionReader.__init__
 
@@ -67,6 +67,12 @@ def test_a_block_reads_each_chunk_once_and_the_cache_stays_per_vector(tmp_path, 
         readers.append(self)
 
     monkeypatch.setattr(sweep.PositionReader, "__init__", recording)
+    return readers
+
+
+def test_a_block_reads_each_chunk_once_and_the_cache_stays_per_vector(tmp_path, monkeypatch):
+    run, config, _ = planted_run(tmp_path)
+    readers = record_readers(monkeypatch)
     plan, _ = fit_all(run, config)
     assert plan.blocks == [(LAYER, plan.todo)] and len(plan.todo) == 6  # 3 concept + 3 null vectors, one task
     (reader,) = readers
