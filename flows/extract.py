@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from prefect import flow
 from prefect.futures import as_completed
@@ -27,6 +28,19 @@ def shard_blocks(todo: list[tuple[str, int]], per_task: int) -> list[tuple[str, 
     return blocks
 
 
+def block_markers(run_uri: str, config: RunConfig, blocks: list[tuple[str, list[int]]]) -> Iterator[list[dict]]:
+    """Each block's markers as its task finishes. With one task worker and no Dask cluster the
+    tasks run one after another in the flow's own thread: the model runs measurably slower in a
+    task-runner thread (README, extraction benchmarks); otherwise they are submitted and fan out."""
+    if config.execution.workers == 1 and not config.execution.dask_address:
+        for group, shards in blocks:
+            yield extract_shards(run_uri, config, group, shards)
+        return
+    futures = [extract_shards.submit(run_uri, config, group, shards) for group, shards in blocks]
+    for future in as_completed(futures):
+        yield future.result()
+
+
 @flow(name="sacv-extract")
 def extract_flow(config: RunConfig, audit_id: str | None = None) -> ExtractSummary:
     """Extract activations (and dataset gradients) of every layer into the run's store; ``audit_id``
@@ -38,11 +52,9 @@ def extract_flow(config: RunConfig, audit_id: str | None = None) -> ExtractSumma
         future.result()  # the planning scan fans out over batches of files
     plan = plan_extraction(run_uri, config, audit_id, batches)
     blocks = shard_blocks(plan.todo, config.extract.shards_per_task)
-    futures = [extract_shards.submit(run_uri, config, group, shards) for group, shards in blocks]
     n_images = 0
     with tqdm(total=len(plan.todo), unit="shard", desc="extract", disable=None) as bar:
-        for future in as_completed(futures):
-            markers = future.result()
+        for markers in block_markers(run_uri, config, blocks):
             n_images += sum(marker["images"] for marker in markers)
             bar.update(len(markers))
             bar.set_postfix(images=n_images)
