@@ -17,6 +17,8 @@ and restores the previous settings after. ``autocast`` runs the forward pass in 
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,6 +73,17 @@ def capture_layers(module: nn.Module, layer_names: Sequence[str]) -> Iterator[di
     finally:
         for handle in handles:
             handle.remove()
+
+
+_MODULE_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_MODULE_LOCKS_LOCK = threading.Lock()
+
+
+def _lock_of(module: nn.Module) -> threading.Lock:
+    """The lock of ``module``: tasks in threads of one process share a cached model, and two
+    passes at once would each see the other's hooks fire (and TF32 is process-wide state)."""
+    with _MODULE_LOCKS_LOCK:
+        return _MODULE_LOCKS.setdefault(module, threading.Lock())
 
 
 @contextmanager
@@ -139,19 +152,20 @@ def extract(
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
-    module.eval()
-    device = next(module.parameters()).device
-    images = images.to(device, non_blocking=True)
-    precision = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
-    with tf32_mode(allow_tf32), torch.set_grad_enabled(with_gradients), capture_layers(module, layers) as captured:
-        with precision:
-            logits = module(images).float()  # (N, K)
-        targets = resolve_targets(target, logits.detach())
-        outputs = [captured[name] for name in layers]
-        grads = None
-        if with_gradients:
-            selected = logits.gather(1, targets[:, None]).sum()
-            grads = torch.autograd.grad(selected, outputs, allow_unused=True)
+    with _lock_of(module):  # hooks live on the module: one pass at a time through a module threads share
+        module.eval()
+        device = next(module.parameters()).device
+        images = images.to(device, non_blocking=True)
+        precision = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
+        with tf32_mode(allow_tf32), torch.set_grad_enabled(with_gradients), capture_layers(module, layers) as captured:
+            with precision:
+                logits = module(images).float()  # (N, K)
+            targets = resolve_targets(target, logits.detach())
+            outputs = [captured[name] for name in layers]
+            grads = None
+            if with_gradients:
+                selected = logits.gather(1, targets[:, None]).sum()
+                grads = torch.autograd.grad(selected, outputs, allow_unused=True)
     if grads is not None:
         for name, grad in zip(layers, grads):
             if grad is None:

@@ -26,6 +26,23 @@ def test_hooks_are_removed_when_the_forward_pass_fails(tiny):
     assert all(len(m._forward_hooks) == 0 for m in tiny.modules())
 
 
+def test_threads_sharing_one_module_get_the_results_of_one_thread(tiny):
+    """Shard tasks in threads of one process share the cached model: each pass must see only its
+    own hooks (without the module's lock, a layer "runs twice" or captures another batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(k)) for k in range(16)]
+    expected = [extract(tiny, x, ["features.0", "features.2"]) for x in batches]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: extract(tiny, x, ["features.0", "features.2"]), batches * 3))
+    for k, result in enumerate(got):
+        reference = expected[k % len(batches)]
+        for layer in ("features.0", "features.2"):
+            torch.testing.assert_close(result.activations[layer], reference.activations[layer], rtol=0, atol=0)
+            torch.testing.assert_close(result.gradients[layer], reference.gradients[layer], rtol=0, atol=0)
+    assert all(len(m._forward_hooks) == 0 for m in tiny.modules())
+
+
 def test_layer_output_is_taken_before_a_following_in_place_relu(tiny):
     x = torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(0))
     out = extract(tiny, x, ["features.0", "features.1"], target=0, with_gradients=False)

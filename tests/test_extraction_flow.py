@@ -366,3 +366,26 @@ def test_planning_fans_out_over_batches_of_files_and_gives_the_tables_of_one_sca
         b = RunDir(single.run_dir).read_table(table).drop(columns=["added_in"], errors="ignore")
         pd.testing.assert_frame_equal(a, b)
     assert summary.images == 23 + 5 and summary.rejects == 6
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_with_one_worker_the_shard_tasks_run_in_the_flows_own_thread(tmp_path, prefect, monkeypatch, workers):
+    """The model runs measurably slower in a task-runner thread, so with one worker (and no
+    cluster) the extraction tasks run in the caller's thread; with more they fan out to the pool."""
+    import threading
+
+    import sacv.extraction as extraction
+
+    write_collection(tmp_path, n_per_concept=2, n_per_class=3)
+    config = make_config(tmp_path, shards_per_task=1)
+    config = config.model_copy(update={"execution": config.execution.model_copy(update={"workers": workers})})
+    threads, original = [], extraction.run_shards
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(extraction, "run_shards", recording)
+    assert run_extract(config).shards_run == len(threads) > 1
+    in_caller = [thread is threading.current_thread() for thread in threads]
+    assert all(in_caller) if workers == 1 else not any(in_caller)
