@@ -136,7 +136,7 @@ CHECK_KINDS = {"no_significant_contribution": NoSignificantContribution, "min_sp
 
 class ExecutionConfig(Section):
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool
+    workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool (1: extraction runs in the flow's thread)
     loader_workers: int = Field(0, ge=0)  # image decoding threads per process, kept across shards (useful on CUDA)
     write_workers: int = Field(4, ge=1)  # chunk-writer threads per extraction task (compression releases the GIL)
     dask_address: str | None = None  # run tasks on this Dask scheduler instead of the thread pool
