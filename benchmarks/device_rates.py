@@ -1,6 +1,6 @@
 """What the device and the decoder manage alone, for the throughput benchmark: the raw
 forward/backward rate on a batch already on the device, decoding rates, and GPU utilisation
-sampled with ``nvidia-smi`` while a phase runs."""
+sampled with ``nvidia-smi`` while a phase runs; and the bare loop with device decoding."""
 
 from __future__ import annotations
 
@@ -144,3 +144,31 @@ def decoded_levels(paths: list[str], device) -> dict:
     return {"max": int(max(d.max() for d in diffs)), "mean": round(float(np.mean([d.mean() for d in diffs])), 4),
             "share_over_8": round(float(np.mean([(d > 8).mean() for d in diffs])), 5),
             "what": "decoded pixels of 64 images before resizing, in 8-bit levels; share_over_8: pixels more than 8 levels apart"}
+
+
+def bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, autocast) -> tuple[float, list]:
+    """The throughput benchmark's bare loop with device decoding: files read in a pool of
+    ``loader_workers`` threads, each batch decoded on the device, then extracted. Returns (seconds, results)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from sacv.decoding import EncodedJpeg, decode_batch, read_for_device
+    from sacv.extract import extract
+
+    device = next(model.module.parameters()).device
+    results = []
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max(loader_workers, 1)) as pool:
+        items = pool.map(lambda p: read_for_device(p, 10**9, 8)[1], paths)
+        batch = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == batch_size or len(results) * batch_size + len(batch) == len(paths):
+                assert all(isinstance(e, EncodedJpeg) for e in batch)
+                images = torch.stack(decode_batch(batch, model.preprocessing, device))
+                results.append(extract(model.module, images, layers, None, with_gradients=True, autocast=autocast))
+                batch = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started, results

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from common import print_table, write_json  # benchmarks/common.py (the script folder is on sys.path)
-from device_rates import GpuSampler, decode_rates, raw_rates  # benchmarks/device_rates.py
+from device_rates import GpuSampler, bare_loop_device_decoding, decode_rates, raw_rates  # benchmarks/device_rates.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loade
     from torch.utils.data import DataLoader, Dataset
 
     if decoder == "torchvision":
-        return _bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, autocast)
+        return bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, autocast)
 
     from sacv.extract import extract
     from sacv.images import load_image
@@ -118,32 +118,6 @@ def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loade
     for batch in loader:
         result = extract(model.module, batch, layers, None, with_gradients=True, autocast=autocast)
         results.append(result)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started, results
-
-
-def _bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, autocast) -> tuple[float, list]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    from sacv.decoding import EncodedJpeg, decode_batch, read_for_device
-    from sacv.extract import extract
-
-    device = next(model.module.parameters()).device
-    results = []
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max(loader_workers, 1)) as pool:
-        items = pool.map(lambda p: read_for_device(p, 10**9, 8)[1], paths)
-        batch = []
-        for item in items:
-            batch.append(item)
-            if len(batch) == batch_size or len(results) * batch_size + len(batch) == len(paths):
-                assert all(isinstance(e, EncodedJpeg) for e in batch)
-                images = torch.stack(decode_batch(batch, model.preprocessing, device))
-                results.append(extract(model.module, images, layers, None, with_gradients=True, autocast=autocast))
-                batch = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started, results
