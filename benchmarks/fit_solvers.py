@@ -7,7 +7,7 @@ are concept images: moved by ``--shift`` along a planted unit direction ``u``; t
 ``sacv.outofcore.positions_from_store`` over every row. For each solver of
 ``sacv.outofcore.OutOfCoreConceptVector`` (``inmemory``, ``lbfgs``, ``sgd``, ``dask_ml``; the fit
 settings are ``sacv.config.FitConfig``'s defaults), and for the fit stage's block solvers (``auto`` =
-batched exact L-BFGS, ``mean_difference``; one job, through ``sacv.sweep.fit_group`` on positions
+batched exact L-BFGS, ``mean_difference``; one job, through ``sacv.sweep.fit_jobs`` on positions
 read once into memory with ``PositionReader``; their time includes that read) it measures:
 
 (a) ``raw read``: ``X_train.astype("float32").sum(axis=0).compute()`` over the very dask array the
@@ -44,7 +44,7 @@ from common import write_json  # benchmarks/common.py (the script folder is on s
 
 REPO = Path(__file__).resolve().parents[1]
 SOLVERS = ("inmemory", "lbfgs", "sgd", "dask_ml")
-BLOCK_SOLVERS = ("auto", "mean_difference")  # through sacv.sweep.fit_group on a resident block, as the fit stage runs them
+BLOCK_SOLVERS = ("auto", "mean_difference")  # through sacv.sweep.fit_jobs on a resident block, as the fit stage runs them
 MEMORY_SOLVERS = ("lbfgs", "sgd", "dask_ml")
 RATIO_GOAL = 1.4
 SHARD = 32  # images per chunk, as extract.shard_size's default
@@ -153,9 +153,9 @@ def block_fit(array, rows, solver: str, C: float, seed: int, w_exact, read_s: fl
            "pos": [str(r) for r in rows if r % 2], "neg": [str(r) for r in rows if r % 2 == 0]}
     started = time.perf_counter()
     reader = sweep.PositionReader(array, rows, resident=True)
-    sides = sweep.GroupSides([job], {str(i): int(i) for i in rows}, config.fit.validation_fraction, seed)
+    sides = sweep.JobSides([job], {str(i): int(i) for i in rows}, config.fit.validation_fraction, seed)
     stats = solvers.image_stats(reader.blocks(np.searchsorted(rows, sides.rows)), len(sides.rows), array.shape[-1])
-    (r,) = sweep.fit_group(reader, sides, stats, config, stats_passes=1)  # statistics from this read (no markers here)
+    (r,) = sweep.fit_jobs(reader, sides, stats, config, computed=np.ones(len(sides.rows), bool))  # statistics from this read (no markers here)
     wall = time.perf_counter() - started
     return {"raw_read_s": round(read_s, 4), "fit_wall_s": round(wall, 3), "solver_s": round(wall, 3),
             "passes": r["passes"], "n_iter": r["n_iter"], "s_per_pass": round(wall / r["passes"], 4),

@@ -2,18 +2,19 @@
 
 Positions arrive as blocks ``(x, image)`` from a callable ``blocks()`` (a new iterator per pass):
 ``x`` (m, C) float32 positions, ``image`` (m,) int64 index of each row's image into the per-image
-tables. Jobs (vectors) are described per image and job, so J jobs share every read:
+tables (rows of one image contiguous). Jobs (vectors) are described per image and job, so J jobs
+share every read:
 
 - ``weight`` (n_img, J) float64: the class-balanced weight ``s`` of each training position of the
   image in job j (``n_train / (2 n_class)`` in positions), 0 where the image is not in j's training set;
 - ``sign`` (n_img, J): +1 where the image is a concept image of job j, -1 otherwise.
 
-``batched_logistic`` minimises, for every job j at once (stacked parameters (J, C+1), one matrix
-product per block and pass for all J), the objective of :class:`sacv.outofcore.OutOfCoreConceptVector`
-and :func:`sacv.vectors.fit_logistic`: ``C Σ_i s_ij log(1 + exp(-y_ij z_ij)) + ½‖w_j‖²`` (penalty on
-the z-scored normal with ``standardize``), intercept unpenalised. The problems are separable, so the
-stacked minimiser is each job's minimiser. ``mean_difference`` is the closed form of FastCAV:
-the concept mean minus the random mean of the training positions, optionally whitened.
+``batched_logistic`` minimises, for every job j (each with its own L-BFGS, ``sacv.lbfgs``; each
+block of positions computes only the jobs that train on its images), the objective of
+:class:`sacv.outofcore.OutOfCoreConceptVector` and :func:`sacv.vectors.fit_logistic`:
+``C Σ_i s_ij log(1 + exp(-y_ij z_ij)) + ½‖w_j‖²`` (penalty on the z-scored normal with
+``standardize``), intercept unpenalised. ``mean_difference`` is the closed form of FastCAV: the
+concept mean minus the random mean of the training positions, optionally whitened.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
-from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import ThreadpoolController
+
+from sacv.lbfgs import minimize_batched
 
 Blocks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 
@@ -84,29 +86,38 @@ def _ordered(pool: ThreadPoolExecutor, fn, items: Iterable, depth: int, *args) -
         yield pending.popleft().result()
 
 
+def _runs(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The images of a block and their row counts: rows of one image are contiguous."""
+    starts = np.flatnonzero(np.r_[True, image[1:] != image[:-1]])
+    return image[starts], np.diff(np.r_[starts, len(image)])
+
+
 def batched_logistic(
     blocks: Blocks, weight: np.ndarray, sign: np.ndarray, mean: np.ndarray, scale: np.ndarray,
     C: float, standardize: bool, max_iter: int, tol: float, counts: np.ndarray | None = None, threads: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, int, int]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Exact balanced L2 logistic regression for J jobs at once (see the module docstring).
 
     ``mean``, ``scale`` (J, C): each job's training moments (preconditioning; with ``standardize`` also
     the space of the penalty). ``counts`` (n_img,): positions per image, when known (saves the pass
     that otherwise counts them). Each job's objective is divided by ``C Σ_i s_ij`` (same minimiser; the
-    scale scikit-learn uses), so that jobs weigh alike in the stacked problem and ``tol`` bounds every
-    job's largest gradient component. Returns raw-space normals (J, C) float64, intercepts (J,)
-    float64, the L-BFGS iterations and the passes over the blocks (one per evaluation).
+    scale scikit-learn uses), so that ``tol`` bounds each job's largest gradient component. Every job
+    runs its own L-BFGS (``sacv.lbfgs``): a job stops when its gradient is below ``tol``, and each pass
+    computes only the jobs still running, and in each block only the jobs with a training image in
+    it (order the blocks so that images of the same jobs are together). Returns raw-space normals
+    (J, C) float64, intercepts (J,) float64, and per job its L-BFGS iterations (J,) and the passes
+    over its images (J,) (one per evaluation, plus one counting positions without ``counts``).
 
     Threads: BLAS runs single-threaded for the whole solve, and each evaluation spreads its blocks
     over ``threads`` Python threads (numpy releases the GIL), summing their partial sums in block
     order, so the result does not depend on ``threads``. Threaded BLAS on these thin products
-    (J columns) and on L-BFGS-B's own small vector operations spent more on thread hand-offs than it
-    computed (on the 2-core machine under load, L-BFGS-B alone on 1 130 parameters: 3.9–5.3 ms per
-    iteration with 2 BLAS threads, 0.3 ms with one).
+    (few columns per block) and on the solver's small vector operations spent more on thread
+    hand-offs than it computed (on the 2-core machine under load, L-BFGS-B alone on 1 130
+    parameters: 3.9–5.3 ms per iteration with 2 BLAS threads, 0.3 ms with one).
     """
     threads = threads or fit_threads()
     J, channels = mean.shape
-    centre = mean.mean(axis=0)  # shared centre: blocks are centred once in float32 for every job
+    centre = mean.mean(axis=0)  # shared centre: blocks are centred once for every job
     offset = mean - centre  # (J, C): each job's mean in centred space
     penalty = np.ones_like(scale) if standardize else 1.0 / scale**2  # ½‖w‖² with w = u / scale
     if counts is not None:
@@ -116,39 +127,43 @@ def batched_logistic(
         for _, image in blocks():
             total += weight[image].sum(axis=0)
     norm = C * total  # (J,) C Σ_i s_ij
-    passes = [int(counts is None)]
+    trains = weight > 0  # (n_img, J)
 
-    def partial(block: tuple[np.ndarray, np.ndarray], w: np.ndarray, b: np.ndarray):
+    def partial(block: tuple[np.ndarray, np.ndarray], w: np.ndarray, b: np.ndarray, wanted: np.ndarray):
         x, image = block
+        ids, lengths = _runs(image)
+        cols = np.flatnonzero(trains[ids][:, wanted].any(axis=0))  # of the evaluated jobs, those trained here
+        if not len(cols):
+            return cols, None, None, None
         xc = x.astype(np.float64) - centre  # (m, C); float64: float32 sums stall the line search near the optimum
-        z = xc @ w.T + b  # (m, J): one product for all jobs
-        s, y = weight[image], sign[image]
+        jobs = wanted[cols]
+        z = xc @ w[cols].T + b[cols]  # (m, k): one product for the block's jobs
+        s = np.repeat(weight[np.ix_(ids, jobs)], lengths, axis=0)
+        y = np.repeat(sign[np.ix_(ids, jobs)], lengths, axis=0)
         margin = y * z
-        g = -y * s * expit(-margin)  # (m, J) d loss / d z
-        return (s * -log_expit(margin)).sum(axis=0), xc.T @ g, g.sum(axis=0)  # loss: log(1 + e^-margin), stable
+        g = -y * s * expit(-margin)  # (m, k) d loss / d z
+        return cols, (s * -log_expit(margin)).sum(axis=0), xc.T @ g, g.sum(axis=0)  # loss: log(1 + e^-margin), stable
 
-    def objective(params: np.ndarray, pool: ThreadPoolExecutor) -> tuple[float, np.ndarray]:
-        P = params.reshape(J, channels + 1)
-        u, c = P[:, :-1], P[:, -1]
-        w = u / scale  # (J, C) normals in raw space
-        b = c - (w * offset).sum(axis=1)  # (J,) intercepts in centred space
-        loss, grad_w, grad_b = np.zeros(J), np.zeros((channels, J)), np.zeros(J)
-        for part_loss, part_w, part_b in _ordered(pool, partial, blocks(), 2 * threads, w, b):  # block order
-            loss += part_loss
-            grad_w += part_w
-            grad_b += part_b
-        passes[0] += 1
-        grad_u = (C * grad_w.T - C * grad_b[:, None] * offset) / scale + penalty * u  # (J, C)
-        value = (C * loss + 0.5 * (penalty * u * u).sum(axis=1)) / norm
-        grad = np.concatenate([grad_u, C * grad_b[:, None]], axis=1) / norm[:, None]
-        return float(value.sum()), grad.ravel()
+    def evaluate(params: np.ndarray, jobs: np.ndarray, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:
+        u, c = params[:, :-1], params[:, -1]  # (k, C), (k,)
+        w = u / scale[jobs]  # normals in raw space
+        b = c - (w * offset[jobs]).sum(axis=1)  # intercepts in centred space
+        k = len(jobs)
+        loss, grad_w, grad_b = np.zeros(k), np.zeros((channels, k)), np.zeros(k)
+        for cols, part_loss, part_w, part_b in _ordered(pool, partial, blocks(), 2 * threads, w, b, jobs):  # block order
+            if len(cols):
+                loss[cols] += part_loss
+                grad_w[:, cols] += part_w
+                grad_b[cols] += part_b
+        grad_u = (C * grad_w.T - C * grad_b[:, None] * offset[jobs]) / scale[jobs] + penalty[jobs] * u  # (k, C)
+        value = (C * loss + 0.5 * (penalty[jobs] * u * u).sum(axis=1)) / norm[jobs]
+        return value, np.concatenate([grad_u, C * grad_b[:, None]], axis=1) / norm[jobs, None]
 
     with single_threaded_blas(), ThreadPoolExecutor(threads, thread_name_prefix="sacv-fit") as pool:  # workers start inside
-        result = minimize(objective, np.zeros(J * (channels + 1)), args=(pool,), jac=True, method="L-BFGS-B",
-                          options={"maxiter": max_iter, "ftol": 64 * np.finfo(float).eps, "gtol": tol, "maxcor": 20})
-    P = result.x.reshape(J, channels + 1)
-    w = P[:, :-1] / scale
-    return w, P[:, -1] - (w * mean).sum(axis=1), int(result.nit), passes[0]
+        result = minimize_batched(lambda params, jobs: evaluate(params, jobs, pool), np.zeros((J, channels + 1)),
+                                  max_iter, tol)
+    w = result.x[:, :-1] / scale
+    return w, result.x[:, -1] - (w * mean).sum(axis=1), result.n_iter, result.n_eval + int(counts is None)
 
 
 def mean_difference(
@@ -191,14 +206,18 @@ def logistic_1d(projection: np.ndarray, label: np.ndarray, C: float) -> tuple[fl
 
 def select_scores(blocks: Blocks, w: np.ndarray, b: np.ndarray, want: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Decision values ``x·w_j + b_j`` of the positions of the images in ``want`` (n_img, J) bool, for
-    every job in one pass: a list of J pairs (scores (n_j,) float64, image (n_j,) int64)."""
+    every job in one pass (each block computes only the jobs that want one of its images): a list of
+    J pairs (scores (n_j,) float64, image (n_j,) int64)."""
     parts: list[list] = [[] for _ in range(len(b))]
-    w32 = w.T.astype(np.float32)
+    w32 = w.T.astype(np.float32)  # (C, J)
     for x, image in blocks():
-        z = (x @ w32).astype(np.float64) + b  # (m, J)
-        keep = want[image]  # (m, J)
-        for j in range(len(b)):
-            if keep[:, j].any():
-                parts[j].append((z[keep[:, j], j], image[keep[:, j]]))
+        ids, lengths = _runs(image)
+        cols = np.flatnonzero(want[ids].any(axis=0))
+        if not len(cols):
+            continue
+        z = (x @ w32[:, cols]).astype(np.float64) + b[cols]  # (m, k)
+        keep = np.repeat(want[np.ix_(ids, cols)], lengths, axis=0)  # (m, k)
+        for k, j in enumerate(cols):
+            parts[j].append((z[keep[:, k], k], image[keep[:, k]]))
     return [(np.concatenate([s for s, _ in p]), np.concatenate([i for _, i in p])) if p else
             (np.zeros(0), np.zeros(0, np.int64)) for p in parts]

@@ -4,11 +4,13 @@
   sets of one concept; the null pairs) form a group, and groups are packed in plan order into blocks
   whose images, as float32 positions, fit ``fit.memory_budget_mb``. A group larger than the budget
   alone is a block of its own and is streamed (re-read chunk by chunk in every solver pass).
-- ``fit_block`` reads the block's images once (``PositionReader``), fits every group with the
-  configured solver (``sacv.solvers``: all R jobs of a group in one batched solve) and writes one
-  result per job (``RunDir.write_fit_result``): the cache stays per vector. Batched groups take the
-  per-image statistics from the store (``sacv.imagestats``; computed from the positions only for
-  shards written without them) and read only the images their solver needs.
+- ``fit_block`` reads the block's images once (``PositionReader``), fits its jobs with the
+  configured solver and writes one result per job (``RunDir.write_fit_result``): the cache stays per
+  vector. The batched solvers (``sacv.solvers``) fit every job of the block in one solve
+  (:func:`fit_jobs`): images are ordered so that those of the same jobs are together, and each block
+  of positions computes only its own jobs. They take the per-image statistics from the store
+  (``sacv.imagestats``; computed from the positions only for shards written without them) and read
+  only the images their solver needs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sacv.rundir import RunDir
 from sacv.vectors import NearChanceWarning, grouped_validation_split, set_fitted_vector
 
 BLOCK_IMAGES = 64  # images per block handed to a solver (bounds the per-pass workspace)
-BATCHED = ("auto", "lbfgs")  # solvers run as one batched exact L-BFGS per group
+BATCHED = ("auto", "lbfgs")  # solvers run as one batched exact L-BFGS per block (each job its own L-BFGS)
 
 
 def _group_of(job: dict) -> tuple:
@@ -93,12 +95,19 @@ class PositionReader:
             self.chunk_reads += 1
             yield inside, values[rows[inside] - start].reshape(len(inside), self.per_image, self.channels).astype(np.float32)
 
-    def blocks(self, local: np.ndarray) -> solvers.Blocks:
-        """The solvers' ``blocks()`` over images ``rows[local]``: ``image`` indexes ``local``."""
+    def blocks(self, local: np.ndarray, runs: np.ndarray | None = None) -> solvers.Blocks:
+        """The solvers' ``blocks()`` over images ``rows[local]``: ``image`` indexes ``local``.
+        ``runs`` (len(local),): a label per image, equal labels contiguous; a resident block holds
+        images of one label only (the images of the same jobs: the solvers compute per block only
+        the jobs its images belong to)."""
+        runs = np.zeros(len(local), np.int64) if runs is None else np.asarray(runs)
+        cuts = np.r_[np.flatnonzero(np.r_[True, runs[1:] != runs[:-1]]), len(local)] if len(local) else np.zeros(1, np.int64)
+
         def resident():
-            for a in range(0, len(local), BLOCK_IMAGES):
-                idx = local[a : a + BLOCK_IMAGES]
-                yield self.data[idx].reshape(-1, self.channels), np.repeat(np.arange(a, a + len(idx)), self.per_image)
+            for start, stop in zip(cuts[:-1], cuts[1:]):
+                for a in range(start, stop, BLOCK_IMAGES):
+                    idx = local[a : min(a + BLOCK_IMAGES, stop)]
+                    yield self.data[idx].reshape(-1, self.channels), np.repeat(np.arange(a, a + len(idx)), self.per_image)
 
         def streamed():
             for inside, values in self._chunks(local):
@@ -106,13 +115,14 @@ class PositionReader:
 
         return resident if self.data is not None else streamed
 
-    def blocks_of(self, rows: np.ndarray, index: np.ndarray) -> solvers.Blocks:
-        """``blocks()`` over the store ``rows`` (sorted, held by this reader), ``image`` mapped to
-        ``index`` (one entry per row: e.g. the rows' positions in a group's image table)."""
+    def blocks_of(self, rows: np.ndarray, index: np.ndarray, runs: np.ndarray | None = None) -> solvers.Blocks:
+        """``blocks()`` over the store ``rows`` (held by this reader, in the order given), ``image``
+        mapped to ``index`` (one entry per row: e.g. the rows' positions in a group's image table);
+        ``runs`` as in :meth:`blocks`."""
         local = np.searchsorted(self.rows, rows)
-        if len(rows) and (local.max() >= len(self.rows) or (self.rows[local] != rows).any()):
+        if len(rows) and (local.max() >= len(self.rows) or (self.rows[np.minimum(local, len(self.rows) - 1)] != rows).any()):
             raise ValueError("rows this reader did not read")  # a fit planned without them: a bug
-        inner = self.blocks(local)
+        inner = self.blocks(local, runs)
 
         def mapped():
             for x, image in inner():
@@ -128,26 +138,26 @@ class _Fitted:
         self.near_chance = near_chance
 
 
-class GroupSides:
-    """Per image and job of one group (shared positives): the images are the group's store ``rows``
-    (sorted), all (n_img, J) bool: ``pos`` concept side (an image on both sides counts as random, as
-    the per-job labels always did), ``member`` in the job, ``val`` held out (whole images, drawn as
+class JobSides:
+    """Per image and job of a list of jobs: the images are the jobs' store ``rows`` (sorted), all
+    (n_img, J) bool: ``pos`` concept side (an image on both sides counts as random, as the per-job
+    labels always did), ``member`` in the job, ``val`` held out (whole images, drawn as
     ``grouped_validation_split`` draws them per job), ``train`` = member and not held out."""
 
-    def __init__(self, group: list[dict], row_of: dict[str, int], validation_fraction: float, seed: int):
-        self.jobs = group
-        self.rows = np.array(sorted({row_of[i] for job in group for i in job["pos"] + job["neg"]}), np.int64)
+    def __init__(self, jobs: list[dict], row_of: dict[str, int], validation_fraction: float, seed: int):
+        self.jobs = jobs
+        self.rows = np.array(sorted({row_of[i] for job in jobs for i in job["pos"] + job["neg"]}), np.int64)
         local_of = {int(r): k for k, r in enumerate(self.rows)}
         n_img = len(self.rows)
-        pos, member = np.zeros((n_img, len(group)), bool), np.zeros((n_img, len(group)), bool)
-        for j, job in enumerate(group):
+        pos, member = np.zeros((n_img, len(jobs)), bool), np.zeros((n_img, len(jobs)), bool)
+        for j, job in enumerate(jobs):
             pos[[local_of[row_of[i]] for i in job["pos"]], j] = True
             neg = [local_of[row_of[i]] for i in job["neg"]]
             pos[neg, j] = False
             member[:, j] = pos[:, j]
             member[neg, j] = True
         val = np.zeros_like(member)
-        for j in range(len(group)):
+        for j in range(len(jobs)):
             m = np.flatnonzero(member[:, j])
             val[m, j] = grouped_validation_split(pos[m, j].astype(np.int8), self.rows[m], validation_fraction, seed)
         self.pos, self.member, self.val, self.train = pos, member, val, member & ~val
@@ -196,22 +206,36 @@ def fit_one(reader: PositionReader, job: dict, row_of: dict[str, int], config: R
     return _result(job, estimator, config, solver, estimator.passes_, estimator.n_iter_, time.perf_counter() - started)
 
 
-def fit_group(reader: PositionReader, sides: GroupSides, stats: tuple[np.ndarray, np.ndarray, np.ndarray],
-              config: RunConfig, stats_passes: int = 0) -> list[dict]:
-    """Fit the jobs of one group (``sides``) from its images' statistics ``stats`` = (sums (n_img, C)
-    float64, sums of squares (n_img, C) float64, counts (n_img,) int64, in ``sides.rows`` order) and
-    the positions ``reader`` holds; results per job. The reader must hold every image the fit reads:
-    the held-out ones, and with :func:`reads_training_positions` all of the group's.
-    ``stats_passes``: passes already spent on computing ``stats`` (0 when they were stored)."""
+def _job_order(member: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The images in the (n_img,) mask ``images``, ordered so that images of the same jobs (equal
+    rows of ``member`` (n_img, J)) are together, and a label per image for those runs."""
+    chosen = np.flatnonzero(images)
+    _, label = np.unique(member[chosen], axis=0, return_inverse=True)
+    order = np.argsort(label.ravel(), kind="stable")
+    return chosen[order], label.ravel()[order]
+
+
+def fit_jobs(reader: PositionReader, sides: JobSides, stats: tuple[np.ndarray, np.ndarray, np.ndarray],
+              config: RunConfig, computed: np.ndarray | None = None) -> list[dict]:
+    """Fit the jobs of ``sides`` from their images' statistics ``stats`` = (sums (n_img, C) float64,
+    sums of squares (n_img, C) float64, counts (n_img,) int64, in ``sides.rows`` order) and the
+    positions ``reader`` holds; results per job. The reader must hold every image the fit reads: the
+    held-out ones, and with :func:`reads_training_positions` all of the jobs'. ``computed`` (n_img,)
+    bool: images whose statistics took a pass over their positions (not stored)."""
     fit = config.fit
     started = time.perf_counter()
-    group, pos, member, val, train = sides.jobs, sides.pos, sides.member, sides.val, sides.train
+    jobs, pos, member, val, train = sides.jobs, sides.pos, sides.member, sides.val, sides.train
     sums, squares, counts = stats
+    J = len(jobs)
 
-    def blocks(images: np.ndarray) -> solvers.Blocks:  # positions of the images in the (n_img,) mask
-        return reader.blocks_of(sides.rows[images], np.flatnonzero(images))
+    def blocks(images: np.ndarray) -> solvers.Blocks:  # positions of the images in the (n_img,) mask, by job
+        order, runs = _job_order(member, images)
+        return reader.blocks_of(sides.rows[order], order, runs)
 
-    passes = stats_passes
+    computed = np.zeros(len(sides.rows), bool) if computed is None else computed
+    stats_computed = (member & computed[:, None]).any(axis=0)  # (J,)
+    passes = stats_computed.astype(np.int64)
+    n_iter = np.zeros(J, np.int64)
     n_pos = (train & pos).T.astype(np.float64) @ counts  # (J,) training positions per side
     n_neg = (train & ~pos).T.astype(np.float64) @ counts
     sign = np.where(pos, 1.0, -1.0)
@@ -222,7 +246,7 @@ def fit_group(reader: PositionReader, sides: GroupSides, stats: tuple[np.ndarray
         return solvers.batched_logistic(blocks(train.any(axis=1)), weight, sign, mean, scale, fit.C, fit.standardize,
                                         fit.max_iter, fit.tol, counts)
 
-    extra: list[dict] = [{} for _ in group]
+    extra: list[dict] = [{} for _ in jobs]
     if fit.solver in BATCHED:
         w, b, n_iter, p = logistic()
         passes += p
@@ -230,10 +254,9 @@ def fit_group(reader: PositionReader, sides: GroupSides, stats: tuple[np.ndarray
         precision = solvers.shared_precision(blocks(member.any(axis=1)), reader.channels) if fit.whiten else None
         passes += bool(fit.whiten)
         w, b = solvers.mean_difference(train & pos, train & ~pos, sums, counts, precision)
-        n_iter = 0
         if fit.intercept == "logistic":
             unit = w / np.linalg.norm(w, axis=1, keepdims=True)
-            projections = solvers.select_scores(blocks(train.any(axis=1)), unit, np.zeros(len(group)), train)
+            projections = solvers.select_scores(blocks(train.any(axis=1)), unit, np.zeros(J), train)
             passes += 1
             for j, (proj, image) in enumerate(projections):
                 slope, intercept = solvers.logistic_1d(proj, pos[image, j].astype(int), fit.C)
@@ -249,25 +272,26 @@ def fit_group(reader: PositionReader, sides: GroupSides, stats: tuple[np.ndarray
                             "bal_acc_logistic": reference.metrics_["bal_acc"]}
     scores = solvers.select_scores(blocks(val.any(axis=1)), w, b, val)  # held-out images only
     passes += 1
-    wall = (time.perf_counter() - started) / len(group)
+    wall = (time.perf_counter() - started) / J
+    solver = "lbfgs" if fit.solver in BATCHED else fit.solver
     results = []
-    for j, job in enumerate(group):
+    for j, job in enumerate(jobs):
         fitted = _Fitted(fit.near_chance)
         val_scores, image = scores[j]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NearChanceWarning)  # recorded as near_chance and logged by the task
             set_fitted_vector(fitted, w[j], b[j], pos[image, j].astype(int), val_scores, int(n_pos[j]), int(n_neg[j]))
-        solver = "lbfgs" if fit.solver in BATCHED else fit.solver
-        image_stats = "computed" if stats_passes else "stored"
-        results.append({**_result(job, fitted, config, solver, passes, n_iter, wall), **extra[j], "image_stats": image_stats})
+        image_stats = "computed" if stats_computed[j] else "stored"
+        results.append({**_result(job, fitted, config, solver, int(passes[j]), int(n_iter[j]), wall), **extra[j],
+                        "image_stats": image_stats})
     return results
 
 
 def fit_block(run_uri: str, config: RunConfig, layer: str, keys: list[str]) -> list[dict]:
     """Fit the planned jobs ``keys`` of ``layer`` from one read; write and return one result per job.
 
-    Batched groups (``mean_difference``; ``auto``/``lbfgs`` without ``max_positions_per_class``) take
-    their per-image statistics from the store (``sacv.imagestats``), computing in one pass only those
+    Batched solvers (``mean_difference``; ``auto``/``lbfgs`` without ``max_positions_per_class``) fit
+    every job of the block at once (:func:`fit_jobs`), take their per-image statistics from the store (``sacv.imagestats``), computing in one pass only those
     of images whose shard has none (a store written before they existed), and read only the images
     their solver needs (:func:`reads_training_positions`; else the held-out ones). Per-job solvers
     read every image of the block.
@@ -285,37 +309,26 @@ def fit_block(run_uri: str, config: RunConfig, layer: str, keys: list[str]) -> l
     root = run.open_zarr("r")
     array = root[f"guidance/{layer}/act"]
     _, h, w, c = array.shape
-    groups: dict[tuple, list[dict]] = {}
-    for job in jobs:
-        groups.setdefault(_group_of(job), []).append(job)
     batched = fit.solver == "mean_difference" or (fit.solver in BATCHED and not fit.max_positions_per_class)
     if batched:
-        sides = [GroupSides(group, row_of, fit.validation_fraction, fit.seed) for group in groups.values()]
+        sides = JobSides(jobs, row_of, fit.validation_fraction, fit.seed)  # every job of the block in one solve
         sums, squares, counts, have = read_stats(
             root, layer, rows, lambda shard: bool((run.read_shard_marker("guidance", shard) or {}).get(MARKER_FLAG)))
         if reads_training_positions(fit):
             needed = rows
         else:
-            needed = np.union1d(np.concatenate([g.rows[g.val.any(axis=1)] for g in sides]), rows[~have])
+            needed = np.union1d(sides.rows[sides.val.any(axis=1)], rows[~have])
     else:
         needed = rows
     reader = PositionReader(array, needed, resident=len(needed) * h * w * c * 4 <= fit.memory_budget_mb * 2**20)
-    results = []
     if batched:
         if not have.all():  # no stored statistics for these images: one pass over them
             lacking = np.flatnonzero(~have)
             computed = solvers.image_stats(reader.blocks_of(rows[lacking], np.arange(len(lacking))), len(lacking), c)
             sums[lacking], squares[lacking], counts[lacking] = computed
-        for g in sides:
-            at = np.searchsorted(rows, g.rows)
-            group_results = fit_group(reader, g, (sums[at], squares[at], counts[at]), config, int(not have[at].all()))
-            for result in group_results:
-                run.write_fit_result(layer, result["key"], result)
-            results += group_results
-        return results
-    for group in groups.values():
-        for job in group:
-            result = fit_one(reader, job, row_of, config)
-            run.write_fit_result(layer, result["key"], result)
-            results.append(result)
+        results = fit_jobs(reader, sides, (sums, squares, counts), config, ~have)  # sides.rows == rows
+    else:
+        results = [fit_one(reader, job, row_of, config) for job in jobs]
+    for result in results:
+        run.write_fit_result(layer, result["key"], result)
     return results

@@ -209,7 +209,8 @@ def test_the_batched_solver_gives_the_same_result_on_any_number_of_threads():
     for w, b, n_iter, passes in results[1:]:
         np.testing.assert_array_equal(w, results[0][0])
         np.testing.assert_array_equal(b, results[0][1])
-        assert (n_iter, passes) == results[0][2:]
+        np.testing.assert_array_equal(n_iter, results[0][2])
+        np.testing.assert_array_equal(passes, results[0][3])
 
 
 def test_a_solve_runs_blas_single_threaded_in_its_threads_and_restores_it():
