@@ -5,7 +5,8 @@ process with ``sacv.sweep.fit_block`` (as the ``fit-block`` task body does), tim
 wrapping: ``plan_fits``, reading stored statistics and shard markers (``read_stats``), reading
 positions (``PositionReader``), the batched L-BFGS (``solvers.batched_logistic``), held-out scoring
 (``solvers.select_scores``), metrics (``set_fitted_vector``), writing results, and
-``collect_vectors``. Per block: jobs, wall, L-BFGS iterations and passes per group. Compare the
+``collect_vectors``. Per block: jobs, wall, and per group of jobs (a concept's, the nulls) the L-BFGS iterations
+(median, max) and the most passes of a job. Compare the
 sum with ``run.json`` ``timings.fit.seconds`` of a ``sacv fit`` of the same run to see the flow's
 own overhead.
 
@@ -24,6 +25,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 from common import print_table, write_json  # benchmarks/common.py (the script folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,8 +81,11 @@ def main(argv=None) -> dict:
     for layer, keys in plan.blocks:
         block_started = time.perf_counter()
         results = sweep.fit_block(config.run_dir, config, layer, keys)
-        groups = {(r["concept"] if r["kind"] == "concept" else "null"): {"n_iter": r["n_iter"], "passes": r["passes"]}
-                  for r in results}
+        per_group: dict[str, list[dict]] = {}
+        for r in results:
+            per_group.setdefault(r["concept"] if r["kind"] == "concept" else "null", []).append(r)
+        groups = {name: {"n_iter_median": float(np.median([r["n_iter"] for r in rs])), "n_iter_max": max(r["n_iter"] for r in rs),
+                         "passes_max": max(r["passes"] for r in rs)} for name, rs in per_group.items()}
         result["blocks"].append({"layer": layer, "jobs": len(keys), "wall_s": round(time.perf_counter() - block_started, 3),
                                  "groups": groups})
     collect_started = time.perf_counter()
@@ -91,8 +96,8 @@ def main(argv=None) -> dict:
     result["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
     result["command"] = "python benchmarks/fit_profile.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for block in result["blocks"]:
-        print(f"{block['layer']}: {block['jobs']} jobs in {block['wall_s']:.2f} s; per group (n_iter, passes): "
-              + ", ".join(f"{g} ({v['n_iter']}, {v['passes']})" for g, v in block["groups"].items()))
+        print(f"{block['layer']}: {block['jobs']} jobs in {block['wall_s']:.2f} s; per group of jobs (n_iter median/max, passes max): "
+              + ", ".join(f"{g} ({v['n_iter_median']:g}/{v['n_iter_max']}, {v['passes_max']})" for g, v in block["groups"].items()))
     print_table([(name, f"{seconds:7.2f} s") for name, seconds in result["parts_s"].items()]
                 + [("total (in process)", f"{result['total_s']:7.2f} s")])
     write_json(result, args.out)

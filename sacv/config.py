@@ -72,13 +72,13 @@ class ExtractConfig(Section):
 
 
 class FitConfig(Section):
-    solver: Literal["auto", "lbfgs", "mean_difference", "inmemory", "sgd", "dask_ml"] = "auto"  # auto = lbfgs: batched exact L-BFGS per concept
+    solver: Literal["auto", "lbfgs", "mean_difference", "inmemory", "sgd", "dask_ml"] = "auto"  # auto = lbfgs: batched exact L-BFGS per fit block
     memory_budget_mb: int = Field(1024, ge=16)  # float32 positions one fit block holds (else streamed); inmemory subsample
     C: float = Field(1.0, gt=0)  # inverse L2 strength of the logistic regression
     standardize: bool = False  # penalise in z-scored space (sgd always does)
     validation_fraction: float = Field(0.25, gt=0, lt=1)  # share of images per side held out
     max_positions_per_class: int | None = Field(None, ge=1)  # subsample training positions (per job; mean_difference uses all)
-    max_iter: int = Field(200, ge=1)  # lbfgs iterations (of a group's stacked problem)
+    max_iter: int = Field(200, ge=1)  # lbfgs iterations, per job
     tol: float = Field(1e-7, gt=0)  # lbfgs: stop when every job's gradient (objective / C Σs) is below this
     epochs: int = Field(5, ge=1)  # sgd epochs
     whiten: bool = False  # mean_difference: whiten by the inverse covariance of the concept's positions (both sides)

@@ -167,7 +167,7 @@ def batched_logistic(
 
 
 def mean_difference(
-    pos_mask: np.ndarray, neg_mask: np.ndarray, sums: np.ndarray, counts: np.ndarray, precision: np.ndarray | None,
+    pos_mask: np.ndarray, neg_mask: np.ndarray, sums: np.ndarray, counts: np.ndarray, precision: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """FastCAV's direction from per-image sums: concept minus random mean of the training positions,
     times ``precision`` (C, C, an inverse shared covariance) when whitening. ``pos_mask``/``neg_mask``

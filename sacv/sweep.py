@@ -216,7 +216,7 @@ def _job_order(member: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def fit_jobs(reader: PositionReader, sides: JobSides, stats: tuple[np.ndarray, np.ndarray, np.ndarray],
-              config: RunConfig, computed: np.ndarray | None = None) -> list[dict]:
+             config: RunConfig, computed: np.ndarray | None = None) -> list[dict]:
     """Fit the jobs of ``sides`` from their images' statistics ``stats`` = (sums (n_img, C) float64,
     sums of squares (n_img, C) float64, counts (n_img,) int64, in ``sides.rows`` order) and the
     positions ``reader`` holds; results per job. The reader must hold every image the fit reads: the
@@ -251,9 +251,16 @@ def fit_jobs(reader: PositionReader, sides: JobSides, stats: tuple[np.ndarray, n
         w, b, n_iter, p = logistic()
         passes += p
     else:  # mean_difference
-        precision = solvers.shared_precision(blocks(member.any(axis=1)), reader.channels) if fit.whiten else None
-        passes += bool(fit.whiten)
-        w, b = solvers.mean_difference(train & pos, train & ~pos, sums, counts, precision)
+        w, b = solvers.mean_difference(train & pos, train & ~pos, sums, counts)
+        if fit.whiten:  # by the covariance of each group's positions (a concept and its random sets; the nulls)
+            groups: dict[tuple, list[int]] = {}
+            for j, job in enumerate(jobs):
+                groups.setdefault(_group_of(job), []).append(j)
+            for cols in groups.values():
+                precision = solvers.shared_precision(blocks(member[:, cols].any(axis=1)), reader.channels)
+                w[cols], b[cols] = solvers.mean_difference(train[:, cols] & pos[:, cols], train[:, cols] & ~pos[:, cols],
+                                                           sums, counts, precision)
+            passes += 1
         if fit.intercept == "logistic":
             unit = w / np.linalg.norm(w, axis=1, keepdims=True)
             projections = solvers.select_scores(blocks(train.any(axis=1)), unit, np.zeros(J), train)
