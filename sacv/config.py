@@ -79,7 +79,7 @@ class FitConfig(Section):
     validation_fraction: float = Field(0.25, gt=0, lt=1)  # share of images per side held out
     max_positions_per_class: int | None = Field(None, ge=1)  # subsample training positions (per job; mean_difference uses all)
     max_iter: int = Field(200, ge=1)  # lbfgs iterations, per job
-    tol: float = Field(1e-7, gt=0)  # lbfgs: stop when every job's gradient (objective / C Σs) is below this
+    tol: float = Field(1e-8, gt=0)  # lbfgs: stop a job when its gradient (objective / C Σs, whitened variables) is below this
     epochs: int = Field(5, ge=1)  # sgd epochs
     whiten: bool = False  # mean_difference: whiten by the inverse covariance of the concept's positions (both sides)
     intercept: Literal["midpoint", "logistic"] = "midpoint"  # mean_difference: halfway between the means, or a 1-D logistic fit

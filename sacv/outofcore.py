@@ -92,7 +92,7 @@ class OutOfCoreConceptVector(ClassifierMixin, BaseEstimator):
         max_positions_per_class: int | None = None,
         near_chance: float = 0.6,
         max_iter: int = 200,
-        tol: float = 1e-7,
+        tol: float = 1e-8,
         epochs: int = 5,
         memory_budget_mb: int = 1024,
         random_state: int = 0,

@@ -113,3 +113,21 @@ def test_jobs_solved_together_equal_each_job_solved_alone_and_scipy():
         ref = minimize(objective, np.zeros(X.shape[1] + 1), jac=True, method="L-BFGS-B",
                        options={"gtol": 1e-10, "ftol": 1e-15, "maxiter": 2000})
         np.testing.assert_allclose(np.r_[w[j], b[j]], ref.x, rtol=1e-5, atol=1e-6)
+
+
+def test_the_preconditioner_whitens_the_positions_and_floors_flat_directions():
+    rng = np.random.default_rng(2)
+    mixing = rng.normal(size=(5, 5)) @ np.diag([10.0, 3.0, 1.0, 0.3, 0.1])
+    x = (rng.normal(size=(4000, 5)) @ mixing.T + 2.0).astype(np.float32)  # correlated, off-centre
+    image = np.repeat(np.arange(400), 10)
+
+    def blocks():
+        for a in range(0, len(x), 1000):
+            yield x[a : a + 1000], image[a : a + 1000]
+
+    P = solvers.whitening_map(blocks, 5, floor=1e-6)
+    cov = np.cov(x.astype(np.float64), rowvar=False, bias=True)
+    np.testing.assert_allclose(P, P.T)
+    np.testing.assert_allclose(P @ cov @ P, np.eye(5), atol=1e-8)
+    floored = np.linalg.eigvalsh(np.linalg.inv(solvers.whitening_map(blocks, 5, floor=0.5) @ solvers.whitening_map(blocks, 5, floor=0.5)))
+    assert floored.min() == pytest.approx(0.5 * np.linalg.eigvalsh(cov).mean())  # flat directions raised to the floor
