@@ -154,7 +154,8 @@ def real(run_dir: str, seeds: int, solvers_: list[str], layers: list[str] | None
         for layer in layers or base["layers"]:
             array = root[f"guidance/{layer}/act"]
             reader = sweep.PositionReader(array, pool_rows, resident=True)
-            stats = (pool_rows, *solvers.image_stats(reader.blocks_of(pool_rows, np.arange(len(pool_rows))), len(pool_rows), reader.channels))
+            pool_blocks = reader.blocks_of(pool_rows, np.arange(len(pool_rows)))
+            stats = (pool_rows, *solvers.image_stats(pool_blocks, len(pool_rows), reader.channels))
             started, accuracies = time.perf_counter(), []
             for seed in range(seeds):
                 config = parse_config({**base, "layers": [layer], "fit": {**base["fit"], "solver": solver, "seed": seed,
@@ -163,13 +164,15 @@ def real(run_dir: str, seeds: int, solvers_: list[str], layers: list[str] | None
                 ids = sorted({i for job in jobs for i in job["pos"] + job["neg"]})
                 accuracies.append(null_group(array, jobs, dict(zip(ids, catalog.row_of(ids).tolist())), config, stats))
             per_layer[layer] = np.array(accuracies)
-            out.append({"solver": solver, "layer": layer, **summary(per_layer[layer]), "wall_s": round(time.perf_counter() - started, 1)})
+            out.append({"solver": solver, "layer": layer, **summary(per_layer[layer]),
+                        "wall_s": round(time.perf_counter() - started, 1)})
             print(out[-1], flush=True)
         together = np.concatenate(list(per_layer.values()), axis=1)  # (seeds, layers × jobs)
         medians = np.median(together, axis=1)
         own = int(base["fit"].get("seed", 0))
         out.append({"solver": solver, "layer": "all", **summary(together),
-                    "per_seed_median_quantiles_2.5_50_97.5": [round(float(q), 4) for q in np.percentile(medians, [2.5, 50, 97.5])],
+                    "per_seed_median_quantiles_2.5_50_97.5": [round(float(q), 4)
+                                                              for q in np.percentile(medians, [2.5, 50, 97.5])],
                     "run_seed": own, "run_seed_median": round(float(medians[own]), 4),
                     "share_of_seeds_with_median_at_most_the_run_seed": round(float((medians <= medians[own]).mean()), 4),
                     "share_of_seeds_with_median_at_least_the_run_seed": round(float((medians >= medians[own]).mean()), 4),
