@@ -1,7 +1,7 @@
 """Held-out balanced accuracy of null vectors (random set against random set) over many seeds.
 
 Both parts go through the fit stage's own code: ``plan_jobs`` draws the random sets and null pairs
-(``draw_random_sets``), ``sweep.GroupSides`` the held-out images, ``sweep.fit_group`` fits and scores.
+(``draw_random_sets``), ``sweep.JobSides`` the held-out images, ``sweep.fit_jobs`` fits and scores.
 ``fit.seed`` draws both the sets and the split, so each seed is one fresh draw of the design.
 
 - ``--planted``: no model. Each image is an image-level offset (sd ``img_sd``) plus position noise
@@ -9,7 +9,7 @@ Both parts go through the fit stage's own code: ``plan_jobs`` draws the random s
   10, as in the 50-concept sweep. One factor is varied at a time: pool size (a pool smaller than
   sets × images gives overlapping sets), what happens to images both sets share (``drop``: the fit
   stage's null pairs drop them from both sides; ``negative``: kept, counted on the random side, as
-  ``GroupSides`` counts an image on both sides; ``positive``: kept on the first side only), set
+  ``JobSides`` counts an image on both sides; ``positive``: kept on the first side only), set
   size, validation fraction, intercept, solver, image offset. Control ``leak``: the held-out images
   also in training (a dependence the measure must see).
 - ``--run RUN_DIR``: the stored guidance activations of a run, its random pool and settings;
@@ -80,14 +80,14 @@ def config_for(tmp: Path, layer: str, sets: int, per_set: int, fit: dict):
 
 def null_group(array, jobs: list[dict], row_of: dict, config, stats=None) -> list[float]:
     """Held-out balanced accuracies of the null ``jobs`` fitted as ``fit_block`` fits a group."""
-    sides = sweep.GroupSides(jobs, row_of, config.fit.validation_fraction, config.fit.seed)
+    sides = sweep.JobSides(jobs, row_of, config.fit.validation_fraction, config.fit.seed)
     reader = sweep.PositionReader(array, sides.rows, resident=True)
     if stats is None:
         stats = solvers.image_stats(reader.blocks_of(sides.rows, np.arange(len(sides.rows))), len(sides.rows), reader.channels)
     else:  # (rows, sums, squares, counts) of a superset of the group's rows
         at = np.searchsorted(stats[0], sides.rows)
         stats = tuple(s[at] for s in stats[1:])
-    return [r["bal_acc"] for r in sweep.fit_group(reader, sides, stats, config)]
+    return [r["bal_acc"] for r in sweep.fit_jobs(reader, sides, stats, config)]
 
 
 def planted_case(tmp: Path, seed: int, pool=100, sets=10, per_set=10, img_sd=2.0, solver="mean_difference",
@@ -112,16 +112,16 @@ def planted_case(tmp: Path, seed: int, pool=100, sets=10, per_set=10, img_sd=2.0
     values = rng.normal(0, img_sd, (n, 1, 1, channels)) + rng.normal(0, 1.0, (n, hw, hw, channels))
     array = zarr.create_array(zarr.storage.MemoryStore(), shape=values.shape, chunks=(16, hw, hw, channels), dtype="float16")
     array[...] = values.astype(np.float16)
-    original = sweep.GroupSides.__init__
+    original = sweep.JobSides.__init__
     if control == "leak":
         def leaking(self, *args, **kwargs):
             original(self, *args, **kwargs)
             self.train = self.member.copy()
-        sweep.GroupSides.__init__ = leaking
+        sweep.JobSides.__init__ = leaking
     try:
         return null_group(array, jobs, dict(zip(ids, range(n))), config)
     finally:
-        sweep.GroupSides.__init__ = original
+        sweep.JobSides.__init__ = original
 
 
 def planted(seeds: int) -> list[dict]:

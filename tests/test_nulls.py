@@ -4,7 +4,7 @@ Every image is a random image-level offset plus position noise, all drawn alike,
 against random set has nothing to learn (offsets twice the noise: one null value then spreads as on
 real layers, sd about 0.19). The jobs come
 from ``plan_jobs`` (random sets and null pairs drawn as the fit stage draws them), the split and the
-fit from ``GroupSides`` and ``fit_group``. A classifier fitted without the held-out images, scored
+fit from ``JobSides`` and ``fit_jobs``. A classifier fitted without the held-out images, scored
 on held-out images of both sides drawn alike, has expected balanced accuracy 0.5 exactly; one job's
 value is spread widely (2 held-out images per side of 10), so the check averages many seeds. No
 model, no Prefect, no run directory.
@@ -58,10 +58,10 @@ def planted_fit(tmp_path, seed: int, solver: str, shift: float = 12.0) -> tuple[
     row_of = dict(zip(ids, range(n)))
     results = {}
     for kind in ("concept", "null"):
-        sides = sweep.GroupSides([j for j in jobs if j["kind"] == kind], row_of, config.fit.validation_fraction, seed)
+        sides = sweep.JobSides([j for j in jobs if j["kind"] == kind], row_of, config.fit.validation_fraction, seed)
         reader = sweep.PositionReader(array, sides.rows, resident=True)
         stats = solvers.image_stats(reader.blocks_of(sides.rows, np.arange(len(sides.rows))), len(sides.rows), C)
-        results[kind] = sweep.fit_group(reader, sides, stats, config)
+        results[kind] = sweep.fit_jobs(reader, sides, stats, config)
     return results["concept"], results["null"], u
 
 
@@ -87,11 +87,11 @@ def test_null_vectors_are_at_chance_on_held_out_images(tmp_path, solver):
 
 def test_the_check_sees_held_out_images_leaking_into_training(tmp_path, monkeypatch):
     """Power of the check above: with the held-out images also in training, the same nulls score well above chance."""
-    original = sweep.GroupSides.__init__
+    original = sweep.JobSides.__init__
 
     def leaking(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self.train = self.member.copy()
 
-    monkeypatch.setattr(sweep.GroupSides, "__init__", leaking)
+    monkeypatch.setattr(sweep.JobSides, "__init__", leaking)
     assert null_accuracies(tmp_path, "mean_difference", seeds=20).mean() > 0.6  # measured: 0.73
