@@ -46,7 +46,7 @@ def _flow_start_up() -> Iterator[None]:
     URL is configured) starts in the background, to be ready when they end (flows.process). The
     imports run without garbage collections; then one collection, and what is left (the modules and
     what they built, which live until exit anyway) is frozen (``gc.freeze``): later collections and
-    the teardown at exit no longer scan it (measured: each full collection over it about 0.3 s, the
+    the teardown at exit no longer scan it (measured: each full collection over it about 0.4 s, the
     teardown at the end of ``sacv run`` about 3 s, most of it collections)."""
     enabled = gc.isenabled()
     gc.disable()
