@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     sys.path.insert(0, str(REPO))
     if args.engine == "prefect":
-        from flows.runners import configure_process
+        from flows.process import configure_process
 
         configure_process()  # Prefect embedded-mode defaults and malloc setting, before any thread
 

@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
         write_files(root, args.files, args.classes)
         result["generate_seconds"] = round(time.perf_counter() - started, 1)
         config = DatasetConfig(root=str(root))
-        class_names = imagenet_class_names()  # imported before the timing (torchvision import)
+        class_names = imagenet_class_names()  # read before the timing
         rows = [("files", str(args.files)), ("generate", f"{result['generate_seconds']} s")]
         for threads in args.threads:
             started = time.perf_counter()

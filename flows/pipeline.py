@@ -10,7 +10,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.extract import extract_flow, run_extract
 from flows.fit import fit_flow, run_fit
-from flows.runners import call_flow, configure_process, task_runner
+from flows.process import configure_process
+from flows.runners import call_flow, task_runner
 from flows.score import run_score, score_flow
 from sacv import runlock, storage
 from sacv.audits import new_audit_id, record_audit

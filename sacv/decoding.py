@@ -8,7 +8,8 @@ truncated) — goes through the PIL path of :mod:`sacv.images`, so every reject 
 The preprocessed pixels differ from PIL's by at most two 8-bit levels on the CPU (libjpeg, another
 resize kernel); nvjpeg's IDCT differs a little more (docs/numerics.md): the decoder is part of the
 numeric mode. torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec; the
-warning is silenced here.
+warning is silenced here. torchvision is imported by the functions that decode, not with this module
+(the PIL decoder never needs it; importing it costs seconds).
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from sacv.images import ImageRejected, decode_image, image_id, opened_image, read_bytes
 from sacv.models import Preprocessing
@@ -52,6 +50,9 @@ def preprocess_tensor(preprocessing: Preprocessing, image: torch.Tensor) -> torc
     """:meth:`Preprocessing.__call__` on a decoded (3, h, w) uint8 tensor, on its device: the same
     sizes (shorter side to ``resize``, centre crop), bilinear with antialiasing, rounded to uint8
     after the resize as PIL does; returns (3, S, S) float32, normalised."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
     if preprocessing.resize:
         h, w = image.shape[1:]
         scale = preprocessing.resize / min(w, h)
@@ -74,6 +75,8 @@ def decode_batch(encoded: list[EncodedJpeg], preprocessing: Preprocessing,
                  device: torch.device) -> list[torch.Tensor | ImageRejected]:
     """Decode ``encoded`` on ``device`` in one call (nvjpeg on CUDA) and preprocess each; a file the
     decoder refuses is found by decoding one at a time and becomes an ``ImageRejected``."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:

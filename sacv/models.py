@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import threading
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +101,9 @@ def state_dict_hash(module: nn.Module) -> str:
 
 
 def imagenet_class_names() -> list[str]:
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-    return list(_IMAGENET_CATEGORIES)
+    """The 1000 ImageNet class names in index order (torchvision's list, shipped with the package
+    so that loading Lite0 does not import torchvision)."""
+    return resources.files("sacv").joinpath("imagenet_classes.txt").read_text(encoding="utf-8").splitlines()
 
 
 def load_state_dict_checked(module: nn.Module, path: str | Path) -> None:

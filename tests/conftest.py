@@ -49,7 +49,7 @@ def lite0():
 @pytest.fixture(scope="session")
 def prefect():
     """One temporary Prefect API for every flow test in the session."""
-    from flows.runners import configure_process
+    from flows.process import configure_process
 
     configure_process()  # embedded-mode defaults, before the harness starts its API
     from prefect.testing.utilities import prefect_test_harness

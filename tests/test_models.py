@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sacv.cli import main
-from sacv.models import load_model, resolve_layers, state_dict_hash
+from sacv.models import imagenet_class_names, load_model, resolve_layers, state_dict_hash
 
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 
@@ -69,6 +69,26 @@ def test_unknown_models_are_clear_errors():
         load_model("tests.conftest:nope")
     with pytest.raises(ValueError, match="neither a file nor a weights name of resnet18"):
         load_model("torchvision/resnet18", weights="IMAGENET_NOPE")
+
+
+def test_shipped_imagenet_names_are_torchvisions():
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    assert imagenet_class_names() == list(_IMAGENET_CATEGORIES)
+
+
+def test_every_data_file_of_the_package_is_declared_for_the_build():
+    """Files of ``sacv/`` that are not Python reach a wheel only through package-data."""
+    import tomllib
+    from pathlib import Path
+
+    import sacv
+
+    package = Path(sacv.__file__).parent
+    data = {p.name for p in package.iterdir() if p.is_file() and p.suffix not in (".py", ".pyc")}
+    pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    assert "imagenet_classes.txt" in data
+    assert data <= set(pyproject["tool"]["setuptools"]["package-data"]["sacv"])
 
 
 def test_torchvision_model_without_weights_has_imagenet_names():
