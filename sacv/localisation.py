@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from scipy.ndimage import binary_dilation
-from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 
 from sacv import storage
@@ -28,6 +27,7 @@ from sacv.config import parse_config
 from sacv.maps import concept_maps, upsample_map
 from sacv.models import Preprocessing
 from sacv.rundir import RunDir
+from sacv.vectors import mann_whitney_auc
 
 METHODS = ("sacv", "tcav", "random")
 LOCALISATION_COLUMNS = [
@@ -49,16 +49,6 @@ def dilate(mask: np.ndarray, stride: int) -> np.ndarray:
 
 def _hit(up: np.ndarray, dilated: np.ndarray) -> bool:
     return bool(dilated[np.unravel_index(np.argmax(up), up.shape)])
-
-
-def _auc(up: np.ndarray, mask: np.ndarray) -> float:
-    """Mann-Whitney form of the ROC AUC (ties count one half), as roc_auc_score but ~3x faster."""
-    n_pos = int(mask.sum())
-    n_neg = mask.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(up.ravel())
-    return float((ranks[mask.ravel()].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _energy(positive: np.ndarray, mask: np.ndarray) -> float:
@@ -96,7 +86,7 @@ def image_metrics(map_, mask: np.ndarray, stride: int, distractor: np.ndarray | 
     positive = np.maximum(up, 0)
     return {
         "pointing_game": float(_hit(up, dilate(mask, stride) if dilated is None else dilated)),
-        "mask_auc": _auc(up, mask),
+        "mask_auc": mann_whitney_auc(up.ravel(), mask.ravel()),
         "energy_in_mask": _energy(positive, mask),
         "distractor_ratio": float("nan") if distractor is None else _ratio(positive, mask, distractor),
     }

@@ -146,11 +146,13 @@ def batched_logistic(
         xc = x.astype(np.float64) - centre  # (m, C); float64: float32 sums stall the line search near the optimum
         jobs = wanted[cols]
         z = xc @ w[cols].T + b[cols]  # (m, k): one product for the block's jobs
-        s = np.repeat(weight[np.ix_(ids, jobs)], lengths, axis=0)
-        y = np.repeat(sign[np.ix_(ids, jobs)], lengths, axis=0)
-        margin = y * z
-        g = -y * s * expit(-margin)  # (m, k) d loss / d z
-        return cols, (s * -log_expit(margin)).sum(axis=0), xc.T @ g, g.sum(axis=0)  # loss: log(1 + e^-margin), stable
+        s, y = weight[np.ix_(ids, jobs)], sign[np.ix_(ids, jobs)]  # (n, k) per image
+        if (lengths != lengths[0]).any():  # images of unequal sizes: per row
+            s, y = np.repeat(s, lengths, axis=0), np.repeat(y, lengths, axis=0)
+        margin = z.reshape(len(s), -1, len(cols)) * y[:, None]  # (n, positions, k)
+        g = (expit(-margin) * (-y * s)[:, None]).reshape(-1, len(cols))  # (m, k) d loss / d z
+        loss = -(s * log_expit(margin).sum(axis=1)).sum(axis=0)  # log(1 + e^-margin), stable
+        return cols, loss, xc.T @ g, g.sum(axis=0)
 
     def evaluate(params: np.ndarray, jobs: np.ndarray, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:
         u, c = params[:, :-1], params[:, -1]  # (k, C), (k,)

@@ -125,3 +125,31 @@ def test_estimator_follows_the_scikit_learn_contract():
         warnings.simplefilter("error")
         assert est.fit(X, y, groups) is est
     assert (est.predict(X) == y).mean() > 0.85
+
+
+def test_held_out_metrics_equal_scikit_learns():
+    """The numpy metrics of every fitted vector against scikit-learn's own, ties and one class included."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    from sacv.vectors import held_out_metrics
+
+    rng = np.random.default_rng(8)
+    for trial in range(200):
+        n = int(rng.integers(2, 60))
+        y = rng.integers(0, 2, n)
+        scores = np.round(rng.normal(size=n) + 0.8 * y, int(rng.integers(0, 3)))  # rounding makes ties
+        if trial % 50 == 0:
+            y[:] = 1  # one class only: scikit-learn's behaviour, warnings and errors included
+        pred = (scores > 0).astype(int)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                expected_auc = roc_auc_score(y, scores)
+            except ValueError:
+                with pytest.raises(ValueError):
+                    held_out_metrics(y, scores)
+                continue
+            got = held_out_metrics(y, scores)
+            assert got["acc"] == pytest.approx(accuracy_score(y, pred))
+            assert got["bal_acc"] == pytest.approx(balanced_accuracy_score(y, pred))
+        assert got["auroc"] == pytest.approx(expected_auc, nan_ok=True)

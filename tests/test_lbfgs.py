@@ -82,18 +82,28 @@ def planted_jobs(seed: int, n_img: int = 36, per: int = 9, channels: int = 6, J:
 
 
 def solve(x, image, weight, sign, counts, sums, squares, block_images: int = 4):
-    per = len(x) // len(counts)
 
-    def blocks():
-        for a in range(0, len(x), block_images * per):
-            yield x[a : a + block_images * per], image[a : a + block_images * per]
+    def blocks():  # whole images per block
+        for a in range(0, len(counts), block_images):
+            rows = (image >= a) & (image < a + block_images)
+            yield x[rows], image[rows]
 
     mean, scale = solvers.job_moments(weight > 0, sums, squares, counts)
     return solvers.batched_logistic(blocks, weight, sign, mean, scale, 1.0, False, 500, 1e-9, counts, threads=2)
 
 
-def test_jobs_solved_together_equal_each_job_solved_alone_and_scipy():
+@pytest.mark.parametrize("ragged", [False, True])
+def test_jobs_solved_together_equal_each_job_solved_alone_and_scipy(ragged):
     x, image, weight, sign, counts, sums, squares = planted_jobs(seed=4)
+    if ragged:  # images of unequal position counts
+        keep = np.ones(len(x), bool)
+        keep[np.flatnonzero(image % 3 == 0)[::4]] = False
+        x, image = x[keep], image[keep]
+        counts = np.bincount(image, minlength=len(counts))
+        sums = np.zeros_like(sums)
+        np.add.at(sums, image, x.astype(np.float64))
+        squares = np.zeros_like(squares)
+        np.add.at(squares, image, x.astype(np.float64) ** 2)
     w, b, n_iter, passes = solve(x, image, weight, sign, counts, sums, squares)
     assert len(set(n_iter.tolist())) > 1  # the jobs stopped at different iterations
     for j in range(weight.shape[1]):
