@@ -1,8 +1,9 @@
 """Solvers for many concept vectors at once, from shared reads of the positions.
 
-Positions arrive as blocks ``(x, image)`` from a callable ``blocks()`` (a new iterator per pass):
-``x`` (m, C) float32 positions, ``image`` (m,) int64 index of each row's image into the per-image
-tables (rows of one image contiguous). Jobs (vectors) are described per image and job, so J jobs
+Positions arrive as blocks ``(x, image)`` from a callable ``blocks(wanted=None)`` (a new iterator
+per pass): ``x`` (m, C) float32 positions, ``image`` (m,) int64 index of each row's image into the
+per-image tables (rows of one image contiguous); ``wanted`` (n_img,) bool, when given, lets the
+producer skip blocks without a wanted image (they may still hold others). Jobs (vectors) are described per image and job, so J jobs
 share every read:
 
 - ``weight`` (n_img, J) float64: the class-balanced weight ``s`` of each training position of the
@@ -32,7 +33,7 @@ from threadpoolctl import ThreadpoolController
 
 from sacv.lbfgs import minimize_batched
 
-Blocks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+Blocks = Callable[..., Iterable[tuple[np.ndarray, np.ndarray]]]
 # Floor of the preconditioner's eigenvalues, × their mean. Measured (benchmarks/fit_profile.py, Lite0,
 # 5 concepts × 10 sets of 10 + nulls, 4 layers): L-BFGS time 4.4 s without whitening, 3.1 s at 1e-3
 # and 1e-2, 2.8 s at 0.1 (the 7×7 layers' concept jobs need fewer iterations with the higher floor).
@@ -160,7 +161,8 @@ def batched_logistic(
         b = c - (w * offset[jobs]).sum(axis=1)  # intercepts in centred space
         k = len(jobs)
         loss, grad_w, grad_b = np.zeros(k), np.zeros((channels, k)), np.zeros(k)
-        for cols, part_loss, part_w, part_b in _ordered(pool, partial, blocks(), 2 * threads, w, b, jobs):  # block order
+        passes = blocks(trains[:, jobs].any(axis=1))  # the blocks holding a training image of these jobs
+        for cols, part_loss, part_w, part_b in _ordered(pool, partial, passes, 2 * threads, w, b, jobs):  # block order
             if len(cols):
                 loss[cols] += part_loss
                 grad_w[:, cols] += part_w

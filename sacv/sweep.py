@@ -96,22 +96,26 @@ class PositionReader:
             yield inside, values[rows[inside] - start].reshape(len(inside), self.per_image, self.channels).astype(np.float32)
 
     def blocks(self, local: np.ndarray, runs: np.ndarray | None = None) -> solvers.Blocks:
-        """The solvers' ``blocks()`` over images ``rows[local]``: ``image`` indexes ``local``.
+        """The solvers' ``blocks(wanted=None)`` over images ``rows[local]``: ``image`` indexes
+        ``local``; with ``wanted`` (len(local),) bool only blocks holding a wanted image are yielded
+        (a streamed pass reads only the chunks of wanted images).
         ``runs`` (len(local),): a label per image, equal labels contiguous; a resident block holds
         images of one label only (the images of the same jobs: the solvers compute per block only
         the jobs its images belong to)."""
         runs = np.zeros(len(local), np.int64) if runs is None else np.asarray(runs)
         cuts = np.r_[np.flatnonzero(np.r_[True, runs[1:] != runs[:-1]]), len(local)] if len(local) else np.zeros(1, np.int64)
 
-        def resident():
+        def resident(wanted: np.ndarray | None = None):
             for start, stop in zip(cuts[:-1], cuts[1:]):
                 for a in range(start, stop, BLOCK_IMAGES):
-                    idx = local[a : min(a + BLOCK_IMAGES, stop)]
-                    yield self.data[idx].reshape(-1, self.channels), np.repeat(np.arange(a, a + len(idx)), self.per_image)
+                    b = min(a + BLOCK_IMAGES, stop)
+                    if wanted is None or wanted[a:b].any():
+                        yield self.data[local[a:b]].reshape(-1, self.channels), np.repeat(np.arange(a, b), self.per_image)
 
-        def streamed():
-            for inside, values in self._chunks(local):
-                yield values.reshape(-1, self.channels), np.repeat(inside, self.per_image)
+        def streamed(wanted: np.ndarray | None = None):
+            chosen = np.arange(len(local)) if wanted is None else np.flatnonzero(wanted)
+            for inside, values in self._chunks(local[chosen]):
+                yield values.reshape(-1, self.channels), np.repeat(chosen[inside], self.per_image)
 
         return resident if self.data is not None else streamed
 
@@ -124,8 +128,8 @@ class PositionReader:
             raise ValueError("rows this reader did not read")  # a fit planned without them: a bug
         inner = self.blocks(local, runs)
 
-        def mapped():
-            for x, image in inner():
+        def mapped(wanted: np.ndarray | None = None):
+            for x, image in inner(None if wanted is None else wanted[index]):
                 yield x, index[image]
 
         return mapped

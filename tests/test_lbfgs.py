@@ -83,7 +83,7 @@ def planted_jobs(seed: int, n_img: int = 36, per: int = 9, channels: int = 6, J:
 
 def solve(x, image, weight, sign, counts, sums, squares, block_images: int = 4):
 
-    def blocks():  # whole images per block
+    def blocks(wanted=None):  # whole images per block; skipping none (a producer may)
         for a in range(0, len(counts), block_images):
             rows = (image >= a) & (image < a + block_images)
             yield x[rows], image[rows]

@@ -180,6 +180,11 @@ def test_a_streamed_block_gives_the_positions_of_a_resident_one(tmp_path):
     expected = array[...][rows[local]].reshape(-1, C)  # (4 * H * W, C), images in row order
     np.testing.assert_array_equal(stacked["streamed"][0], expected)
     assert streamed.chunk_reads == 4  # rows 1, 9, 17, 31 lie in 4 chunks of 8 rows, each read once
+    wanted = np.array([False, True, False, False])  # only the image of row 9
+    _, image = next(iter(streamed.blocks(local)(wanted)))
+    assert streamed.chunk_reads == 5 and set(image) == {1}  # one more chunk read, that image's
+    resident_blocks = list(resident.blocks(local, runs=np.array([0, 0, 1, 1]))(wanted))
+    assert len(resident_blocks) == 1 and set(resident_blocks[0][1]) == {0, 1}  # the block of the wanted image only
 
 
 def test_the_batched_solver_gives_the_same_result_on_any_number_of_threads():
@@ -196,7 +201,7 @@ def test_the_batched_solver_gives_the_same_result_on_any_number_of_threads():
     weight = np.where(pos, 2.0, 1.0) * (rng.random((n_img, J)) > 0.2)  # some images out of some jobs
     sign = np.where(pos, 1.0, -1.0)
 
-    def blocks():
+    def blocks(wanted=None):
         for a in range(0, len(x), 5 * per):  # 8 blocks
             yield x[a : a + 5 * per], image[a : a + 5 * per]
 
