@@ -192,6 +192,7 @@ def main(argv=None) -> dict:
                   "concepts": {"root": str(work / "concepts"), "random_pool": str(work / "pool"),
                                "random_sets": args.sets, "images_per_set": args.per_set}}
         (work / "config.yaml").write_text(yaml.safe_dump(config))
+        shutil.rmtree(work / "run", ignore_errors=True)  # a kept run would make the extraction incremental
         print("extracting ...", flush=True)
         extract = run_cli(["extract", str(work / "config.yaml")], REPO)
         record = json.loads((work / "run" / "run.json").read_text())
