@@ -73,7 +73,7 @@ class ExtractConfig(Section):
 
 class FitConfig(Section):
     solver: Literal["auto", "lbfgs", "mean_difference", "inmemory", "sgd", "dask_ml"] = "auto"  # auto = lbfgs: batched exact L-BFGS per fit block
-    memory_budget_mb: int = Field(1024, ge=16)  # float32 positions one fit block holds (else streamed); inmemory subsample
+    memory_budget_mb: int = Field(1024, ge=16)  # float32 positions + per-(image, job) tables one fit block holds (else streamed); inmemory subsample
     C: float = Field(1.0, gt=0)  # inverse L2 strength of the logistic regression
     standardize: bool = False  # penalise in z-scored space (sgd always does)
     validation_fraction: float = Field(0.25, gt=0, lt=1)  # share of images per side held out

@@ -2,7 +2,7 @@
 
 - ``plan_blocks`` cuts a layer's jobs into blocks: jobs that share their positives (the R random
   sets of one concept; the null pairs) form a group, and groups are packed in plan order into blocks
-  whose images, as float32 positions, fit ``fit.memory_budget_mb``. A group larger than the budget
+  whose images, as float32 positions, and per-(image, job) tables fit ``fit.memory_budget_mb``. A group larger than the budget
   alone is a block of its own and is streamed (re-read chunk by chunk in every solver pass).
 - ``fit_block`` reads the block's images once (``PositionReader``), fits its jobs with the
   configured solver and writes one result per job (``RunDir.write_fit_result``): the cache stays per
@@ -39,9 +39,12 @@ def _group_of(job: dict) -> tuple:
     return (job["layer"], "null") if job["kind"] == "null" else (job["layer"], tuple(job["pos"]))
 
 
-def _bytes(ids: set[str], shape: list[int]) -> int:
+TABLE_BYTES = 24  # per (image, job) of a block: the float64 weights and signs and the masks a batched solve holds
+
+
+def _bytes(ids: set[str], n_jobs: int, shape: list[int]) -> int:
     h, w, c = shape
-    return len(ids) * h * w * c * 4  # float32 positions
+    return len(ids) * (h * w * c * 4 + n_jobs * TABLE_BYTES)  # float32 positions + per-job tables
 
 
 def plan_blocks(jobs: list[dict], todo: list[str], shapes: dict[str, list[int]], memory_budget_mb: int) -> list[tuple[str, list[str]]]:
@@ -58,7 +61,7 @@ def plan_blocks(jobs: list[dict], todo: list[str], shapes: dict[str, list[int]],
     for (layer, _), members in groups.items():
         ids = {i for job in members for i in job["pos"] + job["neg"]}
         last = blocks[-1] if blocks else None
-        if last is not None and last[0] == layer and _bytes(last[2] | ids, shapes[layer]) <= budget:
+        if last is not None and last[0] == layer and _bytes(last[2] | ids, len(last[1]) + len(members), shapes[layer]) <= budget:
             last[1].extend(job["key"] for job in members)
             last[2].update(ids)
         else:

@@ -95,7 +95,22 @@ def test_blocks_respect_the_memory_budget():
     assert [len(k) for _, k in small] == [9, 3]  # whole groups (a concept's R sets) stay together
     for _, block in small:
         ids = {i for j in jobs if j["key"] in block for i in j["pos"] + j["neg"]}
-        assert len(ids) * 64 * 1024 <= 16 * 2**20
+        assert len(ids) * (64 * 1024 + len(block) * sweep.TABLE_BYTES) <= 16 * 2**20
+
+
+def test_blocks_count_the_per_job_tables_of_a_wide_sweep():
+    """Tiny positions, many jobs: the (image, job) tables of one solve decide the blocks."""
+    shape = [1, 1, 4]  # 16 bytes of positions per image
+    pool = [f"rand{r}_{i}" for r in range(30) for i in range(50)]
+    jobs = [{"layer": "l", "kind": "concept", "key": f"c{k}_{r}", "pos": [f"c{k}_{i}" for i in range(50)],
+             "neg": pool[r * 50 : (r + 1) * 50]} for k in range(100) for r in range(30)]  # 3 000 jobs, 6 500 images
+    keys = [j["key"] for j in jobs]
+    blocks = plan_blocks(jobs, keys, {"l": shape}, 64)
+    assert len(blocks) > 1 and sorted(k for _, b in blocks for k in b) == sorted(keys)
+    for _, block in blocks:
+        ids = {i for j in jobs if j["key"] in block for i in j["pos"] + j["neg"]}
+        assert len(ids) * len(block) * sweep.TABLE_BYTES <= 64 * 2**20
+        assert len(block) % 30 == 0  # whole concept groups
 
 
 def anisotropic_mixing(seed: int = 1) -> np.ndarray:
