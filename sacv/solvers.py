@@ -3,8 +3,8 @@
 Positions arrive as blocks ``(x, image)`` from a callable ``blocks(wanted=None)`` (a new iterator
 per pass): ``x`` (m, C) float32 positions, ``image`` (m,) int64 index of each row's image into the
 per-image tables (rows of one image contiguous); ``wanted`` (n_img,) bool, when given, lets the
-producer skip blocks without a wanted image (they may still hold others). Jobs (vectors) are described per image and job, so J jobs
-share every read:
+producer skip blocks without a wanted image (they may still hold others). Jobs (vectors) are
+described per image and job, so J jobs share every read:
 
 - ``weight`` (n_img, J) float64: the class-balanced weight ``s`` of each training position of the
   image in job j (``n_train / (2 n_class)`` in positions), 0 where the image is not in j's training set;
@@ -34,9 +34,9 @@ from threadpoolctl import ThreadpoolController
 from sacv.lbfgs import minimize_batched
 
 Blocks = Callable[..., Iterable[tuple[np.ndarray, np.ndarray]]]
-# Floor of the preconditioner's eigenvalues, × their mean. Measured (benchmarks/fit_profile.py, Lite0,
-# 5 concepts × 10 sets of 10 + nulls, 4 layers): L-BFGS time 4.4 s without whitening, 3.1 s at 1e-3
-# and 1e-2, 2.8 s at 0.1 (the 7×7 layers' concept jobs need fewer iterations with the higher floor).
+# Floor of the preconditioner's eigenvalues, × their mean. Chosen by benchmarks/fit_profile.py (Lite0,
+# 5 concepts × 10 sets of 10 + nulls, 4 layers) over unwhitened, 1e-3, 1e-2 and 0.1: fewest
+# L-BFGS seconds at 0.1 (the 7×7 layers' concept jobs need fewer iterations with the higher floor).
 PRECONDITIONER_FLOOR = 0.1
 
 

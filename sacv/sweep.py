@@ -2,8 +2,9 @@
 
 - ``plan_blocks`` cuts a layer's jobs into blocks: jobs that share their positives (the R random
   sets of one concept; the null pairs) form a group, and groups are packed in plan order into blocks
-  whose images, as float32 positions, and per-(image, job) tables fit ``fit.memory_budget_mb``. A group larger than the budget
-  alone is a block of its own and is streamed (re-read chunk by chunk in every solver pass).
+  whose images, as float32 positions, and per-(image, job) tables fit ``fit.memory_budget_mb``. A
+  group larger than the budget alone is a block of its own and is streamed (re-read chunk by chunk
+  in every solver pass).
 - ``fit_block`` reads the block's images once (``PositionReader``), fits its jobs with the
   configured solver and writes one result per job (``RunDir.write_fit_result``): the cache stays per
   vector. The batched solvers (``sacv.solvers``) fit every job of the block in one solve
@@ -32,14 +33,12 @@ from sacv.rundir import RunDir
 from sacv.vectors import NearChanceWarning, grouped_validation_split, set_fitted_vector
 
 BLOCK_IMAGES = 64  # images per block handed to a solver (bounds the per-pass workspace)
+TABLE_BYTES = 24  # per (image, job) of a block: the float64 weights and signs and the masks a batched solve holds
 BATCHED = ("auto", "lbfgs")  # solvers run as one batched exact L-BFGS per block (each job its own L-BFGS)
 
 
 def _group_of(job: dict) -> tuple:
     return (job["layer"], "null") if job["kind"] == "null" else (job["layer"], tuple(job["pos"]))
-
-
-TABLE_BYTES = 24  # per (image, job) of a block: the float64 weights and signs and the masks a batched solve holds
 
 
 def _bytes(ids: set[str], n_jobs: int, shape: list[int]) -> int:
@@ -61,7 +60,8 @@ def plan_blocks(jobs: list[dict], todo: list[str], shapes: dict[str, list[int]],
     for (layer, _), members in groups.items():
         ids = {i for job in members for i in job["pos"] + job["neg"]}
         last = blocks[-1] if blocks else None
-        if last is not None and last[0] == layer and _bytes(last[2] | ids, len(last[1]) + len(members), shapes[layer]) <= budget:
+        same_layer = last is not None and last[0] == layer
+        if same_layer and _bytes(last[2] | ids, len(last[1]) + len(members), shapes[layer]) <= budget:
             last[1].extend(job["key"] for job in members)
             last[2].update(ids)
         else:
@@ -305,10 +305,11 @@ def fit_block(run_uri: str, config: RunConfig, layer: str, keys: list[str]) -> l
     """Fit the planned jobs ``keys`` of ``layer`` from one read; write and return one result per job.
 
     Batched solvers (``mean_difference``; ``auto``/``lbfgs`` without ``max_positions_per_class``) fit
-    every job of the block at once (:func:`fit_jobs`), take their per-image statistics from the store (``sacv.imagestats``), computing in one pass only those
+    every job of the block at once (:func:`fit_jobs`; results written when the solve ends), take
+    their per-image statistics from the store (``sacv.imagestats``), computing in one pass only those
     of images whose shard has none (a store written before they existed), and read only the images
     their solver needs (:func:`reads_training_positions`; else the held-out ones). Per-job solvers
-    read every image of the block.
+    read every image of the block and write each result as it is fitted.
     """
     run = RunDir(run_uri)
     fit = config.fit
@@ -342,8 +343,12 @@ def fit_block(run_uri: str, config: RunConfig, layer: str, keys: list[str]) -> l
                 computed = solvers.image_stats(reader.blocks_of(rows[lacking], np.arange(len(lacking))), len(lacking), c)
                 sums[lacking], squares[lacking], counts[lacking] = computed
             results = fit_jobs(reader, sides, (sums, squares, counts), config, ~have)  # sides.rows == rows
-    else:
-        results = [fit_one(reader, job, row_of, config) for job in jobs]
-    for result in results:
+        for result in results:
+            run.write_fit_result(layer, result["key"], result)
+        return results
+    results = []
+    for job in jobs:  # per-job solvers: each result is kept as soon as it is fitted
+        result = fit_one(reader, job, row_of, config)
         run.write_fit_result(layer, result["key"], result)
+        results.append(result)
     return results
