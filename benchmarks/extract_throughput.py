@@ -277,6 +277,11 @@ def main(argv=None) -> dict:
         shard_seconds = sum(m["seconds"] for m in markers)
         split = {key: round(sum(m["timing"][key] for m in markers), 3)
                  for key in ("decode_wait_s", "compute_s", "writer_wait_s", "write_s")}
+        # The shard phase's wall time from the markers' clocks; what the model thread did not spend on
+        # a shard (decode wait, compute, writer wait) went to task boundaries and the last writes.
+        shard_wall = max(m["finished_at"] for m in markers) - min(m["started_at"] for m in markers)
+        split |= {"shard_phase_wall_s": round(shard_wall, 3),
+                  "model_thread_outside_shards_s": round(shard_wall - sum(split[k] for k in ("decode_wait_s", "compute_s", "writer_wait_s")), 3)}
         stored_bytes = folder_bytes(run_dir / "store.zarr")
         n = summary["images"]
         assert n == args.images, f"the flow stored {n} images, expected {args.images}"
@@ -307,6 +312,7 @@ def main(argv=None) -> dict:
             "seconds": round(flow_seconds, 3),
             "images_per_s": round(n / flow_seconds, 2),
             "flow_seconds": summary["seconds"],
+            "phases": summary.get("phases"),
             "shard_seconds_sum": round(shard_seconds, 3),
             "shards_run": summary["shards_run"],
             "images_per_s_shard_phase": round(n / shard_seconds, 2),
@@ -324,7 +330,9 @@ def main(argv=None) -> dict:
         "decode_images_per_s": decoding,
         "time_split": {**split, "what": "summed over shards from the markers' timing: the model thread waiting for "
                        "decoded images / computing (batching, model, device copies) / waiting for a free writer; "
-                       "write_s is the writer threads' time (overlaps the others)"},
+                       "write_s is the writer threads' time (overlaps the others); shard_phase_wall_s: first shard "
+                       "start to last marker (markers' clocks); model_thread_outside_shards_s: that wall minus the "
+                       "model thread's three shares (task boundaries, the last writes of each task)"},
         "gpu_utilisation": {name: sampler.window(*span) for name, span in windows.items()} if sampler else None,
         "storage": {
             "bytes_stored": stored_bytes,
@@ -351,7 +359,9 @@ def main(argv=None) -> dict:
         ("layers", " ".join(args.layers)),
         ("bare loop", f"{result['bare']['images_per_s']:.2f} img/s ({bare_seconds:.2f} s)"),
         ("flow (whole call)", f"{result['flow']['images_per_s']:.2f} img/s ({flow_seconds:.2f} s)"),
-        ("flow's own seconds", f"{summary['seconds']:.2f} s"),
+        ("flow's own seconds", f"{summary['seconds']:.2f} s"
+                               + (" (" + ", ".join(f"{k} {v:.2f}" for k, v in summary["phases"].items()) + ")"
+                                  if summary.get("phases") else "")),
         ("planning alone", f"{plan_seconds:.2f} s ({args.images / plan_seconds:.0f} files/s)"),
         *[(f"flow, {v['shards_per_task']} shards/task, {v['workers']} workers",
            f"{v['images_per_s']:.2f} img/s ({v['seconds']:.2f} s), ratio {v['ratio_flow_over_bare']:.3f}") for v in variants],
@@ -362,6 +372,8 @@ def main(argv=None) -> dict:
         ("decoding alone", ", ".join(f"{k} {v}" for k, v in decoding.items())),
         ("time split (model thread)", f"decode wait {split['decode_wait_s']:.2f} s, compute {split['compute_s']:.2f} s, "
                                       f"writer wait {split['writer_wait_s']:.2f} s; writers {split['write_s']:.2f} s"),
+        ("shard phase (markers' clocks)", f"{split['shard_phase_wall_s']:.2f} s wall, model thread outside shards "
+                                          f"{split['model_thread_outside_shards_s']:.2f} s"),
         ("bytes per image", f"{result['storage']['bytes_per_image']:,}"),
         ("write MB/s (effective)", f"{result['storage']['write_mb_per_s_effective']:.2f}"),
         ("write MB/s (store only)", f"{result['storage']['write_mb_per_s_store_only']:.2f}"),

@@ -46,11 +46,20 @@ def extract_flow(config: RunConfig, audit_id: str | None = None) -> ExtractSumma
     """Extract activations (and dataset gradients) of every layer into the run's store; ``audit_id``
     marks the images this scan adds or removes (a new id when not given)."""
     started = time.perf_counter()
+    phases, since = {}, started
+
+    def phase_done(name: str) -> None:
+        nonlocal since
+        now = time.perf_counter()
+        phases[name], since = round(now - since, 3), now
+
     run_uri = config.run_dir
     batches = list_collections(run_uri, config)
     for future in [check_batch.submit(run_uri, config, k) for k in range(batches)]:
         future.result()  # the planning scan fans out over batches of files
+    phase_done("scan")
     plan = plan_extraction(run_uri, config, audit_id, batches)
+    phase_done("plan")
     blocks = shard_blocks(plan.todo, config.extract.shards_per_task)
     n_images = 0
     with tqdm(total=len(plan.todo), unit="shard", desc="extract", disable=None) as bar:
@@ -58,12 +67,14 @@ def extract_flow(config: RunConfig, audit_id: str | None = None) -> ExtractSumma
             n_images += sum(marker["images"] for marker in markers)
             bar.update(len(markers))
             bar.set_postfix(images=n_images)
+    phase_done("shards")
     rejects = record_rejects(run_uri, config)  # after every shard: one writer of the two tables
+    phase_done("record")
     decode_rejects = rejects - plan.rejects
     summary = ExtractSummary(
         status="done with rejects" if rejects else "done",
         images=plan.images - decode_rejects, rejects=rejects, shards=plan.shards, shards_run=len(plan.todo),
-        images_extracted=n_images, added=plan.added, removed=plan.removed,
+        images_extracted=n_images, added=plan.added, removed=plan.removed, phases=phases,
     )
     numerics = {"autocast": config.extract.autocast, "allow_tf32": config.execution.allow_tf32,
                 "decoder": config.extract.decoder}

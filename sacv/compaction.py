@@ -156,12 +156,12 @@ def compact(run_uri: str, wait_s: float = 0, ttl_s: float = 120) -> CompactSumma
             arrays = per_image_arrays(root, group)
             shards = range(plan.first, -(-len(plan.old_rows) // size))
             for shard in shards:
-                started = time.perf_counter()
+                started, started_at = time.perf_counter(), time.time()
                 _rewrite_shard(arrays, plan, shard, size)
                 rows, seconds = catalog.stored_rows(group, shard), time.perf_counter() - started
                 run.write_shard_marker(group, shard, {  # the fields of an extraction marker, and `compacted`
                     "digest": shard_digest(rows, config), "rows": [int(rows["row"].iloc[0]), int(rows["row"].iloc[-1]) + 1],
-                    "images": int((rows["status"] == "ok").sum()), "rejected": 0, "compacted": True,
+                    "images": int((rows["status"] == "ok").sum()), "rejected": 0, "compacted": True, "started_at": started_at,
                     "timing": {"writer_wait_s": 0.0, "decode_wait_s": 0.0, "compute_s": 0.0, "write_s": round(seconds, 4)},
                     **({imagestats.MARKER_FLAG: True} if with_stats[group] else {}),
                     "seconds": round(seconds, 3), "finished_at": time.time()})

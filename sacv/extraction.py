@@ -223,7 +223,7 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
     markers, pending, blocked = [], deque(), 0.0  # blocked: seconds the model thread waited for a free writer
     with ThreadPoolExecutor(config.execution.write_workers, thread_name_prefix="sacv-write") as writers:
         for shard, images, items in zip(shards, blocks, decoded_shards(blocks, config.execution.loader_workers)):
-            started = time.perf_counter()
+            started, started_at = time.perf_counter(), time.time()
             rows = images.rows
             targets = shard_targets(config, rows, model.class_names) if gradients else None
             parts: dict[str, list[np.ndarray]] = {}
@@ -248,7 +248,7 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
             start = int(rows["row"].iloc[0])
             timing["compute_s"] = time.perf_counter() - started - timing["decode_wait_s"]  # batches, model, copies
             marker = {"digest": shard_digest(rows, config), "rows": [start, start + len(rows)],
-                      "images": len(rows) - len(missing), "rejected": len(rejects),
+                      "images": len(rows) - len(missing), "rejected": len(rejects), "started_at": started_at,
                       "timing": {key: round(value, 4) for key, value in timing.items()}}
             stats_layers = config.layers if group == "guidance" else []
             pending.append(writers.submit(_write_shard, run, root, group, shard, start, arrays, marker, rejects, started,

@@ -8,7 +8,7 @@ can pass them between tasks and flows as references.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class ExtractSummary:
     images_extracted: int = 0  # images decoded and run through the model by this run
     added: int = 0  # images new to the store (ExtractPlan.added)
     removed: int = 0  # images marked removed (ExtractPlan.removed)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: scan, plan, shards, record
 
 
 @dataclass(frozen=True)

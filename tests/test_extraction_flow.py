@@ -341,6 +341,33 @@ def test_each_marker_splits_the_shard_time_into_decode_wait_compute_and_write(tm
         assert timing["write_s"] >= 0.2 * n_arrays * 0.9
         assert timing["compute_s"] > 0 and timing["writer_wait_s"] >= 0
         assert timing["decode_wait_s"] + timing["compute_s"] + timing["write_s"] <= marker["seconds"] + 0.01
+        assert marker["finished_at"] - marker["started_at"] == pytest.approx(marker["seconds"], abs=0.05)
+
+
+def test_the_summary_times_each_step_of_the_flow(tmp_path, prefect, monkeypatch):
+    """Planted delays in the plan (0.3 s), in each shard task (0.2 s) and in merging the rejects
+    (0.4 s) show up in their own phase; the phases fit in the flow's wall time."""
+    import time
+
+    import sacv.extraction as extraction
+    import sacv.planning as planning
+
+    def delayed(function, seconds):
+        def run(*args, **kwargs):
+            time.sleep(seconds)
+            return function(*args, **kwargs)
+        return run
+
+    write_collection(tmp_path, n_per_concept=2, n_per_class=3)
+    config = make_config(tmp_path, shards_per_task=1)
+    monkeypatch.setattr(planning, "plan_extraction", delayed(planning.plan_extraction, 0.3))
+    monkeypatch.setattr(extraction, "run_shards", delayed(extraction.run_shards, 0.2))
+    monkeypatch.setattr(extraction, "record_shard_rejects", delayed(extraction.record_shard_rejects, 0.4))
+    summary = run_extract(config)
+    phases = summary.phases
+    assert list(phases) == ["scan", "plan", "shards", "record"]
+    assert phases["plan"] >= 0.3 and phases["shards"] >= 0.2 * summary.shards_run and phases["record"] >= 0.4
+    assert phases["scan"] >= 0 and sum(phases.values()) <= summary.seconds
 
 
 def test_planning_fans_out_over_batches_of_files_and_gives_the_tables_of_one_scan(tmp_path, prefect):
