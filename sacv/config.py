@@ -137,7 +137,8 @@ CHECK_KINDS = {"no_significant_contribution": NoSignificantContribution, "min_sp
 class ExecutionConfig(Section):
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool (1: extraction runs in the flow's thread)
-    loader_workers: int = Field(0, ge=0)  # image decoding threads per process, kept across shards (useful on CUDA)
+    loader_workers: int = Field(0, ge=0)  # image decoders per process, kept across shards (useful on CUDA); 0: in the model's thread
+    loader: Literal["threads", "processes"] = "threads"  # what the decoders are; processes leave the GIL to the model (PIL decoder only)
     write_workers: int = Field(4, ge=1)  # chunk-writer threads per extraction task (compression releases the GIL)
     dask_address: str | None = None  # run tasks on this Dask scheduler instead of the thread pool
     lock_wait_s: float = Field(0, ge=0)  # how long a second run on the same run_dir waits for the lock; 0 = stop at once
@@ -186,6 +187,13 @@ class RunConfig(Section):
                 f"{MIN_RANDOM_SETS} (R random sets give R concept vectors and, for R >= 3, R null vectors; with 1 or 2 "
                 f"every p-value would be null): set concepts.random_sets to 3 or more (default 30, see docs/tables.md)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _loader_fits_decoder(self) -> RunConfig:
+        if self.execution.loader == "processes" and self.extract.decoder == "torchvision":
+            raise ValueError("execution.loader 'processes' decodes with PIL, but extract.decoder is 'torchvision' "
+                             "(decoded on the device; its loaders only read files): set execution.loader: threads")
         return self
 
     @model_validator(mode="after")

@@ -14,7 +14,6 @@ batch loop, also behind ``shard_extractions`` (streamed scoring). The per-batch 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -26,69 +25,15 @@ import torch
 
 from sacv.catalog import REJECT_COLUMNS, ImageCatalog, match_class
 from sacv.config import RunConfig
-from sacv.decoding import EncodedJpeg, decode_batch, read_for_device
+from sacv.decoding import EncodedJpeg, decode_batch
 from sacv.extract import Extraction, extract
-from sacv.images import ImageRejected, load_image
+from sacv.images import ImageRejected
 from sacv.imagestats import MARKER_FLAG, shard_stats
+from sacv.loaders import ShardImages, decoded_shards
 from sacv.models import LoadedModel, cached_model
 from sacv.planning import shard_digest, store_layout
 from sacv.rundir import RunDir
 from sacv.store import open_store, write_region
-
-class ShardImages:
-    """A shard's images (``rows`` in row order): each decoded, checked against its scanned content id
-    and preprocessed to (3, S, S) float32 (with ``extract.decoder: torchvision``, a plain JPEG is
-    returned still encoded, for the batch to decode on the device); or the ``ImageRejected`` that
-    says why not; or ``None`` for a removed image or one an earlier run already quarantined (status
-    ``rejected``: not tried again)."""
-
-    def __init__(self, rows: pd.DataFrame, model: LoadedModel, config: RunConfig):
-        self.rows = rows.reset_index(drop=True)
-        self.preprocessing = model.preprocessing
-        self.limits = {"max_pixels": config.extract.max_pixels, "min_size": config.extract.min_size}
-        self.read = read_for_device if config.extract.decoder == "torchvision" else load_image
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> torch.Tensor | EncodedJpeg | ImageRejected | None:
-        row = self.rows.iloc[index]
-        if row["status"] != "ok":  # removed, or quarantined by an earlier run
-            return None
-        try:
-            content_id, image = self.read(row["path"], **self.limits)
-        except ImageRejected as rejected:
-            return rejected
-        if content_id != row["image_id"]:
-            return ImageRejected("read", "file changed since planning (content hash differs); the next run plans it again")
-        return image if isinstance(image, EncodedJpeg) else self.preprocessing(image)
-
-
-_DECODERS: dict[int, ThreadPoolExecutor] = {}
-_DECODERS_LOCK = threading.Lock()
-
-
-def decoded_shards(shards: list[ShardImages], workers: int) -> Iterator[Iterator]:
-    """For each shard in order, an iterator over its decoded items in row order.
-
-    With ``workers`` > 0 a decode thread pool (one per process, kept across tasks) works ahead of the
-    model: when shard k starts, shard k+1's images are submitted, so at most two shards of decoded
-    images are held, and decoding overlaps the model's work. With 0, images decode in the caller."""
-    if not workers:
-        for images in shards:
-            yield (images[i] for i in range(len(images)))
-        return
-    with _DECODERS_LOCK:
-        pool = _DECODERS.setdefault(workers, ThreadPoolExecutor(workers, thread_name_prefix="sacv-decode"))
-
-    def submit(images: ShardImages) -> list:
-        return [pool.submit(images.__getitem__, i) for i in range(len(images))]
-
-    ahead = submit(shards[0]) if shards else []
-    for k in range(len(shards)):
-        current, ahead = ahead, submit(shards[k + 1]) if k + 1 < len(shards) else []
-        yield (future.result() for future in current)
-
 
 def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str]) -> torch.Tensor | int | None:
     """The classes whose logit is differentiated: (n,) int64 labels, one class index, or None (predicted)."""
@@ -102,31 +47,47 @@ def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str])
     return match_class(target, class_names)
 
 
-def _extractions(items: Iterator, model: LoadedModel, config: RunConfig, targets, with_gradients: bool,
-                 blank: torch.Tensor) -> Iterator[tuple[Extraction, dict[int, ImageRejected | None]]]:
-    """Batches of ``config.extract.batch_size`` items through :func:`sacv.extract.extract`. Encoded
-    JPEGs are decoded on the device first; an item that is not a tensor then (a reject, or None) is
-    replaced by ``blank``; yields each batch's extraction with those items by their index in the shard."""
+def model_inputs(batch: list, model: LoadedModel, device: torch.device) -> tuple[torch.Tensor, dict[int, ImageRejected | None]]:
+    """A batch of items (``sacv.loaders``) as the model's input (B, 3, S, S) float32 on ``device``,
+    and the items that are no image (a reject, or None) by their index in the batch (zeros there).
+
+    Encoded JPEGs are decoded on the device in one call; uint8 pixels are stacked, copied to the
+    device (pinned on CUDA) and normalised there."""
+    encoded = [i for i, item in enumerate(batch) if isinstance(item, EncodedJpeg)]
+    decoded = dict(zip(encoded, decode_batch([batch[i] for i in encoded], model.preprocessing, device))) if encoded else {}
+    items = [decoded.get(i, item) for i, item in enumerate(batch)]
+    missing = {i: item for i, item in enumerate(items) if not isinstance(item, torch.Tensor)}
+    pixels = [i for i, item in enumerate(items) if isinstance(item, torch.Tensor) and item.dtype == torch.uint8]
+    if pixels:
+        stacked = torch.stack([items[i] for i in pixels])  # (P, S, S, 3) uint8
+        stacked = stacked.pin_memory() if device.type == "cuda" else stacked
+        normalised = model.preprocessing.normalize(stacked.to(device, non_blocking=True))  # (P, 3, S, S)
+        if len(pixels) == len(batch):
+            return normalised, missing
+    size = model.preprocessing.crop or next(item.shape[-2] for item in items if isinstance(item, torch.Tensor))
+    inputs = torch.zeros(len(batch), 3, size, size, device=device)
+    if pixels:
+        inputs[pixels] = normalised
+    for i, item in decoded.items():
+        if isinstance(item, torch.Tensor):
+            inputs[i] = item
+    return inputs, missing
+
+
+def _extractions(items: Iterator, model: LoadedModel, config: RunConfig, targets,
+                 with_gradients: bool) -> Iterator[tuple[Extraction, dict[int, ImageRejected | None]]]:
+    """Batches of ``config.extract.batch_size`` items through :func:`sacv.extract.extract`; yields
+    each batch's extraction with the items that were no image, by their index in the shard."""
     device = next(model.module.parameters()).device
-    pin = device.type == "cuda"
     autocast = None if config.extract.autocast == "none" else getattr(torch, config.extract.autocast)
     done, batch = 0, []
 
     def run(batch: list) -> tuple[Extraction, dict[int, ImageRejected | None]]:
-        encoded = [i for i, item in enumerate(batch) if isinstance(item, EncodedJpeg)]
-        if encoded:  # decoded on the device in one call
-            for i, image in zip(encoded, decode_batch([batch[i] for i in encoded], model.preprocessing, device)):
-                batch[i] = image
-        blanks = {done + i: item for i, item in enumerate(batch) if not isinstance(item, torch.Tensor)}
-        if encoded:
-            stacked = torch.stack([(item if isinstance(item, torch.Tensor) else blank).to(device) for item in batch])
-        else:
-            stacked = torch.stack([item if isinstance(item, torch.Tensor) else blank for item in batch])  # (B, 3, S, S)
-            stacked = stacked.pin_memory() if pin else stacked
+        inputs, missing = model_inputs(batch, model, device)
         batch_targets = targets[done : done + len(batch)] if isinstance(targets, torch.Tensor) else targets
-        result = extract(model.module, stacked, config.layers, batch_targets,
+        result = extract(model.module, inputs, config.layers, batch_targets,
                          with_gradients=with_gradients, autocast=autocast, allow_tf32=config.execution.allow_tf32)
-        return result, blanks
+        return result, {done + i: item for i, item in missing.items()}
 
     for item in items:
         batch.append(item)
@@ -137,18 +98,13 @@ def _extractions(items: Iterator, model: LoadedModel, config: RunConfig, targets
         yield run(batch)
 
 
-def _blank(model: LoadedModel) -> torch.Tensor:
-    size = model.preprocessing.crop
-    return torch.zeros(3, size, size)
-
-
 def shard_extractions(rows: pd.DataFrame, model: LoadedModel, config: RunConfig, with_gradients: bool) -> Iterator[Extraction]:
     """The batch loop over images that decoded at extraction (``rows`` in row order, status ok), for
     streamed scoring: an image that fails now is an error, not a reject."""
-    images = ShardImages(rows, model, config)
-    items = next(decoded_shards([images], config.execution.loader_workers))
+    images = ShardImages(rows, model.preprocessing, config)
+    items = next(decoded_shards([images], config.execution.loader_workers, config.execution.loader))
     targets = shard_targets(config, images.rows, model.class_names) if with_gradients else None
-    for result, blanks in _extractions(items, model, config, targets, with_gradients, _blank(model)):
+    for result, blanks in _extractions(items, model, config, targets, with_gradients):
         if blanks:
             index, reason = next(iter(blanks.items()))
             raise RuntimeError(f"{images.rows['path'].iloc[index]} decoded at extraction but not now ({reason}); "
@@ -218,18 +174,17 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
     root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype), run.storage_options)
     gradients = group == "dataset"
-    blocks = [ShardImages(catalog.stored_rows(group, shard), model, config) for shard in shards]
-    blank = _blank(model)
+    blocks = [ShardImages(catalog.stored_rows(group, shard), model.preprocessing, config) for shard in shards]
     markers, pending, blocked = [], deque(), 0.0  # blocked: seconds the model thread waited for a free writer
     with ThreadPoolExecutor(config.execution.write_workers, thread_name_prefix="sacv-write") as writers:
-        for shard, images, items in zip(shards, blocks, decoded_shards(blocks, config.execution.loader_workers)):
+        for shard, images, items in zip(shards, blocks, decoded_shards(blocks, config.execution.loader_workers, config.execution.loader)):
             started, started_at = time.perf_counter(), time.time()
             rows = images.rows
             targets = shard_targets(config, rows, model.class_names) if gradients else None
             parts: dict[str, list[np.ndarray]] = {}
             missing: dict[int, ImageRejected | None] = {}
             timing = {"writer_wait_s": blocked, "decode_wait_s": 0.0}
-            for result, blanks in _extractions(_timed(items, timing), model, config, targets, gradients, blank):
+            for result, blanks in _extractions(_timed(items, timing), model, config, targets, gradients):
                 missing |= blanks
                 for layer in config.layers:
                     parts.setdefault(f"{group}/{layer}/act", []).append(result.activations[layer].numpy())

@@ -60,13 +60,23 @@ class Preprocessing:
         return image
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> float32 tensor (3, H, W)."""
-        image = self.geometry(image.convert("RGB"))
-        array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-        tensor = torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (tensor - mean) / std
+        """RGB PIL image -> float32 tensor (3, H, W): :meth:`pixels`, then :meth:`normalize`."""
+        return self.normalize(torch.from_numpy(self.pixels(image)))
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> its (H, W, 3) uint8 pixels after the resize and crop (a quarter of the
+        float tensor's bytes: what decode workers hand to the model)."""
+        return np.array(self.geometry(image.convert("RGB")), dtype=np.uint8)  # a writable copy
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 ``(x / 255 - mean) / std``, on the pixels'
+        device. Divisions by tensors (never by a Python number, which CUDA turns into a multiplication
+        by the reciprocal), so the CPU and CUDA give the same floats for the same pixels."""
+        x = pixels.movedim(-1, -3).float()  # (..., 3, H, W)
+        shape, device = (3, 1, 1), pixels.device
+        scale = torch.tensor(255.0, device=device)
+        mean, std = torch.tensor(self.mean, device=device).view(shape), torch.tensor(self.std, device=device).view(shape)
+        return (x / scale - mean) / std
 
     @property
     def input_size(self) -> int:

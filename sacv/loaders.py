@@ -1,0 +1,156 @@
+"""Where a shard's images are read, checked and decoded: in the caller, in a pool of threads or in a
+pool of processes (``execution.loader_workers``, ``execution.loader``).
+
+Each image becomes one item, in row order: its (S, S, 3) uint8 pixels after the model's resize and
+crop (normalised later, on the model's device, by ``Preprocessing.normalize``); with
+``extract.decoder: torchvision`` a plain JPEG's bytes (``EncodedJpeg``, decoded on the device); the
+``ImageRejected`` that says why the image cannot be used; or ``None`` for a removed image or one an
+earlier run already quarantined (status ``rejected``: not tried again).
+
+Threads share the interpreter lock with the model's thread; processes do not, which matters when
+the model is fast (a GPU) and many decoders run. Process workers are forked once per process and
+kept; they return uint8 arrays (a quarter of the float tensor's bytes) through a pipe.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sacv.config import RunConfig
+from sacv.decoding import EncodedJpeg, read_for_device
+from sacv.images import ImageRejected, load_image
+from sacv.models import Preprocessing
+
+ITEMS_PER_PROCESS_CALL = 8  # images one call to a decode process handles (amortises the pipe's overhead)
+
+
+def read_pixels(path: str, expected_id: str, preprocessing: Preprocessing, limits: dict) -> np.ndarray | ImageRejected:
+    """Read, hash and decode ``path`` with PIL; its (S, S, 3) uint8 pixels, or why not (also when
+    the file's content id is no longer ``expected_id``)."""
+    try:
+        content_id, image = load_image(path, **limits)
+    except ImageRejected as rejected:
+        return rejected
+    if content_id != expected_id:
+        return _changed()
+    return preprocessing.pixels(image)
+
+
+def _changed() -> ImageRejected:
+    return ImageRejected("read", "file changed since planning (content hash differs); the next run plans it again")
+
+
+def _read_chunk(files: list[tuple[str, str] | None], preprocessing: Preprocessing,
+                limits: dict) -> list[np.ndarray | ImageRejected | None]:
+    """One decode-process call: :func:`read_pixels` of each (path, image_id); ``None`` stays ``None``."""
+    return [None if file is None else read_pixels(*file, preprocessing, limits) for file in files]
+
+
+class ShardImages:
+    """A shard's images (``rows`` in row order), as items (see the module docstring)."""
+
+    def __init__(self, rows: pd.DataFrame, preprocessing: Preprocessing, config: RunConfig):
+        self.rows = rows.reset_index(drop=True)
+        self.preprocessing = preprocessing
+        self.limits = {"max_pixels": config.extract.max_pixels, "min_size": config.extract.min_size}
+        self.on_device = config.extract.decoder == "torchvision"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def files(self) -> list[tuple[str, str] | None]:
+        """(path, image_id) of each row to read; ``None`` for a removed or quarantined image."""
+        ok = (self.rows["status"] == "ok").tolist()
+        return [(path, image_id) if keep else None
+                for path, image_id, keep in zip(self.rows["path"], self.rows["image_id"], ok)]
+
+    def __getitem__(self, index: int) -> torch.Tensor | EncodedJpeg | ImageRejected | None:
+        row = self.rows.iloc[index]
+        if row["status"] != "ok":
+            return None
+        if not self.on_device:
+            item = read_pixels(row["path"], row["image_id"], self.preprocessing, self.limits)
+            return torch.from_numpy(item) if isinstance(item, np.ndarray) else item
+        try:
+            content_id, image = read_for_device(row["path"], **self.limits)
+        except ImageRejected as rejected:
+            return rejected
+        if content_id != row["image_id"]:
+            return _changed()
+        return image if isinstance(image, EncodedJpeg) else torch.from_numpy(self.preprocessing.pixels(image))
+
+
+_POOLS: dict[tuple[str, int], Executor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(kind: str, workers: int) -> Executor:
+    """The process's pool of ``kind`` with ``workers`` workers, made on first use and kept across tasks."""
+    with _POOLS_LOCK:
+        if (kind, workers) not in _POOLS:
+            if kind == "processes" and multiprocessing.current_process().daemon:
+                raise RuntimeError("execution.loader 'processes' cannot start processes in this daemonic process (a "
+                                   "Dask worker): set execution.loader: threads, or distributed.worker.daemon: false")
+            if kind == "threads":
+                _POOLS[kind, workers] = ThreadPoolExecutor(workers, thread_name_prefix="sacv-decode")
+            else:  # fork: the workers start at once, with the modules already imported
+                _POOLS[kind, workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        return _POOLS[kind, workers]
+
+
+def _forget(kind: str, workers: int) -> None:
+    with _POOLS_LOCK:
+        _POOLS.pop((kind, workers), None)
+
+
+def decoded_shards(shards: list[ShardImages], workers: int, kind: str = "threads") -> Iterator[Iterator]:
+    """For each shard in order, an iterator over its items in row order.
+
+    With ``workers`` > 0 a pool of ``kind`` ("threads" or "processes"; one per process, kept across
+    tasks) works ahead of the model: when shard k starts, shard k+1's images are submitted, so at
+    most two shards of decoded images are held, and decoding overlaps the model's work. With 0,
+    images decode in the caller. Processes decode with PIL (``extract.decoder: pil``)."""
+    if not workers:
+        for images in shards:
+            yield (images[i] for i in range(len(images)))
+        return
+    if kind == "processes" and any(images.on_device for images in shards):
+        raise ValueError("execution.loader 'processes' decodes with PIL; with extract.decoder 'torchvision' "
+                         "set execution.loader: threads (they only read the files)")
+    pool = _pool(kind, workers)
+
+    def submit(images: ShardImages) -> list:
+        if kind == "threads":
+            return [pool.submit(images.__getitem__, i) for i in range(len(images))]
+        files = images.files()
+        with warnings.catch_warnings():  # forking this multi-threaded process: the workers only decode
+            warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+            return [pool.submit(_read_chunk, files[i : i + ITEMS_PER_PROCESS_CALL], images.preprocessing, images.limits)
+                    for i in range(0, len(files), ITEMS_PER_PROCESS_CALL)]
+
+    def items(futures: list) -> Iterator:
+        if kind == "threads":
+            yield from (future.result() for future in futures)
+            return
+        for future in futures:
+            try:
+                chunk = future.result()
+            except BrokenProcessPool as err:
+                _forget(kind, workers)
+                raise RuntimeError("a decode process died (out of memory, or killed); the next attempt starts a "
+                                   "new pool, or lower execution.loader_workers") from err
+            yield from (torch.from_numpy(item) if isinstance(item, np.ndarray) else item for item in chunk)
+
+    ahead = submit(shards[0]) if shards else []
+    for k in range(len(shards)):
+        current, ahead = ahead, submit(shards[k + 1]) if k + 1 < len(shards) else []
+        yield items(current)
