@@ -8,18 +8,19 @@ import time
 
 
 def raw_rates(model, layers: list[str], batch_size: int, autocast, repeats: int = 20) -> dict:
-    """The card alone: a (batch, 3, S, S) batch already on the device, TF32 off (the default).
+    """The card alone: a (batch, 3, S, S) batch already on the device in the layout ``extract`` gives
+    the model (``sacv.extract.input_memory_format``), TF32 off (the default).
     ``forward_backward``: the model's forward pass and the gradient of the predicted logits w.r.t.
     the layers (no copies); ``extract``: ``sacv.extract.extract`` on the same batch (adds the
     float32 device-to-host copies and finiteness checks the pipeline pays). Images/s of each."""
     import torch
 
-    from sacv.extract import capture_layers, extract, tf32_mode
+    from sacv.extract import capture_layers, extract, input_memory_format, tf32_mode
 
     module = model.module
     device = next(module.parameters()).device
     size = model.preprocessing.crop
-    batch = torch.randn(batch_size, 3, size, size, device=device)
+    batch = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=input_memory_format(device))
     precision = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
 
     def forward_backward():
@@ -27,9 +28,19 @@ def raw_rates(model, layers: list[str], batch_size: int, autocast, repeats: int 
             logits = module(batch).float()
             torch.autograd.grad(logits.max(dim=1).values.sum(), [captured[name] for name in layers])
 
+    def forward_backward_nchw():  # the same on an NCHW batch, where extract gives the model another layout
+        nonlocal batch
+        batch, chosen = batch.contiguous(), batch
+        try:
+            forward_backward()
+        finally:
+            batch = chosen
+
+    steps = [("forward_backward", forward_backward), ("extract", lambda: extract(module, batch, layers, None, True, autocast))]
+    if not batch.is_contiguous():
+        steps.append(("forward_backward_nchw", forward_backward_nchw))
     rates = {}
-    for name, step in (("forward_backward", forward_backward),
-                       ("extract", lambda: extract(module, batch, layers, None, True, autocast))):
+    for name, step in steps:
         for _ in range(3):
             step()
         if device.type == "cuda":
@@ -62,6 +73,8 @@ def decode_rates(paths: list[str], model, workers: int) -> dict:
         started = time.perf_counter()
         reference = list(pool.map(pil, paths))
         rates[f"pil_threads_{max(workers, 1)}"] = round(len(paths) / (time.perf_counter() - started), 1)
+    if workers:  # the flow's process loader (execution.loader: processes): uint8 pixels, in shards of 128
+        rates[f"pil_processes_{workers}"] = process_decode_rate(paths, model, workers)
     device = next(model.module.parameters()).device
     if device.type == "cuda":
         from sacv.decoding import decode_batch, read_for_device
@@ -86,6 +99,24 @@ def decode_rates(paths: list[str], model, workers: int) -> dict:
         except Exception as err:  # a build without nvjpeg: say so, keep the other numbers
             rates["nvjpeg_error"] = repr(err)[:200]
     return rates
+
+
+def process_decode_rate(paths: list[str], model, workers: int) -> float:
+    """Images/s of ``sacv.loaders.decoded_shards`` with ``workers`` processes (forked before the clock starts)."""
+    import pandas as pd
+
+    from sacv.config import parse_config
+    from sacv.images import image_id
+    from sacv.loaders import ShardImages, decoded_shards
+
+    rows = pd.DataFrame({"path": paths, "image_id": [image_id(open(p, "rb").read()) for p in paths], "status": "ok"})
+    config = parse_config({"run_dir": "unused", "layers": ["unused"]})
+    shards = [ShardImages(rows.iloc[k : k + 128], model.preprocessing, config) for k in range(0, len(rows), 128)]
+    for items in decoded_shards(shards[:1], workers, "processes"):
+        list(items)
+    started = time.perf_counter()
+    decoded = sum(1 for items in decoded_shards(shards, workers, "processes") for _ in items)
+    return round(decoded / (time.perf_counter() - started), 1)
 
 
 class GpuSampler:

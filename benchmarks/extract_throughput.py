@@ -43,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shard-size", type=int, default=32, help="images per shard (flow only)")
     parser.add_argument("--layers", nargs="+", default=["_blocks.8", "_blocks.12"])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--loader-workers", type=int, default=0, help="DataLoader decoding processes (both paths)")
+    parser.add_argument("--loader-workers", type=int, default=0, help="decoders: DataLoader processes (bare loop), "
+                        "execution.loader_workers (flow)")
+    parser.add_argument("--loader", choices=["threads", "processes"], default="threads", help="execution.loader of the flow")
     parser.add_argument("--autocast", choices=["none", "bfloat16", "float16"], default="none")
     parser.add_argument("--decoder", choices=["pil", "torchvision"], default="pil", help="extract.decoder (both paths)")
     parser.add_argument("--shards-per-task", type=int, default=8, help="extract.shards_per_task of the flow")
@@ -93,7 +95,8 @@ def folder_bytes(folder: Path) -> int:
 def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loader_workers: int, autocast,
               decoder: str = "pil") -> tuple[float, list]:
     """Decode, preprocess, extract with gradients; keep every result in memory. Returns (seconds, results).
-    ``pil``: a DataLoader with ``loader_workers`` processes; ``torchvision``: files read in a pool of
+    ``pil``: a DataLoader with ``loader_workers`` processes handing over uint8 pixels after the resize
+    and crop, normalised on the device (as the flow does); ``torchvision``: files read in a pool of
     ``loader_workers`` threads, each batch decoded on the device (``sacv.decoding``)."""
     import torch
     from torch.utils.data import DataLoader, Dataset
@@ -109,14 +112,15 @@ def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loade
             return len(paths)
 
         def __getitem__(self, i):
-            return model.preprocessing(load_image(paths[i])[1])
+            return torch.from_numpy(model.preprocessing.pixels(load_image(paths[i])[1]))  # (S, S, 3) uint8
 
     device = next(model.module.parameters()).device
     loader = DataLoader(Files(), batch_size=batch_size, num_workers=loader_workers, pin_memory=device.type == "cuda")
     results = []
     started = time.perf_counter()
     for batch in loader:
-        result = extract(model.module, batch, layers, None, with_gradients=True, autocast=autocast)
+        inputs = model.preprocessing.normalize(batch.to(device, non_blocking=True))  # (B, 3, S, S)
+        result = extract(model.module, inputs, layers, None, with_gradients=True, autocast=autocast)
         results.append(result)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -166,7 +170,7 @@ def flow_config(root: Path, run: str, data: str, args, device: str, shards_per_t
             "dataset": {"root": str(root / data), "target": "predicted"},
             "extract": {"shard_size": args.shard_size, "batch_size": args.batch_size, "autocast": args.autocast,
                         "decoder": args.decoder, "shards_per_task": shards_per_task},
-            "execution": {"device": device, "loader_workers": args.loader_workers, "workers": workers},
+            "execution": {"device": device, "loader_workers": args.loader_workers, "loader": args.loader, "workers": workers},
         }
     )
 
@@ -299,6 +303,7 @@ def main(argv=None) -> dict:
         "batch_size": args.batch_size,
         "shard_size": args.shard_size,
         "loader_workers": args.loader_workers,
+        "loader": args.loader,
         "autocast": args.autocast,
         "decoder": args.decoder,
         "torch_threads": torch.get_num_threads(),
@@ -355,7 +360,7 @@ def main(argv=None) -> dict:
         ("device", result["device"]),
         ("torch", result["torch"]),
         ("images / batch / shard", f"{args.images} / {args.batch_size} / {args.shard_size}"),
-        ("decoder / loader workers", f"{args.decoder} / {args.loader_workers}"),
+        ("decoder / loader workers", f"{args.decoder} / {args.loader_workers} {args.loader}"),
         ("layers", " ".join(args.layers)),
         ("bare loop", f"{result['bare']['images_per_s']:.2f} img/s ({bare_seconds:.2f} s)"),
         ("flow (whole call)", f"{result['flow']['images_per_s']:.2f} img/s ({flow_seconds:.2f} s)"),

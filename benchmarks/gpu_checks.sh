@@ -20,8 +20,11 @@ workers=${LOADER_WORKERS:-12}
 if [ -z "${SKIP_AGREEMENT:-}" ]; then
   timeout "${AGREEMENT_TIMEOUT:-150}" python3 benchmarks/gpu_agreement.py --out "$out/gpu_agreement_cuda.json"
 fi
-for decoder in ${DECODERS:-torchvision pil}; do
+# RUNS: DECODER:LOADER pairs (extract.decoder, execution.loader); PIL decodes in processes by default,
+# which leaves the interpreter lock to the model's thread.
+for run in ${RUNS:-torchvision:threads pil:processes}; do
+  decoder=${run%%:*} loader=${run##*:}
   timeout "${THROUGHPUT_TIMEOUT:-240}" python3 benchmarks/extract_throughput.py --engine $engine --device cuda \
-    --images "$images" --batch-size 64 --shard-size 128 --loader-workers "$workers" --decoder "$decoder" --variants ${VARIANTS:-} \
-    --out "$out/extract_throughput_cuda_${engine}_$decoder.json"
+    --images "$images" --batch-size 64 --shard-size 128 --loader-workers "$workers" --decoder "$decoder" \
+    --loader "$loader" --variants ${VARIANTS:-} --out "$out/extract_throughput_cuda_${engine}_${decoder}_$loader.json"
 done

@@ -88,6 +88,31 @@ def test_model_is_put_in_eval_mode(tiny):
         torch.testing.assert_close(first.logits, tiny.eval()(x))
 
 
+def test_the_cpu_model_gets_a_channels_last_batch_and_the_layout_changes_only_rounding(tiny):
+    """Whatever layout the caller's batch has, on the CPU the network sees it channels-last (its
+    convolutions are faster there); results equal an NCHW forward/backward within float rounding."""
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    seen = []
+    handle = tiny.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        out = extract(tiny, x, ["features.0", "features.2"], target=1)
+        extract(tiny, x.contiguous(memory_format=torch.channels_last), ["features.0"], target=1)
+    finally:
+        handle.remove()
+    assert seen == [True, True]
+    captured = []  # an NCHW reference: the output of features.2 (no in-place op follows it)
+    hook = tiny.features[2].register_forward_hook(lambda _m, _a, output: captured.append(output))
+    try:
+        logits = tiny(x)
+        (grad,) = torch.autograd.grad(logits[:, 1].sum(), captured)
+    finally:
+        hook.remove()
+    assert x.is_contiguous() and not captured[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.activations["features.2"], captured[0].detach().permute(0, 2, 3, 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.gradients["features.2"], grad.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logits, logits.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_frozen_weights_still_give_gradients(tiny):
     for p in tiny.parameters():
         p.requires_grad_(False)
