@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--loader-workers", type=int, default=0, help="decoders: DataLoader processes (bare loop), "
                         "execution.loader_workers (flow)")
-    parser.add_argument("--loader", choices=["threads", "processes"], default="threads", help="execution.loader of the flow")
+    parser.add_argument("--loader", choices=["auto", "threads", "processes"], default="auto", help="execution.loader of the flow")
     parser.add_argument("--autocast", choices=["none", "bfloat16", "float16"], default="none")
     parser.add_argument("--decoder", choices=["pil", "torchvision"], default="pil", help="extract.decoder (both paths)")
     parser.add_argument("--shards-per-task", type=int, default=8, help="extract.shards_per_task of the flow")

@@ -20,8 +20,8 @@ workers=${LOADER_WORKERS:-12}
 if [ -z "${SKIP_AGREEMENT:-}" ]; then
   timeout "${AGREEMENT_TIMEOUT:-150}" python3 benchmarks/gpu_agreement.py --out "$out/gpu_agreement_cuda.json"
 fi
-# RUNS: DECODER:LOADER pairs (extract.decoder, execution.loader); PIL decodes in processes by default,
-# which leaves the interpreter lock to the model's thread.
+# RUNS: DECODER:LOADER pairs (extract.decoder, execution.loader); add pil:threads to compare the
+# decode threads, which share the interpreter lock with the model's thread, against processes.
 for run in ${RUNS:-torchvision:threads pil:processes}; do
   decoder=${run%%:*} loader=${run##*:}
   timeout "${THROUGHPUT_TIMEOUT:-240}" python3 benchmarks/extract_throughput.py --engine $engine --device cuda \

@@ -138,7 +138,7 @@ class ExecutionConfig(Section):
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool (1: extraction runs in the flow's thread)
     loader_workers: int = Field(0, ge=0)  # image decoders per process, kept across shards (useful on CUDA); 0: in the model's thread
-    loader: Literal["threads", "processes"] = "threads"  # what the decoders are; processes leave the GIL to the model (PIL decoder only)
+    loader: Literal["auto", "threads", "processes"] = "auto"  # decoders; auto: processes for the PIL decoder (they leave the GIL to the model), else threads
     write_workers: int = Field(4, ge=1)  # chunk-writer threads per extraction task (compression releases the GIL)
     dask_address: str | None = None  # run tasks on this Dask scheduler instead of the thread pool
     lock_wait_s: float = Field(0, ge=0)  # how long a second run on the same run_dir waits for the lock; 0 = stop at once

@@ -153,7 +153,7 @@ def _write_shard(run: RunDir, root, group: str, shard: int, start: int, arrays: 
 def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -> list[dict]:
     """Extract a block of shards of ``group`` with decode, compute and writes overlapping.
 
-    Decoding runs ahead in a thread pool (``execution.loader_workers``, at most two shards ahead),
+    Decoding runs ahead in a pool (``execution.loader_workers``, ``sacv.loaders``; at most two shards ahead),
     the model runs in this thread, and each finished shard goes to a pool of
     ``execution.write_workers`` writer threads (at most that many shards waiting). Each shard is
     still written by exactly one writer, its marker last. An image that fails to decode (or changed

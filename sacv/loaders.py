@@ -112,17 +112,28 @@ def _forget(kind: str, workers: int) -> None:
         _POOLS.pop((kind, workers), None)
 
 
-def decoded_shards(shards: list[ShardImages], workers: int, kind: str = "threads") -> Iterator[Iterator]:
+def loader_kind(kind: str, shards: list[ShardImages]) -> str:
+    """``execution.loader`` resolved: "auto" is "processes" for the PIL decoder, unless this process
+    may not have children (a daemonic Dask worker), and "threads" for the device decoder (they only read)."""
+    if kind != "auto":
+        return kind
+    if any(images.on_device for images in shards) or multiprocessing.current_process().daemon:
+        return "threads"
+    return "processes"
+
+
+def decoded_shards(shards: list[ShardImages], workers: int, kind: str = "auto") -> Iterator[Iterator]:
     """For each shard in order, an iterator over its items in row order.
 
-    With ``workers`` > 0 a pool of ``kind`` ("threads" or "processes"; one per process, kept across
-    tasks) works ahead of the model: when shard k starts, shard k+1's images are submitted, so at
-    most two shards of decoded images are held, and decoding overlaps the model's work. With 0,
-    images decode in the caller. Processes decode with PIL (``extract.decoder: pil``)."""
+    With ``workers`` > 0 a pool of ``kind`` ("threads", "processes" or "auto": :func:`loader_kind`;
+    one pool per process, kept across tasks) works ahead of the model: when shard k starts, shard
+    k+1's images are submitted, so at most two shards of decoded images are held, and decoding
+    overlaps the model's work. With 0, images decode in the caller. Processes decode with PIL."""
     if not workers:
         for images in shards:
             yield (images[i] for i in range(len(images)))
         return
+    kind = loader_kind(kind, shards)
     if kind == "processes" and any(images.on_device for images in shards):
         raise ValueError("execution.loader 'processes' decodes with PIL; with extract.decoder 'torchvision' "
                          "set execution.loader: threads (they only read the files)")

@@ -113,8 +113,26 @@ def test_processes_with_the_device_decoder_are_refused_naming_the_fix(tmp_path):
            "execution": {"loader": "processes", "loader_workers": 2}}
     with pytest.raises(ValidationError, match="set execution.loader: threads"):
         RunConfig.model_validate(raw)
-    raw["execution"]["loader"] = "threads"
-    assert RunConfig.model_validate(raw).execution.loader == "threads"
+    for kind in ("threads", "auto"):
+        raw["execution"]["loader"] = kind
+        assert RunConfig.model_validate(raw).execution.loader == kind
+
+
+def test_auto_loader_is_processes_for_pil_and_threads_for_the_device_decoder_or_a_daemon(tmp_path, monkeypatch):
+    pil = shard(tmp_path / "a", 2)
+    device = loaders.ShardImages(pil.rows, PRE, parse_config({"run_dir": str(tmp_path / "run"), "layers": ["x"],
+                                                             "extract": {"decoder": "torchvision"}}))
+    assert loaders.loader_kind("auto", [pil]) == "processes"
+    assert loaders.loader_kind("auto", [device]) == "threads"
+    assert loaders.loader_kind("threads", [pil]) == "threads"
+
+    class Daemon:
+        daemon = True
+
+    monkeypatch.setattr(loaders.multiprocessing, "current_process", lambda: Daemon())
+    assert loaders.loader_kind("auto", [pil]) == "threads"
+    with pytest.raises(RuntimeError, match="distributed.worker.daemon: false"):
+        loaders._pool("processes", 5)
 
 
 def test_a_dead_decode_process_is_an_error_naming_it_and_the_next_call_gets_a_new_pool(tmp_path, monkeypatch):
