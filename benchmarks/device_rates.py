@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 
-def raw_rates(model, layers: list[str], batch_size: int, autocast, repeats: int = 20) -> dict:
+
+def raw_rates(model, layers: list[str], batch_size: int, autocast, repeats: int = 20, rounds: int = 4) -> dict:
     """The card alone: a (batch, 3, S, S) batch already on the device in the layout ``extract`` gives
     the model (``sacv.extract.input_memory_format``), TF32 off (the default).
     ``forward_backward``: the model's forward pass and the gradient of the predicted logits w.r.t.
     the layers (no copies); ``extract``: ``sacv.extract.extract`` on the same batch (adds the
-    float32 device-to-host copies and finiteness checks the pipeline pays). Images/s of each."""
+    float32 device-to-host copies and finiteness checks the pipeline pays); on the CPU also
+    ``forward_backward_nchw``, the same on an NCHW batch. Images/s of each: the median over
+    ``rounds`` rounds in which the steps take turns."""
     import torch
 
     from sacv.extract import capture_layers, extract, input_memory_format, tf32_mode
@@ -39,19 +43,21 @@ def raw_rates(model, layers: list[str], batch_size: int, autocast, repeats: int 
     steps = [("forward_backward", forward_backward), ("extract", lambda: extract(module, batch, layers, None, True, autocast))]
     if not batch.is_contiguous():
         steps.append(("forward_backward_nchw", forward_backward_nchw))
-    rates = {}
-    for name, step in steps:
+    for _, step in steps:
         for _ in range(3):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        rates[name] = round(repeats * batch_size / (time.perf_counter() - started), 1)
-    return rates
+    per_round = {name: [] for name, _ in steps}
+    for _ in range(rounds):  # the steps take turns, so a slow spell of a shared machine hits each alike
+        for name, step in steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            for _ in range(repeats // rounds):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            per_round[name].append((repeats // rounds) * batch_size / (time.perf_counter() - started))
+    return {name: round(float(np.median(rates)), 1) for name, rates in per_round.items()}
 
 
 def decode_rates(paths: list[str], model, workers: int) -> dict:
