@@ -9,13 +9,17 @@ earlier run already quarantined (status ``rejected``: not tried again).
 
 Threads share the interpreter lock with the model's thread; processes do not, which matters when
 the model is fast (a GPU) and many decoders run. Process workers are forked once per process and
-kept; they return uint8 arrays (a quarter of the float tensor's bytes) through a pipe.
+kept; they return uint8 arrays (a quarter of the float tensor's bytes) through a pipe, and exit
+when the process that made them dies. A worker that dies fails the shard (its task's retry starts
+a new pool).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -31,6 +35,7 @@ from sacv.images import ImageRejected, load_image
 from sacv.models import Preprocessing
 
 ITEMS_PER_PROCESS_CALL = 8  # images one call to a decode process handles (amortises the pipe's overhead)
+PARENT_CHECK_S = 0.5  # how often a decode process checks that the process that made it is alive
 
 
 def read_pixels(path: str, expected_id: str, preprocessing: Preprocessing, limits: dict) -> np.ndarray | ImageRejected:
@@ -53,6 +58,18 @@ def _read_chunk(files: list[tuple[str, str] | None], preprocessing: Preprocessin
                 limits: dict) -> list[np.ndarray | ImageRejected | None]:
     """One decode-process call: :func:`read_pixels` of each (path, image_id); ``None`` stays ``None``."""
     return [None if file is None else read_pixels(*file, preprocessing, limits) for file in files]
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a decode process: exit as soon as the process that made it is gone (killed, say), so no
+    orphan waits forever for work."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="sacv-parent-watch", daemon=True).start()
 
 
 class ShardImages:
@@ -103,7 +120,8 @@ def _pool(kind: str, workers: int) -> Executor:
             if kind == "threads":
                 _POOLS[kind, workers] = ThreadPoolExecutor(workers, thread_name_prefix="sacv-decode")
             else:  # fork: the workers start at once, with the modules already imported
-                _POOLS[kind, workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+                _POOLS[kind, workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                                            initializer=_exit_with_parent, initargs=(os.getpid(),))
         return _POOLS[kind, workers]
 
 

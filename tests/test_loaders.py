@@ -156,3 +156,40 @@ def test_a_dead_decode_process_is_an_error_naming_it_and_the_next_call_gets_a_ne
     monkeypatch.setattr(loaders, "read_pixels", original)
     got = [as_comparable(item) for item in next(loaders.decoded_shards([images], workers, "processes"))]
     assert got == [as_comparable(item) for item in next(loaders.decoded_shards([images], 0))]
+
+
+def test_decode_processes_exit_when_the_process_that_made_them_is_killed(tmp_path):
+    """A SIGKILLed extraction leaves no decode process behind waiting for work."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from sacv.loaders import _pool\n"
+        "pool = _pool('processes', 2)\n"
+        "pool.submit(os.getpid).result()\n"
+        "print(*[p.pid for p in pool._processes.values()], flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    children = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(children) == 2
+
+    def running(pid: int) -> bool:  # an exited orphan may linger as a zombie where nothing reaps it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    assert all(running(pid) for pid in children)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in children)
