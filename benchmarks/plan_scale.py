@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--classes", type=int, default=100, help="class folders (ImageNet class indices)")
     parser.add_argument("--threads", type=int, nargs="+", default=[4, 16], help="scan thread counts to time")
+    parser.add_argument("--catalog-rows", type=int, nargs="*", default=[1_000_000],
+                        help="also time one extraction task's catalog lookups on the scanned table tiled to these rows")
     parser.add_argument("--out", default="benchmarks/results/plan_scale_cpu.json")
     return parser.parse_args(argv)
 
@@ -74,9 +76,43 @@ def main(argv=None) -> dict:
             result["runs"].append(run)
             rows.append((f"list + hash + header, {threads} threads",
                          f"{run['plan_seconds']} s ({run['files_per_s']} files/s; listing {run['list_seconds']} s)"))
+        result["catalog"] = [catalog_per_task(images, n, Path(tmp) / f"run-{n}") for n in [len(images), *args.catalog_rows]]
+        rows += [(f"catalog per task, {c['rows']:,} rows", f"read + index in every task {c['read_every_task_s']} s; "
+                  f"shared: first task {c['shared_first_task_s']} s, later tasks {c['shared_later_task_s']} s")
+                 for c in result["catalog"]]
     print_table(rows)
     write_json(result, args.out)
     return result
+
+
+def catalog_per_task(images, n_rows: int, run_dir: Path, shards_per_task: int = 8) -> dict:
+    """What one extraction task pays for its rows of ``tables/images.parquet`` with ``n_rows`` rows
+    (``images`` tiled with fresh ids and rows): reading and indexing the table in every task
+    (``ImageCatalog.read``), against the process-wide ``ImageCatalog.shared`` (read once)."""
+    import numpy as np
+    import pandas as pd
+
+    from sacv.catalog import ImageCatalog
+    from sacv.rundir import RunDir
+
+    copies = -(-n_rows // len(images))
+    table = pd.concat([images] * copies, ignore_index=True).iloc[:n_rows].copy()
+    table["image_id"] = [f"{i:016x}" for i in range(n_rows)]
+    table["row"] = pd.array(np.arange(n_rows), dtype="Int64")
+    table["shard"] = pd.array(np.arange(n_rows) // 32, dtype="Int64")
+    run = RunDir(str(run_dir))
+    run.write_table("images", table)
+    wanted = range(100, 100 + shards_per_task)
+
+    def task(open_catalog) -> float:
+        started = time.perf_counter()
+        catalog = open_catalog(RunDir(str(run_dir)))
+        for shard in wanted:
+            catalog.stored_rows("dataset", shard)
+        return round(time.perf_counter() - started, 4)
+
+    return {"rows": n_rows, "shards_per_task": shards_per_task, "read_every_task_s": min(task(ImageCatalog.read) for _ in range(2)),
+            "shared_first_task_s": task(ImageCatalog.shared), "shared_later_task_s": task(ImageCatalog.shared)}
 
 
 if __name__ == "__main__":

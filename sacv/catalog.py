@@ -272,8 +272,13 @@ def assign_rows(found: pd.DataFrame, previous: pd.DataFrame | None, shard_size: 
     return images[IMAGE_COLUMNS].reset_index(drop=True)
 
 
+SHARED_CATALOGS = 2  # images tables ImageCatalog.shared keeps per process (the most recent runs)
+_SHARED: dict[str, tuple[str, ImageCatalog]] = {}  # run uri -> (table stamp, catalog)
+
+
 class ImageCatalog:
-    """``tables/images.parquet``, read once per task: which store rows hold which images.
+    """``tables/images.parquet``, read once per task (once per process with :meth:`shared`): which
+    store rows hold which images.
 
     ``frame`` is the table as written (columns ``IMAGE_COLUMNS``); duplicates point to the row of
     their first copy and are skipped by every lookup below, as are removed and quarantined images
@@ -284,16 +289,23 @@ class ImageCatalog:
         self.frame = frame
         self._ok = frame[frame["status"] == "ok"]
         self._stored = frame[frame["status"].isin(STORED)]
-        self._shards: dict[tuple[bool, str, int], pd.DataFrame] | None = None  # (stored?, group, shard) -> rows
+        self._index: dict[bool, tuple[pd.DataFrame, dict[tuple[str, int], slice]]] = {}  # stored? -> (rows, slices)
 
     def _shard(self, stored: bool, group: str, shard: int) -> pd.DataFrame:
-        """One shard's rows in row order, from one grouping of the table (planning asks for every shard)."""
-        if self._shards is None:
-            self._shards = {}
-            for flag, part in ((False, self._ok), (True, self._stored)):
-                for (g, s), rows in part.sort_values("row").groupby(["group", "shard"], sort=False):
-                    self._shards[(flag, g, int(s))] = rows
-        return self._shards.get((stored, group, shard), self.frame.iloc[:0])
+        """One shard's rows in row order. The first call sorts the table once by (group, row) and
+        finds where each (group, shard) starts and stops; each call then slices (no per-shard frames
+        are built for shards nobody asks for: a task asks for a few of a million images' shards)."""
+        if stored not in self._index:
+            rows = (self._stored if stored else self._ok).sort_values(["group", "row"], kind="stable")
+            groups, shards = rows["group"].to_numpy(), rows["shard"].to_numpy(dtype=np.int64)
+            change = np.ones(len(rows), dtype=bool)  # a shard's rows are contiguous once sorted by row
+            change[1:] = (groups[1:] != groups[:-1]) | (shards[1:] != shards[:-1])
+            starts = np.flatnonzero(change)
+            stops = np.r_[starts[1:], len(rows)].astype(np.int64)
+            self._index[stored] = rows, {(groups[a], int(shards[a])): slice(int(a), int(b)) for a, b in zip(starts, stops)}
+        rows, slices = self._index[stored]
+        where = slices.get((group, shard))
+        return rows.iloc[where] if where is not None else self.frame.iloc[:0]
 
     @classmethod
     def read(cls, run: RunDir) -> ImageCatalog:
@@ -301,6 +313,19 @@ class ImageCatalog:
         if frame is None:
             raise RuntimeError(f"{run.uri} has no images table; run the extract stage first")
         return cls(frame)
+
+    @classmethod
+    def shared(cls, run: RunDir) -> ImageCatalog:
+        """:meth:`read`, kept for the process while ``images.parquet`` is unchanged (same size,
+        modification time and ETag): the per-shard tasks of a stage each need a few rows of one
+        table, which for a million images takes seconds to read and index. Read-only: never modify it."""
+        stamp = run.table_stamp("images")
+        cached = _SHARED.get(run.uri)
+        if cached is None or stamp is None or cached[0] != stamp:
+            cached = _SHARED[run.uri] = stamp, cls.read(run)
+            while len(_SHARED) > SHARED_CATALOGS:
+                _SHARED.pop(next(iter(_SHARED)))
+        return cached[1]
 
     def rows(self, group: str, shard: int | None = None) -> pd.DataFrame:
         """The distinct images of ``group`` (of one shard when given), in store-row order."""

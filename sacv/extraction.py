@@ -170,7 +170,7 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
     writer thread's time on the shard's statistics, regions, rejects and marker.
     """
     run = RunDir(run_uri)
-    catalog = ImageCatalog.read(run)
+    catalog = ImageCatalog.shared(run)  # read once per process, not per task
     model = cached_model(config.model.spec, config.model.weights, config.execution.device)
     root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype), run.storage_options)
     gradients = group == "dataset"

@@ -33,6 +33,8 @@ import zarr
 from sacv import storage
 
 
+_TABLE_WRITES: dict[tuple[str, str], int] = {}  # (run uri, table) -> writes by this process (RunDir.table_stamp)
+
 class RunDir:
     """``RUN/`` as in docs/store.md; every read returns ``None`` when the file does not exist yet."""
 
@@ -118,9 +120,23 @@ class RunDir:
     def table_uri(self, name: str) -> str:
         return f"{self.uri}/tables/{name}.parquet"
 
+    def table_stamp(self, name: str) -> str | None:
+        """``"<size>:<modified>:<etag>:<writes>"`` of ``tables/<name>.parquet``, ``writes`` counting
+        this process's writes of it (a coarse clock cannot hide those); None when it is missing or
+        the file system gives neither a modification time nor an ETag."""
+        try:
+            info = self.fs.info(self._path(f"tables/{name}.parquet"))
+        except FileNotFoundError:
+            return None
+        modified, etag = info.get("mtime") or info.get("LastModified"), info.get("ETag")
+        if modified is None and etag is None:
+            return None
+        return f"{info.get('size')}:{modified}:{etag}:{_TABLE_WRITES.get((self.uri, name), 0)}"
+
     def write_table(self, name: str, table: pd.DataFrame) -> str:
         """Write ``tables/<name>.parquet`` whole; return its URI."""
         self._write_parquet(f"tables/{name}.parquet", table)
+        _TABLE_WRITES[self.uri, name] = _TABLE_WRITES.get((self.uri, name), 0) + 1
         return self.table_uri(name)
 
     def read_table(self, name: str) -> pd.DataFrame | None:

@@ -3,6 +3,7 @@ images are marked, keep their rows and leave every later table."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,54 @@ def test_assign_rows_keeps_rows_marks_removals_and_never_reuses_a_row():
     third = assign_rows(found(["a", "b", "c", "d"], [1, 0, 0, 0]), second, 2, "A3")  # "b" comes back: a new row
     assert third.loc[(third["image_id"] == "b") & (third["status"] == "ok"), "row"].item() == 4
     assert third.loc[third["status"] == "removed", "row"].tolist() == [0]
+
+
+def test_shard_lookups_equal_a_plain_filter_and_the_shared_catalog_is_reread_after_a_write(tmp_path, monkeypatch):
+    """Over a table of several increments (removed, rejected and duplicate rows, two groups), every
+    (group, shard) lookup equals filtering the table the obvious way; ``ImageCatalog.shared`` reads
+    the table once for many lookups and again after it is written (in this process or another)."""
+    from sacv.catalog import ImageCatalog
+    from sacv.rundir import RunDir
+
+    def found(ids, group, labels):
+        return pd.DataFrame({"image_id": ids, "path": [f"/{group}/{i}.png" for i in ids], "group": group,
+                             "role": group, "concept": None, "label": labels, "mask": None, "stamp": None})
+
+    rng = np.random.default_rng(0)
+    tables = []
+    for group in ("dataset", "guidance"):
+        table = None
+        for audit in range(3):
+            ids = [f"{group[0]}{i:03d}" for i in sorted(rng.choice(200, 120, replace=False))]
+            ids += ids[:5]  # duplicates
+            table = assign_rows(found(ids, group, rng.integers(0, 3, len(ids)).tolist()), table, 7, f"A{audit}")
+        table.loc[table.index[table["status"] == "ok"][:4], "status"] = "rejected"
+        tables.append(table)
+    frame = pd.concat(tables, ignore_index=True)
+    catalog = ImageCatalog(frame)
+    for group in ("dataset", "guidance"):
+        for shard in range(int(frame["shard"].max()) + 2):
+            of_shard = (frame["group"] == group) & (frame["shard"] == shard)
+            for statuses, lookup in ((("ok",), catalog.rows), (sacv.catalog.STORED, catalog.stored_rows)):
+                expected = frame[of_shard & frame["status"].isin(statuses)].sort_values("row")
+                got = lookup(group, shard)
+                assert got["image_id"].tolist() == expected["image_id"].tolist(), (group, shard, statuses)
+                assert got["row"].tolist() == expected["row"].tolist()
+
+    run = RunDir(str(tmp_path / "run"))
+    run.write_table("images", frame)
+    reads = []
+    original = RunDir.read_table
+    monkeypatch.setattr(RunDir, "read_table", lambda self, name: reads.append(name) or original(self, name))
+    first = ImageCatalog.shared(RunDir(run.uri))
+    assert all(ImageCatalog.shared(RunDir(run.uri)) is first for _ in range(5)) and reads == ["images"]
+    changed = frame.assign(status=frame["status"].replace({"rejected": "ok"}))  # same shape, same size on disk
+    run.write_table("images", changed)
+    again = ImageCatalog.shared(RunDir(run.uri))
+    assert again is not first and len(again.rows("dataset", 0)) > len(first.rows("dataset", 0))
+    changed.to_parquet(tmp_path / "run/tables/images.parquet", index=False)  # written by another process
+    os.utime(tmp_path / "run/tables/images.parquet", ns=(1, 1))
+    assert ImageCatalog.shared(RunDir(run.uri)) is not again and reads == ["images"] * 3
 
 
 @pytest.fixture(scope="module")
