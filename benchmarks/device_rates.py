@@ -1,6 +1,7 @@
 """What the device and the decoder manage alone, for the throughput benchmark: the raw
 forward/backward rate on a batch already on the device, decoding rates, and GPU utilisation
-sampled with ``nvidia-smi`` while a phase runs; and the bare loop with device decoding."""
+sampled with ``nvidia-smi`` while a phase runs; and the bare loops (PIL in a DataLoader, or
+device decoding)."""
 
 from __future__ import annotations
 
@@ -206,6 +207,45 @@ def bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, 
                 images = torch.stack(decode_batch(batch, model.preprocessing, device))
                 results.append(extract(model.module, images, layers, None, with_gradients=True, autocast=autocast))
                 batch = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started, results
+
+
+def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loader_workers: int, autocast,
+              decoder: str = "pil") -> tuple[float, list]:
+    """Decode, preprocess, extract with gradients; keep every result in memory. Returns (seconds, results).
+    ``pil``: a DataLoader with ``loader_workers`` processes handing over uint8 pixels after the resize
+    and crop, normalised on the device (as the flow does); ``torchvision``: files read in a pool of
+    ``loader_workers`` threads, each batch decoded on the device (``sacv.decoding``)."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    if decoder == "torchvision":
+        return bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, autocast)
+
+    from sacv.extract import extract
+    from sacv.images import load_image
+
+    class Files(Dataset):
+        def __len__(self):
+            return len(paths)
+
+        def __getitem__(self, i):
+            return torch.from_numpy(model.preprocessing.pixels(load_image(paths[i])[1]))  # (S, S, 3) uint8
+
+    device = next(model.module.parameters()).device
+    loader = DataLoader(Files(), batch_size=batch_size, num_workers=loader_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=loader_workers > 0)
+
+    def step(batch):
+        inputs = model.preprocessing.normalize(batch.to(device, non_blocking=True))  # (B, 3, S, S)
+        return extract(model.module, inputs, layers, None, with_gradients=True, autocast=autocast)
+
+    if loader_workers:  # fork the workers and take the copy-on-write faults of this large process's
+        step(next(iter(loader)))  # first writes after a fork (seconds, once) before the clock starts;
+    started = time.perf_counter()  # the timed pass starts afresh with the same workers, nothing prefetched
+    results = [step(batch) for batch in loader]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started, results

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from common import print_table, write_json  # benchmarks/common.py (the script folder is on sys.path)
-from device_rates import GpuSampler, bare_loop_device_decoding, decode_rates, raw_rates  # benchmarks/device_rates.py
+from device_rates import GpuSampler, bare_loop, decode_rates, raw_rates  # benchmarks/device_rates.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,45 +92,6 @@ def write_images(folder: Path, n: int, seed: int, size: int = 256) -> list[str]:
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loader_workers: int, autocast,
-              decoder: str = "pil") -> tuple[float, list]:
-    """Decode, preprocess, extract with gradients; keep every result in memory. Returns (seconds, results).
-    ``pil``: a DataLoader with ``loader_workers`` processes handing over uint8 pixels after the resize
-    and crop, normalised on the device (as the flow does); ``torchvision``: files read in a pool of
-    ``loader_workers`` threads, each batch decoded on the device (``sacv.decoding``)."""
-    import torch
-    from torch.utils.data import DataLoader, Dataset
-
-    if decoder == "torchvision":
-        return bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, autocast)
-
-    from sacv.extract import extract
-    from sacv.images import load_image
-
-    class Files(Dataset):
-        def __len__(self):
-            return len(paths)
-
-        def __getitem__(self, i):
-            return torch.from_numpy(model.preprocessing.pixels(load_image(paths[i])[1]))  # (S, S, 3) uint8
-
-    device = next(model.module.parameters()).device
-    loader = DataLoader(Files(), batch_size=batch_size, num_workers=loader_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=loader_workers > 0)
-
-    def step(batch):
-        inputs = model.preprocessing.normalize(batch.to(device, non_blocking=True))  # (B, 3, S, S)
-        return extract(model.module, inputs, layers, None, with_gradients=True, autocast=autocast)
-
-    if loader_workers:  # fork the workers and take the copy-on-write faults of this large process's
-        step(next(iter(loader)))  # first writes after a fork (seconds, once) before the clock starts;
-    started = time.perf_counter()  # the timed pass starts afresh with the same workers, nothing prefetched
-    results = [step(batch) for batch in loader]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started, results
 
 
 def store_only_write(results, layers: list[str], shard_size: int, dtype: str, folder: Path) -> tuple[float, int]:

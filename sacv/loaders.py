@@ -131,13 +131,14 @@ def _forget(kind: str, workers: int) -> None:
 
 
 def loader_kind(kind: str, shards: list[ShardImages]) -> str:
-    """``execution.loader`` resolved: "auto" is "processes" for the PIL decoder, unless this process
-    may not have children (a daemonic Dask worker), and "threads" for the device decoder (they only read)."""
+    """``execution.loader`` resolved: threads for the device decoder (they only read the files; the
+    config refuses "processes" with it); "auto" is "processes" for the PIL decoder, unless this
+    process may not have children (a daemonic Dask worker)."""
+    if any(images.on_device for images in shards):
+        return "threads"
     if kind != "auto":
         return kind
-    if any(images.on_device for images in shards) or multiprocessing.current_process().daemon:
-        return "threads"
-    return "processes"
+    return "threads" if multiprocessing.current_process().daemon else "processes"
 
 
 def decoded_shards(shards: list[ShardImages], workers: int, kind: str = "auto") -> Iterator[Iterator]:
@@ -152,9 +153,6 @@ def decoded_shards(shards: list[ShardImages], workers: int, kind: str = "auto") 
             yield (images[i] for i in range(len(images)))
         return
     kind = loader_kind(kind, shards)
-    if kind == "processes" and any(images.on_device for images in shards):
-        raise ValueError("execution.loader 'processes' decodes with PIL; with extract.decoder 'torchvision' "
-                         "set execution.loader: threads (they only read the files)")
     pool = _pool(kind, workers)
 
     def submit(images: ShardImages) -> list:

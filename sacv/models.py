@@ -70,8 +70,8 @@ class Preprocessing:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 ``(x / 255 - mean) / std``, on the pixels'
-        device. Divisions by tensors (never by a Python number, which CUDA turns into a multiplication
-        by the reciprocal), so the CPU and CUDA give the same floats for the same pixels."""
+        device; on the CPU bit for bit what numpy's float32 division gives (tested). Divisions by
+        tensors, not by a Python number (which CUDA may turn into a multiplication by the reciprocal)."""
         x = pixels.movedim(-1, -3).float()  # (..., 3, H, W)
         shape, device = (3, 1, 1), pixels.device
         scale = torch.tensor(255.0, device=device)

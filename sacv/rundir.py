@@ -35,6 +35,7 @@ from sacv import storage
 
 _TABLE_WRITES: dict[tuple[str, str], int] = {}  # (run uri, table) -> writes by this process (RunDir.table_stamp)
 
+
 class RunDir:
     """``RUN/`` as in docs/store.md; every read returns ``None`` when the file does not exist yet."""
 

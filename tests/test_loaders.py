@@ -123,7 +123,7 @@ def test_auto_loader_is_processes_for_pil_and_threads_for_the_device_decoder_or_
     device = loaders.ShardImages(pil.rows, PRE, parse_config({"run_dir": str(tmp_path / "run"), "layers": ["x"],
                                                              "extract": {"decoder": "torchvision"}}))
     assert loaders.loader_kind("auto", [pil]) == "processes"
-    assert loaders.loader_kind("auto", [device]) == "threads"
+    assert loaders.loader_kind("auto", [device]) == loaders.loader_kind("processes", [device]) == "threads"
     assert loaders.loader_kind("threads", [pil]) == "threads"
 
     class Daemon:
