@@ -41,7 +41,10 @@ def raw_rates(model, layers: list[str], batch_size: int, autocast, repeats: int 
         finally:
             batch = chosen
 
-    steps = [("forward_backward", forward_backward), ("extract", lambda: extract(module, batch, layers, None, True, autocast))]
+    def extract_float16():  # as the flow calls it for a float16 store
+        return extract(module, batch, layers, None, True, autocast, dtype=torch.float16)
+
+    steps = [("forward_backward", forward_backward), ("extract", extract_float16)]
     if not batch.is_contiguous():
         steps.append(("forward_backward_nchw", forward_backward_nchw))
     for _, step in steps:
@@ -205,7 +208,8 @@ def bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, 
             if len(batch) == batch_size or len(results) * batch_size + len(batch) == len(paths):
                 assert all(isinstance(e, EncodedJpeg) for e in batch)
                 images = torch.stack(decode_batch(batch, model.preprocessing, device))
-                results.append(extract(model.module, images, layers, None, with_gradients=True, autocast=autocast))
+                results.append(extract(model.module, images, layers, None, with_gradients=True, autocast=autocast,
+                                       dtype=torch.float16))
                 batch = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -214,7 +218,8 @@ def bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, 
 
 def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loader_workers: int, autocast,
               decoder: str = "pil") -> tuple[float, list]:
-    """Decode, preprocess, extract with gradients; keep every result in memory. Returns (seconds, results).
+    """Decode, preprocess, extract with gradients (float16, as for the flow's store); keep every
+    result in memory. Returns (seconds, results).
     ``pil``: a DataLoader with ``loader_workers`` processes handing over uint8 pixels after the resize
     and crop, normalised on the device (as the flow does); ``torchvision``: files read in a pool of
     ``loader_workers`` threads, each batch decoded on the device (``sacv.decoding``)."""
@@ -240,7 +245,7 @@ def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loade
 
     def step(batch):
         inputs = model.preprocessing.normalize(batch.to(device, non_blocking=True))  # (B, 3, S, S)
-        return extract(model.module, inputs, layers, None, with_gradients=True, autocast=autocast)
+        return extract(model.module, inputs, layers, None, with_gradients=True, autocast=autocast, dtype=torch.float16)
 
     if loader_workers:  # fork the workers and take the copy-on-write faults of this large process's
         step(next(iter(loader)))  # first writes after a fork (seconds, once) before the clock starts;

@@ -3,7 +3,8 @@
 One process, one run, EfficientNet-Lite0 (offline weights):
 
 (a) bare loop: read + decode each JPEG (``sacv.images.load_image``), the model's preprocessing,
-    ``sacv.extract.extract`` with gradients of the predicted-class logit, results kept in memory;
+    ``sacv.extract.extract`` with gradients of the predicted-class logit, cast to float16 (the store's
+    dtype) on the device as the flow does, results kept in memory;
 (b) flow: the same files as a dataset folder (``tabby/``), ``flows.extract.run_extract`` with
     ``dataset.target: predicted``; wall time of the whole call, planning (scan: list, read, hash
     and check the header of every file) included.
@@ -43,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-size", type=int, default=32, help="images per shard (flow only)")
     parser.add_argument("--layers", nargs="+", default=["_blocks.8", "_blocks.12"])
+    parser.add_argument("--model", default="efficientnet_lite0", help="model spec of both loops; "
+                        "fast_proxy:lite0_shapes is the CPU proxy of a fast GPU (benchmarks/fast_proxy.py)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--loader-workers", type=int, default=0, help="decoders: DataLoader processes (bare loop), "
                         "execution.loader_workers (flow)")
@@ -131,7 +134,7 @@ def flow_config(root: Path, run: str, data: str, args, device: str, shards_per_t
     return parse_config(
         {
             "run_dir": str(root / run),
-            "model": {"spec": "efficientnet_lite0"},
+            "model": {"spec": args.model},
             "layers": list(args.layers),
             "dataset": {"root": str(root / data), "target": "predicted"},
             "extract": {"shard_size": args.shard_size, "batch_size": args.batch_size, "autocast": args.autocast,
@@ -191,7 +194,7 @@ def main(argv=None) -> dict:
         paths = write_images(root / "timed-data" / "tabby", args.images, args.seed)
 
         # Same cached model instance as the flow's shard tasks use in this process.
-        model = cached_model("efficientnet_lite0", None, str(device))
+        model = cached_model(args.model, None, str(device))
 
         print(f"warm-up: bare loop on {min(len(paths), 512)} images, flow on {len(warm_paths)} images ...", flush=True)
         bare_loop(model, paths[:512], args.layers, args.batch_size, args.loader_workers, autocast, args.decoder)
@@ -268,7 +271,7 @@ def main(argv=None) -> dict:
         "device": device_name(device),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "model": "efficientnet_lite0",
+        "model": args.model,
         "layers": list(args.layers),
         "images": args.images,
         "image_size": "256x256 JPEG (sacv.textures.scene, quality 90)",
@@ -282,7 +285,7 @@ def main(argv=None) -> dict:
         "bare": {
             "seconds": round(bare_seconds, 3),
             "images_per_s": round(args.images / bare_seconds, 2),
-            "what": "load_image + preprocessing + extract(with_gradients, predicted target), results kept in memory",
+            "what": "load_image + preprocessing + extract(with_gradients, predicted target, float16), results kept in memory",
         },
         "engine": args.engine,
         "flow": {
@@ -324,7 +327,7 @@ def main(argv=None) -> dict:
             "write_mb_per_s_effective_what": "bytes stored / summed shard seconds; the shard seconds include decode "
             "and forward/backward, so this is the rate the flow produced stored bytes, a lower bound on the disk rate",
             "write_mb_per_s_store_only": round(write_bytes / mb / write_seconds, 2),
-            "write_mb_per_s_store_only_what": "the bare loop's results cast to float16 and written with "
+            "write_mb_per_s_store_only_what": "the bare loop's float16 results written with "
             "sacv.store.ensure_array/write_region into a fresh store (same layout, one region per shard), "
             "bytes on disk / wall time of that write alone",
             "store_only_seconds": round(write_seconds, 3),
@@ -337,7 +340,7 @@ def main(argv=None) -> dict:
         ("torch", result["torch"]),
         ("images / batch / shard", f"{args.images} / {args.batch_size} / {args.shard_size}"),
         ("decoder / loader workers", f"{args.decoder} / {args.loader_workers} {args.loader}"),
-        ("layers", " ".join(args.layers)),
+        ("model / layers", f"{args.model} / " + " ".join(args.layers)),
         ("bare loop", f"{result['bare']['images_per_s']:.2f} img/s ({bare_seconds:.2f} s)"),
         ("flow (whole call)", f"{result['flow']['images_per_s']:.2f} img/s ({flow_seconds:.2f} s)"),
         ("flow's own seconds, first turn", f"{summary['seconds']:.2f} s"

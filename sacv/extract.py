@@ -6,7 +6,8 @@ rest of the network, so an in-place activation after the layer (``nn.ReLU(inplac
 ``Conv2d``) modifies the clone, never the kept tensor. For a post-activation output, name the
 activation module itself (e.g. ``features.1`` for the ReLU after ``features.0``).
 
-Layout: every array returned is channels-last ``(N, H, W, C)`` float32 on the CPU.
+Layout: every array returned is channels-last ``(N, H, W, C)`` on the CPU, float32 unless a
+``dtype`` is asked for (the cast is done on the device, before the copy).
 Gradients are of the target class **logit** (pre-softmax) with respect to the layer output.
 
 Numerics: exact float32 by default on every device. PyTorch leaves cuDNN's TF32 mode on for
@@ -107,7 +108,8 @@ def input_memory_format(device: torch.device) -> torch.memory_format:
 
 @dataclass
 class Extraction:
-    """Per-layer activations/gradients (N, H, W, C) float32, logits (N, K), targets (N,) int64."""
+    """Per-layer activations/gradients (N, H, W, C) (float32, or ``extract``'s ``dtype``), logits (N, K)
+    float32, targets (N,) int64."""
 
     activations: dict[str, torch.Tensor]
     gradients: dict[str, torch.Tensor] | None
@@ -130,7 +132,14 @@ def resolve_targets(target: int | Sequence[int] | torch.Tensor | None, logits: t
     return targets
 
 
-def _check_finite(name: str, tensor: torch.Tensor, what: str) -> None:
+def _check_finite(name: str, tensor: torch.Tensor, what: str, source: torch.Tensor) -> None:
+    """Raise if ``tensor`` (``source`` cast to the output dtype) holds NaN/inf, saying whether the
+    model produced them or the cast overflowed."""
+    if torch.isfinite(source).all():
+        raise ValueError(
+            f"{what} of layer {name!r} overflow {tensor.dtype} (largest magnitude {source.abs().max().item():.3g}); "
+            "set extract.dtype: float32 in the config"
+        )
     if not torch.isfinite(tensor).all():
         bad = (~torch.isfinite(tensor)).sum().item()
         raise ValueError(
@@ -147,6 +156,7 @@ def extract(
     with_gradients: bool = True,
     autocast: torch.dtype | None = None,
     allow_tf32: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> Extraction:
     """Run ``module`` (put in eval mode) on ``images`` (N, 3, H, W) once.
 
@@ -154,8 +164,10 @@ def extract(
     the target logit of each image (see :func:`resolve_targets`) with respect to those activations.
     Images in a batch are independent in eval mode, so the gradient of the summed target logits
     gives every image its own gradient. ``autocast`` (e.g. ``torch.bfloat16``) runs the forward pass
-    in that precision; what is returned is float32 whatever it is. ``allow_tf32`` lets CUDA use TF32
-    (see the module docstring); off by default.
+    in that precision; activations and gradients are returned in ``dtype`` whatever it is (float32
+    by default; cast on the device, rounding to nearest even, so a half-precision store copies half
+    the bytes; a value that overflows ``dtype`` raises ``ValueError``), logits in float32.
+    ``allow_tf32`` lets CUDA use TF32 (see the module docstring); off by default.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
@@ -178,13 +190,14 @@ def extract(
             if grad is None:
                 raise ValueError(f"the logit does not depend on layer {name!r}; choose a layer on the path to the output")
     # Layout, dtype and the finiteness check on the device (one synchronisation), then one copy each.
-    on_device = {("activations", name): channels_last(out.detach()).float().contiguous() for name, out in zip(layers, outputs)}
+    sources = {("activations", name): out.detach() for name, out in zip(layers, outputs)}
     if grads is not None:
-        on_device |= {("gradients", name): channels_last(g.detach()).float().contiguous() for name, g in zip(layers, grads)}
+        sources |= {("gradients", name): g.detach() for name, g in zip(layers, grads)}
+    on_device = {key: channels_last(tensor).to(dtype).contiguous() for key, tensor in sources.items()}
     finite = torch.stack([torch.isfinite(t).all() for t in on_device.values()]).cpu()
     for ((what, name), tensor), ok in zip(on_device.items(), finite.tolist()):
         if not ok:
-            _check_finite(name, tensor, what)
+            _check_finite(name, tensor, what, sources[what, name])
     activations = {name: on_device["activations", name].cpu() for name in layers}  # (N, H, W, C)
     gradients = {name: on_device["gradients", name].cpu() for name in layers} if grads is not None else None
     return Extraction(activations, gradients, logits.detach().float().cpu(), targets.cpu())

@@ -77,16 +77,18 @@ def model_inputs(batch: list, model: LoadedModel, device: torch.device) -> tuple
 def _extractions(items: Iterator, model: LoadedModel, config: RunConfig, targets,
                  with_gradients: bool) -> Iterator[tuple[Extraction, dict[int, ImageRejected | None]]]:
     """Batches of ``config.extract.batch_size`` items through :func:`sacv.extract.extract`; yields
-    each batch's extraction with the items that were no image, by their index in the shard."""
+    each batch's extraction with the items that were no image, by their index in the shard.
+    Activations and gradients come in the store's dtype (``extract.dtype``), cast on the device."""
     device = next(model.module.parameters()).device
+    store_dtype = getattr(torch, config.extract.dtype)
     autocast = None if config.extract.autocast == "none" else getattr(torch, config.extract.autocast)
     done, batch = 0, []
 
     def run(batch: list) -> tuple[Extraction, dict[int, ImageRejected | None]]:
         inputs, missing = model_inputs(batch, model, device)
         batch_targets = targets[done : done + len(batch)] if isinstance(targets, torch.Tensor) else targets
-        result = extract(model.module, inputs, config.layers, batch_targets,
-                         with_gradients=with_gradients, autocast=autocast, allow_tf32=config.execution.allow_tf32)
+        result = extract(model.module, inputs, config.layers, batch_targets, with_gradients=with_gradients,
+                         autocast=autocast, allow_tf32=config.execution.allow_tf32, dtype=store_dtype)
         return result, {done + i: item for i, item in missing.items()}
 
     for item in items:

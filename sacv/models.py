@@ -71,12 +71,13 @@ class Preprocessing:
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 ``(x / 255 - mean) / std``, on the pixels'
         device; on the CPU bit for bit what numpy's float32 division gives (tested). Divisions by
-        tensors, not by a Python number (which CUDA may turn into a multiplication by the reciprocal)."""
+        tensors, not by a Python number (which CUDA may turn into a multiplication by the reciprocal);
+        in place on the one float copy (each new batch-sized tensor costs its page faults on the CPU)."""
         x = pixels.movedim(-1, -3).float()  # (..., 3, H, W)
         shape, device = (3, 1, 1), pixels.device
         scale = torch.tensor(255.0, device=device)
         mean, std = torch.tensor(self.mean, device=device).view(shape), torch.tensor(self.std, device=device).view(shape)
-        return (x / scale - mean) / std
+        return x.div_(scale).sub_(mean).div_(std)
 
     @property
     def input_size(self) -> int:

@@ -129,8 +129,8 @@ def recompute_layers(config: RunConfig, rows: pd.DataFrame):
     parts, target_parts = {layer: ([], []) for layer in config.layers}, []
     for result in shard_extractions(rows, model, config, with_gradients=True):
         for layer in config.layers:
-            parts[layer][0].append(result.activations[layer].numpy().astype(config.extract.dtype))
-            parts[layer][1].append(result.gradients[layer].numpy().astype(config.extract.dtype))
+            parts[layer][0].append(result.activations[layer].numpy())  # in the store dtype
+            parts[layer][1].append(result.gradients[layer].numpy())
         target_parts.append(result.targets.numpy())
     per_layer = {layer: (np.concatenate(a), np.concatenate(g)) for layer, (a, g) in parts.items()}
     return per_layer, np.concatenate(target_parts)

@@ -127,6 +127,27 @@ def test_non_finite_activations_name_the_layer(tiny):
         extract(tiny, x, ["features.0"], with_gradients=False)
 
 
+def test_float16_output_is_the_float32_result_rounded_as_numpy_rounds(tiny):
+    """The store dtype is cast inside extract (on the device): bit for bit numpy's round-to-nearest-even
+    of the float32 result, which the store used to apply; logits stay float32."""
+    x = torch.randn(5, 3, 12, 12, generator=torch.Generator().manual_seed(3)) * 40  # large values: many roundings
+    full = extract(tiny, x, ["features.0", "features.2"], target=1)
+    half = extract(tiny, x, ["features.0", "features.2"], target=1, dtype=torch.float16)
+    for layer in ("features.0", "features.2"):
+        for got, reference in ((half.activations[layer], full.activations[layer]), (half.gradients[layer], full.gradients[layer])):
+            assert got.dtype == torch.float16 and got.shape == reference.shape
+            np.testing.assert_array_equal(got.numpy().view(np.uint16), reference.numpy().astype(np.float16).view(np.uint16))
+    assert half.logits.dtype == torch.float32
+    torch.testing.assert_close(half.logits, full.logits, rtol=0, atol=0)
+
+
+def test_float16_overflow_names_the_layer_and_the_fix(tiny):
+    x = torch.full((1, 3, 8, 8), 1e5)  # finite in float32, beyond float16's 65 504 after the conv
+    with pytest.raises(ValueError, match=r"activations of layer 'features.0' overflow torch.float16.*extract.dtype: float32"):
+        extract(tiny, x, ["features.0"], with_gradients=False, dtype=torch.float16)
+    extract(tiny, x, ["features.0"], with_gradients=False)  # float32 holds them
+
+
 def test_unknown_layer_suggests_close_names(tiny):
     with pytest.raises(ValueError, match=r"unknown layer 'feature.2'.*features\.2"):
         extract(tiny, torch.randn(1, 3, 8, 8), ["feature.2"])

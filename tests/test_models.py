@@ -139,3 +139,20 @@ def test_preprocessing_matches_the_trained_normalisation(lite0):
     x = lite0.preprocessing(white)
     assert x.shape == (3, 224, 224)
     torch.testing.assert_close(x, torch.full_like(x, (255 - 127) / 128))
+
+
+def test_normalize_is_numpys_float32_arithmetic_bit_for_bit():
+    """The batch normalisation on the model's device (in place on one float copy) gives exactly
+    ``(x / 255 - mean) / std`` in numpy float32, channels first, for a batch and for one image."""
+    from sacv.models import Preprocessing
+
+    pre = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 20, 24, 3), dtype=np.uint8)  # (N, H, W, 3)
+    mean, std = (np.array(v, np.float32)[:, None, None] for v in (pre.mean, pre.std))
+    expected = (pixels.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255) - mean) / std  # (N, 3, H, W)
+    before = pixels.copy()
+    got = pre.normalize(torch.from_numpy(pixels))
+    assert got.shape == (3, 3, 20, 24) and got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy().view(np.uint32), expected.view(np.uint32))
+    np.testing.assert_array_equal(pre.normalize(torch.from_numpy(pixels[1])).numpy(), expected[1])
+    np.testing.assert_array_equal(pixels, before)  # in place on the float copy, never on the caller's pixels
