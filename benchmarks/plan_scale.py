@@ -2,7 +2,7 @@
 
 Generates ``--files`` small PNGs (16x16, distinct content) in class folders, then times
 ``sacv.catalog.dataset_candidates`` (listing) and ``sacv.catalog.scan`` (read + sha256 + header
-check in a thread pool, row assignment) on them, the work of the ``plan-extraction`` task before
+check in a pool of threads or of processes, row assignment) on them, the work of the ``plan-extraction`` task before
 the store template. Pixels are not decoded at planning (the shards decode each image once).
 
     python benchmarks/plan_scale.py --files 100000 --out benchmarks/results/plan_scale_cpu.json
@@ -26,7 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--classes", type=int, default=100, help="class folders (ImageNet class indices)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[4, 16], help="scan thread counts to time")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 4, 16], help="scan thread counts to time")
+    parser.add_argument("--processes", type=int, nargs="*", default=[os.cpu_count()],
+                        help="scan process counts to time (the decode pool's processes: sacv.loaders)")
     parser.add_argument("--catalog-rows", type=int, nargs="*", default=[1_000_000],
                         help="also time one extraction task's catalog lookups on the scanned table tiled to these rows")
     parser.add_argument("--out", default="benchmarks/results/plan_scale_cpu.json")
@@ -64,17 +66,23 @@ def main(argv=None) -> dict:
         config = DatasetConfig(root=str(root))
         class_names = imagenet_class_names()  # read before the timing
         rows = [("files", str(args.files)), ("generate", f"{result['generate_seconds']} s")]
-        for threads in args.threads:
+        pools = [("threads", n) for n in args.threads] + [("processes", n) for n in args.processes]
+        for kind, workers in pools:
+            if kind == "processes":  # fork the pool before the clock, as a flow's first shard or scan does once
+                from sacv.loaders import map_in_processes
+
+                map_in_processes(len, [[0]] * workers, workers)
             started = time.perf_counter()
             candidates = dataset_candidates(config, class_names)
             listed = time.perf_counter() - started
-            images, rejects = scan(candidates, shard_size=32, max_pixels=89_478_485, min_size=8, threads=threads)
+            images, rejects = scan(candidates, shard_size=32, max_pixels=89_478_485, min_size=8, threads=workers,
+                                   processes=workers if kind == "processes" else 0)
             total = time.perf_counter() - started
             assert len(images) == args.files and rejects.empty
-            run = {"threads": threads, "list_seconds": round(listed, 2), "plan_seconds": round(total, 2),
+            run = {kind: workers, "list_seconds": round(listed, 2), "plan_seconds": round(total, 2),
                    "files_per_s": round(args.files / total, 1)}
             result["runs"].append(run)
-            rows.append((f"list + hash + header, {threads} threads",
+            rows.append((f"list + hash + header, {workers} {kind}",
                          f"{run['plan_seconds']} s ({run['files_per_s']} files/s; listing {run['list_seconds']} s)"))
         result["catalog"] = [catalog_per_task(images, n, Path(tmp) / f"run-{n}") for n in [len(images), *args.catalog_rows]]
         rows += [(f"catalog per task, {c['rows']:,} rows", f"read + index in every task {c['read_every_task_s']} s; "

@@ -26,6 +26,7 @@ that gain rows change.
 from __future__ import annotations
 
 import difflib
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -134,6 +135,7 @@ def dataset_candidates(cfg: DatasetConfig, class_names: list[str]) -> list[Candi
 
 CANDIDATE_COLUMNS = ["path", "group", "role", "concept", "label", "mask", "known_stamp", "known_id"]
 CHECK_COLUMNS = ["path", "image_id", "stamp", "stage", "reason"]
+CHECKS_PER_CALL = 64  # files one call to a scan process checks (amortises the pipe's overhead)
 
 
 def candidate_frame(candidates: list[Candidate], previous: pd.DataFrame | None) -> pd.DataFrame:
@@ -166,12 +168,26 @@ def _check(path: str, known_stamp, known_id, max_pixels: int, min_size: int) -> 
         return path, None, None, rejected.stage, rejected.reason
 
 
-def check_files(frame: pd.DataFrame, max_pixels: int, min_size: int, threads: int = 4) -> pd.DataFrame:
+def check_chunk(jobs: list[tuple], max_pixels: int, min_size: int) -> list[tuple]:
+    """:func:`_check` of each (path, known stamp, known id): one call to a scan process."""
+    return [_check(*job, max_pixels, min_size) for job in jobs]
+
+
+def check_files(frame: pd.DataFrame, max_pixels: int, min_size: int, threads: int = 4, processes: int = 0) -> pd.DataFrame:
     """Read, hash and check the header of every file of ``frame`` (rows of :func:`candidate_frame`)
-    in a pool of ``threads``; one row per file, ``CHECK_COLUMNS`` (stage and reason set for a reject)."""
-    jobs = zip(frame["path"], frame["known_stamp"], frame["known_id"])
-    with ThreadPoolExecutor(threads) as pool:
-        checked = list(pool.map(lambda job: _check(*job, max_pixels, min_size), jobs))
+    in a pool of ``threads``, or of ``processes`` (the process's decode pool, ``sacv.loaders``: the
+    per-file work is mostly Python, so threads share one core); one row per file, in order,
+    ``CHECK_COLUMNS`` (stage and reason set for a reject)."""
+    jobs = list(zip(frame["path"], frame["known_stamp"], frame["known_id"]))
+    if processes:
+        from sacv.loaders import map_in_processes
+
+        chunks = [jobs[i : i + CHECKS_PER_CALL] for i in range(0, len(jobs), CHECKS_PER_CALL)]
+        check = functools.partial(check_chunk, max_pixels=max_pixels, min_size=min_size)
+        checked = [row for rows in map_in_processes(check, chunks, processes) for row in rows]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            checked = list(pool.map(lambda job: _check(*job, max_pixels, min_size), jobs))
     return pd.DataFrame(checked, columns=CHECK_COLUMNS).astype(object)
 
 
@@ -224,11 +240,13 @@ def scan(
     previous: pd.DataFrame | None = None,
     audit_id: str | None = None,
     known_rejects: pd.DataFrame | None = None,
+    processes: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """List, check and catalogue in one call (:func:`candidate_frame`, :func:`check_files`,
-    :func:`catalog_from_checks`); the extraction flow runs the checks in batches, as tasks."""
+    """List, check and catalogue in one call (:func:`candidate_frame`, :func:`check_files` in
+    ``threads`` or ``processes``, :func:`catalog_from_checks`); the extraction flow runs the checks
+    in batches, as tasks."""
     frame = candidate_frame(candidates, previous)
-    checked = check_files(frame, max_pixels, min_size, threads)
+    checked = check_files(frame, max_pixels, min_size, threads, processes)
     return catalog_from_checks(frame, checked, shard_size, previous, audit_id, known_rejects)
 
 

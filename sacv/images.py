@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ class ImageRejected(ValueError):
 def read_bytes(path: str) -> bytes:
     """Read all bytes of a local path or fsspec URL; reject missing, unreadable or empty files."""
     try:
-        with storage.open_url(path, "rb") as f:
+        with open(path, "rb") if storage.is_local_path(path) else storage.open_url(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise ImageRejected("read", "file not found") from None
@@ -178,6 +179,12 @@ def list_files(root: str) -> list[str]:
 def file_stamp(path: str) -> str | None:
     """``"<size>:<modified>"`` of a local path or fsspec URL (None when the file system gives no
     modification time or the file is missing): equal stamps let a rescan skip reading the file."""
+    if storage.is_local_path(path):  # what fsspec's local info gives, without its URL handling
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        return f"{status.st_size}:{status.st_mtime}"
     try:
         fs, target = storage.url_to_fs(path)
         info = fs.info(target)

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -139,6 +139,32 @@ def loader_kind(kind: str, shards: list[ShardImages]) -> str:
     if kind != "auto":
         return kind
     return "threads" if multiprocessing.current_process().daemon else "processes"
+
+
+def scan_processes(config: RunConfig) -> int:
+    """How many processes check the files at planning (the per-file work is mostly Python, which
+    threads do one at a time): ``execution.loader_workers``, in the same pool as PIL's decoders,
+    unless the loader is "threads" or this process may not have children (a daemonic Dask
+    worker); 0 means threads. The device decoder's "auto" scans in processes too (they only read)."""
+    workers = config.execution.loader_workers
+    if not workers or config.execution.loader == "threads" or multiprocessing.current_process().daemon:
+        return 0
+    return workers
+
+
+def map_in_processes(fn: Callable, chunks: list, workers: int) -> list:
+    """``fn(chunk)`` of each chunk, in order, in the process's pool of ``workers`` processes (the
+    same pool as the decoders'); a worker that dies is a ``RuntimeError`` and the pool is dropped."""
+    pool = _pool("processes", workers)
+    try:
+        with warnings.catch_warnings():  # forking this multi-threaded process: the workers only read files
+            warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+            futures = [pool.submit(fn, chunk) for chunk in chunks]
+        return [future.result() for future in futures]
+    except BrokenProcessPool as err:
+        _forget("processes", workers)
+        raise RuntimeError("a worker process died (out of memory, or killed); the next attempt starts a new pool, "
+                           "or lower execution.loader_workers") from err
 
 
 def decoded_shards(shards: list[ShardImages], workers: int, kind: str = "auto") -> Iterator[Iterator]:

@@ -22,6 +22,7 @@ from sacv.catalog import (
 from sacv.checks import validate_checks
 from sacv.config import RunConfig
 from sacv.imagestats import ensure_stats_arrays
+from sacv.loaders import scan_processes
 from sacv.models import LoadedModel, cached_model, layer_shapes, resolve_layers
 from sacv.plans import ExtractPlan
 from sacv.rundir import RunDir
@@ -124,7 +125,8 @@ def check_batch(run_uri: str, config: RunConfig, index: int) -> int:
     run = RunDir(run_uri)
     size = config.extract.scan_batch
     frame = run.read_scan_part("candidates").iloc[index * size : (index + 1) * size]
-    checked = check_files(frame, config.extract.max_pixels, config.extract.min_size, max(4, config.execution.loader_workers))
+    checked = check_files(frame, config.extract.max_pixels, config.extract.min_size, max(4, config.execution.loader_workers),
+                              scan_processes(config))
     run.write_scan_part(f"checked-{index:05d}", checked)
     return len(checked)
 
@@ -142,7 +144,8 @@ def plan_extraction(run_uri: str, config: RunConfig, audit_id: str | None = None
         raise ValueError(f"the store in {run.uri} was built with another extract.shard_size; keep it or use a new run_dir")
     if batches is None:
         frame = candidate_frame(_candidates(run, config, model), previous)
-        checked = check_files(frame, config.extract.max_pixels, config.extract.min_size, max(4, config.execution.loader_workers))
+        checked = check_files(frame, config.extract.max_pixels, config.extract.min_size, max(4, config.execution.loader_workers),
+                              scan_processes(config))
     else:
         frame = run.read_scan_part("candidates")
         parts = [run.read_scan_part(f"checked-{k:05d}") for k in range(batches)]

@@ -287,3 +287,23 @@ def test_memory_url_read_and_list():
         assert ei.value.stage == "read"
     finally:
         fs.rm(root, recursive=True)
+
+
+def test_local_paths_read_and_stamp_as_through_fsspec(tmp_path):
+    """Plain local paths skip fsspec (its URL handling cost more than the read): same bytes, same
+    stamp string as fsspec's local file system gives (a stamp from either matches), same rejects."""
+    from sacv.images import file_stamp
+
+    data = encode(noise_rgb(12, 12), "PNG")
+    (tmp_path / "img.png").write_bytes(data)
+    (tmp_path / "link.png").symlink_to(tmp_path / "img.png")
+    local = fsspec.filesystem("file")
+    for name in ("img.png", "link.png"):
+        path = str(tmp_path / name)
+        info = local.info(path)
+        assert file_stamp(path) == f"{info['size']}:{info['mtime']}" == file_stamp(f"file://{path}")
+        assert read_bytes(path) == data == read_bytes(f"file://{path}")
+    assert file_stamp(str(tmp_path / "missing.png")) is None
+    for bad, reason in ((tmp_path / "missing.png", "file not found"), (tmp_path, "is a directory")):
+        with pytest.raises(ImageRejected, match=reason):
+            read_bytes(str(bad))

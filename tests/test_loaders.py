@@ -193,3 +193,38 @@ def test_decode_processes_exit_when_the_process_that_made_them_is_killed(tmp_pat
     while any(running(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(running(pid) for pid in children)
+
+
+def test_the_scan_in_decode_processes_checks_what_threads_check(tmp_path):
+    """Planning's file checks in the decode processes: the same rows, in order, as in threads, for
+    good files, every kind of reject and a file whose known stamp keeps its id unread; the scan uses
+    processes whenever there are loader workers, unless the loader is "threads"."""
+    from sacv.catalog import check_files
+    from sacv.images import file_stamp
+
+    good = []
+    for k in range(70):  # more files than one call to a scan process takes
+        good.append(tmp_path / (f"{k}.jpg" if k % 3 else f"{k}.png"))
+        Image.fromarray(np.random.default_rng(k).integers(0, 256, (16 + k % 5, 20, 3), dtype=np.uint8)).save(good[-1])
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all" * 20)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tiny.png")
+    paths = [*map(str, good), *(str(tmp_path / n) for n in ("corrupt.jpg", "empty.png", "text.jpg", "tiny.png", "gone.png"))]
+    known = paths[5]
+    frame = pd.DataFrame({"path": paths, "known_stamp": [file_stamp(known) if p == known else None for p in paths],
+                          "known_id": ["planted-known-id" if p == known else None for p in paths]})
+    in_threads = check_files(frame, 10**8, 8, threads=3)
+    in_processes = check_files(frame, 10**8, 8, processes=2)
+    pd.testing.assert_frame_equal(in_processes, in_threads)
+    assert in_threads["stage"].notna().sum() == 5  # corrupt, empty, text, tiny, gone
+    assert in_threads.loc[in_threads["path"] == known, "image_id"].item() == "planted-known-id"
+
+    def config(decoder="pil", **execution):
+        return parse_config({"run_dir": str(tmp_path / "run"), "layers": ["x"], "execution": execution,
+                             "extract": {"decoder": decoder}})
+
+    assert loaders.scan_processes(config(loader_workers=3)) == 3
+    assert loaders.scan_processes(config("torchvision", loader_workers=3)) == 3
+    assert loaders.scan_processes(config(loader_workers=3, loader="threads")) == 0
+    assert loaders.scan_processes(config(loader_workers=0)) == 0
