@@ -1,6 +1,7 @@
 """Planning at collection scale: list, read, hash and header-check many small files.
 
-Generates ``--files`` small PNGs (16x16, distinct content) in class folders, then times
+Generates ``--files`` small PNGs (16x16, distinct content) in class folders (named by ImageNet class
+name, or by index with ``--folder-names index``), then times
 ``sacv.catalog.dataset_candidates`` (listing) and ``sacv.catalog.scan`` (read + sha256 + header
 check in a pool of threads or of processes, row assignment) on them, the work of the ``plan-extraction`` task before
 the store template. Pixels are not decoded at planning (the shards decode each image once).
@@ -25,7 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=100_000)
-    parser.add_argument("--classes", type=int, default=100, help="class folders (ImageNet class indices)")
+    parser.add_argument("--classes", type=int, default=100, help="class folders")
+    parser.add_argument("--folder-names", choices=["name", "index"], default="name",
+                        help="class folders named by ImageNet class name (as collections are) or by class index")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 4, 16], help="scan thread counts to time")
     parser.add_argument("--processes", type=int, nargs="*", default=[os.cpu_count()],
                         help="scan process counts to time (the decode pool's processes: sacv.loaders)")
@@ -35,19 +38,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def write_files(root: Path, n: int, classes: int) -> None:
-    """``n`` distinct 16x16 PNGs, spread over ``classes`` folders named by class index."""
+def write_files(root: Path, n: int, folders: list[str]) -> None:
+    """``n`` distinct 16x16 PNGs, spread over the class ``folders``."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, size=(16, 16, 3), dtype=np.uint8)
-    for c in range(classes):
-        (root / str(c)).mkdir(parents=True)
+    for folder in folders:
+        (root / folder).mkdir(parents=True)
     for i in range(n):
         pixels = base.copy()
         pixels.reshape(-1)[: 4] = np.frombuffer(i.to_bytes(4, "little"), np.uint8)  # distinct content
-        Image.fromarray(pixels).save(root / str(i % classes) / f"img_{i:07d}.png", compress_level=1)
+        Image.fromarray(pixels).save(root / folders[i % len(folders)] / f"img_{i:07d}.png", compress_level=1)
 
 
 def main(argv=None) -> dict:
@@ -57,11 +60,14 @@ def main(argv=None) -> dict:
     from sacv.config import DatasetConfig
     from sacv.models import imagenet_class_names
 
-    result = {"benchmark": "plan_scale", "files": args.files, "cpus": os.cpu_count(), "runs": []}
+    result = {"benchmark": "plan_scale", "files": args.files, "folder_names": args.folder_names, "cpus": os.cpu_count(),
+              "runs": []}
     with tempfile.TemporaryDirectory(prefix="sacv-plan-") as tmp:
         root = Path(tmp) / "data"
         started = time.perf_counter()
-        write_files(root, args.files, args.classes)
+        folders = [name.replace(" ", "_") if args.folder_names == "name" else str(k)
+                   for k, name in enumerate(imagenet_class_names()[: args.classes])]
+        write_files(root, args.files, folders)
         result["generate_seconds"] = round(time.perf_counter() - started, 1)
         config = DatasetConfig(root=str(root))
         class_names = imagenet_class_names()  # read before the timing

@@ -88,11 +88,17 @@ def _normalise(name: str) -> str:
     return name.strip().lower().replace("_", " ").replace("-", " ")
 
 
+@functools.lru_cache(maxsize=8)
+def _class_lookup(class_names: tuple[str, ...]) -> dict[str, int]:
+    """Normalised class name -> index, built once per list of class names."""
+    return {_normalise(n): i for i, n in enumerate(class_names)}
+
+
 def match_class(folder: str, class_names: list[str]) -> int:
     """A class folder name -> class index: an index, or a class name (case, '_' and '-' ignored)."""
     if folder.isdigit() and int(folder) < len(class_names):
         return int(folder)
-    lookup = {_normalise(n): i for i, n in enumerate(class_names)}
+    lookup = _class_lookup(tuple(class_names))
     if _normalise(folder) in lookup:
         return lookup[_normalise(folder)]
     close = difflib.get_close_matches(_normalise(folder), list(lookup), n=5)
@@ -107,11 +113,13 @@ def dataset_candidates(cfg: DatasetConfig, class_names: list[str]) -> list[Candi
         raise ValueError("give exactly one of dataset.root (class folders) or dataset.manifest (CSV/Parquet)")
     if cfg.root is not None:
         root = cfg.root.rstrip("/")
-        return [
-            Candidate(p, "dataset", "dataset", label=match_class(folder, class_names))
-            for folder in _subfolders(cfg.root)
-            for p in list_files(f"{root}/{folder}")
-        ]
+        out = []
+        for folder in _subfolders(cfg.root):
+            paths = list_files(f"{root}/{folder}")
+            if paths:  # an empty folder needs no class
+                label = match_class(folder, class_names)  # once per folder, not per file
+                out += [Candidate(p, "dataset", "dataset", label=label) for p in paths]
+        return out
     reader = pd.read_parquet if cfg.manifest.endswith(".parquet") else pd.read_csv
     table = reader(cfg.manifest, storage_options=storage.options_for(cfg.manifest) or None)
     if "path" not in table.columns:
@@ -123,12 +131,14 @@ def dataset_candidates(cfg: DatasetConfig, class_names: list[str]) -> list[Candi
 
     labels = table["label"] if "label" in table.columns else pd.Series([None] * len(table))
     masks = table["mask"] if "mask" in table.columns else pd.Series([None] * len(table))
-    out = []
+    out, named = [], {}  # named: each distinct class name matched once
     for path, label, mask in zip(table["path"], labels, masks):
         if pd.isna(label):
             label = None
         elif not str(label).isdigit():
-            label = match_class(str(label), class_names)
+            if label not in named:
+                named[label] = match_class(str(label), class_names)
+            label = named[label]
         out.append(Candidate(resolve(path), "dataset", "dataset", label=None if label is None else int(label), mask=resolve(mask)))
     return out
 

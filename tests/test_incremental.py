@@ -176,3 +176,31 @@ def test_removed_image_leaves_image_scores_and_contributions(audited):
     zebra = 2  # the class index of the zebra folder (tests.models:small)
     assert (after.loc[after["class_index"] == zebra, "n_images"] == 4).all()
     assert (before.loc[before["class_index"] == zebra, "n_images"] == 5).all()
+
+
+def test_class_names_are_matched_once_per_folder_and_per_distinct_manifest_label(tmp_path, monkeypatch):
+    """Listing a million files must not match each file's class name against every class again
+    (it did, per file): labels equal a per-file match, with one match per folder / distinct label;
+    an empty folder with any name needs no class; a misnamed folder with files is an error."""
+    from sacv.config import DatasetConfig
+
+    names = ["cat", "zebra", "horse", "dog"]
+    write_tiny(tmp_path / "data" / "Zebra", 0, 5, 0)
+    write_tiny(tmp_path / "data" / "cat", 5, 3, 1)
+    (tmp_path / "data" / "not a class").mkdir()
+    rows = pd.DataFrame({"path": [f"data/Zebra/img_{i:05d}.png" for i in range(5)], "label": ["zebra", "Dog", "zebra", "dog", 2]})
+    rows.to_csv(tmp_path / "manifest.csv", index=False)
+    calls = []
+    original = sacv.catalog.match_class
+    monkeypatch.setattr(sacv.catalog, "match_class", lambda name, classes: calls.append(name) or original(name, classes))
+
+    folders = sacv.catalog.dataset_candidates(DatasetConfig(root=str(tmp_path / "data")), names)
+    assert sorted((Path(c.path).parent.name, c.label) for c in folders) == [("Zebra", 1)] * 5 + [("cat", 0)] * 3
+    assert sorted(calls) == ["Zebra", "cat"]
+    calls.clear()
+    manifest = sacv.catalog.dataset_candidates(DatasetConfig(manifest=str(tmp_path / "manifest.csv")), names)
+    assert [c.label for c in manifest] == [original(str(label), names) for label in rows["label"]] == [1, 3, 1, 3, 2]
+    assert sorted(calls) == ["Dog", "dog", "zebra"]
+    write_tiny(tmp_path / "data" / "not a class", 0, 1, 2)
+    with pytest.raises(ValueError, match="'not a class' matches no class"):
+        sacv.catalog.dataset_candidates(DatasetConfig(root=str(tmp_path / "data")), names)
