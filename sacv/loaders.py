@@ -80,28 +80,30 @@ class ShardImages:
         self.preprocessing = preprocessing
         self.limits = {"max_pixels": config.extract.max_pixels, "min_size": config.extract.min_size}
         self.on_device = config.extract.decoder == "torchvision"
+        ok = (self.rows["status"] == "ok").tolist()  # plain lists: a pandas row per image costs more than a read
+        self._files = [(path, image_id) if keep else None
+                       for path, image_id, keep in zip(self.rows["path"].tolist(), self.rows["image_id"].tolist(), ok)]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def files(self) -> list[tuple[str, str] | None]:
         """(path, image_id) of each row to read; ``None`` for a removed or quarantined image."""
-        ok = (self.rows["status"] == "ok").tolist()
-        return [(path, image_id) if keep else None
-                for path, image_id, keep in zip(self.rows["path"], self.rows["image_id"], ok)]
+        return list(self._files)
 
     def __getitem__(self, index: int) -> torch.Tensor | EncodedJpeg | ImageRejected | None:
-        row = self.rows.iloc[index]
-        if row["status"] != "ok":
+        file = self._files[index]
+        if file is None:
             return None
+        path, expected_id = file
         if not self.on_device:
-            item = read_pixels(row["path"], row["image_id"], self.preprocessing, self.limits)
+            item = read_pixels(path, expected_id, self.preprocessing, self.limits)
             return torch.from_numpy(item) if isinstance(item, np.ndarray) else item
         try:
-            content_id, image = read_for_device(row["path"], **self.limits)
+            content_id, image = read_for_device(path, **self.limits)
         except ImageRejected as rejected:
             return rejected
-        if content_id != row["image_id"]:
+        if content_id != expected_id:
             return _changed()
         return image if isinstance(image, EncodedJpeg) else torch.from_numpy(self.preprocessing.pixels(image))
 

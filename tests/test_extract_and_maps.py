@@ -148,6 +148,25 @@ def test_float16_overflow_names_the_layer_and_the_fix(tiny):
     extract(tiny, x, ["features.0"], with_gradients=False)  # float32 holds them
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_non_finite_value_anywhere_is_found(bad, dtype):
+    """A single NaN or ±inf deep inside a batch's activations (planted by a layer) is an error in
+    every output dtype."""
+
+    class Plant(nn.Module):
+        def forward(self, x):
+            x = x.clone()
+            x[2, 5, 3, 7] = bad
+            return x
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Plant(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(4, 3, 9, 9)
+    net(x)  # materialise the lazy layer
+    with pytest.raises(ValueError, match="activations of layer '1' contain 1 NaN/inf"):
+        extract(net, x, ["1"], with_gradients=False, dtype=dtype)
+
+
 def test_unknown_layer_suggests_close_names(tiny):
     with pytest.raises(ValueError, match=r"unknown layer 'feature.2'.*features\.2"):
         extract(tiny, torch.randn(1, 3, 8, 8), ["feature.2"])
