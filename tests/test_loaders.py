@@ -228,3 +228,27 @@ def test_the_scan_in_decode_processes_checks_what_threads_check(tmp_path):
     assert loaders.scan_processes(config("torchvision", loader_workers=3)) == 3
     assert loaders.scan_processes(config(loader_workers=3, loader="threads")) == 0
     assert loaders.scan_processes(config(loader_workers=0)) == 0
+
+
+def test_a_dead_scan_process_is_an_error_naming_it_and_the_next_call_gets_a_new_pool(tmp_path, monkeypatch):
+    import sacv.catalog as catalog
+
+    paths = []
+    for k in range(6):
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.fromarray(np.full((12, 12, 3), k, np.uint8)).save(paths[-1])
+    frame = pd.DataFrame({"path": paths, "known_stamp": [None] * 6, "known_id": [None] * 6})
+    original = catalog._check
+
+    def dies_on_victim(path, *args):
+        if path == paths[3]:
+            os._exit(1)
+        return original(path, *args)
+
+    workers = 5  # a pool no other test made: this one forks with the planted function
+    monkeypatch.setattr(catalog, "_check", dies_on_victim)
+    with pytest.raises(RuntimeError, match="a worker process died"):
+        catalog.check_files(frame, 10**8, 8, processes=workers)
+    assert ("processes", workers) not in loaders._POOLS
+    monkeypatch.setattr(catalog, "_check", original)
+    pd.testing.assert_frame_equal(catalog.check_files(frame, 10**8, 8, processes=workers), catalog.check_files(frame, 10**8, 8))
