@@ -147,7 +147,8 @@ def scan_processes(config: RunConfig) -> int:
     """How many processes check the files at planning (the per-file work is mostly Python, which
     threads do one at a time): ``execution.loader_workers``, in the same pool as PIL's decoders,
     unless the loader is "threads" or this process may not have children (a daemonic Dask
-    worker); 0 means threads. The device decoder's "auto" scans in processes too (they only read)."""
+    worker); 0 means threads. With the device decoder "auto" decodes in threads but still scans in
+    processes."""
     workers = config.execution.loader_workers
     if not workers or config.execution.loader == "threads" or multiprocessing.current_process().daemon:
         return 0
