@@ -132,6 +132,24 @@ def _forget(kind: str, workers: int) -> None:
         _POOLS.pop((kind, workers), None)
 
 
+def _submit_to_processes(pool: Executor, fn: Callable, calls: list[tuple]) -> list:
+    """``fn(*args)`` of each call submitted to a process pool (which may fork now)."""
+    with warnings.catch_warnings():  # forking this multi-threaded process: the workers only read and decode files
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+        return [pool.submit(fn, *args) for args in calls]
+
+
+def _process_result(future, workers: int, work: str):
+    """A process pool future's result; a dead worker is a ``RuntimeError`` and the pool is dropped
+    (the next attempt forks a new one)."""
+    try:
+        return future.result()
+    except BrokenProcessPool as err:
+        _forget("processes", workers)
+        raise RuntimeError(f"a {work} process died (out of memory, or killed); the next attempt starts a new pool, "
+                           "or lower execution.loader_workers") from err
+
+
 def loader_kind(kind: str, shards: list[ShardImages]) -> str:
     """``execution.loader`` resolved: threads for the device decoder (they only read the files; the
     config refuses "processes" with it); "auto" is "processes" for the PIL decoder, unless this
@@ -158,16 +176,8 @@ def scan_processes(config: RunConfig) -> int:
 def map_in_processes(fn: Callable, chunks: list, workers: int) -> list:
     """``fn(chunk)`` of each chunk, in order, in the process's pool of ``workers`` processes (the
     same pool as the decoders'); a worker that dies is a ``RuntimeError`` and the pool is dropped."""
-    pool = _pool("processes", workers)
-    try:
-        with warnings.catch_warnings():  # forking this multi-threaded process: the workers only read files
-            warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
-            futures = [pool.submit(fn, chunk) for chunk in chunks]
-        return [future.result() for future in futures]
-    except BrokenProcessPool as err:
-        _forget("processes", workers)
-        raise RuntimeError("a worker process died (out of memory, or killed); the next attempt starts a new pool, "
-                           "or lower execution.loader_workers") from err
+    futures = _submit_to_processes(_pool("processes", workers), fn, [(chunk,) for chunk in chunks])
+    return [_process_result(future, workers, "file-checking") for future in futures]
 
 
 def decoded_shards(shards: list[ShardImages], workers: int, kind: str = "auto") -> Iterator[Iterator]:
@@ -188,22 +198,15 @@ def decoded_shards(shards: list[ShardImages], workers: int, kind: str = "auto") 
         if kind == "threads":
             return [pool.submit(images.__getitem__, i) for i in range(len(images))]
         files = images.files()
-        with warnings.catch_warnings():  # forking this multi-threaded process: the workers only decode
-            warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
-            return [pool.submit(_read_chunk, files[i : i + ITEMS_PER_PROCESS_CALL], images.preprocessing, images.limits)
-                    for i in range(0, len(files), ITEMS_PER_PROCESS_CALL)]
+        return _submit_to_processes(pool, _read_chunk, [(files[i : i + ITEMS_PER_PROCESS_CALL], images.preprocessing,
+                                                         images.limits) for i in range(0, len(files), ITEMS_PER_PROCESS_CALL)])
 
     def items(futures: list) -> Iterator:
         if kind == "threads":
             yield from (future.result() for future in futures)
             return
         for future in futures:
-            try:
-                chunk = future.result()
-            except BrokenProcessPool as err:
-                _forget(kind, workers)
-                raise RuntimeError("a decode process died (out of memory, or killed); the next attempt starts a "
-                                   "new pool, or lower execution.loader_workers") from err
+            chunk = _process_result(future, workers, "decode")
             yield from (torch.from_numpy(item) if isinstance(item, np.ndarray) else item for item in chunk)
 
     ahead = submit(shards[0]) if shards else []

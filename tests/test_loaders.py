@@ -247,7 +247,7 @@ def test_a_dead_scan_process_is_an_error_naming_it_and_the_next_call_gets_a_new_
 
     workers = 5  # a pool no other test made: this one forks with the planted function
     monkeypatch.setattr(catalog, "_check", dies_on_victim)
-    with pytest.raises(RuntimeError, match="a worker process died"):
+    with pytest.raises(RuntimeError, match="a file-checking process died"):
         catalog.check_files(frame, 10**8, 8, processes=workers)
     assert ("processes", workers) not in loaders._POOLS
     monkeypatch.setattr(catalog, "_check", original)
