@@ -19,6 +19,22 @@ READABLE_FORMATS = (1,)  # format 1 before class names were recorded is read too
 IDENTITY_KEYS = ("format", "model_spec", "weight_hash", "preprocessing", "layers", "dtype")
 
 
+# IEEE floats: a value is inf or NaN exactly when all its exponent bits are set.
+_EXPONENT_MASKS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000),
+                   np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """``np.isfinite(values).all()``, for native float16/32/64 by testing exponent bits (over ten
+    times faster on float16, which numpy's ``isfinite`` converts first); other dtypes fall back."""
+    spec = _EXPONENT_MASKS.get(values.dtype)
+    if spec is None:
+        return bool(np.isfinite(values).all())
+    bits, mask = spec
+    mask = bits(mask)
+    return not bool(((values.view(bits) & mask) == mask).any())
+
+
 class StoreMismatch(ValueError):
     """The store on disk was written with another model, weights, preprocessing or layers."""
 
@@ -132,7 +148,7 @@ def write_region(array: zarr.Array, start: int, data: np.ndarray) -> None:
         )
     with np.errstate(over="ignore"):  # an overflow becomes inf, reported just below
         values = data.astype(array.dtype, copy=False)
-    if not np.isfinite(values).all():
+    if not all_finite(values):
         raise ValueError(
             f"{array.path}: values overflow {array.dtype} (largest magnitude {np.abs(data).max():.3g}); "
             "set extract.dtype: float32 in the config"

@@ -267,6 +267,28 @@ def test_float16_overflow_is_an_error_naming_the_fix():
         write_region(array, 1, np.ones((2, 2)))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", ">f4", "int16"])
+def test_the_exponent_bit_finiteness_check_equals_numpys(dtype):
+    """``all_finite`` (the store writes' overflow check) against ``np.isfinite(...).all()`` on arrays
+    with the largest finite values, subnormals and signed zeros, with and without one planted inf,
+    -inf or NaN, contiguous and strided."""
+    from sacv.store import all_finite
+
+    rng = np.random.default_rng(7)
+    kind = np.dtype(dtype)
+    for case in range(60):
+        with np.errstate(over="ignore", invalid="ignore"):  # large scales overflow float16: more infs
+            values = (rng.standard_normal((6, 5, 4)) * 10.0 ** rng.integers(-8, 8)).astype(kind)
+        if kind.kind == "f":
+            info = np.finfo(kind)
+            values.flat[:4] = [info.max, -info.max, info.smallest_subnormal, -0.0]
+            if case % 4:
+                values.flat[rng.integers(4, values.size)] = [np.inf, -np.inf, np.nan][case % 3]
+        for view in (values, values[:, ::2], values.transpose(2, 0, 1)):
+            assert all_finite(view) == bool(np.isfinite(view).all()), (dtype, case)
+    assert not all_finite(np.array([1.0, np.nan], np.float16)) and all_finite(np.zeros(0, np.float16))
+
+
 @pytest.mark.parametrize("scheme", ["memory", "file"])
 def test_run_dir_may_be_an_fsspec_url(collection, prefect, scheme):
     local = make_config(collection, run="url_reference")
