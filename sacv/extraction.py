@@ -14,10 +14,12 @@ batch loop, also behind ``shard_extractions`` (streamed scoring). The per-batch 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -127,49 +129,105 @@ def _timed(items: Iterator, timing: dict[str, float]) -> Iterator:
         yield item
 
 
-def _write_shard(run: RunDir, root, group: str, shard: int, start: int, arrays: dict[str, np.ndarray],
-                 marker: dict, rejects: list[dict], started: float, stats_layers: list[str], blank: list[int]) -> dict:
-    """One shard's regions, then its rejects, then its marker (last). Runs in a writer thread.
-    For each of ``stats_layers`` the per-image statistics of ``<group>/<layer>/act`` as stored are
-    computed here and written after it (``sacv.imagestats``; rows ``blank`` hold no image)."""
-    write_started = time.perf_counter()
-    for layer in stats_layers:
-        act = f"{group}/{layer}/act"
-        stats = shard_stats(arrays[act], root[act].dtype, blank)
-        arrays = {**arrays, **{f"{group}/{layer}/{name}": values for name, values in stats.items()}}
-    if stats_layers:
-        marker = {**marker, MARKER_FLAG: True}
-    for path, values in arrays.items():
+class _ShardWrite:
+    """One shard's writes spread over the writer pool: each array's region is one job (its chunk has
+    one writer) and the job that finishes last writes the shard's rejects, then its marker. ``done``
+    resolves to the marker, or to the first job's error, and then no marker is written. The shard's
+    last arrays thus take a fraction of one writer's time, which the model thread waits at the end of
+    every task."""
+
+    def __init__(self, run: RunDir, group: str, shard: int, marker: dict, rejects: list[dict], started: float, jobs: int):
+        self.done: Future = Future()
+        self._run, self._group, self._shard, self._marker, self._rejects = run, group, shard, marker, rejects
+        self._started, self._left, self._first = started, jobs, None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def job(self, write: Callable[[], None]) -> None:
+        """Run one region's ``write`` in a writer thread; the last job to finish completes the shard."""
+        begun = time.perf_counter()
         try:
-            write_region(root[path], start, values)
+            write()
+        except BaseException as err:  # kept for ``done``; the pool's own future is never read
+            with self._lock:
+                self._error = self._error or err
+        with self._lock:
+            self._first = begun if self._first is None else min(self._first, begun)
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._error is not None:
+            self.done.set_exception(self._error)
+            return
+        try:
+            self._run.write_shard_rejects(self._group, self._shard, self._rejects)
+            finished = time.perf_counter()
+            timing = {**self._marker["timing"], "write_s": round(finished - self._first, 4)}
+            marker = {**self._marker, "timing": timing, "seconds": round(finished - self._started, 3),
+                      "finished_at": time.time()}
+            self._run.write_shard_marker(self._group, self._shard, marker)
+        except BaseException as err:
+            self.done.set_exception(err)
+        else:
+            self.done.set_result(marker)
+
+
+def _write_array(root, path: str, start: int, values: np.ndarray, shard: str,
+                 stats_dtype=None, blank: list[int] | None = None) -> None:
+    """Write one array's region of a shard (``shard`` = "group/index", for the error). With
+    ``stats_dtype`` (the activations of a guidance shard) also the per-image statistics of the values
+    as stored (``sacv.imagestats``), in their own arrays, after the activations."""
+    regions = {path: values}
+    if stats_dtype is not None:
+        prefix = path.rsplit("/", 1)[0]
+        regions |= {f"{prefix}/{name}": stats for name, stats in shard_stats(values, stats_dtype, blank).items()}
+    for name, region in regions.items():
+        try:
+            write_region(root[name], start, region)
         except Exception as err:
-            raise RuntimeError(f"writing {path} rows {start}:{start + len(values)} (shard {group}/{shard}) failed: {err}") from err
-    run.write_shard_rejects(group, shard, rejects)
-    finished = time.perf_counter()
-    timing = {**marker["timing"], "write_s": round(finished - write_started, 4)}
-    marker = {**marker, "timing": timing, "seconds": round(finished - started, 3), "finished_at": time.time()}
-    run.write_shard_marker(group, shard, marker)
-    return marker
+            raise RuntimeError(f"writing {name} rows {start}:{start + len(region)} (shard {shard}) failed: {err}") from err
+
+
+def _submit_shard_writes(writers: ThreadPoolExecutor, run: RunDir, root, group: str, shard: int, start: int,
+                         arrays: dict[str, np.ndarray], marker: dict, rejects: list[dict], started: float,
+                         blank: list[int]) -> Future:
+    """Submit a shard's arrays to the writer pool, one job per array (largest first); returns the
+    future of its marker. A guidance shard's activation jobs also write their statistics, flagged
+    in the marker (``pos_stats``)."""
+    stats = group == "guidance"
+    if stats:
+        marker = {**marker, MARKER_FLAG: True}
+    write = _ShardWrite(run, group, shard, marker, rejects, started, len(arrays))
+    for path, values in sorted(arrays.items(), key=lambda item: -item[1].nbytes):
+        with_stats = stats and path.endswith("/act")
+        writers.submit(write.job, partial(_write_array, root, path, start, values, f"{group}/{shard}",
+                                          root[path].dtype if with_stats else None, blank))
+    return write.done
 
 
 def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -> list[dict]:
     """Extract a block of shards of ``group`` with decode, compute and writes overlapping.
 
     Decoding runs ahead in a pool (``execution.loader_workers``, ``sacv.loaders``; at most two shards ahead),
-    the model runs in this thread, and each finished shard goes to a pool of
-    ``execution.write_workers`` writer threads (at most that many shards waiting). Each shard is
-    still written by exactly one writer, its marker last. An image that fails to decode (or changed
+    the model runs in this thread, and each finished shard's arrays go to a pool of
+    ``execution.write_workers`` writer threads, one job per array (at most that many shards
+    waiting). Each chunk has exactly one writer, and a shard's marker is written after all of its
+    arrays (``_ShardWrite``). An image that fails to decode (or changed
     since planning) is quarantined: its row is written as zeros (target -1) and it is listed in the
     shard's rejects file; rows of removed or earlier quarantined images are written as zeros too
-    (their files may be gone; nothing reads those rows). A guidance shard's writer also writes the
+    (their files may be gone; nothing reads those rows). A guidance shard's writers also write the
     per-image position statistics of each layer (``sacv.imagestats``: sums, sums of squares, counts
     of the stored values) and marks them in the marker (``pos_stats``). Returns the markers, in
     shard order.
 
     Each marker's ``timing`` splits the model thread's time on that shard: ``writer_wait_s``
     (blocked on a full writer queue before the shard started), ``decode_wait_s`` (waiting for
-    decoded images), ``compute_s`` (batching, the model, device copies); and ``write_s``, the
-    writer thread's time on the shard's statistics, regions, rejects and marker.
+    decoded images), ``compute_s`` (batching, the model, device copies); and ``write_s``, from
+    the start of the shard's first write job to its marker (statistics, regions, rejects, marker;
+    the jobs run side by side).
     """
     run = RunDir(run_uri)
     catalog = ImageCatalog.shared(run)  # read once per process, not per task
@@ -207,9 +265,8 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
             marker = {"digest": shard_digest(rows, config), "rows": [start, start + len(rows)],
                       "images": len(rows) - len(missing), "rejected": len(rejects), "started_at": started_at,
                       "timing": {key: round(value, 4) for key, value in timing.items()}}
-            stats_layers = config.layers if group == "guidance" else []
-            pending.append(writers.submit(_write_shard, run, root, group, shard, start, arrays, marker, rejects, started,
-                                          stats_layers, sorted(missing)))
+            pending.append(_submit_shard_writes(writers, run, root, group, shard, start, arrays, marker, rejects,
+                                                started, sorted(missing)))
             waited = time.perf_counter()
             while len(pending) > config.execution.write_workers:
                 markers.append(pending.popleft().result())

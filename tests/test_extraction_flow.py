@@ -331,6 +331,49 @@ def test_a_failing_store_write_fails_the_shard_with_the_chunk_key_and_leaves_no_
     assert all(run.read_shard_marker("dataset", s) is not None for s in shards)
 
 
+def test_a_shards_arrays_are_written_side_by_side_and_its_marker_after_all_of_them(tmp_path, monkeypatch):
+    """Each array region of a shard is its own write job; with the smallest array planted slow, the
+    other regions are written in other threads meanwhile, and the marker still comes after every
+    region of its shard (each region written once)."""
+    import threading
+    import time
+
+    import sacv.extraction as extraction
+    import sacv.planning as planning
+    from sacv.rundir import RunDir
+
+    write_collection(tmp_path, n_per_concept=2, n_per_class=3)
+    config = make_config(tmp_path, with_concepts=False)
+    plan = planning.plan_extraction(config.run_dir, config)
+    events: list[tuple[str, int, float, str]] = []  # (what, start row or shard, time, thread)
+    original_write, original_marker = extraction.write_region, RunDir.write_shard_marker
+
+    def recorded_write(array, start, data):
+        if array.path.endswith("targets"):
+            time.sleep(0.3)
+        original_write(array, start, data)
+        events.append((array.path, start, time.perf_counter(), threading.current_thread().name))
+
+    def recorded_marker(self, group, shard, marker):
+        original_marker(self, group, shard, marker)
+        events.append(("marker", marker["rows"][0], time.perf_counter(), threading.current_thread().name))
+
+    monkeypatch.setattr(extraction, "write_region", recorded_write)
+    monkeypatch.setattr(RunDir, "write_shard_marker", recorded_marker)
+    shards = [shard for group, shard in plan.todo if group == "dataset"]
+    markers = extraction.run_shards(config.run_dir, config, "dataset", shards)
+    n_arrays = 2 * len(config.layers) + 2
+    for marker in markers:
+        start = marker["rows"][0]
+        regions = [e for e in events if e[0] != "marker" and e[1] == start]
+        (written,) = [e[2] for e in events if e[0] == "marker" and e[1] == start]
+        assert len(regions) == len({e[0] for e in regions}) == n_arrays
+        assert all(t <= written for _, _, t, _ in regions)
+        assert len({name for *_, name in regions}) > 1  # not one thread's serial writes
+        slow = next(t for path, _, t, _ in regions if path.endswith("targets"))
+        assert sum(t < slow - 0.2 for path, _, t, _ in regions if path.endswith("/act")) >= 1
+
+
 def test_planning_fans_out_over_batches_of_files_and_gives_the_tables_of_one_scan(tmp_path, prefect):
     """``extract.scan_batch: 4``: the files are listed once, checked by one task per batch of 4
     (each writing its own part), and the images and rejects tables equal those of one batch, rescanned in one call."""
