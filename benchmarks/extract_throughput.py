@@ -314,7 +314,8 @@ def main(argv=None) -> dict:
         "decode_images_per_s": decoding,
         "time_split": {**split, "what": "summed over shards from the markers' timing: the model thread waiting for "
                        "decoded images / computing (batching, model, device copies) / waiting for a free writer; "
-                       "write_s is the writer threads' time (overlaps the others); shard_phase_wall_s: first shard "
+                       "write_s: each shard's writes, from its first write job to its marker (a shard's arrays are written "
+                       "side by side; overlaps the others); shard_phase_wall_s: first shard "
                        "start to last marker (markers' clocks); model_thread_outside_shards_s: that wall minus the "
                        "model thread's three shares (task boundaries, the last writes of each task)"},
         "gpu_utilisation": {name: sampler.window(*span) for name, span in windows.items()} if sampler else None,
@@ -357,7 +358,7 @@ def main(argv=None) -> dict:
         ("ratio bare / raw fwd+bwd", f"{result['ratio_bare_over_raw_forward_backward']:.3f}"),
         ("decoding alone", ", ".join(f"{k} {v}" for k, v in decoding.items())),
         ("time split (model thread)", f"decode wait {split['decode_wait_s']:.2f} s, compute {split['compute_s']:.2f} s, "
-                                      f"writer wait {split['writer_wait_s']:.2f} s; writers {split['write_s']:.2f} s"),
+                                      f"writer wait {split['writer_wait_s']:.2f} s; shard writes {split['write_s']:.2f} s"),
         ("shard phase (markers' clocks)", f"{split['shard_phase_wall_s']:.2f} s wall, model thread outside shards "
                                           f"{split['model_thread_outside_shards_s']:.2f} s"),
         ("bytes per image", f"{result['storage']['bytes_per_image']:,}"),
