@@ -132,9 +132,8 @@ def _timed(items: Iterator, timing: dict[str, float]) -> Iterator:
 class _ShardWrite:
     """One shard's writes spread over the writer pool: each array's region is one job (its chunk has
     one writer) and the job that finishes last writes the shard's rejects, then its marker. ``done``
-    resolves to the marker, or to the first job's error, and then no marker is written. The shard's
-    last arrays thus take a fraction of one writer's time, which the model thread waits at the end of
-    every task."""
+    resolves to the marker, or to the first job's error, and then no marker is written. So the last
+    shard of a task, which the model thread waits for, is written in a fraction of one writer's time."""
 
     def __init__(self, run: RunDir, group: str, shard: int, marker: dict, rejects: list[dict], started: float, jobs: int):
         self.done: Future = Future()
