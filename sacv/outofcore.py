@@ -28,9 +28,9 @@ import dask.array as da
 import numpy as np
 import zarr
 from scipy.optimize import minimize
-from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 
+from sacv.solvers import logistic_terms
 from sacv.vectors import fit_logistic, grouped_validation_split, set_fitted_vector
 
 SOLVERS = ("inmemory", "lbfgs", "sgd", "dask_ml")
@@ -66,8 +66,9 @@ def _loss_grad_block(x, y, weight, u, b, mean, scale):
     z = xs @ u.astype(np.float32) + np.float32(b)
     sign = 2.0 * y - 1.0
     margin = sign * z.astype(np.float64)
-    loss = float(weight @ np.logaddexp(0.0, -margin))
-    g = (-sign * weight * expit(-margin)).astype(np.float32)  # d loss / d z
+    terms, slope = logistic_terms(margin)  # log(1 + e^-margin), σ(-margin)
+    loss = float(weight @ terms)
+    g = (-sign * weight * slope).astype(np.float32)  # d loss / d z
     return loss, (xs.T @ g).astype(np.float64), float(g.sum(dtype=np.float64))
 
 

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
-from scipy.special import expit, log_expit
+from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import ThreadpoolController
 
@@ -38,6 +38,21 @@ Blocks = Callable[..., Iterable[tuple[np.ndarray, np.ndarray]]]
 # 5 concepts × 10 sets of 10 + nulls, 4 layers) over unwhitened, 1e-3, 1e-2 and 0.1: fewest
 # L-BFGS seconds at 0.1 (the 7×7 layers' concept jobs need fewer iterations with the higher floor).
 PRECONDITIONER_FLOOR = 0.1
+
+
+def logistic_terms(margin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Elementwise ``log(1 + e^-margin)`` (the logistic loss) and ``σ(-margin)`` (minus its
+    derivative), float64, stable at any margin: equal to ``-log_expit(margin)`` and
+    ``expit(-margin)``, computed as ``log1p(e^-|m|) + max(-m, 0)`` with the temporaries reused,
+    in about half the time of those two (which took most of a pass of the exact fit over a block)."""
+    negated = np.negative(margin)
+    slope = expit(negated)
+    loss = np.abs(margin)
+    np.negative(loss, out=loss)
+    np.exp(loss, out=loss)
+    np.log1p(loss, out=loss)
+    loss += np.maximum(negated, 0.0, out=negated)
+    return loss, slope
 
 
 def image_stats(blocks: Blocks, n_images: int, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,8 +166,10 @@ def batched_logistic(
         if (lengths != lengths[0]).any():  # images of unequal sizes: per row
             s, y = np.repeat(s, lengths, axis=0), np.repeat(y, lengths, axis=0)
         margin = z.reshape(len(s), -1, len(cols)) * y[:, None]  # (n, positions, k)
-        g = (expit(-margin) * (-y * s)[:, None]).reshape(-1, len(cols))  # (m, k) d loss / d z
-        loss = -(s * log_expit(margin).sum(axis=1)).sum(axis=0)  # log(1 + e^-margin), stable
+        terms, slope = logistic_terms(margin)  # (n, positions, k) log(1 + e^-margin), σ(-margin)
+        slope *= (-y * s)[:, None]
+        g = slope.reshape(-1, len(cols))  # (m, k) d loss / d z
+        loss = (s * terms.sum(axis=1)).sum(axis=0)
         return cols, loss, xc.T @ g, g.sum(axis=0)
 
     def evaluate(params: np.ndarray, jobs: np.ndarray, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:

@@ -253,3 +253,25 @@ def test_a_solve_runs_blas_single_threaded_in_its_threads_and_restores_it():
         worker.join()
     assert seen == {"solve": [1], "worker": [1]}
     assert blas_threads() == before
+
+
+def test_the_logistic_terms_equal_scipys_at_every_margin():
+    """``logistic_terms`` (the exact fit's per-position loss and slope) against SciPy's
+    ``-log_expit(m)`` and ``expit(-m)``: ordinary, tiny, huge and signed-zero margins, where the
+    naive ``log(1 + exp(-m))`` overflows or rounds to 0; NaN propagates; the input is untouched."""
+    from scipy.special import expit, log_expit
+
+    from sacv.solvers import logistic_terms
+
+    rng = np.random.default_rng(3)
+    margin = np.concatenate([rng.standard_normal(2000) * 10.0 ** rng.integers(-3, 3, 2000),
+                             [0.0, -0.0, 1e-300, -1e-300, 36.0, -36.0, 40.0, 745.0, -745.0, 800.0, -800.0, 1e308, -1e308]])
+    margin = margin.reshape(-1, 3, 1)  # the solver's (n, positions, k) shape
+    before = margin.copy()
+    loss, slope = logistic_terms(margin)
+    np.testing.assert_allclose(loss, -log_expit(margin), rtol=4e-16, atol=0)
+    np.testing.assert_array_equal(slope, expit(-margin))
+    np.testing.assert_array_equal(margin, before)
+    assert loss[margin < -700].min() > 700 and (loss >= 0).all()  # e^-m overflows there; the loss does not
+    nan_loss, nan_slope = logistic_terms(np.array([np.nan, 1.0]))
+    assert np.isnan(nan_loss[0]) and np.isnan(nan_slope[0]) and np.isfinite(nan_loss[1])
