@@ -190,7 +190,7 @@ def check_files(frame: pd.DataFrame, max_pixels: int, min_size: int, threads: in
     ``CHECK_COLUMNS`` (stage and reason set for a reject)."""
     jobs = list(zip(frame["path"], frame["known_stamp"], frame["known_id"]))
     if processes:
-        from sacv.loaders import map_in_processes
+        from sacv.loaders import map_in_processes  # here: the catalog is read without torch elsewhere
 
         chunks = [jobs[i : i + CHECKS_PER_CALL] for i in range(0, len(jobs), CHECKS_PER_CALL)]
         check = functools.partial(check_chunk, max_pixels=max_pixels, min_size=min_size)

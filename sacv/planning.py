@@ -126,7 +126,7 @@ def check_batch(run_uri: str, config: RunConfig, index: int) -> int:
     size = config.extract.scan_batch
     frame = run.read_scan_part("candidates").iloc[index * size : (index + 1) * size]
     checked = check_files(frame, config.extract.max_pixels, config.extract.min_size, max(4, config.execution.loader_workers),
-                              scan_processes(config))
+                          scan_processes(config))
     run.write_scan_part(f"checked-{index:05d}", checked)
     return len(checked)
 
