@@ -20,11 +20,16 @@ workers=${LOADER_WORKERS:-12}
 if [ -z "${SKIP_AGREEMENT:-}" ]; then
   timeout "${AGREEMENT_TIMEOUT:-150}" python3 benchmarks/gpu_agreement.py --out "$out/gpu_agreement_cuda.json"
 fi
-# RUNS: DECODER:LOADER pairs (extract.decoder, execution.loader); add pil:threads to compare the
-# decode threads, which share the interpreter lock with the model's thread, against processes.
-for run in ${RUNS:-torchvision:threads pil:processes}; do
-  decoder=${run%%:*} loader=${run##*:}
+# RUNS: DECODER:LOADER[:LAYER,LAYER,...] triples (extract.decoder, execution.loader, the layers; the
+# script's default layers when left out); add pil:threads to compare the decode threads, which share
+# the interpreter lock with the model's thread, against processes.
+for run in ${RUNS:-torchvision:threads pil:processes torchvision:threads:_blocks.3,_blocks.8,_blocks.12}; do
+  IFS=: read -r decoder loader layers <<<"$run"
+  layer_args=() name=${decoder}_$loader
+  if [ -n "$layers" ]; then
+    layer_args=(--layers ${layers//,/ }) name=${name}_$(echo "$layers" | tr -cd '0-9,' | tr , -)
+  fi
   timeout "${THROUGHPUT_TIMEOUT:-240}" python3 benchmarks/extract_throughput.py --engine $engine --device cuda \
     --images "$images" --batch-size 64 --shard-size 128 --loader-workers "$workers" --decoder "$decoder" \
-    --loader "$loader" --variants ${VARIANTS:-} --out "$out/extract_throughput_cuda_${engine}_${decoder}_$loader.json"
+    --loader "$loader" "${layer_args[@]}" --variants ${VARIANTS:-} --out "$out/extract_throughput_cuda_${engine}_$name.json"
 done
