@@ -2,7 +2,8 @@
 # The GPU rows of the README in one go, on a machine with a CUDA card: numerics (CUDA vs CPU per
 # mode) and extraction throughput (the Prefect flow against the bare loop and the card's raw rate,
 # per decoder). Python packages the machine lacks may be given as wheels
-# in .whl/ (installed into /tmp/site). Results go to ${OUT:-benchmarks/results}.
+# in .whl/ (installed into /tmp/site; `bash benchmarks/gpu_wheels.sh` fetches them). Results go to
+# ${OUT:-benchmarks/results}. One run of the defaults takes about 6.5 minutes on an H200.
 set -u
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
