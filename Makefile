@@ -18,6 +18,8 @@ demo: $(STAMP)
 	$(BIN)/sacv demo --out demo-out
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 clean:

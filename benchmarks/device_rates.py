@@ -12,15 +12,15 @@ import numpy as np
 
 def raw_rates(model, layers: list[str], batch_size: int, autocast, repeats: int = 20, rounds: int = 4) -> dict:
     """The card alone: a (batch, 3, S, S) batch already on the device in the layout ``extract`` gives
-    the model (``sacv.extract.input_memory_format``), TF32 off (the default).
+    the model (``sacv.method.activations.input_memory_format``), TF32 off (the default).
     ``forward_backward``: the model's forward pass and the gradient of the predicted logits w.r.t.
-    the layers (no copies); ``extract``: ``sacv.extract.extract`` on the same batch (adds the
+    the layers (no copies); ``extract``: ``sacv.method.activations.extract`` on the same batch (adds the
     float32 device-to-host copies and finiteness checks the pipeline pays); on the CPU also
     ``forward_backward_nchw``, the same on an NCHW batch. Images/s of each: the median over
     ``rounds`` rounds in which the steps take turns."""
     import torch
 
-    from sacv.extract import capture_layers, extract, input_memory_format, tf32_mode
+    from sacv.method.activations import capture_layers, extract, input_memory_format, tf32_mode
 
     module = model.module
     device = next(module.parameters()).device
@@ -65,14 +65,14 @@ def raw_rates(model, layers: list[str], batch_size: int, autocast, repeats: int 
 
 
 def decode_rates(paths: list[str], model, workers: int) -> dict:
-    """Images/s of decoding + preprocessing alone: the flow's decoder (``sacv.images.load_image`` +
+    """Images/s of decoding + preprocessing alone: the flow's decoder (``sacv.io.images.load_image`` +
     the model's preprocessing) in a pool of ``workers`` threads; on CUDA also torchvision's
     ``decode_jpeg`` on the device (nvjpeg) + resize and crop there, from the same bytes."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from sacv.images import load_image
+    from sacv.io.images import load_image
 
     def pil(path):
         return model.preprocessing(load_image(path)[1])
@@ -87,7 +87,7 @@ def decode_rates(paths: list[str], model, workers: int) -> dict:
         rates[f"pil_processes_{workers}"] = process_decode_rate(paths, model, workers)
     device = next(model.module.parameters()).device
     if device.type == "cuda":
-        from sacv.decoding import decode_batch, read_for_device
+        from sacv.io.device_decode import decode_batch, read_for_device
 
         def on_device(chunk):
             with ThreadPoolExecutor(max(workers, 1)) as pool:
@@ -103,8 +103,11 @@ def decode_rates(paths: list[str], model, workers: int) -> dict:
             rates["nvjpeg_batch_64"] = round(len(paths) / (time.perf_counter() - started), 1)
             std = torch.tensor(model.preprocessing.std).view(3, 1, 1)
             levels = torch.stack([((d.cpu() - r) * std * 255).abs() for d, r in zip(decoded[:256], reference[:256])])
-            rates["nvjpeg_vs_pil_levels"] = {"max": round(float(levels.max()), 2), "mean": round(float(levels.mean()), 4),
-                                             "what": "preprocessed pixels of 256 images, in 8-bit levels"}
+            rates["nvjpeg_vs_pil_levels"] = {
+                "max": round(float(levels.max()), 2),
+                "mean": round(float(levels.mean()), 4),
+                "what": "preprocessed pixels of 256 images, in 8-bit levels",
+            }
             rates["nvjpeg_vs_pil_decoded_levels"] = decoded_levels(paths[:64], device)
         except Exception as err:  # a build without nvjpeg: say so, keep the other numbers
             rates["nvjpeg_error"] = repr(err)[:200]
@@ -112,12 +115,13 @@ def decode_rates(paths: list[str], model, workers: int) -> dict:
 
 
 def process_decode_rate(paths: list[str], model, workers: int) -> float:
-    """Images/s of ``sacv.loaders.decoded_shards`` with ``workers`` processes (forked before the clock starts)."""
+    """Images/s of ``sacv.extract.decode_pool.decoded_shards`` with ``workers`` processes (forked before
+    the clock starts)."""
     import pandas as pd
 
     from sacv.config import parse_config
-    from sacv.images import image_id
-    from sacv.loaders import ShardImages, decoded_shards
+    from sacv.extract.decode_pool import ShardImages, decoded_shards
+    from sacv.io.images import image_id
 
     rows = pd.DataFrame({"path": paths, "image_id": [image_id(open(p, "rb").read()) for p in paths], "status": "ok"})
     config = parse_config({"run_dir": "unused", "layers": ["unused"]})
@@ -143,7 +147,9 @@ class GpuSampler:
             return
         self.process = subprocess.Popen(
             ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "100"],
-            stdout=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -160,8 +166,12 @@ class GpuSampler:
         if not inside:
             return None
         utils = sorted(u for u, _ in inside)
-        return {"samples": len(inside), "util_mean": round(sum(utils) / len(utils), 1),
-                "util_median": utils[len(utils) // 2], "memory_mib_peak": max(m for _, m in inside)}
+        return {
+            "samples": len(inside),
+            "util_mean": round(sum(utils) / len(utils), 1),
+            "util_median": utils[len(utils) // 2],
+            "memory_mib_peak": max(m for _, m in inside),
+        }
 
     def stop(self):
         if self.process is not None:
@@ -182,9 +192,13 @@ def decoded_levels(paths: list[str], device) -> dict:
         ours = decode_jpeg(data, mode=ImageReadMode.RGB, device=device).cpu().permute(1, 2, 0).numpy()  # (H, W, 3)
         theirs = np.asarray(Image.open(path).convert("RGB"))
         diffs.append(np.abs(ours.astype(np.int16) - theirs.astype(np.int16)))
-    return {"max": int(max(d.max() for d in diffs)), "mean": round(float(np.mean([d.mean() for d in diffs])), 4),
-            "share_over_8": round(float(np.mean([(d > 8).mean() for d in diffs])), 5),
-            "what": "decoded pixels of 64 images before resizing, in 8-bit levels; share_over_8: pixels more than 8 levels apart"}
+    return {
+        "max": int(max(d.max() for d in diffs)),
+        "mean": round(float(np.mean([d.mean() for d in diffs])), 4),
+        "share_over_8": round(float(np.mean([(d > 8).mean() for d in diffs])), 5),
+        "what": "decoded pixels of 64 images before resizing, in 8-bit levels; "
+        "share_over_8: pixels more than 8 levels apart",
+    }
 
 
 def bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, autocast) -> tuple[float, list]:
@@ -194,8 +208,8 @@ def bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, 
 
     import torch
 
-    from sacv.decoding import EncodedJpeg, decode_batch, read_for_device
-    from sacv.extract import extract
+    from sacv.io.device_decode import EncodedJpeg, decode_batch, read_for_device
+    from sacv.method.activations import extract
 
     device = next(model.module.parameters()).device
     results = []
@@ -208,29 +222,33 @@ def bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, 
             if len(batch) == batch_size or len(results) * batch_size + len(batch) == len(paths):
                 assert all(isinstance(e, EncodedJpeg) for e in batch)
                 images = torch.stack(decode_batch(batch, model.preprocessing, device))
-                results.append(extract(model.module, images, layers, None, with_gradients=True, autocast=autocast,
-                                       dtype=torch.float16))
+                results.append(
+                    extract(
+                        model.module, images, layers, None, with_gradients=True, autocast=autocast, dtype=torch.float16
+                    )
+                )
                 batch = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started, results
 
 
-def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loader_workers: int, autocast,
-              decoder: str = "pil") -> tuple[float, list]:
+def bare_loop(
+    model, paths: list[str], layers: list[str], batch_size: int, loader_workers: int, autocast, decoder: str = "pil"
+) -> tuple[float, list]:
     """Decode, preprocess, extract with gradients (float16, as for the flow's store); keep every
     result in memory. Returns (seconds, results).
     ``pil``: a DataLoader with ``loader_workers`` processes handing over uint8 pixels after the resize
     and crop, normalised on the device (as the flow does); ``torchvision``: files read in a pool of
-    ``loader_workers`` threads, each batch decoded on the device (``sacv.decoding``)."""
+    ``loader_workers`` threads, each batch decoded on the device (``sacv.io.device_decode``)."""
     import torch
     from torch.utils.data import DataLoader, Dataset
 
     if decoder == "torchvision":
         return bare_loop_device_decoding(model, paths, layers, batch_size, loader_workers, autocast)
 
-    from sacv.extract import extract
-    from sacv.images import load_image
+    from sacv.io.images import load_image
+    from sacv.method.activations import extract
 
     class Files(Dataset):
         def __len__(self):
@@ -240,8 +258,13 @@ def bare_loop(model, paths: list[str], layers: list[str], batch_size: int, loade
             return torch.from_numpy(model.preprocessing.pixels(load_image(paths[i])[1]))  # (S, S, 3) uint8
 
     device = next(model.module.parameters()).device
-    loader = DataLoader(Files(), batch_size=batch_size, num_workers=loader_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=loader_workers > 0)
+    loader = DataLoader(
+        Files(),
+        batch_size=batch_size,
+        num_workers=loader_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=loader_workers > 0,
+    )
 
     def step(batch):
         inputs = model.preprocessing.normalize(batch.to(device, non_blocking=True))  # (B, 3, S, S)

@@ -29,9 +29,9 @@ sys.path.insert(0, sys.argv[3] + "/benchmarks")
 from extract_throughput import write_images
 from flows.extract import shard_blocks
 from sacv.config import parse_config
-from sacv.extraction import record_shard_rejects, run_shards
-from sacv.planning import plan_extraction
-from sacv.models import cached_model
+from sacv.extract.extraction import record_shard_rejects, run_shards
+from sacv.extract.extraction_plan import plan_extraction
+from sacv.method.models import cached_model
 
 root, n = Path(sys.argv[1]), int(sys.argv[2])
 write_images(root / "data" / "tabby", n, seed=0)
@@ -49,7 +49,8 @@ for group, shards in shard_blocks(plan.todo, config.extract.shards_per_task):
     run_shards(config.run_dir, config, group, shards)
 record_shard_rejects(config.run_dir)
 print(json.dumps({"images": n, "seconds": round(time.perf_counter() - started, 2),
-                  "rss_before_mb": round(before / 1024, 1), "peak_growth_mb": round((status("VmHWM") - before) / 1024, 1)}))
+                  "rss_before_mb": round(before / 1024, 1),
+                  "peak_growth_mb": round((status("VmHWM") - before) / 1024, 1)}))
 """
 
 
@@ -61,12 +62,22 @@ def main(argv=None) -> dict:
     runs = []
     for n in (args.images, 4 * args.images):
         with tempfile.TemporaryDirectory(prefix="sacv-mem-") as tmp:
-            out = subprocess.run([sys.executable, "-c", CHILD, tmp, str(n), str(REPO)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, tmp, str(n), str(REPO)], capture_output=True, text=True, check=True
+            )
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     ratio = runs[1]["peak_growth_mb"] / max(runs[0]["peak_growth_mb"], 1e-9)
     result = {"benchmark": "extract_memory", "runs": runs, "peak_growth_ratio_4x": round(ratio, 3)}
-    print_table([(f"{r['images']} images", f"peak growth {r['peak_growth_mb']} MB over {r['rss_before_mb']} MB, {r['seconds']} s")
-                 for r in runs] + [("ratio 4N / N", f"{ratio:.2f}")])
+    print_table(
+        [
+            (
+                f"{r['images']} images",
+                f"peak growth {r['peak_growth_mb']} MB over {r['rss_before_mb']} MB, {r['seconds']} s",
+            )
+            for r in runs
+        ]
+        + [("ratio 4N / N", f"{ratio:.2f}")]
+    )
     write_json(result, args.out)
     return result
 

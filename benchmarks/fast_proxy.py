@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sacv.models import LoadedModel, Preprocessing, imagenet_class_names
+from sacv.method.models import LoadedModel, Preprocessing, imagenet_class_names
 
 LITE0 = Preprocessing(resize=256, crop=224, mean=(0.498,) * 3, std=(0.502,) * 3)
 

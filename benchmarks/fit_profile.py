@@ -1,7 +1,7 @@
 """Where a fit stage's time goes, in process and without Prefect: reads, statistics, solver, scoring.
 
 Takes the config of a run whose extraction is done, deletes ``fits/`` and fits every block in this
-process with ``sacv.sweep.fit_block`` (as the ``fit-block`` task body does), timing each part by
+process with ``sacv.fit.sweep.fit_block`` (as the ``fit-block`` task body does), timing each part by
 wrapping: ``plan_fits``, reading stored statistics and shard markers (``read_stats``), reading
 positions (``PositionReader``), the batched L-BFGS (``solvers.batched_logistic``), held-out scoring
 (``solvers.select_scores``), metrics (``set_fitted_vector``), writing results, and
@@ -45,8 +45,8 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(REPO))
     import yaml
 
-    from sacv import fitting, solvers, sweep
     from sacv.config import parse_config
+    from sacv.fit import fit_plan, solvers, sweep
 
     raw = yaml.safe_load(Path(args.config).read_text())
     if args.solver:
@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
                 return fn(*a, **k)
             finally:
                 parts[name] += time.perf_counter() - started
+
         return wrapper
 
     sweep.PositionReader.__init__ = timed("read positions (PositionReader)", sweep.PositionReader.__init__)
@@ -72,11 +73,14 @@ def main(argv=None) -> dict:
     sweep.solvers.select_scores = timed("held-out scoring", solvers.select_scores)
     sweep.set_fitted_vector = timed("metrics (set_fitted_vector)", sweep.set_fitted_vector)
     sweep.RunDir.write_fit_result = timed("write results", sweep.RunDir.write_fit_result)
-    result: dict = {"device": f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-                    "load_avg_1min_at_start": round(os.getloadavg()[0], 2), "solver": config.fit.solver,
-                    "blocks": []}
+    result: dict = {
+        "device": f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+        "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
+        "solver": config.fit.solver,
+        "blocks": [],
+    }
     started = time.perf_counter()
-    plan = fitting.plan_fits(config.run_dir, config)
+    plan = fit_plan.plan_fits(config.run_dir, config)
     parts["plan_fits"] = time.perf_counter() - started
     for layer, keys in plan.blocks:
         block_started = time.perf_counter()
@@ -84,22 +88,41 @@ def main(argv=None) -> dict:
         per_group: dict[str, list[dict]] = {}
         for r in results:
             per_group.setdefault(r["concept"] if r["kind"] == "concept" else "null", []).append(r)
-        groups = {name: {"n_iter_median": float(np.median([r["n_iter"] for r in rs])), "n_iter_max": max(r["n_iter"] for r in rs),
-                         "passes_max": max(r["passes"] for r in rs)} for name, rs in per_group.items()}
-        result["blocks"].append({"layer": layer, "jobs": len(keys), "wall_s": round(time.perf_counter() - block_started, 3),
-                                 "groups": groups})
+        groups = {
+            name: {
+                "n_iter_median": float(np.median([r["n_iter"] for r in rs])),
+                "n_iter_max": max(r["n_iter"] for r in rs),
+                "passes_max": max(r["passes"] for r in rs),
+            }
+            for name, rs in per_group.items()
+        }
+        result["blocks"].append(
+            {
+                "layer": layer,
+                "jobs": len(keys),
+                "wall_s": round(time.perf_counter() - block_started, 3),
+                "groups": groups,
+            }
+        )
     collect_started = time.perf_counter()
-    fitting.collect_vectors(config.run_dir)
+    fit_plan.collect_vectors(config.run_dir)
     parts["collect_vectors"] = time.perf_counter() - collect_started
     result["total_s"] = round(time.perf_counter() - started, 3)
     result["parts_s"] = {k: round(v, 3) for k, v in parts.items()}
     result["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
     result["command"] = "python benchmarks/fit_profile.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for block in result["blocks"]:
-        print(f"{block['layer']}: {block['jobs']} jobs in {block['wall_s']:.2f} s; per group of jobs (n_iter median/max, passes max): "
-              + ", ".join(f"{g} ({v['n_iter_median']:g}/{v['n_iter_max']}, {v['passes_max']})" for g, v in block["groups"].items()))
-    print_table([(name, f"{seconds:7.2f} s") for name, seconds in result["parts_s"].items()]
-                + [("total (in process)", f"{result['total_s']:7.2f} s")])
+        print(
+            f"{block['layer']}: {block['jobs']} jobs in {block['wall_s']:.2f} s; "
+            "per group of jobs (n_iter median/max, passes max): "
+            + ", ".join(
+                f"{g} ({v['n_iter_median']:g}/{v['n_iter_max']}, {v['passes_max']})" for g, v in block["groups"].items()
+            )
+        )
+    print_table(
+        [(name, f"{seconds:7.2f} s") for name, seconds in result["parts_s"].items()]
+        + [("total (in process)", f"{result['total_s']:7.2f} s")]
+    )
     write_json(result, args.out)
     return result
 

@@ -1,13 +1,13 @@
 """Out-of-core fit solvers against one raw read pass of the same positions, one synthetic store.
 
 One process, one run. A float16 Zarr v3 store of shape (N, hw, hw, C), chunks (32, hw, hw, C), is
-written with ``sacv.store.ensure_array`` / ``write_region`` (the extraction flow's layout). Odd images
+written with ``sacv.io.zarr_store.ensure_array`` / ``write_region`` (the extraction flow's layout). Odd images
 are concept images: moved by ``--shift`` along a planted unit direction ``u``; the noise is anisotropic
 (per-channel means and log-normal per-channel scales), as real activations are. Positions come from
-``sacv.outofcore.positions_from_store`` over every row. For each solver of
-``sacv.outofcore.OutOfCoreConceptVector`` (``inmemory``, ``lbfgs``, ``sgd``, ``dask_ml``; the fit
+``sacv.fit.per_job.positions_from_store`` over every row. For each solver of
+``sacv.fit.per_job.OutOfCoreConceptVector`` (``inmemory``, ``lbfgs``, ``sgd``, ``dask_ml``; the fit
 settings are ``sacv.config.FitConfig``'s defaults), and for the fit stage's block solvers (``auto`` =
-batched exact L-BFGS, ``mean_difference``; one job, through ``sacv.sweep.fit_jobs`` on positions
+batched exact L-BFGS, ``mean_difference``; one job, through ``sacv.fit.sweep.fit_jobs`` on positions
 read once into memory with ``PositionReader``; their time includes that read) it measures:
 
 (a) ``raw read``: ``X_train.astype("float32").sum(axis=0).compute()`` over the very dask array the
@@ -15,7 +15,7 @@ read once into memory with ``PositionReader``; their time includes that read) it
 (b) wall time of ``fit`` (whole call, and ``fit_seconds_``: the solver alone, without the split and
     the held-out scoring), ``passes_`` and ``n_iter_``;
 (c) ``fit_seconds_ / passes_ / raw read`` (goal <= 1.4 for lbfgs and sgd);
-(d) cosine of ``coef_`` to the exact solution: ``sacv.vectors.fit_logistic`` (scikit-learn) in
+(d) cosine of ``coef_`` to the exact solution: ``sacv.method.vectors.fit_logistic`` (scikit-learn) in
     memory on the same training positions (split replicated with ``grouped_validation_split``);
 (e) peak RSS of a fresh subprocess that fits lbfgs / sgd / dask_ml on the 1x store and on a 4x store (same
     generator, 4x the images), with ``max_iter=15, epochs=2`` as in tests/test_fitting.py's memory
@@ -44,7 +44,10 @@ from common import write_json  # benchmarks/common.py (the script folder is on s
 
 REPO = Path(__file__).resolve().parents[1]
 SOLVERS = ("inmemory", "lbfgs", "sgd", "dask_ml")
-BLOCK_SOLVERS = ("auto", "mean_difference")  # through sacv.sweep.fit_jobs on a resident block, as the fit stage runs them
+BLOCK_SOLVERS = (
+    "auto",
+    "mean_difference",
+)  # through sacv.fit.sweep.fit_jobs on a resident block, as the fit stage runs them
 MEMORY_SOLVERS = ("lbfgs", "sgd", "dask_ml")
 RATIO_GOAL = 1.4
 SHARD = 32  # images per chunk, as extract.shard_size's default
@@ -53,7 +56,7 @@ ARRAY_PATH = "guidance/layer/act"  # inside the store, as a real run's guidance 
 MEMORY_SCRIPT = """
 import resource, sys, json, warnings, zarr, numpy as np
 warnings.simplefilter("ignore")
-from sacv.outofcore import OutOfCoreConceptVector, positions_from_store
+from sacv.fit.per_job import OutOfCoreConceptVector, positions_from_store
 import dask_ml.wrappers, sklearn.linear_model  # imported for both sizes alike
 
 
@@ -73,8 +76,10 @@ rows = np.arange(array.shape[0])
 X = positions_from_store(array, rows)
 per = X.shape[0] // len(rows)
 y, groups = np.repeat(rows % 2, per), np.repeat(rows, per)
-fitted = OutOfCoreConceptVector(solver=sys.argv[2], C=float(sys.argv[3]), max_iter=15, epochs=2, random_state=0).fit(X, y, groups)
-print(json.dumps({"ru_maxrss_before_fit_kb": maxrss_before, "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+estimator = OutOfCoreConceptVector(solver=sys.argv[2], C=float(sys.argv[3]), max_iter=15, epochs=2, random_state=0)
+fitted = estimator.fit(X, y, groups)
+maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"ru_maxrss_before_fit_kb": maxrss_before, "ru_maxrss_kb": maxrss_after,
                   "vmhwm_before_fit_kb": hwm_before, "vmhwm_fit_kb": hwm_kb(), "passes": fitted.passes_}))
 """
 
@@ -87,7 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shift", type=float, default=0.5, help="concept shift along the planted unit direction")
     parser.add_argument("--seed", type=int, default=0, help="seed of the store and of the fits")
     parser.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (FitConfig default 1.0)")
-    parser.add_argument("--memory-scale", type=int, default=4, help="the larger store of (e) has this many times the images")
+    parser.add_argument(
+        "--memory-scale", type=int, default=4, help="the larger store of (e) has this many times the images"
+    )
     parser.add_argument("--skip-memory", action="store_true", help="skip (e)")
     parser.add_argument("--out", default="benchmarks/results/fit_solvers.json", help="JSON result path")
     return parser.parse_args(argv)
@@ -98,7 +105,7 @@ def write_store(path: Path, n_images: int, hw: int, channels: int, shift: float,
     import numpy as np
     import zarr
 
-    from sacv.store import ensure_array, write_region
+    from sacv.io.zarr_store import ensure_array, write_region
 
     rng = np.random.default_rng(seed)  # same parameters for every size: only the images differ in number
     u = rng.normal(size=channels)
@@ -134,8 +141,13 @@ def raw_read(X) -> float:
 
 
 def peak_rss(path: Path, solver: str, C: float) -> dict:
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(path / ARRAY_PATH), solver, str(C)], cwd=REPO,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(path / ARRAY_PATH), solver, str(C)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"memory subprocess ({solver}, {path.name}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -145,23 +157,46 @@ def block_fit(array, rows, solver: str, C: float, seed: int, w_exact, read_s: fl
     """One job (odd rows concept, even rows random) through the fit stage's block code."""
     import numpy as np
 
-    from sacv import solvers, sweep
     from sacv.config import parse_config
+    from sacv.fit import solvers, sweep
 
     config = parse_config({"run_dir": "unused", "layers": ["layer"], "fit": {"solver": solver, "C": C, "seed": seed}})
-    job = {"layer": "layer", "concept": "planted", "kind": "concept", "random_set": "random_0", "key": "k",
-           "pos": [str(r) for r in rows if r % 2], "neg": [str(r) for r in rows if r % 2 == 0]}
+    job = {
+        "layer": "layer",
+        "concept": "planted",
+        "kind": "concept",
+        "random_set": "random_0",
+        "key": "k",
+        "pos": [str(r) for r in rows if r % 2],
+        "neg": [str(r) for r in rows if r % 2 == 0],
+    }
     started = time.perf_counter()
     reader = sweep.PositionReader(array, rows, resident=True)
     sides = sweep.JobSides([job], {str(i): int(i) for i in rows}, config.fit.validation_fraction, seed)
     stats = solvers.image_stats(reader.blocks(np.searchsorted(rows, sides.rows)), len(sides.rows), array.shape[-1])
-    (r,) = sweep.fit_jobs(reader, sides, stats, config, computed=np.ones(len(sides.rows), bool))  # statistics from this read (no markers here)
+    (r,) = sweep.fit_jobs(
+        reader, sides, stats, config, computed=np.ones(len(sides.rows), bool)
+    )  # statistics from this read (no markers here)
     wall = time.perf_counter() - started
-    return {"raw_read_s": round(read_s, 4), "fit_wall_s": round(wall, 3), "solver_s": round(wall, 3),
-            "passes": r["passes"], "n_iter": r["n_iter"], "s_per_pass": round(wall / r["passes"], 4),
-            "ratio_pass_over_read": round(wall / r["passes"] / read_s, 3), "cos_to_exact": cosine(np.array(r["coef"]), w_exact),
-            "intercept": r["intercept"], "bal_acc": r["bal_acc"], "auroc": r["auroc"], "near_chance": r["near_chance"],
-            **({"cosine_to_logistic": r["cosine_to_logistic"], "bal_acc_logistic": r["bal_acc_logistic"]} if "cosine_to_logistic" in r else {})}
+    return {
+        "raw_read_s": round(read_s, 4),
+        "fit_wall_s": round(wall, 3),
+        "solver_s": round(wall, 3),
+        "passes": r["passes"],
+        "n_iter": r["n_iter"],
+        "s_per_pass": round(wall / r["passes"], 4),
+        "ratio_pass_over_read": round(wall / r["passes"] / read_s, 3),
+        "cos_to_exact": cosine(np.array(r["coef"]), w_exact),
+        "intercept": r["intercept"],
+        "bal_acc": r["bal_acc"],
+        "auroc": r["auroc"],
+        "near_chance": r["near_chance"],
+        **(
+            {"cosine_to_logistic": r["cosine_to_logistic"], "bal_acc_logistic": r["bal_acc_logistic"]}
+            if "cosine_to_logistic" in r
+            else {}
+        ),
+    }
 
 
 def folder_bytes(folder: Path) -> int:
@@ -179,23 +214,43 @@ def main(argv=None) -> dict:
     import zarr
 
     from sacv.config import FitConfig
-    from sacv.outofcore import OutOfCoreConceptVector, positions_from_store
-    from sacv.vectors import NearChanceWarning, fit_logistic, grouped_validation_split
+    from sacv.fit.per_job import OutOfCoreConceptVector, positions_from_store
+    from sacv.method.vectors import NearChanceWarning, fit_logistic, grouped_validation_split
 
     fit = FitConfig()
     seed = args.seed
     result: dict = {
         "device": f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
         "python": platform.python_version(),
-        "versions": {"numpy": np.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__,
-                     "dask": dask.__version__, "dask-ml": dask_ml.__version__, "zarr": zarr.__version__},
+        "versions": {
+            "numpy": np.__version__,
+            "scipy": scipy.__version__,
+            "scikit-learn": sklearn.__version__,
+            "dask": dask.__version__,
+            "dask-ml": dask_ml.__version__,
+            "zarr": zarr.__version__,
+        },
         "dask_scheduler": dask.config.get("scheduler", "threads (default)"),
-        "store": {"images": args.images, "hw": args.hw, "channels": args.channels, "chunk_images": SHARD,
-                  "dtype": "float16", "shift": args.shift, "concept": "odd images (half)",
-                  "noise": "per-channel mean N(0,1), per-channel scale exp(N(0,0.5)), iid normal"},
-        "fit_settings": {"C": args.C, "standardize": fit.standardize, "validation_fraction": fit.validation_fraction,
-                         "max_iter": fit.max_iter, "epochs": fit.epochs, "memory_budget_mb": fit.memory_budget_mb,
-                         "tol": OutOfCoreConceptVector().tol, "random_state": seed},
+        "store": {
+            "images": args.images,
+            "hw": args.hw,
+            "channels": args.channels,
+            "chunk_images": SHARD,
+            "dtype": "float16",
+            "shift": args.shift,
+            "concept": "odd images (half)",
+            "noise": "per-channel mean N(0,1), per-channel scale exp(N(0,0.5)), iid normal",
+        },
+        "fit_settings": {
+            "C": args.C,
+            "standardize": fit.standardize,
+            "validation_fraction": fit.validation_fraction,
+            "max_iter": fit.max_iter,
+            "epochs": fit.epochs,
+            "memory_budget_mb": fit.memory_budget_mb,
+            "tol": OutOfCoreConceptVector().tol,
+            "random_state": seed,
+        },
         "ratio_goal": RATIO_GOAL,
         "solvers": {},
     }
@@ -219,10 +274,12 @@ def main(argv=None) -> dict:
         dense = X_train.compute().astype(np.float64)
         started = time.perf_counter()
         w_exact, b_exact = fit_logistic(dense, y[~is_val], args.C, False, 5000, seed)
-        result["exact"] = {"seconds": round(time.perf_counter() - started, 3),
-                           "cos_to_bayes_direction": cosine(w_exact, u / scale**2),
-                           "what": "sacv.vectors.fit_logistic(train positions as float64, C, standardize=False, "
-                                   "max_iter=5000); bayes direction = Sigma^-1 u"}
+        result["exact"] = {
+            "seconds": round(time.perf_counter() - started, 3),
+            "cos_to_bayes_direction": cosine(w_exact, u / scale**2),
+            "what": "sacv.method.vectors.fit_logistic(train positions as float64, C, standardize=False, "
+            "max_iter=5000); bayes direction = Sigma^-1 u",
+        }
         del dense
 
         for solver in SOLVERS:
@@ -230,8 +287,15 @@ def main(argv=None) -> dict:
             read_s = raw_read(X_train)
             print(f"{solver}: fit ...", flush=True)
             estimator = OutOfCoreConceptVector(
-                solver=solver, C=args.C, standardize=fit.standardize, validation_fraction=fit.validation_fraction,
-                max_iter=fit.max_iter, epochs=fit.epochs, memory_budget_mb=fit.memory_budget_mb, random_state=seed)
+                solver=solver,
+                C=args.C,
+                standardize=fit.standardize,
+                validation_fraction=fit.validation_fraction,
+                max_iter=fit.max_iter,
+                epochs=fit.epochs,
+                memory_budget_mb=fit.memory_budget_mb,
+                random_state=seed,
+            )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NearChanceWarning)
                 started = time.perf_counter()
@@ -270,52 +334,75 @@ def main(argv=None) -> dict:
             big = args.images * args.memory_scale
             print(f"writing the {big}-image store for (e) ...", flush=True)
             write_store(tmp / "xbig.zarr", big, args.hw, args.channels, args.shift, seed)
-            memory = {"what": "a fresh subprocess (python -c) fits every row of the store (max_iter=15, epochs=2). "
-                              "vmhwm_fit_kb: the process's VmHWM (/proc/self/status) over the fit, reset after the "
-                              "imports (clear_refs), so it is the peak RSS during the fit, import baseline included "
-                              "(sacv.outofcore imports torch via sacv.vectors: ~0.8 GB); increment_mb = that peak "
-                              "minus the RSS after imports. ru_maxrss_kb is also recorded but is NOT usable here: "
-                              "Linux keeps ru_maxrss across exec, so the child reports at least the parent's "
-                              "(this benchmark's) RSS at spawn time",
-                      "scale": args.memory_scale,
-                      "float64_copy_mb": {"1x": round(X.shape[0] * args.channels * 8 / 2**20, 1),
-                                          f"{args.memory_scale}x": round(X.shape[0] * args.memory_scale * args.channels * 8 / 2**20, 1)}}
+            memory = {
+                "what": "a fresh subprocess (python -c) fits every row of the store (max_iter=15, epochs=2). "
+                "vmhwm_fit_kb: the process's VmHWM (/proc/self/status) over the fit, reset after the "
+                "imports (clear_refs), so it is the peak RSS during the fit, import baseline included "
+                "(sacv.fit.per_job imports torch via sacv.method.vectors: ~0.8 GB); increment_mb = that peak "
+                "minus the RSS after imports. ru_maxrss_kb is also recorded but is NOT usable here: "
+                "Linux keeps ru_maxrss across exec, so the child reports at least the parent's "
+                "(this benchmark's) RSS at spawn time",
+                "scale": args.memory_scale,
+                "float64_copy_mb": {
+                    "1x": round(X.shape[0] * args.channels * 8 / 2**20, 1),
+                    f"{args.memory_scale}x": round(X.shape[0] * args.memory_scale * args.channels * 8 / 2**20, 1),
+                },
+            }
             for solver in MEMORY_SOLVERS:
                 print(f"{solver}: peak RSS at 1x and {args.memory_scale}x ...", flush=True)
-                runs = {"1x": peak_rss(tmp / "x1.zarr", solver, args.C),
-                        f"{args.memory_scale}x": peak_rss(tmp / "xbig.zarr", solver, args.C)}
+                runs = {
+                    "1x": peak_rss(tmp / "x1.zarr", solver, args.C),
+                    f"{args.memory_scale}x": peak_rss(tmp / "xbig.zarr", solver, args.C),
+                }
                 peak = {k: round(r["vmhwm_fit_kb"] / 1024, 1) for k, r in runs.items()}
-                memory[solver] = {**runs, "peak_mb": peak,
-                                  "increment_mb": {k: round((r["vmhwm_fit_kb"] - r["vmhwm_before_fit_kb"]) / 1024, 1)
-                                                   for k, r in runs.items()},
-                                  "growth": round(peak[f"{args.memory_scale}x"] / peak["1x"], 3)}
+                memory[solver] = {
+                    **runs,
+                    "peak_mb": peak,
+                    "increment_mb": {
+                        k: round((r["vmhwm_fit_kb"] - r["vmhwm_before_fit_kb"]) / 1024, 1) for k, r in runs.items()
+                    },
+                    "growth": round(peak[f"{args.memory_scale}x"] / peak["1x"], 3),
+                }
             result["memory"] = memory
 
     result["command"] = "python benchmarks/fit_solvers.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
-    header = f"{'solver':<24} {'read s':>7} {'fit s':>7} {'solver s':>8} {'passes':>6} {'iter':>5} {'s/pass':>7} {'ratio':>6} {'cos exact':>10} {'bal_acc':>7}"
+    header = (
+        f"{'solver':<24} {'read s':>7} {'fit s':>7} {'solver s':>8} {'passes':>6} {'iter':>5} {'s/pass':>7} "
+        f"{'ratio':>6} {'cos exact':>10} {'bal_acc':>7}"
+    )
     print()
-    print(f"store: {args.images} images x {args.hw}x{args.hw} x {args.channels} ch float16, "
-          f"{result['store']['train_positions']} training positions in {result['store']['train_blocks']} blocks; "
-          f"exact fit {result['exact']['seconds']:.2f} s, exact bal_acc {bal_exact}")
+    print(
+        f"store: {args.images} images x {args.hw}x{args.hw} x {args.channels} ch float16, "
+        f"{result['store']['train_positions']} training positions in {result['store']['train_blocks']} blocks; "
+        f"exact fit {result['exact']['seconds']:.2f} s, exact bal_acc {bal_exact}"
+    )
     print(header)
     for solver, r in result["solvers"].items():
-        print(f"{solver:<24} {r['raw_read_s']:>7.3f} {r['fit_wall_s']:>7.2f} {r['solver_s']:>8.2f} {r['passes']:>6} "
-              f"{r['n_iter']:>5} {r['s_per_pass']:>7.3f} {r['ratio_pass_over_read']:>6.2f} {r['cos_to_exact']:>10.6f} "
-              f"{r['bal_acc']:>7.3f}")
+        print(
+            f"{solver:<24} {r['raw_read_s']:>7.3f} {r['fit_wall_s']:>7.2f} {r['solver_s']:>8.2f} {r['passes']:>6} "
+            f"{r['n_iter']:>5} {r['s_per_pass']:>7.3f} {r['ratio_pass_over_read']:>6.2f} {r['cos_to_exact']:>10.6f} "
+            f"{r['bal_acc']:>7.3f}"
+        )
     if "memory" in result:
         m = result["memory"]
         big_key = f"{m['scale']}x"
-        print(f"peak RSS during the fit (MB, VmHWM), fresh process, 1x vs {m['scale']}x "
-              f"(a float64 copy of the data would be {m['float64_copy_mb']['1x']} vs {m['float64_copy_mb'][big_key]} MB):")
+        print(
+            f"peak RSS during the fit (MB, VmHWM), fresh process, 1x vs {m['scale']}x "
+            f"(a float64 copy of the data would be {m['float64_copy_mb']['1x']} vs {m['float64_copy_mb'][big_key]} MB):"
+        )
         for solver in MEMORY_SOLVERS:
             r = m[solver]
-            print(f"  {solver:<6} {r['peak_mb']['1x']:7.1f} -> {r['peak_mb'][big_key]:7.1f}  (x{r['growth']:.3f}; "
-                  f"above the after-import RSS: {r['increment_mb']['1x']} -> {r['increment_mb'][big_key]})")
+            print(
+                f"  {solver:<6} {r['peak_mb']['1x']:7.1f} -> {r['peak_mb'][big_key]:7.1f}  (x{r['growth']:.3f}; "
+                f"above the after-import RSS: {r['increment_mb']['1x']} -> {r['increment_mb'][big_key]})"
+            )
     for solver in ("lbfgs", "sgd"):
         ratio = result["solvers"][solver]["ratio_pass_over_read"]
-        print(f"goal {solver}: s/pass / raw read = {ratio:.2f} {'<=' if ratio <= RATIO_GOAL else '>'} {RATIO_GOAL}: "
-              f"{'met' if ratio <= RATIO_GOAL else 'NOT met'}")
+        print(
+            f"goal {solver}: s/pass / raw read = {ratio:.2f} {'<=' if ratio <= RATIO_GOAL else '>'} {RATIO_GOAL}: "
+            f"{'met' if ratio <= RATIO_GOAL else 'NOT met'}"
+        )
     result["goal_met"] = {s: result["solvers"][s]["ratio_pass_over_read"] <= RATIO_GOAL for s in ("lbfgs", "sgd")}
 
     write_json(result, args.out)

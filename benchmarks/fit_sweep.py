@@ -1,6 +1,6 @@
 """The fit stage of a concept sweep, fresh, before and after fit blocks: process wall, flow wall, peak RSS.
 
-One collection of generated textures (``sacv.textures``): ``--concepts`` concept folders of
+One collection of generated textures (``sacv.demo.textures``): ``--concepts`` concept folders of
 ``--per-concept`` images and a random pool of ``--pool`` random textures. Concept ``k`` is generator
 ``textures.CONCEPTS[k % 8]`` in variant ``k // 8`` of ``VARIANT_NAMES`` (as generated; fine: drawn at
 twice the size and halved; coarse: drawn at half the size and doubled; warm / cool: a fixed colour
@@ -12,7 +12,8 @@ checkout's code, then for each measured variant deletes every fit output (``fits
 (cwd = the code under test: ``--before`` is a checkout of the code before fit blocks, e.g.
 ``git archive <commit> | tar -x -C DIR``). Measured per variant: the process's wall time, the fit
 flow's own wall (``run.json`` ``timings.fit.seconds``) and its ratio to the extraction flow's wall
-(the extraction of the guidance images; the sweep goal is a fit below twice it), its peak RSS (``os.wait4`` rusage of that
+(the extraction of the guidance images; the sweep goal is a fit below twice it), its peak RSS
+(``os.wait4`` rusage of that
 child), the number of vectors, the cosine of every vector to the same row of the first variant, the
 median held-out balanced accuracy of the concept vectors and, for mean_difference, the median cosine
 to the exact logistic vector of the same job (``cosine_to_logistic`` in vectors.parquet). Solver
@@ -46,8 +47,10 @@ from common import write_json  # benchmarks/common.py (the script folder is on s
 REPO = Path(__file__).resolve().parents[1]
 CLI = "from sacv.cli import main; main()"
 VARIANT_NAMES = ("", "fine", "coarse", "warm", "cool", "inverted", "blurred")
-VARIANTS = {"mean_difference_whiten": {"solver": "mean_difference", "whiten": True},
-            "mean_difference_alone": {"solver": "mean_difference", "compare_logistic": False}}
+VARIANTS = {
+    "mean_difference_whiten": {"solver": "mean_difference", "whiten": True},
+    "mean_difference_alone": {"solver": "mean_difference", "compare_logistic": False},
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=128, help="generated image size in pixels")
     parser.add_argument("--before", default=None, help="a checkout of the code before fit blocks (optional)")
     parser.add_argument("--before-label", default="before (per-vector tasks, auto)", help="its label in the table")
-    parser.add_argument("--solvers", nargs="+", default=["auto", "mean_difference"], help="solvers measured on this code")
+    parser.add_argument(
+        "--solvers", nargs="+", default=["auto", "mean_difference"], help="solvers measured on this code"
+    )
     parser.add_argument("--exact-check", type=int, default=2, help="concept jobs checked against a tight fit")
     parser.add_argument("--keep", default=None, help="keep the collection and run directory here")
     parser.add_argument("--out", default="benchmarks/results/fit_sweep.json", help="JSON result path")
@@ -74,7 +79,7 @@ def concept_image(name: str, variant: str, size: int, rng):
     import numpy as np
     from PIL import Image, ImageFilter
 
-    from sacv import textures
+    from sacv.demo import textures
 
     drawn = {"fine": 2 * size, "coarse": size // 2}.get(variant, size)
     image = Image.fromarray(textures.GENERATORS[name](drawn, rng)).resize((size, size), Image.BILINEAR)
@@ -93,7 +98,7 @@ def write_collection(root: Path, args) -> None:
     from PIL import Image
 
     sys.path.insert(0, str(REPO))
-    from sacv import textures
+    from sacv.demo import textures
 
     n = len(textures.CONCEPTS)
     if args.concepts > n * len(VARIANT_NAMES):
@@ -115,14 +120,23 @@ def write_collection(root: Path, args) -> None:
 def run_cli(command: list[str], cwd: Path) -> dict:
     """Run the CLI in a fresh process; its wall time and peak RSS (its own rusage)."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-c", CLI, *command], cwd=cwd, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(cwd)})
+    process = subprocess.Popen(
+        [sys.executable, "-c", CLI, *command],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(cwd)},
+    )
     output = process.stdout.read().decode(errors="replace")
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     if status != 0:
         raise RuntimeError(f"{command} in {cwd} failed:\n{output[-3000:]}")
-    return {"process_wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "output_tail": output[-400:]}
+    return {
+        "process_wall_s": round(wall, 2),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "output_tail": output[-400:],
+    }
 
 
 def clear_fit(run: Path) -> None:
@@ -148,9 +162,9 @@ def exact_check(run: Path, layer: str, n: int, kept: dict) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     sys.path.insert(0, str(REPO))
-    from sacv.catalog import ImageCatalog
-    from sacv.rundir import RunDir
-    from sacv.vectors import grouped_validation_split
+    from sacv.extract.catalog import ImageCatalog
+    from sacv.io.rundir import RunDir
+    from sacv.method.vectors import grouped_validation_split
 
     rundir = RunDir(str(run))
     jobs = [j for j in rundir.read_fit_plan() if j["layer"] == layer]
@@ -158,7 +172,9 @@ def exact_check(run: Path, layer: str, n: int, kept: dict) -> dict:
     catalog = ImageCatalog.read(rundir)
     out = {label: [] for label in kept}
     for index, job in [(i, j) for i, j in enumerate(jobs) if j["kind"] == "concept"][:n]:
-        label_of = dict.fromkeys(catalog.row_of(job["pos"]).tolist(), 1) | dict.fromkeys(catalog.row_of(job["neg"]).tolist(), 0)
+        label_of = dict.fromkeys(catalog.row_of(job["pos"]).tolist(), 1) | dict.fromkeys(
+            catalog.row_of(job["neg"]).tolist(), 0
+        )
         rows = np.array(sorted(label_of))
         X = array.oindex[rows].astype(np.float64)  # (n, H, W, C)
         per = X.shape[1] * X.shape[2]
@@ -169,8 +185,11 @@ def exact_check(run: Path, layer: str, n: int, kept: dict) -> dict:
         for label, c in kept.items():
             v = c[0][index]
             out[label].append(round(float(v @ w / (np.linalg.norm(v) * np.linalg.norm(w))), 6))
-    return {"layer": layer, "what": "cosine to LogisticRegression(class_weight=balanced, tol=1e-10, max_iter=20000)",
-            "cosines": out}
+    return {
+        "layer": layer,
+        "what": "cosine to LogisticRegression(class_weight=balanced, tol=1e-10, max_iter=20000)",
+        "cosines": out,
+    }
 
 
 def main(argv=None) -> dict:
@@ -181,23 +200,37 @@ def main(argv=None) -> dict:
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sacv-fitsweep-"))
     work.mkdir(parents=True, exist_ok=True)
-    result: dict = {"device": f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-                    "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
-                    "settings": {k: v for k, v in vars(args).items() if k not in ("out", "keep")}, "variants": {}}
+    result: dict = {
+        "device": f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+        "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "keep")},
+        "variants": {},
+    }
     try:
         if not (work / "concepts").exists():
             print("writing the collection ...", flush=True)
             write_collection(work, args)
-        config = {"run_dir": str(work / "run"), "model": {"spec": args.model}, "layers": args.layers,
-                  "concepts": {"root": str(work / "concepts"), "random_pool": str(work / "pool"),
-                               "random_sets": args.sets, "images_per_set": args.per_set}}
+        config = {
+            "run_dir": str(work / "run"),
+            "model": {"spec": args.model},
+            "layers": args.layers,
+            "concepts": {
+                "root": str(work / "concepts"),
+                "random_pool": str(work / "pool"),
+                "random_sets": args.sets,
+                "images_per_set": args.per_set,
+            },
+        }
         (work / "config.yaml").write_text(yaml.safe_dump(config))
         shutil.rmtree(work / "run", ignore_errors=True)  # a kept run would make the extraction incremental
         print("extracting ...", flush=True)
         extract = run_cli(["extract", str(work / "config.yaml")], REPO)
         record = json.loads((work / "run" / "run.json").read_text())
-        result["extract"] = {**extract, "flow_s": record["timings"]["extract"]["seconds"],
-                             "images": record["timings"]["extract"]["images"]}
+        result["extract"] = {
+            **extract,
+            "flow_s": record["timings"]["extract"]["seconds"],
+            "images": record["timings"]["extract"]["images"],
+        }
         variants = []
         if args.before:
             variants.append((args.before_label, Path(args.before), "auto"))
@@ -214,24 +247,34 @@ def main(argv=None) -> dict:
             c = coefs(work / "run", args.layers)
             kept[label] = c
             reference = c if reference is None else reference
-            cos = np.concatenate([(a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-                                  for a, b in zip(c, reference)])
+            cos = np.concatenate(
+                [(a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)) for a, b in zip(c, reference)]
+            )
             table = pd.read_parquet(work / "run" / "tables" / "vectors.parquet")
             concept = table[table["kind"] == "concept"]
-            quality = {"concept_bal_acc_median": round(float(concept["bal_acc"].median()), 4),
-                       "null_bal_acc_median": round(float(table.loc[table["kind"] == "null", "bal_acc"].median()), 4)}
+            quality = {
+                "concept_bal_acc_median": round(float(concept["bal_acc"].median()), 4),
+                "null_bal_acc_median": round(float(table.loc[table["kind"] == "null", "bal_acc"].median()), 4),
+            }
             if "cosine_to_logistic" in table and table["cosine_to_logistic"].notna().any():
-                quality |= {"concept_cosine_to_logistic_median": round(float(concept["cosine_to_logistic"].median()), 4),
-                            "concept_cosine_to_logistic_min": round(float(concept["cosine_to_logistic"].min()), 4),
-                            "concept_bal_acc_logistic_median": round(float(concept["bal_acc_logistic"].median()), 4)}
+                quality |= {
+                    "concept_cosine_to_logistic_median": round(float(concept["cosine_to_logistic"].median()), 4),
+                    "concept_cosine_to_logistic_min": round(float(concept["cosine_to_logistic"].min()), 4),
+                    "concept_bal_acc_logistic_median": round(float(concept["bal_acc_logistic"].median()), 4),
+                }
             results = [json.loads(p.read_text()) for p in (work / "run" / "fits").glob("*/*.json")]
             flow_s = record["timings"]["fit"]["seconds"]
-            result["variants"][label] = {**measured, "load_avg_1min_after": round(os.getloadavg()[0], 2), **quality,
-                                         "flow_s": flow_s, "fit_over_extract": round(flow_s / result["extract"]["flow_s"], 3),
-                                         "vectors": record["timings"]["fit"]["vectors"],
-                                         "passes_median": float(table["passes"].median()),
-                                         "image_stats": sorted({str(r.get("image_stats")) for r in results}),
-                                         "min_cos_to_first": round(float(cos.min()), 6)}
+            result["variants"][label] = {
+                **measured,
+                "load_avg_1min_after": round(os.getloadavg()[0], 2),
+                **quality,
+                "flow_s": flow_s,
+                "fit_over_extract": round(flow_s / result["extract"]["flow_s"], 3),
+                "vectors": record["timings"]["fit"]["vectors"],
+                "passes_median": float(table["passes"].median()),
+                "image_stats": sorted({str(r.get("image_stats")) for r in results}),
+                "min_cos_to_first": round(float(cos.min()), 6),
+            }
         if args.exact_check:
             print("tight reference fits ...", flush=True)
             result["exact_check"] = exact_check(work / "run", args.layers[0], args.exact_check, kept)
@@ -244,13 +287,21 @@ def main(argv=None) -> dict:
     e = result["extract"]
     for label, cosines in result.get("exact_check", {}).get("cosines", {}).items():
         print(f"cosine to a tight fit ({result['exact_check']['layer']}), {label}: {cosines}")
-    print(f"\nextract (guidance images): {e['images']} images, flow {e['flow_s']:.1f} s, process {e['process_wall_s']:.1f} s")
-    print(f"{'fit variant':<34} {'vectors':>7} {'flow s':>7} {'fit/extract':>11} {'process s':>9} {'peak RSS MB':>11} "
-          f"{'min cos':>9} {'bal_acc':>7} {'cos to logistic':>15}")
+    print(
+        f"\nextract (guidance images): {e['images']} images, flow {e['flow_s']:.1f} s, "
+        f"process {e['process_wall_s']:.1f} s"
+    )
+    print(
+        f"{'fit variant':<34} {'vectors':>7} {'flow s':>7} {'fit/extract':>11} {'process s':>9} {'peak RSS MB':>11} "
+        f"{'min cos':>9} {'bal_acc':>7} {'cos to logistic':>15}"
+    )
     for label, r in result["variants"].items():
-        print(f"{label:<34} {r['vectors']:>7} {r['flow_s']:>7.1f} {r['fit_over_extract']:>11.2f} {r['process_wall_s']:>9.1f} "
-              f"{r['peak_rss_mb']:>11.0f} {r['min_cos_to_first']:>9.5f} {r['concept_bal_acc_median']:>7.3f} "
-              f"{r.get('concept_cosine_to_logistic_median', float('nan')):>15.4f}")
+        print(
+            f"{label:<34} {r['vectors']:>7} {r['flow_s']:>7.1f} {r['fit_over_extract']:>11.2f} "
+            f"{r['process_wall_s']:>9.1f} "
+            f"{r['peak_rss_mb']:>11.0f} {r['min_cos_to_first']:>9.5f} {r['concept_bal_acc_median']:>7.3f} "
+            f"{r.get('concept_cosine_to_logistic_median', float('nan')):>15.4f}"
+        )
     return result
 
 

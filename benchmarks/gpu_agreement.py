@@ -1,6 +1,6 @@
 """CUDA against CPU on the real model: how far activations, gradients and sum S_{k->c} move per numeric mode.
 
-EfficientNet-Lite0 (offline weights), the same images on both devices, ``sacv.extract.extract``
+EfficientNet-Lite0 (offline weights), the same images on both devices, ``sacv.method.activations.extract``
 with gradients of the CPU's predicted-class logit. The CPU in exact float32 is the reference; on
 CUDA each mode is measured:
 
@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from common import print_table, write_json  # benchmarks/common.py (the script folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +48,7 @@ def test_images(n: int, preprocessing):
     import torch
     from PIL import Image
 
-    from sacv import textures
+    from sacv.demo import textures
 
     rng = np.random.default_rng(0)
     photos = [textures.bundled(name) for name in ("chelsea", "coffee", "astronaut", "rocket")]
@@ -59,7 +58,7 @@ def test_images(n: int, preprocessing):
 
 
 def compare(reference, other, directions: np.ndarray) -> dict[str, dict[str, float]]:
-    """Per layer: errors of ``other`` against ``reference`` (both ``sacv.extract.Extraction``)."""
+    """Per layer: errors of ``other`` against ``reference`` (both ``sacv.method.activations.Extraction``)."""
     out = {}
     for layer, act in reference.activations.items():
         a_ref, a = act.double().numpy(), other.activations[layer].double().numpy()  # (N, H, W, C)
@@ -82,11 +81,17 @@ def main(argv=None) -> dict:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from sacv.extract import extract
-    from sacv.models import load_model
+    from sacv.method.activations import extract
+    from sacv.method.models import load_model
 
-    result = {"benchmark": "gpu_agreement", "images": args.images, "layers": args.layers,
-              "torch": torch.__version__, "machine": platform.node(), "modes": {}}
+    result = {
+        "benchmark": "gpu_agreement",
+        "images": args.images,
+        "layers": args.layers,
+        "torch": torch.__version__,
+        "machine": platform.node(),
+        "modes": {},
+    }
     model = load_model("efficientnet_lite0")
     images = test_images(args.images, model.preprocessing)
     reference = extract(model.module, images, args.layers)  # CPU float32, predicted classes
@@ -104,15 +109,26 @@ def main(argv=None) -> dict:
     rows = []
     for mode, (autocast, allow_tf32) in runs.items():
         model.module.to("cpu" if mode.startswith("cpu") else "cuda")
-        other = extract(model.module, images, args.layers, targets,
-                        autocast=getattr(torch, autocast) if autocast else None, allow_tf32=allow_tf32)
+        other = extract(
+            model.module,
+            images,
+            args.layers,
+            targets,
+            autocast=getattr(torch, autocast) if autocast else None,
+            allow_tf32=allow_tf32,
+        )
         changed = int((other.logits.argmax(1) != reference.logits.argmax(1)).sum())
         per_layer = compare(reference, other, directions)
         result["modes"][mode] = {"predicted_class_changed": changed, "layers": per_layer}
         for layer, m in per_layer.items():
-            rows.append((f"{mode:<8} {layer}", f"act {m['act_max_err_of_range']:.1e} of range | grad L2 "
-                         f"{m['grad_rel_l2']:.1e}, max {m['grad_max_err_of_range']:.1e} of range | sum S_k->c "
-                         f"median {m['sum_s_kc_rel_err_median']:.1e}, max {m['sum_s_kc_rel_err_max']:.1e}"))
+            rows.append(
+                (
+                    f"{mode:<8} {layer}",
+                    f"act {m['act_max_err_of_range']:.1e} of range | grad L2 "
+                    f"{m['grad_rel_l2']:.1e}, max {m['grad_max_err_of_range']:.1e} of range | sum S_k->c "
+                    f"median {m['sum_s_kc_rel_err_median']:.1e}, max {m['sum_s_kc_rel_err_max']:.1e}",
+                )
+            )
         rows.append((f"{mode:<8} predicted class changed", f"{changed} of {args.images}"))
     print_table(rows)
     write_json(result, args.out)

@@ -3,8 +3,9 @@
 
 The extraction flow (``flows.extract.run_extract``, Prefect embedded mode, warmed up on a 4-image
 run first) with ``dataset.target: label``. Images are generated 24x24 PNGs in two class folders.
-It also times the planning step alone (``sacv.planning.plan_extraction``: listing, stamps,
-tables) once more with nothing new. For comparison the script also counts the shards that the earlier row assignment (all rows sorted
+It also times the planning step alone (``sacv.extract.extraction_plan.plan_extraction``: listing, stamps,
+tables) once more with nothing new. For comparison the script also counts the shards that the earlier
+row assignment (all rows sorted
 by (label, image_id) on every scan) would have redone for the same increment: computed from the
 two images tables, not run.
 
@@ -53,10 +54,12 @@ def write_images(folder: Path, start: int, count: int, rng: np.random.Generator)
 
 def sorted_shards_changed(before: pd.DataFrame, after: pd.DataFrame, shard_size: int) -> int:
     """Shards whose image ids differ when every scan sorts the current rows by (label, image_id)."""
+
     def shards(table):
         ok = table[(table["status"] == "ok") & (table["group"] == "dataset")].sort_values(["label", "image_id"])
         ids = ok["image_id"].tolist()
         return [tuple(ids[i : i + shard_size]) for i in range(0, len(ids), shard_size)]
+
     old, new = shards(before), shards(after)
     return sum(i >= len(old) or old[i] != new[i] for i in range(len(new)))
 
@@ -71,11 +74,15 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="sacv-nightly-"))
 
     def config(root: Path):
-        return parse_config({
-            "run_dir": str(root / "run"), "model": {"spec": args.model}, "layers": args.layers,
-            "dataset": {"root": str(root / "data"), "target": "label"},
-            "extract": {"shard_size": args.shard_size, "batch_size": 64},
-        })
+        return parse_config(
+            {
+                "run_dir": str(root / "run"),
+                "model": {"spec": args.model},
+                "layers": args.layers,
+                "dataset": {"root": str(root / "data"), "target": "label"},
+                "extract": {"shard_size": args.shard_size, "batch_size": 64},
+            }
+        )
 
     warm = work / "warm"
     for name in ("cat", "dog"):
@@ -84,7 +91,9 @@ def main(argv=None) -> dict:
 
     root = work / "audit"
     half = args.images // 2
-    paths = write_images(root / "data" / "cat", 0, half, rng) + write_images(root / "data" / "dog", 0, args.images - half, rng)
+    paths = write_images(root / "data" / "cat", 0, half, rng) + write_images(
+        root / "data" / "dog", 0, args.images - half, rng
+    )
     cfg = config(root)
     timings = {}
     started = time.perf_counter()
@@ -105,7 +114,7 @@ def main(argv=None) -> dict:
     third = run_extract(cfg)
     timings["nothing new"] = (time.perf_counter() - started, third)
 
-    from sacv.planning import plan_extraction
+    from sacv.extract.extraction_plan import plan_extraction
 
     started = time.perf_counter()
     plan_extraction(cfg.run_dir, cfg)  # the planning step alone: listing, stamps, tables (nothing new)
@@ -113,17 +122,35 @@ def main(argv=None) -> dict:
 
     result = {
         "command": "python benchmarks/nightly_increment.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": platform.platform(), "cpus": os.cpu_count(), "model": args.model, "layers": args.layers,
-        "images": args.images, "added": added, "removed": args.remove, "shard_size": args.shard_size,
-        "runs": {name: {"seconds": round(seconds, 2), "shards_run": s.shards_run, "shards_total": sum(s.shards.values()),
-                        "images_extracted": s.images_extracted, "added": s.added, "removed": s.removed}
-                 for name, (seconds, s) in timings.items()},
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "model": args.model,
+        "layers": args.layers,
+        "images": args.images,
+        "added": added,
+        "removed": args.remove,
+        "shard_size": args.shard_size,
+        "runs": {
+            name: {
+                "seconds": round(seconds, 2),
+                "shards_run": s.shards_run,
+                "shards_total": sum(s.shards.values()),
+                "images_extracted": s.images_extracted,
+                "added": s.added,
+                "removed": s.removed,
+            }
+            for name, (seconds, s) in timings.items()
+        },
         "sorted_rows_shards_redone": sorted_shards_changed(before, after, args.shard_size),
         "plan_seconds_nothing_new": round(plan_seconds, 2),
     }
-    rows = [(f"{name}: seconds / shards run / images extracted",
-             f"{r['seconds']} / {r['shards_run']} of {r['shards_total']} / {r['images_extracted']}")
-            for name, r in result["runs"].items()]
+    rows = [
+        (
+            f"{name}: seconds / shards run / images extracted",
+            f"{r['seconds']} / {r['shards_run']} of {r['shards_total']} / {r['images_extracted']}",
+        )
+        for name, r in result["runs"].items()
+    ]
     rows.append(("planning alone, nothing new: seconds", str(result["plan_seconds_nothing_new"])))
     rows.append(("increment under sorted rows (computed): shards redone", str(result["sorted_rows_shards_redone"])))
     print_table(rows)

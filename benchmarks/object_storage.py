@@ -1,6 +1,6 @@
 """Local disk against S3 (moto's server on loopback, through s3fs): the same pipeline, same data.
 
-The demo's small data set (``sacv.demo_data``, EfficientNet-Lite0, offline weights) is written to a
+The demo's small data set (``sacv.demo.scenes``, EfficientNet-Lite0, offline weights) is written to a
 local folder and copied into a bucket. Then, in one process (Prefect's temporary API warmed up
 first), for each repeat: the whole pipeline with images and ``run_dir`` on local disk, then with
 images (concept folders, random pool, a manifest with relative paths) and ``run_dir`` on S3. Per
@@ -38,20 +38,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def to_s3(config: dict, local_data: Path, bucket: str, run: str, options: dict) -> dict:
     """The config with every local data path replaced by its copy in the bucket."""
+
     def url(path: str) -> str:
         return f"{bucket}/data/{Path(path).relative_to(local_data).as_posix()}"
 
-    concepts = config["concepts"] | {"root": url(config["concepts"]["root"]),
-                                     "random_pool": url(config["concepts"]["random_pool"])}
+    concepts = config["concepts"] | {
+        "root": url(config["concepts"]["root"]),
+        "random_pool": url(config["concepts"]["random_pool"]),
+    }
     dataset = config["dataset"] | {"manifest": url(config["dataset"]["manifest"])}
-    return config | {"run_dir": f"{bucket}/{run}", "concepts": concepts, "dataset": dataset,
-                     "storage_options": {f"{bucket}/": options}}
+    return config | {
+        "run_dir": f"{bucket}/{run}",
+        "concepts": concepts,
+        "dataset": dataset,
+        "storage_options": {f"{bucket}/": options},
+    }
 
 
 def timed_run(raw: dict) -> dict:
     from flows.pipeline import run_pipeline
     from sacv.config import parse_config
-    from sacv.rundir import RunDir
+    from sacv.io.rundir import RunDir
 
     config = parse_config(raw)
     started = time.perf_counter()
@@ -73,7 +80,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import yaml
 
-    from sacv.demo_data import write_demo_data
+    from sacv.demo.scenes import write_demo_data
     from tests.servers import S3_ENV, start_s3, stop, upload
 
     os.environ.update(S3_ENV)
@@ -85,8 +92,11 @@ def main(argv=None) -> dict:
     try:
         bucket = server.create_bucket("sacv-bench")
         upload(server.filesystem(), work / "data", f"{bucket}/data")
-        warm = base | {"run_dir": str(work / "warm"), "concepts": None,
-                       "dataset": {"manifest": base["dataset"]["manifest"], "target": "label"}}
+        warm = base | {
+            "run_dir": str(work / "warm"),
+            "concepts": None,
+            "dataset": {"manifest": base["dataset"]["manifest"], "target": "label"},
+        }
         timed_run_extract_only(warm)  # Prefect's temporary API and the model load, outside the timings
         rows = []
         for repeat in range(args.repeats):
@@ -97,15 +107,27 @@ def main(argv=None) -> dict:
         stop(server.process)
     table = []
     for row in rows:
-        table.append((f"{row['where']} #{row['repeat']}",
-                      f"{row['images']} images: extract {row['extract_s']} s ({row['extract_images_per_s']} img/s), "
-                      f"fit {row['fit_s']} s ({row['vectors']} vectors), score {row['score_s']} s, total {row['total_s']} s"))
+        table.append(
+            (
+                f"{row['where']} #{row['repeat']}",
+                f"{row['images']} images: extract {row['extract_s']} s ({row['extract_images_per_s']} img/s), "
+                f"fit {row['fit_s']} s ({row['vectors']} vectors), score {row['score_s']} s, total {row['total_s']} s",
+            )
+        )
     print_table(table)
     import torch
 
-    result = {"rows": rows, "device": args.device, "machine": platform.machine(), "cpus": os.cpu_count(),
-              "torch_threads": torch.get_num_threads(), "data": "sacv.demo_data small", "model": base["model"]["spec"],
-              "layers": base["layers"], "s3": "moto server on 127.0.0.1 (s3fs)"}
+    result = {
+        "rows": rows,
+        "device": args.device,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "data": "sacv.demo.scenes small",
+        "model": base["model"]["spec"],
+        "layers": base["layers"],
+        "s3": "moto server on 127.0.0.1 (s3fs)",
+    }
     write_json(result, args.out)
     return result
 

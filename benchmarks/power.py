@@ -7,7 +7,7 @@ standard deviations); every other row is a placebo (same mean as the null, a con
 vector gets a (spatial, TCAV) pair with logit-normal marginals and a Gaussian copula, with the
 spreads and correlations measured on a real run (``--from-run``; the defaults are the deepest layer
 of the full demo, efficientnet_lite0, 10 random sets). Per row: Welch t-tests of the concept's R
-per-set values against the group's R null values, then ``sacv.contributions.table_adjust`` over the
+per-set values against the group's R null values, then ``sacv.stats.contributions.table_adjust`` over the
 table with the statistic ``spatial``, ``tcav`` or ``both`` (correction over both p-values of every
 row). Power: share of planted rows significant; placebo rate: share of placebo rows significant.
 
@@ -20,18 +20,23 @@ import argparse
 import time
 
 import numpy as np
+from common import print_table, write_json  # benchmarks/common.py (the script folder is on sys.path)
 from scipy import special, stats
 from scipy.optimize import least_squares
 
-from common import print_table, write_json  # benchmarks/common.py (the script folder is on sys.path)
-from sacv.contributions import STATISTICS, table_adjust
+from sacv.stats.contributions import STATISTICS, table_adjust
 
 NULL_TCAV = 0.59  # the audit's null TCAV score; planted rows add ``effect``
 AUDIT_EFFECT = 0.28  # the audit's concept: TCAV 0.87 against 0.59
 # Measured on the full demo (`sacv demo`, concepts striped/dotted/chequered, random_sets 10), layer
 # _blocks.12, classes with >= 7 images: medians over classes of the per-set standard deviations.
-MEASURED = {"null_sd": (0.154, 0.265), "concept_sd": (0.076, 0.118), "null_corr": 0.88, "concept_corr": 0.61,
-            "null_mean": (0.49, NULL_TCAV)}
+MEASURED = {
+    "null_sd": (0.154, 0.265),
+    "concept_sd": (0.076, 0.118),
+    "null_corr": 0.88,
+    "concept_corr": 0.61,
+    "null_mean": (0.49, NULL_TCAV),
+}
 _NODES, _WEIGHTS = np.polynomial.hermite_e.hermegauss(40)
 
 
@@ -65,17 +70,32 @@ def welch(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return 2 * stats.t.sf(np.abs(t), df)
 
 
-def simulate(rng, r: int, effect: float, table: tuple[int, int, int], reps: int, spread: dict,
-             r_null: int | None = None, carrier: str = "both") -> dict:
+def simulate(
+    rng,
+    r: int,
+    effect: float,
+    table: tuple[int, int, int],
+    reps: int,
+    spread: dict,
+    r_null: int | None = None,
+    carrier: str = "both",
+) -> dict:
     """Significant shares of planted and placebo rows for every (statistic, correction).
 
     ``carrier``: ``both`` moves the planted concept's spatial and TCAV scores, ``spatial`` only the
     spatial score. ``r_null``: null vectors per group (default ``r``)."""
     layers, classes, concepts = table
-    null = draw(rng, (reps, layers, classes, 1, r_null or r), spread["null_mean"], spread["null_sd"], spread["null_corr"])
-    concept = draw(rng, (reps, layers, classes, concepts, r), spread["null_mean"], spread["concept_sd"], spread["concept_corr"])
+    null = draw(
+        rng, (reps, layers, classes, 1, r_null or r), spread["null_mean"], spread["null_sd"], spread["null_corr"]
+    )
+    concept = draw(
+        rng, (reps, layers, classes, concepts, r), spread["null_mean"], spread["concept_sd"], spread["concept_corr"]
+    )
     shift = effect / spread["null_sd"][1]  # null standard deviations
-    means = (spread["null_mean"][0] + shift * spread["null_sd"][0], spread["null_mean"][1] + (effect if carrier == "both" else 0.0))
+    means = (
+        spread["null_mean"][0] + shift * spread["null_sd"][0],
+        spread["null_mean"][1] + (effect if carrier == "both" else 0.0),
+    )
     concept[:, :, 0, 0] = draw(rng, (reps, layers, r), means, spread["concept_sd"], spread["concept_corr"])
     p = np.stack([welch(concept[..., i], null[..., i]) for i in range(2)]).reshape(2, reps, -1)
     planted = np.zeros((layers, classes, concepts), dtype=bool)
@@ -84,7 +104,9 @@ def simulate(rng, r: int, effect: float, table: tuple[int, int, int], reps: int,
     out = {}
     for statistic in STATISTICS:
         for correction in ("holm", "bh"):
-            significant = np.array([table_adjust(p[0, k], p[1, k], statistic, correction)[0] < 0.05 for k in range(reps)])
+            significant = np.array(
+                [table_adjust(p[0, k], p[1, k], statistic, correction)[0] < 0.05 for k in range(reps)]
+            )
             out[statistic, correction] = (float(significant[:, planted].mean()), float(significant[:, ~planted].mean()))
     return out
 
@@ -93,7 +115,7 @@ def estimate_spread(run_dir: str, layer: str, min_images: int) -> dict:
     """Per-set spreads and correlations of one layer of a run (classes with >= min_images images)."""
     import pandas as pd
 
-    from sacv.contributions import per_vector
+    from sacv.stats.contributions import per_vector
 
     table = per_vector(pd.read_parquet(f"{run_dir}/tables/image_scores.parquet"))
     table = table[(table["layer"] == layer) & (table["n_images"] >= min_images)]
@@ -111,7 +133,9 @@ def estimate_spread(run_dir: str, layer: str, min_images: int) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--random-sets", type=int, nargs="+", default=[3, 5, 10, 15, 20, 25, 30], help="R values")
-    parser.add_argument("--effects", type=float, nargs="+", default=[0.14, 0.21, 0.28, 0.35], help="planted TCAV-score differences")
+    parser.add_argument(
+        "--effects", type=float, nargs="+", default=[0.14, 0.21, 0.28, 0.35], help="planted TCAV-score differences"
+    )
     parser.add_argument("--tables", nargs="+", default=["4x1x3", "4x5x3", "4x10x5"], help="layers x classes x concepts")
     parser.add_argument("--reps", type=int, default=300, help="simulated tables per cell")
     parser.add_argument("--from-run", help="estimate spreads from this run directory's image_scores")
@@ -123,7 +147,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _cell(result: dict, **keys) -> list[dict]:
-    return [{**keys, "statistic": s, "correction": c, "power": pw, "placebo_rate": fp} for (s, c), (pw, fp) in result.items()]
+    return [
+        {**keys, "statistic": s, "correction": c, "power": pw, "placebo_rate": fp}
+        for (s, c), (pw, fp) in result.items()
+    ]
 
 
 def _line(cells: list[dict]) -> str:
@@ -140,26 +167,71 @@ def main(argv=None) -> dict:
         rows = table[0] * table[1] * table[2]
         for r in args.random_sets:
             for effect in args.effects:
-                grid += _cell(simulate(rng, r, effect, table, args.reps, spread), table=shape, rows=rows, random_sets=r, effect=effect)
+                grid += _cell(
+                    simulate(rng, r, effect, table, args.reps, spread),
+                    table=shape,
+                    rows=rows,
+                    random_sets=r,
+                    effect=effect,
+                )
     audit, largest = AUDIT_EFFECT, max(shapes, key=lambda k: np.prod(shapes[k]))
     for r in args.random_sets:  # the effect in the spatial score alone
-        spatial_only += _cell(simulate(rng, r, audit, shapes[largest], args.reps, spread, carrier="spatial"),
-                              table=largest, random_sets=r, effect=audit)
+        spatial_only += _cell(
+            simulate(rng, r, audit, shapes[largest], args.reps, spread, carrier="spatial"),
+            table=largest,
+            random_sets=r,
+            effect=audit,
+        )
     for r, r_null in [(10, 20), (10, 30), (10, 45), (15, 30), (20, 40)]:  # fewer concept sets than null vectors
-        null_count += _cell(simulate(rng, r, audit, shapes[largest], args.reps, spread, r_null=r_null),
-                            table=largest, random_sets=r, null_vectors=r_null, effect=audit)
+        null_count += _cell(
+            simulate(rng, r, audit, shapes[largest], args.reps, spread, r_null=r_null),
+            table=largest,
+            random_sets=r,
+            null_vectors=r_null,
+            effect=audit,
+        )
     print(f"power / placebo rate at alpha 0.05 for R = {args.random_sets} (null TCAV {NULL_TCAV} + planted effect)")
-    print_table([(f"{shape} {s:<7} {c:<4} +{e:.2f}", _line([g for g in grid if (g["table"], g["statistic"], g["correction"], g["effect"]) == (shape, s, c, e)]))
-                 for shape in shapes for s in STATISTICS for c in ("holm", "bh") for e in args.effects])
+    print_table(
+        [
+            (
+                f"{shape} {s:<7} {c:<4} +{e:.2f}",
+                _line(
+                    [g for g in grid if (g["table"], g["statistic"], g["correction"], g["effect"]) == (shape, s, c, e)]
+                ),
+            )
+            for shape in shapes
+            for s in STATISTICS
+            for c in ("holm", "bh")
+            for e in args.effects
+        ]
+    )
     print(f"\neffect +{audit} in the spatial score only, table {largest}")
-    print_table([(f"{s:<7} {c:<4}", _line([g for g in spatial_only if (g["statistic"], g["correction"]) == (s, c)]))
-                 for s in STATISTICS for c in ("holm", "bh")])
+    print_table(
+        [
+            (f"{s:<7} {c:<4}", _line([g for g in spatial_only if (g["statistic"], g["correction"]) == (s, c)]))
+            for s in STATISTICS
+            for c in ("holm", "bh")
+        ]
+    )
     print(f"\nconcept sets R vs null vectors, effect +{audit}, table {largest}, statistic both, holm")
-    print_table([(f"R={g['random_sets']} null={g['null_vectors']}", f"{g['power']:.2f}/{g['placebo_rate']:.3f}")
-                 for g in null_count if (g["statistic"], g["correction"]) == ("both", "holm")])
-    result = {"spread": spread, "null_tcav": NULL_TCAV, "alpha": 0.05, "reps": args.reps, "seed": args.seed,
-              "seconds": round(time.perf_counter() - started, 1), "grid": grid, "spatial_only": spatial_only,
-              "null_count": null_count}
+    print_table(
+        [
+            (f"R={g['random_sets']} null={g['null_vectors']}", f"{g['power']:.2f}/{g['placebo_rate']:.3f}")
+            for g in null_count
+            if (g["statistic"], g["correction"]) == ("both", "holm")
+        ]
+    )
+    result = {
+        "spread": spread,
+        "null_tcav": NULL_TCAV,
+        "alpha": 0.05,
+        "reps": args.reps,
+        "seed": args.seed,
+        "seconds": round(time.perf_counter() - started, 1),
+        "grid": grid,
+        "spatial_only": spatial_only,
+        "null_count": null_count,
+    }
     write_json(result, args.out)
     return result
 

@@ -1,6 +1,6 @@
 """The offline demo, end to end: generated data -> extract, fit, score -> localisation -> report.
 
-``run_demo`` writes the demo's concepts, random pool and masked audit scenes (``sacv.demo_data``),
+``run_demo`` writes the demo's concepts, random pool and masked audit scenes (``sacv.demo.scenes``),
 runs the whole pipeline on EfficientNet-Lite0 as one Prefect flow, scores localisation against the
 scene masks and builds the static HTML report. Everything lands under ``out``: ``data/``,
 ``config.yaml`` and the run directory ``run/``.
@@ -13,10 +13,10 @@ from pathlib import Path
 
 from flows.pipeline import run_pipeline
 from sacv.config import load_config
-from sacv.demo_data import write_demo_data
-from sacv.localisation import evaluate_run
-from sacv.report import build_report
-from sacv.rundir import RunDir
+from sacv.demo.scenes import write_demo_data
+from sacv.io.rundir import RunDir
+from sacv.report.build import build_report
+from sacv.score.localisation import evaluate_run
 
 
 def run_demo(out: str | Path, small: bool = False, seed: int = 0) -> dict:

@@ -1,4 +1,5 @@
-"""The extraction flow: list the files, check them in batches, plan shards, then one task per block of shards, resumable."""
+"""The extraction flow: list the files, check them in batches, plan shards, then one task per block of
+shards, resumable."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from tqdm import tqdm
 
 from flows.runners import call_flow, finish_stage
 from sacv.config import RunConfig, config_record
-from sacv.plans import ExtractSummary
-from sacv.provenance import versions
-from sacv.rundir import RunDir
+from sacv.io.handoffs import ExtractSummary
+from sacv.io.provenance import versions
+from sacv.io.rundir import RunDir
 from tasks.extract import check_batch, extract_shards, list_collections, plan_extraction, record_rejects
 
 
@@ -73,13 +74,23 @@ def extract_flow(config: RunConfig, audit_id: str | None = None) -> ExtractSumma
     decode_rejects = rejects - plan.rejects
     summary = ExtractSummary(
         status="done with rejects" if rejects else "done",
-        images=plan.images - decode_rejects, rejects=rejects, shards=plan.shards, shards_run=len(plan.todo),
-        images_extracted=n_images, added=plan.added, removed=plan.removed, phases=phases,
+        images=plan.images - decode_rejects,
+        rejects=rejects,
+        shards=plan.shards,
+        shards_run=len(plan.todo),
+        images_extracted=n_images,
+        added=plan.added,
+        removed=plan.removed,
+        phases=phases,
     )
-    numerics = {"autocast": config.extract.autocast, "allow_tf32": config.execution.allow_tf32,
-                "decoder": config.extract.decoder}
-    RunDir(run_uri).update_run_record(config=config_record(config), versions=versions(), model=plan.model,
-                                      numerics=numerics)
+    numerics = {
+        "autocast": config.extract.autocast,
+        "allow_tf32": config.execution.allow_tf32,
+        "decoder": config.extract.decoder,
+    }
+    RunDir(run_uri).update_run_record(
+        config=config_record(config), versions=versions(), model=plan.model, numerics=numerics
+    )
     return finish_stage(run_uri, "extract", summary, started)
 
 

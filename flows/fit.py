@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from flows.runners import call_flow, finish_stage
 from sacv.config import RunConfig
-from sacv.plans import FitSummary
+from sacv.io.handoffs import FitSummary
 from tasks.fit import collect_vectors, fit_block, plan_fits
 
 
@@ -36,7 +36,9 @@ def fit_flow(config: RunConfig) -> FitSummary:
     for bar in bars.values():
         bar.close()
     table_uri = collect_vectors(run_uri, config)
-    summary = FitSummary(status="done", vectors=plan.total, fitted=fitted, near_chance_fitted=near_chance, table=table_uri)
+    summary = FitSummary(
+        status="done", vectors=plan.total, fitted=fitted, near_chance_fitted=near_chance, table=table_uri
+    )
     return finish_stage(run_uri, "fit", summary, started)
 
 

@@ -13,12 +13,12 @@ from flows.fit import fit_flow, run_fit
 from flows.process import configure_process
 from flows.runners import call_flow, task_runner
 from flows.score import run_score, score_flow
-from sacv import runlock, storage
-from sacv.audits import new_audit_id, record_audit
-from sacv.checks import ChecksFailed, failure_message
+from sacv.audit.audits import new_audit_id, record_audit
+from sacv.audit.policy import ChecksFailed, failure_message
 from sacv.config import RunConfig, load_config
-from sacv.plans import RunSummary
-from sacv.rundir import RunDir
+from sacv.io import runlock, storage
+from sacv.io.handoffs import RunSummary
+from sacv.io.rundir import RunDir
 
 TOP_ROWS = 20
 STAGES = ("extract", "fit", "score", "run")
@@ -27,7 +27,7 @@ STAGES = ("extract", "fit", "score", "run")
 @flow(name="sacv-run")
 def run_flow(config: RunConfig) -> RunSummary:
     """Run every stage as one audit; a rerun resumes (done shards, cached vectors and scored shards
-    are skipped). The audit is recorded last (``sacv.audits.record_audit``), also when a stage fails;
+    are skipped). The audit is recorded last (``sacv.audit.audits.record_audit``), also when a stage fails;
     failing policy checks (config ``checks``) then fail the flow run with ``ChecksFailed``."""
     runner = task_runner(config.execution)
     audit_id, started = new_audit_id(), time.time()
@@ -41,8 +41,15 @@ def run_flow(config: RunConfig) -> RunSummary:
             _publish(config.run_dir)
     except BaseException as err:
         try:  # the stage's error is what the caller must see, even if the record cannot be written
-            record_audit(config.run_dir, audit_id, started, config, extract, status="failed",
-                         message=f"{type(err).__name__}: {err}"[:500])
+            record_audit(
+                config.run_dir,
+                audit_id,
+                started,
+                config,
+                extract,
+                status="failed",
+                message=f"{type(err).__name__}: {err}"[:500],
+            )
         except Exception as record_err:
             get_run_logger().warning("could not record failed audit %s: %s", audit_id, record_err)
         raise
@@ -60,9 +67,12 @@ def _publish(run_uri: str) -> None:
     columns = ["layer", "concept", "class_name", "n_images", "spatial_score", "tcav_score", "p_adjusted", "significant"]
     records = top[columns].astype(object).where(pd.notna(top[columns]), None).to_dict("records")
     create_table_artifact(records, key="sacv-top-contributions", description=f"Top contributions in {run_uri}")
-    links = "\n".join(f"- `{run.table_uri(name)}`" for name in ("contributions", "image_scores", "vectors", "images", "rejects"))
+    links = "\n".join(
+        f"- `{run.table_uri(name)}`" for name in ("contributions", "image_scores", "vectors", "images", "rejects")
+    )
     create_markdown_artifact(
-        f"# SACV run\n\n{int(table['significant'].sum())} significant of {len(table)} (layer, concept, class) rows.\n\n{links}\n",
+        f"# SACV run\n\n{int(table['significant'].sum())} significant of {len(table)} "
+        f"(layer, concept, class) rows.\n\n{links}\n",
         key="sacv-run-tables",
     )
 
@@ -91,6 +101,6 @@ def run_stage(stage: str, config: RunConfig):
 
 
 def run_lock(config: RunConfig) -> runlock.RunLock:
-    """Hold ``RUN/lock.json`` (sacv.runlock): a second run on the same run_dir waits or stops."""
+    """Hold ``RUN/lock.json`` (sacv.io.runlock): a second run on the same run_dir waits or stops."""
     run = RunDir(config.run_dir, storage.options_for(config.run_dir, config.storage_options))
     return runlock.acquire(run, wait_s=config.execution.lock_wait_s, ttl_s=config.execution.lock_ttl_s)

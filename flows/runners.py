@@ -9,9 +9,9 @@ from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.process import configure_process, wait_for_temporary_api
-from sacv import storage
 from sacv.config import ExecutionConfig, RunConfig
-from sacv.rundir import RunDir
+from sacv.io import storage
+from sacv.io.rundir import RunDir
 
 
 def task_runner(execution: ExecutionConfig):

@@ -8,7 +8,7 @@ from prefect import flow
 
 from flows.runners import call_flow, finish_stage
 from sacv.config import RunConfig
-from sacv.plans import ScoreSummary
+from sacv.io.handoffs import ScoreSummary
 from tasks.score import build_tables, plan_scoring, score_shard
 
 

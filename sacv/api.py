@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from sacv.catalog import ImageCatalog
-from sacv.maps import concept_maps
-from sacv.rundir import RunDir
-from sacv.store import check_readable
+from sacv.extract.catalog import ImageCatalog
+from sacv.io.rundir import RunDir
+from sacv.io.zarr_store import check_readable
+from sacv.method.maps import concept_maps
 
 ENGINES = ("pandas", "polars", "duckdb")
 MAP_NAMES = ["S_k", "S_kc", "decision"]
@@ -78,8 +78,12 @@ class Run:
         model = self.record.get("model")
         if model is None:
             return None
-        return ModelInfo(model.get("spec"), (self.record.get("config", {}).get("model") or {}).get("weights"),
-                         model.get("weight_hash", ""), model.get("preprocessing") or {})
+        return ModelInfo(
+            model.get("spec"),
+            (self.record.get("config", {}).get("model") or {}).get("weights"),
+            model.get("weight_hash", ""),
+            model.get("preprocessing") or {},
+        )
 
     @property
     def layers(self) -> dict[str, tuple[int, int, int]]:
@@ -175,8 +179,13 @@ class Run:
             coords["concept"] = ("image", rows["concept"].fillna("").to_numpy(dtype=str))
         else:
             coords["target"] = ("image", store["dataset/targets"][...])
-        data = xr.DataArray(da.from_zarr(array), dims=("image", "row", "col", "channel"), coords=coords,
-                            name=path.rsplit("/", 1)[-1], attrs={"layer": path.split("/")[1], "group": group})
+        data = xr.DataArray(
+            da.from_zarr(array),
+            dims=("image", "row", "col", "channel"),
+            coords=coords,
+            name=path.rsplit("/", 1)[-1],
+            attrs={"layer": path.split("/")[1], "group": group},
+        )
         return data.set_xindex("image_id")
 
     def activations(self, layer: str, group: str = "dataset") -> xr.DataArray:
@@ -189,8 +198,10 @@ class Run:
     def gradients(self, layer: str) -> xr.DataArray:
         """``dataset/<layer>/grad``: gradient of each image's target logit, laid out as the activations."""
         if f"dataset/{layer}/grad" not in self._require_store():
-            raise KeyError(f"{self.uri} kept no gradients of {layer!r} (extract.keep_gradients: false); "
-                           "run.maps(...) recomputes them with the model")
+            raise KeyError(
+                f"{self.uri} kept no gradients of {layer!r} (extract.keep_gradients: false); "
+                "run.maps(...) recomputes them with the model"
+            )
         return self._image_array(f"dataset/{layer}/grad", "dataset")
 
     def _vector_rows(self, layer: str) -> pd.DataFrame:
@@ -205,9 +216,13 @@ class Run:
         rows = self._vector_rows(layer)
         group = self._require_store()[f"vectors/{layer}"]
         per_vector = {c: ("vector", rows[c].to_numpy()) for c in ("concept", "random_set", "kind", "bal_acc")}
-        return xr.DataArray(da.from_zarr(group["v"]), dims=("vector", "channel"), name="v", attrs={"layer": layer},
-                            coords={"vector": rows["vector_row"].to_numpy(), **per_vector,
-                                    "offset": ("vector", group["b"][...])})
+        return xr.DataArray(
+            da.from_zarr(group["v"]),
+            dims=("vector", "channel"),
+            name="v",
+            attrs={"layer": layer},
+            coords={"vector": rows["vector_row"].to_numpy(), **per_vector, "offset": ("vector", group["b"][...])},
+        )
 
     def concept_vector(self, layer: str, concept: str, random_set: str | None = None) -> tuple[np.ndarray, float]:
         """(unit vector (C,) float32, offset): the mean of the concept's unit vectors over its random
@@ -219,8 +234,10 @@ class Run:
             own &= vectors["random_set"] == random_set
         if not bool(own.any()):
             known = sorted(set(vectors["concept"].to_numpy()))
-            raise KeyError(f"no concept vector {concept!r}{'' if random_set is None else ' / ' + random_set} at "
-                           f"{layer!r}; concepts: {known}")
+            raise KeyError(
+                f"no concept vector {concept!r}{'' if random_set is None else ' / ' + random_set} at "
+                f"{layer!r}; concepts: {known}"
+            )
         chosen = vectors.isel(vector=own.to_numpy())
         mean = chosen.to_numpy().mean(axis=0)
         norm = float(np.linalg.norm(mean)) or 1.0
@@ -239,19 +256,23 @@ class Run:
                 found = rows[rows["path"].str.rsplit("/", n=1).str[-1] == image]
         if len(found) != 1:
             close = difflib.get_close_matches(str(image), list(rows["path"]) + list(rows["image_id"]), n=3)
-            raise KeyError(f"{image!r} names {len(found)} dataset images of {self.uri}; give an image_id, path "
-                           f"or store row (close: {close})")
+            raise KeyError(
+                f"{image!r} names {len(found)} dataset images of {self.uri}; give an image_id, path "
+                f"or store row (close: {close})"
+            )
         return found.iloc[0]
 
     def picture(self, image: str | int) -> np.ndarray:
         """The image as the model saw it (resized and cropped), (H, W, 3) uint8."""
-        from sacv.images import load_image
-        from sacv.models import Preprocessing
+        from sacv.io.images import load_image
+        from sacv.method.models import Preprocessing
 
         _, picture = load_image(str(self.image(image)["path"]))
         prep = self.model.preprocessing if self.model else {}
         if prep:
-            picture = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()}).geometry(picture)
+            picture = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()}).geometry(
+                picture
+            )
         return np.asarray(picture)
 
     def class_index(self, class_: str | int) -> int:
@@ -264,8 +285,15 @@ class Run:
         close = difflib.get_close_matches(str(class_), [n for n in names if n], n=5)
         raise KeyError(f"class {class_!r} is not a class of the model (close names: {close}); give a name or an index")
 
-    def maps(self, image: str | int, layer: str, concept: str, class_: str | int | None = None,
-             random_set: str | None = None, recompute: bool | None = None) -> xr.DataArray:
+    def maps(
+        self,
+        image: str | int,
+        layer: str,
+        concept: str,
+        class_: str | int | None = None,
+        random_set: str | None = None,
+        recompute: bool | None = None,
+    ) -> xr.DataArray:
         """Maps (map, row, col) float32 of one dataset image, ``map`` = S_k, S_kc, decision, with the
         concept vector of :meth:`concept_vector`. S_kc is for ``class_`` (default: the image's
         target): from the stored gradients, or recomputed with the model when none were kept or
@@ -287,21 +315,38 @@ class Run:
         result = concept_maps(act, vector, np.array([offset]), grad)
         s_kc = np.full_like(result.s_k[0, 0], np.nan) if result.s_kc is None else result.s_kc[0, 0]
         names = self.class_names or []
-        attrs = {"image_id": info["image_id"], "path": info["path"], "row": row, "layer": layer, "concept": concept,
-                 "random_set": random_set or "mean over random sets", "class_index": cls,
-                 "class_name": names[cls] if cls < len(names) and names[cls] else str(cls), "offset": offset,
-                 "gradients": source}
-        return xr.DataArray(np.stack([result.s_k[0, 0], s_kc, result.decision[0, 0]]), dims=("map", "row", "col"),
-                            coords={"map": MAP_NAMES}, name="maps", attrs=attrs)
+        attrs = {
+            "image_id": info["image_id"],
+            "path": info["path"],
+            "row": row,
+            "layer": layer,
+            "concept": concept,
+            "random_set": random_set or "mean over random sets",
+            "class_index": cls,
+            "class_name": names[cls] if cls < len(names) and names[cls] else str(cls),
+            "offset": offset,
+            "gradients": source,
+        }
+        return xr.DataArray(
+            np.stack([result.s_k[0, 0], s_kc, result.decision[0, 0]]),
+            dims=("map", "row", "col"),
+            coords={"map": MAP_NAMES},
+            name="maps",
+            attrs=attrs,
+        )
 
     def _recomputed_gradient(self, info: pd.Series, layer: str, cls: int) -> np.ndarray:
         """Forward + backward of one image with the run's model and numeric settings; (1, H, W, C)."""
-        from sacv.scoring import recompute_layers
+        from sacv.score.scoring import recompute_layers
 
         config = self.config
-        config = config.model_copy(update={
-            "layers": [layer], "extract": config.extract.model_copy(update={"batch_size": 1}),
-            "dataset": config.dataset.model_copy(update={"target": str(cls)})})
+        config = config.model_copy(
+            update={
+                "layers": [layer],
+                "extract": config.extract.model_copy(update={"batch_size": 1}),
+                "dataset": config.dataset.model_copy(update={"target": str(cls)}),
+            }
+        )
         per_layer, _ = recompute_layers(config, info.to_frame().T)
         return per_layer[layer][1].astype(np.float32)
 
@@ -320,8 +365,13 @@ class Run:
             raise RuntimeError(f"{self.uri} has no {name} table; run the score stage")
         return table
 
-    def contributions(self, significant: bool | None = None, layer: str | None = None, concept: str | None = None,
-                      class_: str | int | None = None) -> pd.DataFrame:
+    def contributions(
+        self,
+        significant: bool | None = None,
+        layer: str | None = None,
+        concept: str | None = None,
+        class_: str | int | None = None,
+    ) -> pd.DataFrame:
         """Rows of the contributions table matching every filter given (None: no filter)."""
         table = self._scores_table("contributions")
         keep = pd.Series(True, index=table.index)
@@ -340,8 +390,12 @@ class Run:
         concept's random sets), highest first; ``n=None`` gives the whole ranking. Columns: row,
         image_id, path, label, and the means of s_kc_sum, s_k_max, relevant_frac, positive_frac."""
         scores = self._scores_table("image_scores")
-        mine = scores[(scores["layer"] == layer) & (scores["concept"] == concept) & (scores["kind"] == "concept")
-                      & (scores["target"] == self.class_index(class_))]
+        mine = scores[
+            (scores["layer"] == layer)
+            & (scores["concept"] == concept)
+            & (scores["kind"] == "concept")
+            & (scores["target"] == self.class_index(class_))
+        ]
         columns = ["s_kc_sum", "s_k_max", "relevant_frac", "positive_frac"]
         ranked = mine.groupby("row")[columns].mean().sort_values("s_kc_sum", ascending=False)
         ranked = ranked if n is None else ranked.head(n)
@@ -353,25 +407,42 @@ class Run:
     def facts(self) -> list[tuple[str, str]]:
         """(name, value) lines of the run's summary: what ``repr`` and ``_repr_html_`` show."""
         model = self.model
-        facts = [("run", self.uri),
-                 ("model", "?" if model is None else f"{model.spec} (weights {model.weight_hash[:12]})"),
-                 ("layers", ", ".join(f"{n} {h}×{w}×{c}" for n, (h, w, c) in self.layers.items()) or "none")]
+        facts = [
+            ("run", self.uri),
+            ("model", "?" if model is None else f"{model.spec} (weights {model.weight_hash[:12]})"),
+            ("layers", ", ".join(f"{n} {h}×{w}×{c}" for n, (h, w, c) in self.layers.items()) or "none"),
+        ]
         images = self._table("images")
         if images is not None:
             ok = images[images["status"] == "ok"]
-            facts.append(("images", ", ".join(f"{g} {n}" for g, n in ok.groupby("group").size().items())
-                          + f" (+{int((images['status'] == 'duplicate').sum())} duplicates)"))
+            facts.append(
+                (
+                    "images",
+                    ", ".join(f"{g} {n}" for g, n in ok.groupby("group").size().items())
+                    + f" (+{int((images['status'] == 'duplicate').sum())} duplicates)",
+                )
+            )
         if self.store is not None:
-            facts.append(("gradients", "kept" if self.kept_gradients else "not kept (maps recompute them with the model)"))
+            facts.append(
+                ("gradients", "kept" if self.kept_gradients else "not kept (maps recompute them with the model)")
+            )
         vectors = self._table("vectors")
         if vectors is not None:
-            facts.append(("vectors", f"{int((vectors['kind'] == 'concept').sum())} concept, "
-                                     f"{int((vectors['kind'] == 'null').sum())} null"))
+            facts.append(
+                (
+                    "vectors",
+                    f"{int((vectors['kind'] == 'concept').sum())} concept, "
+                    f"{int((vectors['kind'] == 'null').sum())} null",
+                )
+            )
         table = self._table("contributions")
         if table is not None:
             facts.append(("contributions", f"{len(table)} rows, {int(table['significant'].sum())} significant"))
-        stages = [f"{s} {t.get('status', 'done')} {t.get('seconds', '?')} s" for s, t in self.timings.items()
-                  if isinstance(t, dict)]
+        stages = [
+            f"{s} {t.get('status', 'done')} {t.get('seconds', '?')} s"
+            for s, t in self.timings.items()
+            if isinstance(t, dict)
+        ]
         facts.append(("stages", ", ".join(stages) or "none recorded"))
         return facts
 
@@ -381,6 +452,9 @@ class Run:
         return "<sacv.Run>\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in facts)
 
     def _repr_html_(self) -> str:
-        rows = "".join(f"<tr><th style='text-align:left'>{html.escape(n)}</th><td style='text-align:left'>"
-                       f"{html.escape(str(v))}</td></tr>" for n, v in self.facts())
+        rows = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(n)}</th><td style='text-align:left'>"
+            f"{html.escape(str(v))}</td></tr>"
+            for n, v in self.facts()
+        )
         return f"<div><b>sacv.Run</b><table>{rows}</table></div>"

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import click
 
-from sacv.plans import ExtractSummary, FitSummary, ScoreSummary
+from sacv.io.handoffs import ExtractSummary, FitSummary, ScoreSummary
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,7 +26,7 @@ def main() -> None:
 @click.option("--all", "show_all", is_flag=True, help="Also list sub-modules inside blocks.")
 def layers(model_spec: str, weights: str | None, size: int | None, show_all: bool) -> None:
     """List the addressable layers of MODEL_SPEC with their output shapes (C, H, W)."""
-    from sacv.models import layer_shapes, load_model
+    from sacv.method.models import layer_shapes, load_model
 
     try:
         model = load_model(model_spec, weights)
@@ -75,8 +75,7 @@ def _run_stage(stage: str, config_path: str):
     config = _load_config(config_path)
     with _flow_start_up():
         from flows.pipeline import run_stage
-
-        from sacv.checks import ChecksFailed
+        from sacv.audit.policy import ChecksFailed
     try:
         return run_stage(stage, config)
     except ChecksFailed as err:
@@ -87,8 +86,10 @@ def _run_stage(stage: str, config_path: str):
 
 
 def _report_extract(summary: ExtractSummary, strict: bool) -> None:
-    click.echo(f"extract {summary.status}: {summary.images} images, {summary.rejects} rejected, "
-               f"{summary.shards_run} shards run in {summary.seconds} s")
+    click.echo(
+        f"extract {summary.status}: {summary.images} images, {summary.rejects} rejected, "
+        f"{summary.shards_run} shards run in {summary.seconds} s"
+    )
     if summary.rejects:
         click.echo("rejected inputs are listed in tables/rejects.parquet", err=True)
         if strict:
@@ -96,15 +97,19 @@ def _report_extract(summary: ExtractSummary, strict: bool) -> None:
 
 
 def _report_fit(summary: FitSummary) -> None:
-    click.echo(f"fit {summary.status}: {summary.vectors} vectors ({summary.fitted} fitted, "
-               f"the rest cached) in {summary.seconds} s -> {summary.table}")
+    click.echo(
+        f"fit {summary.status}: {summary.vectors} vectors ({summary.fitted} fitted, "
+        f"the rest cached) in {summary.seconds} s -> {summary.table}"
+    )
     if summary.near_chance_fitted:
         click.echo(f"{summary.near_chance_fitted} vectors are near chance (flagged in the table)", err=True)
 
 
 def _report_score(summary: ScoreSummary) -> None:
-    click.echo(f"score {summary.status}: {summary.rows} (layer, concept, class) rows, "
-               f"{summary.significant} significant, in {summary.seconds} s -> {summary.contributions}")
+    click.echo(
+        f"score {summary.status}: {summary.rows} (layer, concept, class) rows, "
+        f"{summary.significant} significant, in {summary.seconds} s -> {summary.contributions}"
+    )
 
 
 STRICT = click.option("--strict", is_flag=True, help="Exit with status 3 when some inputs were rejected.")
@@ -148,14 +153,18 @@ def run_command(config_path: str, strict: bool) -> None:
 
 @main.command("inspect")
 @click.argument("run_dir")
-@click.option("--top", default=10, show_default=True, help="Rows of each list to show (contributions, concepts, rejects).")
+@click.option(
+    "--top", default=10, show_default=True, help="Rows of each list to show (contributions, concepts, rejects)."
+)
 @click.option("--layer", "layers", multiple=True, help="Only this layer (repeatable).")
 @click.option("--concept", "concepts", multiple=True, help="Only this concept (repeatable).")
 @click.option("--class", "classes", multiple=True, help="Only this class, by name or index (repeatable).")
-def inspect_command(run_dir: str, top: int, layers: tuple[str, ...], concepts: tuple[str, ...], classes: tuple[str, ...]) -> None:
+def inspect_command(
+    run_dir: str, top: int, layers: tuple[str, ...], concepts: tuple[str, ...], classes: tuple[str, ...]
+) -> None:
     """Print what a run directory holds: stages done, counts, rejects, summaries per layer and
     concept, top contributions."""
-    from sacv.inspect import describe_run
+    from sacv.report.summary import describe_run
 
     try:
         click.echo(describe_run(run_dir, top, layers, concepts, classes))
@@ -167,7 +176,7 @@ def inspect_command(run_dir: str, top: int, layers: tuple[str, ...], concepts: t
 @click.argument("run_dir")
 def history_command(run_dir: str) -> None:
     """Print the audits recorded in RUN_DIR (tables/audits.parquet), oldest first."""
-    from sacv.audits import describe_audits
+    from sacv.audit.audits import describe_audits
 
     click.echo(describe_audits(run_dir))
 
@@ -178,22 +187,27 @@ def history_command(run_dir: str) -> None:
 @click.option("--out", default="compare", show_default=True, help="Folder for compare.parquet and compare.html.")
 def compare_command(run_a: str, run_b: str, out: str) -> None:
     """Change in contribution from RUN_A to RUN_B (two models, same images and concepts)."""
-    from sacv.compare import compare_runs
+    from sacv.report.compare import compare_runs
 
     try:
         table = compare_runs(run_a, run_b, out)
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"{len(table)} rows, {int(table['significant'].sum())} significant changes -> {out}/compare.parquet, {out}/compare.html")
+    click.echo(
+        f"{len(table)} rows, {int(table['significant'].sum())} significant changes -> "
+        f"{out}/compare.parquet, {out}/compare.html"
+    )
 
 
 @main.command("compact")
 @click.argument("run_dir")
-@click.option("--wait", "wait_s", default=0.0, show_default=True, help="Seconds to wait for a run that holds RUN_DIR's lock.")
+@click.option(
+    "--wait", "wait_s", default=0.0, show_default=True, help="Seconds to wait for a run that holds RUN_DIR's lock."
+)
 def compact_command(run_dir: str, wait_s: float) -> None:
     """Give the images of RUN_DIR's store contiguous rows again, dropping the rows of removed images.
     The next `sacv run` rescores the rewritten shards and rebuilds the tables (docs/store.md)."""
-    from sacv.compaction import compact, describe
+    from sacv.extract.compaction import compact, describe
 
     try:
         summary = compact(run_dir, wait_s=wait_s)
@@ -206,7 +220,7 @@ def compact_command(run_dir: str, wait_s: float) -> None:
 @click.argument("run_dir")
 def report_command(run_dir: str) -> None:
     """Build RUN_DIR/report/index.html (static, self-contained)."""
-    from sacv.report import build_report
+    from sacv.report.build import build_report
 
     click.echo(f"report: {build_report(run_dir)}")
 
@@ -215,7 +229,7 @@ def report_command(run_dir: str) -> None:
 @click.argument("run_dir")
 def evaluate_command(run_dir: str) -> None:
     """Localisation against the dataset's masks -> RUN_DIR/tables/localisation.parquet."""
-    from sacv.localisation import evaluate_run
+    from sacv.score.localisation import evaluate_run
 
     table = evaluate_run(run_dir)
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

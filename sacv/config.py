@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sacv.storage import redact
+from sacv.io.storage import redact
 
 
 class Section(BaseModel):
@@ -67,22 +66,36 @@ class ExtractConfig(Section):
     keep_gradients: bool = True  # store dataset gradients (needed for blockwise scoring)
     max_pixels: int = Field(89_478_485, ge=1)  # decompression-bomb limit, pixels per image
     min_size: int = Field(8, ge=1)  # smaller images (either side) are rejected
-    autocast: Literal["none", "bfloat16", "float16"] = "none"  # forward-pass precision (CUDA, or bfloat16 on CPU); storage dtype unchanged
-    decoder: Literal["pil", "torchvision"] = "pil"  # torchvision: JPEGs decoded and resized on the device (nvjpeg on CUDA)
+    autocast: Literal["none", "bfloat16", "float16"] = (
+        "none"  # forward-pass precision (CUDA, or bfloat16 on CPU); storage dtype unchanged
+    )
+    decoder: Literal["pil", "torchvision"] = (
+        "pil"  # torchvision: JPEGs decoded and resized on the device (nvjpeg on CUDA)
+    )
 
 
 class FitConfig(Section):
-    solver: Literal["auto", "lbfgs", "mean_difference", "inmemory", "sgd", "dask_ml"] = "auto"  # auto = lbfgs: batched exact L-BFGS per fit block
-    memory_budget_mb: int = Field(1024, ge=16)  # float32 positions + per-(image, job) tables one fit block holds (else streamed); inmemory subsample
+    solver: Literal["auto", "lbfgs", "mean_difference", "inmemory", "sgd", "dask_ml"] = (
+        "auto"  # auto = lbfgs: batched exact L-BFGS per fit block
+    )
+    memory_budget_mb: int = Field(
+        1024, ge=16
+    )  # float32 positions + per-(image, job) tables one fit block holds (else streamed); inmemory subsample
     C: float = Field(1.0, gt=0)  # inverse L2 strength of the logistic regression
     standardize: bool = False  # penalise in z-scored space (sgd always does)
     validation_fraction: float = Field(0.25, gt=0, lt=1)  # share of images per side held out
-    max_positions_per_class: int | None = Field(None, ge=1)  # subsample training positions (per job; mean_difference uses all)
+    max_positions_per_class: int | None = Field(
+        None, ge=1
+    )  # subsample training positions (per job; mean_difference uses all)
     max_iter: int = Field(200, ge=1)  # lbfgs iterations, per job
-    tol: float = Field(1e-8, gt=0)  # lbfgs: stop a job when its gradient (objective / C Σs, whitened variables) is below this
+    tol: float = Field(
+        1e-8, gt=0
+    )  # lbfgs: stop a job when its gradient (objective / C Σs, whitened variables) is below this
     epochs: int = Field(5, ge=1)  # sgd epochs
     whiten: bool = False  # mean_difference: whiten by the inverse covariance of the concept's positions (both sides)
-    intercept: Literal["midpoint", "logistic"] = "midpoint"  # mean_difference: halfway between the means, or a 1-D logistic fit
+    intercept: Literal["midpoint", "logistic"] = (
+        "midpoint"  # mean_difference: halfway between the means, or a 1-D logistic fit
+    )
     compare_logistic: bool = True  # mean_difference: also fit the exact vector; report cosine and its accuracy
     near_chance: float = Field(0.6, ge=0.5, le=1)  # flag vectors whose held-out balanced accuracy is below
     seed: int = 0  # random sets, validation split, subsamples, shuffles
@@ -92,7 +105,9 @@ class ScoreConfig(Section):
     mode: Literal["blockwise", "streamed"] = "blockwise"  # from stored gradients, or recompute them per shard
     alpha: float = Field(0.05, gt=0, lt=1)  # significance level after correction
     correction: Literal["holm", "bh"] = "holm"  # multiple-testing correction across the contributions table
-    statistic: Literal["spatial", "tcav", "both"] = "both"  # what is tested; both: the correction runs over both p-values
+    statistic: Literal["spatial", "tcav", "both"] = (
+        "both"  # what is tested; both: the correction runs over both p-values
+    )
     min_images: int = Field(3, ge=1)  # classes with fewer images get p_value null and a reason
     store_maps: bool = False  # also keep maps/<layer>/S_k and S_kc (N, K, H, W) float16 in the store
 
@@ -130,19 +145,30 @@ class MaxDrift(Section):
 
 
 Check = Annotated[NoSignificantContribution | MinSpatialScore | MaxDrift, Field(discriminator="kind")]
-CHECK_KINDS = {"no_significant_contribution": NoSignificantContribution, "min_spatial_score": MinSpatialScore,
-               "max_drift": MaxDrift}
+CHECK_KINDS = {
+    "no_significant_contribution": NoSignificantContribution,
+    "min_spatial_score": MinSpatialScore,
+    "max_drift": MaxDrift,
+}
 
 
 class ExecutionConfig(Section):
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     workers: int = Field(1, ge=1)  # concurrent shard tasks in the thread pool (1: extraction runs in the flow's thread)
-    loader_workers: int = Field(0, ge=0)  # image decoders per process, kept across shards (useful on CUDA); 0: in the model's thread
-    loader: Literal["auto", "threads", "processes"] = "auto"  # decoders; auto: processes for the PIL decoder (they leave the GIL to the model), else threads
+    loader_workers: int = Field(
+        0, ge=0
+    )  # image decoders per process, kept across shards (useful on CUDA); 0: in the model's thread
+    loader: Literal["auto", "threads", "processes"] = (
+        "auto"  # decoders; auto: processes for the PIL decoder (they leave the GIL to the model), else threads
+    )
     write_workers: int = Field(4, ge=1)  # chunk-writer threads per extraction task (compression releases the GIL)
     dask_address: str | None = None  # run tasks on this Dask scheduler instead of the thread pool
-    lock_wait_s: float = Field(0, ge=0)  # how long a second run on the same run_dir waits for the lock; 0 = stop at once
-    lock_ttl_s: float = Field(120, gt=0)  # a lock without heartbeat this long is stale (its holder died on another host)
+    lock_wait_s: float = Field(
+        0, ge=0
+    )  # how long a second run on the same run_dir waits for the lock; 0 = stop at once
+    lock_ttl_s: float = Field(
+        120, gt=0
+    )  # a lock without heartbeat this long is stale (its holder died on another host)
     allow_tf32: bool = False  # let CUDA use TF32 (gradients off by several %, docs/numerics.md); CPU unaffected
 
 
@@ -161,15 +187,19 @@ class RunConfig(Section):
     audit: AuditConfig = AuditConfig()
     checks: list[Check] = []  # policy checks evaluated after each audit (docs/config.md)
     execution: ExecutionConfig = ExecutionConfig()
-    storage_options: dict[str, dict[str, Any]] = {}  # URL prefix -> fsspec options (longest prefix wins); credentials: environment
+    storage_options: dict[
+        str, dict[str, Any]
+    ] = {}  # URL prefix -> fsspec options (longest prefix wins); credentials: environment
 
     @field_validator("storage_options")
     @classmethod
     def _url_prefixes(cls, mapping: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         local = [prefix for prefix in mapping if "://" not in prefix]
         if local:
-            raise ValueError(f"storage_options keys are URL prefixes such as 's3://bucket/'; {local} are not "
-                             "(local paths need no options)")
+            raise ValueError(
+                f"storage_options keys are URL prefixes such as 's3://bucket/'; {local} are not "
+                "(local paths need no options)"
+            )
         return mapping
 
     @field_validator("layers")
@@ -192,14 +222,16 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _loader_fits_decoder(self) -> RunConfig:
         if self.execution.loader == "processes" and self.extract.decoder == "torchvision":
-            raise ValueError("execution.loader 'processes' decodes with PIL, but extract.decoder is 'torchvision' "
-                             "(decoded on the device; its loaders only read files): set execution.loader: threads")
+            raise ValueError(
+                "execution.loader 'processes' decodes with PIL, but extract.decoder is 'torchvision' "
+                "(decoded on the device; its loaders only read files): set execution.loader: threads"
+            )
         return self
 
     @model_validator(mode="after")
     def _check_names(self) -> RunConfig:
         """Layers and (when the config lists them) concepts named by checks must exist; class names
-        are checked against the model when the run starts (``sacv.checks.validate_checks``)."""
+        are checked against the model when the run starts (``sacv.audit.policy.validate_checks``)."""
         concepts = self.concepts.names if self.concepts is not None else None
         for i, check in enumerate(self.checks):
             if getattr(check, "layer", None) is not None:
@@ -244,12 +276,16 @@ def numeric_warnings(config: RunConfig) -> list[str]:
     """What a non-default numeric mode costs in accuracy, said once per run (docs/numerics.md)."""
     warnings = []
     if config.extract.autocast != "none":
-        warnings.append(f"extract.autocast is {config.extract.autocast}: gradients and S_k->c sums are far less exact "
-                        "than in float32 and predicted classes can change (see docs/numerics.md); "
-                        "set extract.autocast: none for exact numbers")
+        warnings.append(
+            f"extract.autocast is {config.extract.autocast}: gradients and S_k->c sums are far less exact "
+            "than in float32 and predicted classes can change (see docs/numerics.md); "
+            "set extract.autocast: none for exact numbers"
+        )
     if config.execution.allow_tf32:
-        warnings.append("execution.allow_tf32 is on: on CUDA, gradients differ from float32 by several per cent "
-                        "(see docs/numerics.md); set it to false for exact numbers")
+        warnings.append(
+            "execution.allow_tf32 is on: on CUDA, gradients differ from float32 by several per cent "
+            "(see docs/numerics.md); set it to false for exact numbers"
+        )
     return warnings
 
 

@@ -1,4 +1,4 @@
-"""Figures of a run for notebooks; the report draws the same figures (``sacv.report_plots``).
+"""Figures of a run for notebooks; the report draws the same figures (``sacv.report.figures``).
 
 ``overlay`` draws one column per image: the model input, ``S_k`` over it and ``S_{k→c}`` over it,
 maps bilinearly upsampled to the input, a diverging colour map centred at 0 (blue negative, red
@@ -14,7 +14,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from sacv.maps import upsample_map
+from sacv.method.maps import upsample_map
 
 CMAP = "RdBu_r"
 STYLE = {"font.size": 9, "axes.titlesize": 9, "figure.dpi": 100}
@@ -30,8 +30,9 @@ def _symmetric(maps: list[np.ndarray]) -> Normalize:
     return Normalize(-vmax, vmax)
 
 
-def overlay_panels(images: list[np.ndarray], s_k: list[np.ndarray], s_kc: list[np.ndarray | None],
-                   labels: list[str]) -> Figure:
+def overlay_panels(
+    images: list[np.ndarray], s_k: list[np.ndarray], s_kc: list[np.ndarray | None], labels: list[str]
+) -> Figure:
     """The overlay figure from pictures (H, W, 3) and maps already upsampled to (H, W) each;
     an ``s_kc`` entry of None leaves that panel bare (no row at all when every entry is None)."""
     rows = 3 if any(m is not None for m in s_kc) else 2
@@ -54,8 +55,9 @@ def overlay_panels(images: list[np.ndarray], s_k: list[np.ndarray], s_kc: list[n
                 if values is not None:
                     ax.imshow(values, cmap=CMAP, norm=norms[r - 1], alpha=0.65)
         for r in range(rows):  # row 0 gets an invisible bar so that all rows line up
-            bar = fig.colorbar(ScalarMappable(norm=norms[max(r - 1, 0)], cmap=CMAP), ax=axes[r, :],
-                               fraction=0.025, pad=0.01, aspect=12)
+            bar = fig.colorbar(
+                ScalarMappable(norm=norms[max(r - 1, 0)], cmap=CMAP), ax=axes[r, :], fraction=0.025, pad=0.01, aspect=12
+            )
             bar.ax.tick_params(labelsize=7)
             bar.ax.set_visible(r > 0)
     return fig

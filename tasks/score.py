@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from sacv import scoring, storage
 from sacv.config import RunConfig
-from sacv.plans import ScorePlan
+from sacv.io import storage
+from sacv.io.handoffs import ScorePlan
+from sacv.score import scoring
 
 
 @task(name="plan-scoring")

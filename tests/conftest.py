@@ -41,7 +41,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def lite0():
-    from sacv.models import load_model
+    from sacv.method.models import load_model
 
     return load_model("efficientnet_lite0")
 

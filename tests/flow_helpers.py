@@ -13,7 +13,7 @@ from sacv.config import parse_config
 
 def write_collection(root: Path, n_per_concept: int = 5, n_per_class: int = 4, seed: int = 0) -> Path:
     """concepts/{striped,dotted,chequered}/ and data/{cat,zebra}/ with images of mixed sizes and modes."""
-    from sacv import textures
+    from sacv.demo import textures
 
     rng = np.random.default_rng(seed)
     modes = ["RGB", "L", "P", "RGBA"]
@@ -49,11 +49,13 @@ def make_config(root: Path, run: str = "run", spec: str = "tests.models:small", 
 def pipeline_config(root: Path, run: str = "run", solver: str = "lbfgs", **score):
     """``make_config`` for a whole small pipeline: 3 random sets of 4 images, classes of 2+ images scored."""
     config = make_config(root, run=run)
-    return config.model_copy(update={
-        "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
-        "fit": config.fit.model_copy(update={"solver": solver}),
-        "score": config.score.model_copy(update={"min_images": 2, **score}),
-    })
+    return config.model_copy(
+        update={
+            "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
+            "fit": config.fit.model_copy(update={"solver": solver}),
+            "score": config.score.model_copy(update={"min_images": 2, **score}),
+        }
+    )
 
 
 def store_arrays(run_dir: Path) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from sacv.models import LoadedModel, Preprocessing
+from sacv.method.models import LoadedModel, Preprocessing
 
 SMALL = Preprocessing(resize=36, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

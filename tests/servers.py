@@ -73,9 +73,13 @@ class S3Server:
 def start_s3(log: Path, timeout: float = 30) -> S3Server:
     """``moto_server`` on a free loopback port; stop it with ``stop(server.process)``."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, **S3_ENV})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **S3_ENV},
+    )
     endpoint = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -117,12 +121,30 @@ def start_dask(n_workers: int, log_dir: Path, env: dict, timeout: float = 90) ->
 
     def spawn(args: list[str], name: str) -> subprocess.Popen:
         log = log_dir / f"{name}.log"
-        return subprocess.Popen(dask + args, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                                env=env)
+        return subprocess.Popen(
+            dask + args, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
 
     scheduler = spawn(["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], "scheduler")
-    workers = [spawn(["worker", address, "--nthreads", "1", "--nworkers", "1", "--no-dashboard", "--host", "127.0.0.1",
-                      "--name", f"w{i}"], f"worker{i}") for i in range(n_workers)]
+    workers = [
+        spawn(
+            [
+                "worker",
+                address,
+                "--nthreads",
+                "1",
+                "--nworkers",
+                "1",
+                "--no-dashboard",
+                "--host",
+                "127.0.0.1",
+                "--name",
+                f"w{i}",
+            ],
+            f"worker{i}",
+        )
+        for i in range(n_workers)
+    ]
     cluster = DaskCluster(address, scheduler, workers)
     try:
         with Client(address, timeout=timeout) as client:

@@ -16,8 +16,8 @@ import zarr
 
 import sacv
 from flows.pipeline import run_pipeline
-from sacv.maps import upsample_map
-from sacv.store import StoreMismatch
+from sacv.io.zarr_store import StoreMismatch
+from sacv.method.maps import upsample_map
 from tests.flow_helpers import pipeline_config, write_collection
 
 NOTEBOOK = Path(__file__).parents[1] / "docs" / "example.ipynb"
@@ -32,7 +32,12 @@ def runs(tmp_path_factory, prefect):
     run_pipeline(config)
     run = Path(config.run_dir)
     copies = {}
-    for name, change in {"nograd": _drop_gradients, "old": _drop_class_names, "future": _format(2), "noformat": _format(None)}.items():
+    for name, change in {
+        "nograd": _drop_gradients,
+        "old": _drop_class_names,
+        "future": _format(2),
+        "noformat": _format(None),
+    }.items():
         copies[name] = root / name
         shutil.copytree(run, copies[name])
         change(copies[name] / "store.zarr")
@@ -55,7 +60,9 @@ def _drop_class_names(store: Path) -> None:
 
 
 def _format(version):
-    return lambda store: _edit_attrs(store, lambda attrs: attrs.update(format=version) if version else attrs.pop("format"))
+    return lambda store: _edit_attrs(
+        store, lambda attrs: attrs.update(format=version) if version else attrs.pop("format")
+    )
 
 
 def test_run_facts_tables_and_engines(runs):
@@ -81,7 +88,10 @@ def test_run_facts_tables_and_engines(runs):
     assert str(run_dir) in text and "tests.models:small" in text and "features.2 16×16×8" in text
     assert "dataset 10, guidance 15" in text and f"{len(table)} rows" in text and "gradients      kept" in text
     page = run._repr_html_()
-    assert page.count("<tr>") == len(run.facts()) == len(text.splitlines()) - 1 and f"<td style='text-align:left'>file://{run_dir}</td>" in page
+    assert (
+        page.count("<tr>") == len(run.facts()) == len(text.splitlines()) - 1
+        and f"<td style='text-align:left'>file://{run_dir}</td>" in page
+    )
 
 
 def test_activations_gradients_and_vectors_are_lazy_views_of_the_store(runs):
@@ -106,7 +116,9 @@ def test_activations_gradients_and_vectors_are_lazy_views_of_the_store(runs):
     table = pd.read_parquet(run_dir / "tables/vectors.parquet").query("layer == 'features.2'").sort_values("vector_row")
     np.testing.assert_array_equal(vectors.to_numpy(), store["vectors/features.2/v"][...])
     np.testing.assert_array_equal(vectors["offset"], store["vectors/features.2/b"][...])
-    assert list(vectors["concept"].to_numpy()) == list(table["concept"]) and list(vectors["kind"].to_numpy()) == list(table["kind"])
+    assert list(vectors["concept"].to_numpy()) == list(table["concept"]) and list(vectors["kind"].to_numpy()) == list(
+        table["kind"]
+    )
 
 
 def test_a_run_on_fsspec_storage_reads_as_on_disk(runs):
@@ -118,7 +130,9 @@ def test_a_run_on_fsspec_storage_reads_as_on_disk(runs):
     local = sacv.open_run(str(run_dir))
     assert remote.store is not None and remote.layers == local.layers
     pd.testing.assert_frame_equal(remote.table("image_scores"), local.table("image_scores"))
-    np.testing.assert_array_equal(remote.activations("features.0").isel(image=[1, 9]), local.activations("features.0").isel(image=[1, 9]))
+    np.testing.assert_array_equal(
+        remote.activations("features.0").isel(image=[1, 9]), local.activations("features.0").isel(image=[1, 9])
+    )
     np.testing.assert_array_equal(remote.maps(4, "features.2", "dotted"), local.maps(4, "features.2", "dotted"))
 
 
@@ -145,11 +159,17 @@ def test_maps_equal_an_einsum_reference(runs):
             assert maps.attrs["gradients"] == "stored" and maps.attrs["row"] == row
             np.testing.assert_allclose(maps.sel(map="S_k"), np.einsum("hwc,c->hw", act, v), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(maps.sel(map="S_kc"), np.einsum("hwc,c->hw", grad, v), rtol=1e-5, atol=1e-8)
-            np.testing.assert_allclose(maps.sel(map="decision"), np.einsum("hwc,c->hw", act, v) + b, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                maps.sel(map="decision"), np.einsum("hwc,c->hw", act, v) + b, rtol=1e-5, atol=1e-6
+            )
     one = run.maps(2, "features.2", "striped", random_set="random_1")
-    k = vectors[(vectors["layer"] == "features.2") & (vectors["concept"] == "striped") & (vectors["random_set"] == "random_1")]
+    k = vectors[
+        (vectors["layer"] == "features.2") & (vectors["concept"] == "striped") & (vectors["random_set"] == "random_1")
+    ]
     v1 = store["vectors/features.2/v"][int(k["vector_row"].iloc[0])]
-    np.testing.assert_allclose(one.sel(map="S_k"), store["dataset/features.2/act"][2].astype(np.float32) @ v1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        one.sel(map="S_k"), store["dataset/features.2/act"][2].astype(np.float32) @ v1, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_contributions_filter_and_top_images_order(runs):
@@ -171,8 +191,8 @@ def test_contributions_filter_and_top_images_order(runs):
 
 def _torch_gradient(path: str, layer_index: int, cls: int) -> np.ndarray:
     """d logit_cls / d output of ``features[layer_index]`` of tests.models:small, (H, W, C)."""
-    from sacv.images import load_image
-    from sacv.models import load_model
+    from sacv.io.images import load_image
+    from sacv.method.models import load_model
 
     model = load_model("tests.models:small")
     captured = {}
@@ -194,13 +214,17 @@ def test_maps_without_stored_gradients_are_recomputed_with_the_model(runs):
         stored, recomputed = kept.maps(row, layer, "chequered"), lost.maps(row, layer, "chequered")
         assert stored.attrs["gradients"] == "stored" and recomputed.attrs["gradients"] == "recomputed"
         scale = float(np.abs(stored.sel(map="S_kc")).max())
-        np.testing.assert_allclose(recomputed.sel(map="S_kc"), stored.sel(map="S_kc"), atol=1e-3 * scale)  # float16 both
+        np.testing.assert_allclose(
+            recomputed.sel(map="S_kc"), stored.sel(map="S_kc"), atol=1e-3 * scale
+        )  # float16 both
         np.testing.assert_array_equal(recomputed.sel(map="S_k"), stored.sel(map="S_k"))
     assert np.isnan(lost.maps(1, "features.2", "chequered", recompute=False).sel(map="S_kc")).all()
     other = kept.maps(1, "features.2", "chequered", class_="horse")  # not the image's target: recomputed
     assert other.attrs["gradients"] == "recomputed" and other.attrs["class_index"] == 3
     v, _ = kept.concept_vector("features.2", "chequered")
-    reference = np.einsum("hwc,c->hw", _torch_gradient(other.attrs["path"], 2, 3).astype(np.float16).astype(np.float64), v)
+    reference = np.einsum(
+        "hwc,c->hw", _torch_gradient(other.attrs["path"], 2, 3).astype(np.float16).astype(np.float64), v
+    )
     np.testing.assert_allclose(other.sel(map="S_kc"), reference, rtol=1e-4, atol=1e-8)
 
 
@@ -208,8 +232,9 @@ def test_older_stores_are_read_and_unknown_formats_refused_by_version(runs):
     _, copies = runs
     old = sacv.open_run(str(copies["old"]))
     assert old.class_names == ["cat", None, "zebra"]  # only the classes named in the contributions table
-    assert list(old.top_images("features.2", "dotted", "zebra", n=2)["row"]) == \
-        list(sacv.open_run(str(copies["nograd"])).top_images("features.2", "dotted", 2, n=2)["row"])
+    assert list(old.top_images("features.2", "dotted", "zebra", n=2)["row"]) == list(
+        sacv.open_run(str(copies["nograd"])).top_images("features.2", "dotted", 2, n=2)["row"]
+    )
     with pytest.raises(StoreMismatch, match="store format 2; this version of sacv reads format\\(s\\) 1"):
         sacv.open_run(str(copies["future"]))
     with pytest.raises(StoreMismatch, match="records no format version"):
@@ -226,7 +251,9 @@ def test_overlay_draws_the_maps_upsampled_on_the_model_input(runs):
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == 6  # 3 rows x 2 images, plus 3 colour bars
     s_kc_panel = [ax for ax in panels if ax.get_subplotspec().rowspan.start == 2][1]  # row S_kc, image 2
-    np.testing.assert_allclose(s_kc_panel.images[1].get_array(), upsample_map(maps[1].sel(map="S_kc").to_numpy(), (32, 32)))
+    np.testing.assert_allclose(
+        s_kc_panel.images[1].get_array(), upsample_map(maps[1].sel(map="S_kc").to_numpy(), (32, 32))
+    )
     vmax = max(float(np.abs(m.sel(map="S_kc")).max()) for m in maps)
     assert s_kc_panel.images[1].norm.vmax == pytest.approx(vmax, rel=1e-6)  # one symmetric scale per row
     bare = sacv.plot.overlay(sacv.open_run(str(copies["nograd"])).maps(0, "features.2", "striped", recompute=False))
@@ -234,8 +261,11 @@ def test_overlay_draws_the_maps_upsampled_on_the_model_input(runs):
 
 
 def test_import_sacv_stays_light():
-    code = "import sys, sacv; print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'torch', 'xarray', 'zarr'}))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    heavy = "{'prefect', 'torch', 'xarray', 'zarr'}"
+    code = f"import sys, sacv; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
+    )
     assert out.stdout.strip() == "[]"  # the API and plots load on first use (test_layering: never prefect)
     assert sacv.open_run is sacv.api.open_run and sacv.plot.overlay.__module__ == "sacv.plot"
 
@@ -250,14 +280,20 @@ def test_the_example_notebook_runs_end_to_end(runs, monkeypatch):
         exec(compile("".join(cell["source"]), f"{NOTEBOOK.name} cell", "exec"), namespace)
     run = sacv.open_run(str(run_dir))
     strongest = run.contributions().sort_values("effect_size", key=abs, ascending=False).iloc[0]
-    assert (namespace["layer"], namespace["concept"], namespace["cls"]) == (strongest["layer"], strongest["concept"], strongest["class_name"])
-    pd.testing.assert_frame_equal(namespace["top"], run.top_images(strongest["layer"], strongest["concept"], strongest["class_name"], n=3))
+    assert (namespace["layer"], namespace["concept"], namespace["cls"]) == (
+        strongest["layer"],
+        strongest["concept"],
+        strongest["class_name"],
+    )
+    pd.testing.assert_frame_equal(
+        namespace["top"], run.top_images(strongest["layer"], strongest["concept"], strongest["class_name"], n=3)
+    )
     assert len([ax for ax in namespace["fig"].axes if ax.images]) == 3 * 3
 
 
 def test_the_report_shows_the_notebook_figure(runs):
-    from sacv.report import _chosen_rows, build_report
-    from sacv.report_plots import png_uri
+    from sacv.report.build import _chosen_rows, build_report
+    from sacv.report.figures import png_uri
 
     run_dir, _ = runs
     page = Path(build_report(str(run_dir))).read_text(encoding="utf-8")
@@ -266,6 +302,10 @@ def test_the_report_shows_the_notebook_figure(runs):
     ranked = run.top_images(row["layer"], row["concept"], int(row["class_index"]), n=None)
     rows = list(ranked["row"][:3]) + [r for r in list(ranked["row"])[::-1][:3] if r not in list(ranked["row"][:3])]
     sums = ranked.set_index("row")["s_kc_sum"]
-    labels = [f"{'top' if i < 3 else 'bottom'} {i + 1 if i < 3 else i - 2}\nΣS→c = {sums[r]:.3g}" for i, r in enumerate(rows)]
-    fig = sacv.plot.overlay([run.maps(r, row["layer"], row["concept"]) for r in rows], [run.picture(r) for r in rows], labels)
+    labels = [
+        f"{'top' if i < 3 else 'bottom'} {i + 1 if i < 3 else i - 2}\nΣS→c = {sums[r]:.3g}" for i, r in enumerate(rows)
+    ]
+    fig = sacv.plot.overlay(
+        [run.maps(r, row["layer"], row["concept"]) for r in rows], [run.picture(r) for r in rows], labels
+    )
     assert png_uri(fig) in page  # byte for byte the same PNG

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from scipy import stats
 
 from flows.pipeline import run_pipeline
-from sacv import audits
+from sacv.audit import audits
+from sacv.audit.drift import drift_table
 from sacv.cli import main
-from sacv.drift import drift_table
-from sacv.rundir import RunDir
+from sacv.io.rundir import RunDir
 from tests.flow_helpers import pipeline_config, write_collection
 
 
@@ -26,8 +26,17 @@ def per_set(rng, rows: int, sets: int, shift: dict[int, float] | None = None) ->
     for key in range(rows):
         level = 0.3 + 0.4 * (key % 7) / 7 + (shift or {}).get(key, 0.0)
         for r in range(sets):
-            records.append({"layer": "l", "concept": f"c{key}", "target": 0, "random_set": f"random_{r}",
-                            "kind": "concept", "spatial": rng.normal(level, 0.03), "tcav": rng.normal(0.5, 0.03)})
+            records.append(
+                {
+                    "layer": "l",
+                    "concept": f"c{key}",
+                    "target": 0,
+                    "random_set": f"random_{r}",
+                    "kind": "concept",
+                    "spatial": rng.normal(level, 0.03),
+                    "tcav": rng.normal(0.5, 0.03),
+                }
+            )
     return pd.DataFrame(records)
 
 
@@ -71,8 +80,9 @@ def test_each_audit_adds_one_audit_row_and_its_history(two_audits):
     history = audits.history(run, "contributions")
     latest = run.read_table("contributions")
     assert history.groupby("audit_id").size().to_dict() == {first.audit_id: len(latest), second.audit_id: len(latest)}
-    pd.testing.assert_frame_equal(history[history["audit_id"] == second.audit_id].drop(columns="audit_id").reset_index(drop=True),
-                                  latest)
+    pd.testing.assert_frame_equal(
+        history[history["audit_id"] == second.audit_id].drop(columns="audit_id").reset_index(drop=True), latest
+    )
     drift = run.read_table("drift")
     assert set(drift["before"]) == {first.audit_id} and set(drift["after"]) == {second.audit_id}
     assert len(drift) == len(latest)
@@ -99,7 +109,11 @@ def test_a_crashed_audit_leaves_no_history_rows(two_audits, tmp_path, monkeypatc
     pd.testing.assert_frame_equal(audits.history(run, "contributions"), before)  # ... but never read
     monkeypatch.undo()
     audits.record_audit(str(copy), "next", 0.0, config, second.extract, scored=True)
-    assert list(dict.fromkeys(run.read_history("contributions")["audit_id"])) == [first.audit_id, second.audit_id, "next"]
+    assert list(dict.fromkeys(run.read_history("contributions")["audit_id"])) == [
+        first.audit_id,
+        second.audit_id,
+        "next",
+    ]
     assert run.read_table("drift")["before"].iloc[0] == second.audit_id
 
 
@@ -107,14 +121,16 @@ def test_a_failed_stage_records_a_failed_audit_and_no_history(two_audits, tmp_pa
     root, config, first, second = two_audits
     copy = tmp_path / "run"
     shutil.copytree(config.run_dir, copy)
-    config = config.model_copy(update={"run_dir": str(copy), "score": config.score.model_copy(update={"mode": "streamed"})})
-    import sacv.scoring
+    config = config.model_copy(
+        update={"run_dir": str(copy), "score": config.score.model_copy(update={"mode": "streamed"})}
+    )
+    import sacv.score.scoring
 
     def broken(*args, **kwargs):
         raise RuntimeError("scoring broke")
 
-    monkeypatch.setattr(sacv.scoring, "score_shard", broken)
-    with pytest.raises(Exception):
+    monkeypatch.setattr(sacv.score.scoring, "score_shard", broken)
+    with pytest.raises(RuntimeError, match="scoring broke"):
         run_pipeline(config)
     table = RunDir(str(copy)).read_audits()
     assert table["status"].tolist() == ["done", "done", "failed"] and "scoring broke" in table["message"].iloc[-1]
@@ -135,14 +151,14 @@ def test_a_null_pair_of_audits_shows_at_most_alpha_false_drifts(two_audits, tmp_
 
 
 def test_report_shows_the_history_and_the_drift_table(two_audits):
-    from sacv.report import build_report
+    from sacv.report.build import build_report
 
     _, config, first, second = two_audits
     page = Path(build_report(config.run_dir)).read_text()
-    history = page[page.index("<h2>History (2 audits)</h2>"):]
+    history = page[page.index("<h2>History (2 audits)</h2>") :]
     drift = RunDir(config.run_dir).read_table("drift")
     assert f"against {first.audit_id}" in history and 'alt="scores over audits"' in history
-    table = history[history.index('id="drift"'):]
+    table = history[history.index('id="drift"') :]
     table = table[: table.index("</table>")]
     assert table.count("<tr") == len(drift) + 1  # header + one row per drift row
 
@@ -154,15 +170,25 @@ def test_a_failing_check_exits_with_status_4_and_is_recorded(two_audits, tmp_pat
     copy = tmp_path / "run"
     shutil.copytree(config.run_dir, copy)
     lowest = RunDir(config.run_dir).read_table("contributions").sort_values("spatial_score").iloc[0]
-    failing = {"kind": "min_spatial_score", "concept": lowest["concept"], "class_name": lowest["class_name"],
-               "layer": lowest["layer"], "value": round(min(1.0, float(lowest["spatial_score"]) + 0.05), 3)}
-    raw = config.model_dump(mode="json") | {"run_dir": str(copy), "checks": [failing, {"kind": "max_drift", "value": 10.0}]}
+    failing = {
+        "kind": "min_spatial_score",
+        "concept": lowest["concept"],
+        "class_name": lowest["class_name"],
+        "layer": lowest["layer"],
+        "value": round(min(1.0, float(lowest["spatial_score"]) + 0.05), 3),
+    }
+    raw = config.model_dump(mode="json") | {
+        "run_dir": str(copy),
+        "checks": [failing, {"kind": "max_drift", "value": 10.0}],
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(main, ["run", str(path)])
     assert result.exit_code == 4, result.output
-    assert (f"min_spatial_score(concept={lowest['concept']}, class_name={lowest['class_name']}, "
-            f"layer={lowest['layer']}, value={failing['value']})") in result.output
+    assert (
+        f"min_spatial_score(concept={lowest['concept']}, class_name={lowest['class_name']}, "
+        f"layer={lowest['layer']}, value={failing['value']})"
+    ) in result.output
     run = RunDir(str(copy))
     checks = run.read_table("checks")
     drift = run.read_table("drift")
@@ -175,7 +201,10 @@ def test_a_failing_check_exits_with_status_4_and_is_recorded(two_audits, tmp_pat
     path.write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(main, ["run", str(path)])
     assert result.exit_code == 1
-    assert f"checks[0].class '{lowest['class_name'][:-1]}' is unknown: did you mean '{lowest['class_name']}'" in result.output
+    assert (
+        f"checks[0].class '{lowest['class_name'][:-1]}' is unknown: did you mean '{lowest['class_name']}'"
+        in result.output
+    )
 
 
 def test_failing_checks_end_the_flow_runs_failed_with_the_checks_in_the_message(two_audits, tmp_path):
@@ -187,14 +216,22 @@ def test_failing_checks_end_the_flow_runs_failed_with_the_checks_in_the_message(
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
     from flows.pipeline import audit_flow
-    from sacv.checks import ChecksFailed
+    from sacv.audit.policy import ChecksFailed
 
     _, config, _, _ = two_audits
     copy = tmp_path / "run"
     shutil.copytree(config.run_dir, copy)
     lowest = RunDir(config.run_dir).read_table("contributions").sort_values("spatial_score").head(2)
-    failing = [{"kind": "min_spatial_score", "concept": r["concept"], "class_name": r["class_name"], "layer": r["layer"],
-                "value": round(min(1.0, float(r["spatial_score"]) + 0.05), 3)} for _, r in lowest.iterrows()]
+    failing = [
+        {
+            "kind": "min_spatial_score",
+            "concept": r["concept"],
+            "class_name": r["class_name"],
+            "layer": r["layer"],
+            "value": round(min(1.0, float(r["spatial_score"]) + 0.05), 3),
+        }
+        for _, r in lowest.iterrows()
+    ]
     passing = {"kind": "max_drift", "value": 10.0}
     raw = config.model_dump(mode="json") | {"run_dir": str(copy), "checks": [failing[0], passing, failing[1]]}
     path = tmp_path / "config.yaml"
@@ -202,12 +239,16 @@ def test_failing_checks_end_the_flow_runs_failed_with_the_checks_in_the_message(
 
     state = audit_flow(str(path), return_state=True)
     assert state.is_failed() and isinstance(state.result(raise_on_failure=False), ChecksFailed)
-    described = [f"min_spatial_score(concept={c['concept']}, class_name={c['class_name']}, layer={c['layer']}, "
-                 f"value={c['value']})" for c in failing]
+    described = [
+        f"min_spatial_score(concept={c['concept']}, class_name={c['class_name']}, layer={c['layer']}, "
+        f"value={c['value']})"
+        for c in failing
+    ]
     with get_client(sync_client=True) as client:
         parent = client.read_flow_run(state.state_details.flow_run_id)
-        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id]))
+        )
         flows = {client.read_flow(run.flow_id).name: run for run in [parent, *children]}
     assert set(flows) >= {"sacv-audit", "sacv-run"}
     for name in ("sacv-audit", "sacv-run"):
@@ -224,17 +265,27 @@ def test_failing_checks_end_the_flow_runs_failed_with_the_checks_in_the_message(
 
 def test_compare_two_models_on_the_same_images(two_audits, tmp_path):
     root, config, _, _ = two_audits
-    other = config.model_copy(update={"run_dir": str(root / "other"), "model": config.model.model_copy(update={"spec": "tests.models:small_other"})})
+    other = config.model_copy(
+        update={
+            "run_dir": str(root / "other"),
+            "model": config.model.model_copy(update={"spec": "tests.models:small_other"}),
+        }
+    )
     run_pipeline(other)
     result = CliRunner().invoke(main, ["compare", config.run_dir, other.run_dir, "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 0, result.output
     table = pd.read_parquet(tmp_path / "cmp/compare.parquet")
-    a, b = (RunDir(r).read_table("contributions").set_index(["layer", "concept", "class_index"]) for r in (config.run_dir, other.run_dir))
+    a, b = (
+        RunDir(r).read_table("contributions").set_index(["layer", "concept", "class_index"])
+        for r in (config.run_dir, other.run_dir)
+    )
     keyed = table.set_index(["layer", "concept", "class_index"])
     assert len(table) == len(a) and set(keyed.index) == set(a.index)
     for column, side in (("spatial_before", a), ("spatial_after", b)):
         np.testing.assert_allclose(keyed[column], side.loc[keyed.index, "spatial_score"])
-    np.testing.assert_allclose(keyed["tcav_change"], b.loc[keyed.index, "tcav_score"] - a.loc[keyed.index, "tcav_score"])
+    np.testing.assert_allclose(
+        keyed["tcav_change"], b.loc[keyed.index, "tcav_score"] - a.loc[keyed.index, "tcav_score"]
+    )
     assert keyed["spatial_change"].abs().max() > 0  # another model, other scores
     page = (tmp_path / "cmp/compare.html").read_text()
     assert page.count("<tr") == len(table) + 1 + 4  # table rows, its header, four facts
@@ -247,7 +298,9 @@ def test_a_named_baseline_is_used_and_an_unknown_one_is_refused_before_any_work(
     _, config, first, second = two_audits
     copy = tmp_path / "run"
     shutil.copytree(config.run_dir, copy)
-    named = config.model_copy(update={"run_dir": str(copy), "audit": config.audit.model_copy(update={"baseline": first.audit_id})})
+    named = config.model_copy(
+        update={"run_dir": str(copy), "audit": config.audit.model_copy(update={"baseline": first.audit_id})}
+    )
     run_pipeline(named)
     assert set(RunDir(str(copy)).read_table("drift")["before"]) == {first.audit_id}
     typo = named.model_copy(update={"audit": config.audit.model_copy(update={"baseline": first.audit_id[:-1]})})

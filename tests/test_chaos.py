@@ -19,7 +19,7 @@ import yaml
 
 from flows.pipeline import run_pipeline, run_stage
 from sacv.config import parse_config
-from sacv.rundir import RunDir
+from sacv.io.rundir import RunDir
 from tests.flow_helpers import assert_same_tables, pipeline_raw, run_tables, write_collection
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +37,11 @@ def reference(tmp_path_factory, prefect):
 
 def done_files(run_dir: Path) -> dict[str, tuple[int, bytes]]:
     """What a rerun must not redo: relative path -> (mtime_ns, bytes)."""
-    return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.read_bytes())
-            for pattern in DONE_FILES for p in run_dir.glob(pattern)}
+    return {
+        str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.read_bytes())
+        for pattern in DONE_FILES
+        for p in run_dir.glob(pattern)
+    }
 
 
 def wait_for(process: subprocess.Popen, ready, timeout: float = 60) -> None:
@@ -54,8 +57,11 @@ def kill_point(rng: random.Random, run_dir: Path):
     delay = round(rng.uniform(0, 0.4), 2)
     if stage == "extract":
         k = rng.randint(0, 5)
-        return f"extract, after {k} shard markers + {delay} s", lambda: len(list(run_dir.glob("shards/*/*.json"))) >= k \
-            and (run_dir / "tables/images.parquet").exists(), delay
+        return (
+            f"extract, after {k} shard markers + {delay} s",
+            lambda: len(list(run_dir.glob("shards/*/*.json"))) >= k and (run_dir / "tables/images.parquet").exists(),
+            delay,
+        )
     if stage == "fit":
         return f"fit, after the fit plan + {delay} s", lambda: (run_dir / "fits/plan.json").exists(), delay
     return f"score, after the vectors table + {delay} s", lambda: (run_dir / "tables/vectors.parquet").exists(), delay
@@ -75,8 +81,14 @@ def test_killed_anywhere_the_rerun_gives_the_same_tables_and_redoes_nothing_done
         config_path = tmp_path / f"trial{trial}.yaml"
         config_path.write_text(yaml.safe_dump(raw))
         where, ready, delay = kill_point(rng, run_dir)
-        process = subprocess.Popen([sys.executable, "-m", "sacv.cli", "run", str(config_path)], cwd=REPO, env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sacv.cli", "run", str(config_path)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_for(process, ready)
         time.sleep(delay)
         finished_first = process.poll() is not None
@@ -87,9 +99,11 @@ def test_killed_anywhere_the_rerun_gives_the_same_tables_and_redoes_nothing_done
         run_stage("run", parse_config(raw))  # takes over the dead run's lock
         after = done_files(run_dir)
         redone = sorted(path for path in before if after.get(path) != before[path])
-        report.append(f"trial {trial}: killed at {where}{' (had finished)' if finished_first else ''}; "
-                      f"{len(before)} done files at the kill, {len(after) - len(before)} added by the rerun, "
-                      f"{len(redone)} redone")
+        report.append(
+            f"trial {trial}: killed at {where}{' (had finished)' if finished_first else ''}; "
+            f"{len(before)} done files at the kill, {len(after) - len(before)} added by the rerun, "
+            f"{len(redone)} redone"
+        )
         print(report[-1])
         assert not redone, f"trial {trial} ({where}) redid {redone}"
         assert_same_tables(run_tables(RunDir(str(run_dir)), str(collection)), expected)

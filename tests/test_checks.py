@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sacv.checks import evaluate_checks, failure_message, validate_checks
+from sacv.audit.policy import evaluate_checks, failure_message, validate_checks
 from sacv.config import ConfigError, parse_config
 
 
@@ -22,7 +22,16 @@ def contributions() -> pd.DataFrame:
         ("features.0", "watermark", "cat", 0.5, 0.1, "positive", 0.6, False),
         ("features.2", "striped", "zebra", 0.65, 1.0, "positive", 0.02, True),
     ]
-    columns = ["layer", "concept", "class_name", "spatial_score", "effect_size", "direction", "p_adjusted", "significant"]
+    columns = [
+        "layer",
+        "concept",
+        "class_name",
+        "spatial_score",
+        "effect_size",
+        "direction",
+        "p_adjusted",
+        "significant",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -40,13 +49,27 @@ def test_no_significant_contribution_fails_only_in_the_given_direction():
 def test_min_spatial_score_and_max_drift():
     checks = [
         {"kind": "min_spatial_score", "concept": "striped", "class_name": "zebra", "layer": "features.2", "value": 0.6},
-        {"kind": "min_spatial_score", "concept": "striped", "class_name": "zebra", "layer": "features.2", "value": 0.66},
+        {
+            "kind": "min_spatial_score",
+            "concept": "striped",
+            "class_name": "zebra",
+            "layer": "features.2",
+            "value": 0.66,
+        },
         {"kind": "min_spatial_score", "concept": "striped", "class_name": "cat", "layer": "features.2", "value": 0.1},
         {"kind": "max_drift", "value": 0.1},
         {"kind": "max_drift", "value": 0.1, "significant_only": True},
     ]
-    drift = pd.DataFrame({"layer": "features.2", "concept": ["a", "b"], "class_name": "cat", "spatial_change": [0.05, -0.2],
-                          "tcav_change": [0.12, 0.0], "significant": [True, False]})
+    drift = pd.DataFrame(
+        {
+            "layer": "features.2",
+            "concept": ["a", "b"],
+            "class_name": "cat",
+            "spatial_change": [0.05, -0.2],
+            "tcav_change": [0.12, 0.0],
+            "significant": [True, False],
+        }
+    )
     table = evaluate_checks(config_with(*checks), contributions(), drift)
     assert table["passed"].tolist() == [True, False, False, False, False, False, True]
     assert np.isnan(table.loc[2, "value"])  # a row that does not exist fails
@@ -58,7 +81,9 @@ def test_min_spatial_score_and_max_drift():
 
 def test_unknown_names_in_checks_are_config_errors_with_suggestions():
     with pytest.raises(ConfigError, match=r"checks\[0\].layer 'features.02' is unknown: did you mean 'features.2'"):
-        config_with({"kind": "min_spatial_score", "concept": "s", "class_name": "zebra", "layer": "features.02", "value": 0.5})
+        config_with(
+            {"kind": "min_spatial_score", "concept": "s", "class_name": "zebra", "layer": "features.02", "value": 0.5}
+        )
     with pytest.raises(ConfigError, match=r"unknown key 'checks.0.max_drift.valu': did you mean 'value'"):
         config_with({"kind": "max_drift", "valu": 0.1, "value": 0.1})
     config = config_with({"kind": "no_significant_contribution", "concept": "stripd", "classes": ["zebar"]})

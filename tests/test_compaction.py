@@ -10,9 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from flows.pipeline import run_pipeline
-from sacv import compaction, runlock
 from sacv.cli import main
-from sacv.rundir import RunDir
+from sacv.extract import compaction
+from sacv.io import runlock
+from sacv.io.rundir import RunDir
 from tests.flow_helpers import assert_same_tables, pipeline_config, run_tables, store_arrays, write_collection
 
 
@@ -30,7 +31,11 @@ def removed(tmp_path_factory, prefect):
     run_pipeline(config)
     images = RunDir(config.run_dir).read_table("images").set_index("row")
     dataset = images[images["group"] == "dataset"]
-    for path in [dataset.loc[1, "path"], dataset.loc[6, "path"], sorted((root / "concepts" / "dotted").glob("*.png"))[0]]:
+    for path in [
+        dataset.loc[1, "path"],
+        dataset.loc[6, "path"],
+        sorted((root / "concepts" / "dotted").glob("*.png"))[0],
+    ]:
         (root / "gone").mkdir(exist_ok=True)
         shutil.move(str(path), root / "gone")
     run_pipeline(config)
@@ -67,7 +72,10 @@ def test_compaction_then_a_rerun_gives_the_tables_and_store_of_a_fresh_run(remov
         live = before.loc[(before["group"] == group) & before["status"].isin(["ok", "rejected"]), "row"]
         np.testing.assert_array_equal(values, old_arrays[path][np.sort(live.to_numpy(np.int64))], err_msg=path)
     record = run.read_run_record()["compaction"]
-    assert record["rows_before"] == {"dataset": 12, "guidance": 15} and record["rows_after"] == {"dataset": 10, "guidance": 14}
+    assert record["rows_before"] == {"dataset": 12, "guidance": 15} and record["rows_after"] == {
+        "dataset": 10,
+        "guidance": 14,
+    }
     gone = int(before.loc[(before["group"] == "guidance") & (before["status"] == "removed"), "row"].iloc[0])
     assert record["shards_rewritten"] == {"dataset": 3, "guidance": 4 - gone // 4} and record["removed"] == 3
     assert record["bytes_after"] < record["bytes_before"]
@@ -79,7 +87,9 @@ def test_compaction_then_a_rerun_gives_the_tables_and_store_of_a_fresh_run(remov
     for group, n in (("dataset", 10), ("guidance", 14)):  # contiguous rows, in the old order
         rows = images[(images["group"] == group) & (images["status"] == "ok")]
         assert rows["row"].tolist() == list(range(n))
-        assert rows["image_id"].tolist() == kept[(kept["group"] == group) & (kept["status"] == "ok")]["image_id"].tolist()
+        assert (
+            rows["image_id"].tolist() == kept[(kept["group"] == group) & (kept["status"] == "ok")]["image_id"].tolist()
+        )
     assert run.marked_shards("dataset") == [0, 1, 2] and run.marked_shards("guidance") == [0, 1, 2, 3]
     # the per-image statistics moved with their rows, so the rewritten shards still vouch for them
     assert all(run.read_shard_marker("guidance", s).get("pos_stats") for s in run.marked_shards("guidance"))
@@ -140,10 +150,15 @@ def test_compaction_takes_the_run_lock_and_needs_a_run(removed, tmp_path):
 
 
 def test_plan_rows_keeps_order_and_finds_the_first_changed_shard():
-    images = pd.DataFrame({
-        "image_id": list("abcdefg"), "group": "dataset", "row": pd.array([0, 1, 2, 3, 4, 1, 5], dtype="Int64"),
-        "status": ["ok", "ok", "removed", "rejected", "ok", "duplicate", "removed"], "path": list("abcdefg"),
-    })
+    images = pd.DataFrame(
+        {
+            "image_id": list("abcdefg"),
+            "group": "dataset",
+            "row": pd.array([0, 1, 2, 3, 4, 1, 5], dtype="Int64"),
+            "status": ["ok", "ok", "removed", "rejected", "ok", "duplicate", "removed"],
+            "path": list("abcdefg"),
+        }
+    )
     table, plans = compaction.plan_rows(images, shard_size=2)
     assert table["image_id"].tolist() == ["a", "b", "f", "d", "e"] and table["row"].tolist() == [0, 1, 1, 2, 3]
     assert table["shard"].tolist() == [0, 0, 0, 1, 1]

@@ -13,8 +13,8 @@ import pytest
 from scipy import stats
 
 from sacv.config import ConceptsConfig, ConfigError, ScoreConfig, load_config
-from sacv.contributions import constant_sides_p, contributions, table_adjust
-from sacv.report import _row_class, contributions_html, ordered_contributions
+from sacv.report.build import _row_class, contributions_html, ordered_contributions
+from sacv.stats.contributions import constant_sides_p, contributions, table_adjust
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -24,12 +24,22 @@ def image_scores(vectors: dict[tuple[str, str, str], np.ndarray], layer: str = "
     frames = []
     for (concept, random_set, kind), values in vectors.items():
         values = np.asarray(values, dtype=float)
-        frames.append(pd.DataFrame({
-            "image_id": [f"{layer}-{target}-{i}" for i in range(len(values))], "layer": layer, "target": target,
-            "concept": concept, "random_set": random_set, "kind": kind, "s_k_mean": 0.0,
-            "relevant_frac": values[:, 0], "positive_frac": np.where(values[:, 0] > 0, values[:, 1], np.nan),
-            "s_kc_sum": values[:, 2],
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "image_id": [f"{layer}-{target}-{i}" for i in range(len(values))],
+                    "layer": layer,
+                    "target": target,
+                    "concept": concept,
+                    "random_set": random_set,
+                    "kind": kind,
+                    "s_k_mean": 0.0,
+                    "relevant_frac": values[:, 0],
+                    "positive_frac": np.where(values[:, 0] > 0, values[:, 1], np.nan),
+                    "s_kc_sum": values[:, 2],
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -90,13 +100,22 @@ def null_only_scores(rng, n_layers: int, r: int = 5, n_images: int = 10) -> pd.D
         relevant[..., 0] = np.maximum(relevant[..., 0], 0.02)  # every vector has some relevant position
         positive = np.where(relevant > 0, 1 / (1 + np.exp(-(bias + rng.normal(0, 1, shape)))), np.nan)
         layer, vector, image = (a.reshape(-1) for a in np.indices(shape))
-        frames.append(pd.DataFrame({
-            "image_id": image.astype(str), "layer": layer.astype(str), "target": 0,
-            "concept": np.where(kind == "concept", "placebo", "random_" + vector.astype(str)),
-            "random_set": "random_" + ((vector + (kind == "null")) % n_vectors).astype(str), "kind": kind,
-            "s_k_mean": 0.0, "relevant_frac": relevant.reshape(-1), "positive_frac": positive.reshape(-1),
-            "s_kc_sum": (bias + rng.normal(0, 1.5, shape)).reshape(-1),
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "image_id": image.astype(str),
+                    "layer": layer.astype(str),
+                    "target": 0,
+                    "concept": np.where(kind == "concept", "placebo", "random_" + vector.astype(str)),
+                    "random_set": "random_" + ((vector + (kind == "null")) % n_vectors).astype(str),
+                    "kind": kind,
+                    "s_k_mean": 0.0,
+                    "relevant_frac": relevant.reshape(-1),
+                    "positive_frac": positive.reshape(-1),
+                    "s_kc_sum": (bias + rng.normal(0, 1.5, shape)).reshape(-1),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -108,7 +127,9 @@ def test_p_values_are_calibrated_under_the_null_over_many_seeds():
     for column in ("p_value", "p_value_tcav", "p_value_mannwhitney"):
         rate = (table[column] < alpha).mean()
         assert 0.01 < rate <= bound, (column, rate, bound)
-    per_row = np.array([table_adjust([p], [q], "both", "holm")[0][0] for p, q in table[["p_value", "p_value_tcav"]].to_numpy()])
+    per_row = np.array(
+        [table_adjust([p], [q], "both", "holm")[0][0] for p, q in table[["p_value", "p_value_tcav"]].to_numpy()]
+    )
     assert (per_row < alpha).mean() <= bound
     assert table["significant"].mean() <= bound  # Holm over the whole table
 
@@ -142,8 +163,10 @@ def test_direction_tells_raising_from_lowering_and_the_report_shows_them_apart()
 def _config_file(tmp_path: Path, random_sets: int, with_dataset: bool) -> Path:
     (tmp_path / "concepts").mkdir(exist_ok=True)
     (tmp_path / "data").mkdir(exist_ok=True)
-    text = (f"run_dir: {tmp_path / 'run'}\nlayers: [features.2]\n"
-            f"concepts: {{root: {tmp_path / 'concepts'}, random_sets: {random_sets}}}\n")
+    text = (
+        f"run_dir: {tmp_path / 'run'}\nlayers: [features.2]\n"
+        f"concepts: {{root: {tmp_path / 'concepts'}, random_sets: {random_sets}}}\n"
+    )
     if with_dataset:
         text += f"dataset: {{root: {tmp_path / 'data'}}}\n"
     path = tmp_path / f"config_{random_sets}_{with_dataset}.yaml"
@@ -155,7 +178,9 @@ def test_fewer_than_three_random_sets_are_refused_when_a_contributions_table_is_
     for r in (1, 2):
         with pytest.raises(ConfigError) as err:
             load_config(_config_file(tmp_path, r, with_dataset=True))
-        assert f"concepts.random_sets is {r}" in str(err.value) and "set concepts.random_sets to 3 or more" in str(err.value)
+        assert f"concepts.random_sets is {r}" in str(err.value) and "set concepts.random_sets to 3 or more" in str(
+            err.value
+        )
         assert load_config(_config_file(tmp_path, r, with_dataset=False)).concepts.random_sets == r  # fit only
     assert load_config(_config_file(tmp_path, 3, with_dataset=True)).concepts.random_sets == 3
 

@@ -14,7 +14,7 @@ import pytest
 
 from flows.pipeline import run_pipeline
 from sacv.config import parse_config
-from sacv.rundir import RunDir
+from sacv.io.rundir import RunDir
 from tests.flow_helpers import assert_same_tables, pipeline_raw, run_tables, write_collection
 from tests.servers import start_dask
 
@@ -35,8 +35,13 @@ def worker_env(**extra: str) -> dict:
     """The environment docs/deploy.md prescribes for workers, with this session's Prefect API."""
     from prefect.settings import PREFECT_API_URL
 
-    return {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_ARENA_MAX": "1", "PREFECT_API_URL": PREFECT_API_URL.value(),
-            **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MALLOC_ARENA_MAX": "1",
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        **extra,
+    }
 
 
 def dask_config(collection: Path, run: str, address: str):

@@ -3,7 +3,6 @@ decodes with libjpeg: the same pixels as PIL, the same rejects, the same store."
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,12 +10,12 @@ import torch
 from PIL import Image
 
 from flows.extract import run_extract
-from sacv import textures
 from sacv.config import numeric_mode
-from sacv.decoding import EncodedJpeg, decode_batch, read_for_device
-from sacv.images import ImageRejected, load_image
-from sacv.models import Preprocessing
-from sacv.rundir import RunDir
+from sacv.demo import textures
+from sacv.io.device_decode import EncodedJpeg, decode_batch, read_for_device
+from sacv.io.images import ImageRejected, load_image
+from sacv.io.rundir import RunDir
+from sacv.method.models import Preprocessing
 from tests.flow_helpers import make_config, store_arrays, write_collection
 
 PRE = Preprocessing(resize=64, crop=56, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -100,7 +99,10 @@ def test_the_flow_with_device_decoding_stores_what_pil_decoding_stores(tmp_path,
     for key in expected:  # relative L2; a pixel one level off may flip a ReLU gate or a max-pool choice of a gradient
         a, b = got[key].astype(np.float64), expected[key].astype(np.float64)
         bound = 0.05 if key.endswith("grad") else 0.01
-        assert np.linalg.norm(a - b) <= bound * np.linalg.norm(b) + 1e-12, (key, np.linalg.norm(a - b) / np.linalg.norm(b))
+        assert np.linalg.norm(a - b) <= bound * np.linalg.norm(b) + 1e-12, (
+            key,
+            np.linalg.norm(a - b) / np.linalg.norm(b),
+        )
     assert RunDir(device.run_dir).read_run_record()["numerics"]["decoder"] == "torchvision"
     markers = [RunDir(c.run_dir).read_shard_marker("dataset", 0)["digest"] for c in (pil, device)]
     assert markers[0] != markers[1]  # switching the decoder redoes the shards

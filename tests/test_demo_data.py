@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sacv import textures
 from sacv.config import load_config
-from sacv.demo_data import MANIFEST_COLUMNS, PHOTO_LABELS, write_demo_data
+from sacv.demo import textures
+from sacv.demo.scenes import MANIFEST_COLUMNS, PHOTO_LABELS, write_demo_data
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_manifest_rows_decode_and_masks_are_binary_and_disjoint(demo):
 def test_labels_are_model_classes_and_the_config_loads(demo):
     from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-    from sacv.catalog import match_class
+    from sacv.extract.catalog import match_class
 
     for label in pd.read_csv(demo / "data" / "audit" / "manifest.csv")["label"].unique():
         match_class(label, list(_IMAGENET_CATEGORIES))
@@ -86,4 +86,6 @@ def test_same_seed_same_bytes_other_seed_differs(demo, tmp_path):
     other = _files(tmp_path / "other" / "data")
     assert other.keys() != first.keys() or any(other[k] != first[k] for k in first)
     config = (demo / "config.yaml").read_text().replace(str(demo.resolve()), "OUT")
-    assert (tmp_path / "again" / "config.yaml").read_text().replace(str((tmp_path / "again").resolve()), "OUT") == config
+    assert (tmp_path / "again" / "config.yaml").read_text().replace(
+        str((tmp_path / "again").resolve()), "OUT"
+    ) == config

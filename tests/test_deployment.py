@@ -3,7 +3,8 @@
 Starts `prefect server start`, creates the `sacv-process` work pool, runs `prefect deploy --all`
 from the repository root, starts a worker, triggers `sacv-audit/audit` on a tiny config and waits
 for the flow run to complete; then adds images and triggers it again: the second audit extracts
-only the new shard and each audit leaves one audits row and its history. Everything runs under a temporary PREFECT_HOME (the developer's
+only the new shard and each audit leaves one audits row and its history. Everything runs under a temporary
+PREFECT_HOME (the developer's
 ~/.prefect is never read). Every process started here, and every descendant (the worker starts flow
 runs in their own sessions), carries a marker variable in its environment; the test stops them all
 and asserts that none is left.
@@ -55,7 +56,9 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 def _api(url: str, body: dict | None = None, timeout: float = 10) -> dict | list:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="POST" if data else "GET", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method="POST" if data else "GET", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read() or b"null")
 
@@ -129,27 +132,33 @@ def test_audit_deployment_runs_on_a_process_worker(tmp_path):
     api = f"http://127.0.0.1:{port}/api"
     token = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # no developer profile
-    env.update({
-        "PREFECT_HOME": str(tmp_path / "prefect_home"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",  # default 15 s between polls
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        MARKER: token,
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(tmp_path / "prefect_home"),
+            "PREFECT_API_URL": api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",  # default 15 s between polls
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            MARKER: token,
+        }
+    )
     env.pop("SACV_PROJECT_DIR", None)  # exercise the default: the directory `prefect deploy` runs in
     logs = {name: tmp_path / f"{name}.log" for name in ("server", "pool", "deploy", "worker", "trigger")}
     started: list[tuple[subprocess.Popen, int, float]] = []  # (process, first signal, grace seconds)
 
     def spawn(name: str, *args: str, first=signal.SIGTERM, grace: float = 20) -> subprocess.Popen:
         with open(logs[name], "wb") as out:
-            proc = subprocess.Popen([PREFECT, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                [PREFECT, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         started.append((proc, first, grace))
         return proc
 
     def run(name: str, *args: str, timeout: float = 180) -> str:
         with open(logs[name], "wb") as out:
-            done = subprocess.run([PREFECT, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+            done = subprocess.run(
+                [PREFECT, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout
+            )
         text = logs[name].read_text(errors="replace")
         assert done.returncode == 0, f"prefect {' '.join(args)} exited {done.returncode}\n{text[-4000:]}"
         return text

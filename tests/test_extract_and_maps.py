@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from sacv.extract import capture_layers, extract
-from sacv.maps import concept_maps, upsample_map
+from sacv.method.activations import capture_layers, extract
+from sacv.method.maps import concept_maps, upsample_map
 
 
 def test_hooks_are_removed_even_when_the_body_raises(tiny):
@@ -93,7 +93,9 @@ def test_the_cpu_model_gets_a_channels_last_batch_and_the_layout_changes_only_ro
     convolutions are faster there); results equal an NCHW forward/backward within float rounding."""
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     seen = []
-    handle = tiny.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    handle = tiny.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     try:
         out = extract(tiny, x, ["features.0", "features.2"], target=1)
         extract(tiny, x.contiguous(memory_format=torch.channels_last), ["features.0"], target=1)
@@ -108,7 +110,9 @@ def test_the_cpu_model_gets_a_channels_last_batch_and_the_layout_changes_only_ro
     finally:
         hook.remove()
     assert x.is_contiguous() and not captured[0].is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out.activations["features.2"], captured[0].detach().permute(0, 2, 3, 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out.activations["features.2"], captured[0].detach().permute(0, 2, 3, 1), rtol=1e-5, atol=1e-6
+    )
     torch.testing.assert_close(out.gradients["features.2"], grad.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.logits, logits.detach(), rtol=1e-5, atol=1e-6)
 
@@ -134,16 +138,23 @@ def test_float16_output_is_the_float32_result_rounded_as_numpy_rounds(tiny):
     full = extract(tiny, x, ["features.0", "features.2"], target=1)
     half = extract(tiny, x, ["features.0", "features.2"], target=1, dtype=torch.float16)
     for layer in ("features.0", "features.2"):
-        for got, reference in ((half.activations[layer], full.activations[layer]), (half.gradients[layer], full.gradients[layer])):
+        for got, reference in (
+            (half.activations[layer], full.activations[layer]),
+            (half.gradients[layer], full.gradients[layer]),
+        ):
             assert got.dtype == torch.float16 and got.shape == reference.shape
-            np.testing.assert_array_equal(got.numpy().view(np.uint16), reference.numpy().astype(np.float16).view(np.uint16))
+            np.testing.assert_array_equal(
+                got.numpy().view(np.uint16), reference.numpy().astype(np.float16).view(np.uint16)
+            )
     assert half.logits.dtype == torch.float32
     torch.testing.assert_close(half.logits, full.logits, rtol=0, atol=0)
 
 
 def test_float16_overflow_names_the_layer_and_the_fix(tiny):
     x = torch.full((1, 3, 8, 8), 1e5)  # finite in float32, beyond float16's 65 504 after the conv
-    with pytest.raises(ValueError, match=r"activations of layer 'features.0' overflow torch.float16.*extract.dtype: float32"):
+    with pytest.raises(
+        ValueError, match=r"activations of layer 'features.0' overflow torch.float16.*extract.dtype: float32"
+    ):
         extract(tiny, x, ["features.0"], with_gradients=False, dtype=torch.float16)
     extract(tiny, x, ["features.0"], with_gradients=False)  # float32 holds them
 
@@ -200,10 +211,20 @@ def test_maps_equal_a_slow_loop_reference():
 
 def test_sum_of_s_kc_is_the_directional_derivative_of_the_logit():
     torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 5, 3, padding=1), nn.Tanh(), nn.Conv2d(5, 4, 3, padding=1), nn.Tanh(),
-        nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
-    ).double().eval()
+    net = (
+        nn.Sequential(
+            nn.Conv2d(3, 5, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(5, 4, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(4, 4, 3),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        )
+        .double()
+        .eval()
+    )
     layer, target, eps = "2", 2, 1e-6
     x = torch.randn(1, 3, 9, 11, dtype=torch.float64)
     v = torch.randn(4, dtype=torch.float64)

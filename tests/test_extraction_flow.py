@@ -17,10 +17,10 @@ import zarr
 from PIL import Image
 
 from flows.extract import run_extract
-from sacv.extract import extract
-from sacv.images import load_image
-from sacv.models import load_model
-from sacv.store import StoreMismatch
+from sacv.io.images import load_image
+from sacv.io.zarr_store import StoreMismatch
+from sacv.method.activations import extract
+from sacv.method.models import load_model
 from tests.flow_helpers import make_config, store_arrays, write_collection
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,11 @@ def test_same_image_under_two_names_is_stored_once(tmp_path, prefect):
 def _cli(config_path: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "sacv.cli", "extract", str(config_path)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -112,8 +116,14 @@ def test_killed_run_resumes_without_redoing_finished_shards(collection, tmp_path
     total = 4 + 2  # shards: guidance 15 images / 4, dataset 8 images / 4 (see write_collection)
     assert 2 <= len(finished) < total, "the run must be killed between shards"
 
-    rerun = subprocess.run([sys.executable, "-m", "sacv.cli", "extract", str(config_path)], cwd=REPO,
-                           env={**env, "SACV_TEST_DELAY": "0"}, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "sacv.cli", "extract", str(config_path)],
+        cwd=REPO,
+        env={**env, "SACV_TEST_DELAY": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"{total - len(finished)} shards run" in rerun.stdout
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished shards were not redone
@@ -125,7 +135,9 @@ def test_killed_run_resumes_without_redoing_finished_shards(collection, tmp_path
     finally:
         del os.environ["SACV_TEST_DELAY"]
     resumed, clean = store_arrays(Path(config.run_dir)), store_arrays(Path(reference.run_dir))
-    assert resumed.keys() == clean.keys() and len(resumed) == 8 + 6  # + pos_sum, pos_sqsum, pos_count of 2 guidance layers
+    assert (
+        resumed.keys() == clean.keys() and len(resumed) == 8 + 6
+    )  # + pos_sum, pos_sqsum, pos_count of 2 guidance layers
     for key in clean:
         np.testing.assert_array_equal(resumed[key], clean[key], err_msg=key)
 
@@ -147,9 +159,15 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
     Image.new("RGB", (120, 120), (200, 10, 10)).save(folder / "huge.png")
     (folder / "notes.txt").write_text("not an image file type")
     (folder / "logo.svg").write_text("<svg/>")
-    return {"truncated.jpg": "truncated", "empty.jpg": "zero-byte", "text.png": "not an image",
-            "tiny.png": "too small", "huge.png": "too large", "notes.txt": "unsupported file type '.txt'",
-            "logo.svg": "unsupported file type '.svg'"}
+    return {
+        "truncated.jpg": "truncated",
+        "empty.jpg": "zero-byte",
+        "text.png": "not an image",
+        "tiny.png": "too small",
+        "huge.png": "too large",
+        "notes.txt": "unsupported file type '.txt'",
+        "logo.svg": "unsupported file type '.svg'",
+    }
 
 
 def test_bad_inputs_are_rejected_with_reasons_and_the_rest_is_stored(tmp_path, prefect):
@@ -189,7 +207,7 @@ def test_a_file_that_changes_after_planning_is_a_reject_not_a_failed_shard(tmp_p
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
     config = make_config(tmp_path, with_concepts=False)
-    import sacv.planning as planning
+    import sacv.extract.extraction_plan as planning
 
     planned = planning.plan_extraction
 
@@ -216,8 +234,14 @@ def test_cli_reports_done_with_rejects(tmp_path):
         f"dataset: {{root: {tmp_path / 'data'}}}\nextract: {{max_pixels: 10000}}\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")}
-    result = subprocess.run([sys.executable, "-m", "sacv.cli", "extract", str(config), "--strict"], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "sacv.cli", "extract", str(config), "--strict"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 3, result.stdout + result.stderr
     assert "extract done with rejects: 4 images, 7 rejected" in result.stdout  # 5 bad images, 2 other file types
 
@@ -242,7 +266,9 @@ def test_dask_runner_gives_the_same_store_as_the_thread_pool(collection, prefect
 def test_store_written_with_another_model_is_refused(collection, prefect):
     run_extract(make_config(collection, run="identity"))
     other = make_config(collection, run="identity", spec="tests.models:small_other")
-    with pytest.raises(StoreMismatch, match="written with model_spec = 'tests.models:small'.*tests.models:small_other.*new run_dir"):
+    with pytest.raises(
+        StoreMismatch, match="written with model_spec = 'tests.models:small'.*tests.models:small_other.*new run_dir"
+    ):
         run_extract(other)
 
 
@@ -274,11 +300,13 @@ def test_run_dir_may_be_an_fsspec_url(collection, prefect, scheme):
 def test_planning_fans_out_over_batches_of_files_and_gives_the_tables_of_one_scan(tmp_path, prefect):
     """``extract.scan_batch: 4``: the files are listed once, checked by one task per batch of 4
     (each writing its own part), and the images and rejects tables equal those of one batch, rescanned in one call."""
-    import sacv.planning as planning
-    from sacv.rundir import RunDir
+    import sacv.extract.extraction_plan as planning
+    from sacv.io.rundir import RunDir
 
     write_collection(tmp_path)
-    write_bad_inputs(tmp_path / "data" / "dog")  # 11 files: 5 usable, 5 rejected by the scan, 1 truncated (by its shard)
+    write_bad_inputs(
+        tmp_path / "data" / "dog"
+    )  # 11 files: 5 usable, 5 rejected by the scan, 1 truncated (by its shard)
     batched = make_config(tmp_path, run="batched", scan_batch=4)
     summary = run_extract(batched)
     listed = len(RunDir(batched.run_dir).read_scan_part("candidates"))
@@ -302,7 +330,7 @@ def test_with_one_worker_the_shard_tasks_run_in_the_flows_own_thread(tmp_path, p
     cluster) the extraction tasks run in the caller's thread; with more they fan out to the pool."""
     import threading
 
-    import sacv.extraction as extraction
+    import sacv.extract.extraction as extraction
 
     write_collection(tmp_path, n_per_concept=2, n_per_class=3)
     config = make_config(tmp_path, shards_per_task=1)

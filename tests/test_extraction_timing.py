@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-import sacv.extraction as extraction
-import sacv.planning as planning
+import sacv.extract.extraction as extraction
+import sacv.extract.extraction_plan as planning
 from flows.extract import run_extract
 from tests.flow_helpers import make_config, write_collection
 
@@ -49,10 +49,12 @@ def test_each_marker_splits_the_shard_time_into_decode_wait_compute_and_write(tm
 def test_the_summary_times_each_step_of_the_flow(tmp_path, prefect, monkeypatch):
     """Planted delays in the plan (0.3 s), in each shard task (0.2 s) and in merging the rejects
     (0.4 s) show up in their own phase; the phases fit in the flow's wall time."""
+
     def delayed(function, seconds):
         def run(*args, **kwargs):
             time.sleep(seconds)
             return function(*args, **kwargs)
+
         return run
 
     write_collection(tmp_path, n_per_concept=2, n_per_class=3)

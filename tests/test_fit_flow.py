@@ -13,14 +13,14 @@ from PIL import Image
 
 from flows.extract import run_extract
 from flows.fit import run_fit
-from sacv.fitting import plan_jobs
-from sacv.store import store_identity_of
+from sacv.fit.fit_plan import plan_jobs
+from sacv.io.zarr_store import store_identity_of
 from tests.flow_helpers import make_config, write_collection
 
 
 def with_pool(root: Path, n: int = 6, seed: int = 9) -> Path:
     """A separate random pool folder of generated random textures."""
-    from sacv import textures
+    from sacv.demo import textures
 
     rng = np.random.default_rng(seed)
     pool = root / "pool"
@@ -32,11 +32,17 @@ def with_pool(root: Path, n: int = 6, seed: int = 9) -> Path:
 
 def fit_config(root: Path, run: str, pool: Path | None = None, **fit):
     config = make_config(root, run=run)
-    concepts = config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4, "random_pool": str(pool) if pool else None})
-    return config.model_copy(update={
-        "layers": ["features.2"], "concepts": concepts, "dataset": None,
-        "fit": config.fit.model_copy(update={"solver": "lbfgs", **fit}),
-    })
+    concepts = config.concepts.model_copy(
+        update={"random_sets": 3, "images_per_set": 4, "random_pool": str(pool) if pool else None}
+    )
+    return config.model_copy(
+        update={
+            "layers": ["features.2"],
+            "concepts": concepts,
+            "dataset": None,
+            "fit": config.fit.model_copy(update={"solver": "lbfgs", **fit}),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +67,11 @@ def test_random_sets_exclude_the_concept_and_follow_the_seed(fitted_collection, 
         if job["kind"] == "null":
             assert not set(job["pos"]) & set(job["neg"])
     again = plan_jobs(images, config, identity)
-    wider = plan_jobs(images, config.model_copy(update={"layers": ["features.0", "features.2"]}),
-                      identity | {"layers": {**identity["layers"], "features.0": [32, 32, 8]}})
+    wider = plan_jobs(
+        images,
+        config.model_copy(update={"layers": ["features.0", "features.2"]}),
+        identity | {"layers": {**identity["layers"], "features.0": [32, 32, 8]}},
+    )
     assert [j["key"] for j in wider if j["layer"] == "features.2"] == [j["key"] for j in jobs]  # no refit
     assert [j["key"] for j in again] == [j["key"] for j in jobs]
     reseeded = config.model_copy(update={"fit": config.fit.model_copy(update={"seed": 1})})
@@ -100,7 +109,9 @@ def test_dask_cluster_gives_the_same_vectors_as_in_process(fitted_collection, pr
     run_fit(local)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         remote = fit_config(fitted_collection, "fit_dask")
-        remote = remote.model_copy(update={"execution": remote.execution.model_copy(update={"dask_address": cluster.scheduler_address})})
+        remote = remote.model_copy(
+            update={"execution": remote.execution.model_copy(update={"dask_address": cluster.scheduler_address})}
+        )
         run_extract(remote)
         assert run_fit(remote).fitted == 12
     np.testing.assert_allclose(_vectors(local), _vectors(remote), atol=1e-5)

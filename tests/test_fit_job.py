@@ -8,18 +8,26 @@ import pandas as pd
 import pytest
 import zarr
 
-from sacv.catalog import IMAGE_COLUMNS
 from sacv.config import parse_config
-from sacv.fitting import collect_vectors, plan_fits
-from sacv.sweep import fit_block
-from sacv.rundir import RunDir
-from sacv.store import ensure_array, open_store, store_identity
+from sacv.extract.catalog import IMAGE_COLUMNS
+from sacv.fit.fit_plan import collect_vectors, plan_fits
+from sacv.fit.sweep import fit_block
+from sacv.io.rundir import RunDir
+from sacv.io.zarr_store import ensure_array, open_store, store_identity
 
 LAYER, HW, C = "block", 4, 8
 
 
-def planted_run(tmp_path, concept_is_positive_u: bool = True, n_concept: int = 12, n_random: int = 24, seed: int = 0,
-                shift: float = 5.0, mixing: np.ndarray | None = None, fit: dict | None = None):
+def planted_run(
+    tmp_path,
+    concept_is_positive_u: bool = True,
+    n_concept: int = 12,
+    n_random: int = 24,
+    seed: int = 0,
+    shift: float = 5.0,
+    mixing: np.ndarray | None = None,
+    fit: dict | None = None,
+):
     """A run directory whose guidance activations put concept images at +shift·u (or -shift·u) and
     random images at 0, plus noise (standard normal, times ``mixing`` (C, C) when given): the fitted
     concept vector must point along +u (or -u)."""
@@ -28,9 +36,21 @@ def planted_run(tmp_path, concept_is_positive_u: bool = True, n_concept: int = 1
     u /= np.linalg.norm(u)
     run = RunDir(str(tmp_path / "run"))
     n = n_concept + n_random
-    rows = [{"image_id": f"{i:04d}", "path": f"/x/{i}.png", "group": "guidance",
-             "role": "concept" if i < n_concept else "random", "concept": "striped" if i < n_concept else "random",
-             "label": pd.NA, "mask": None, "row": i, "shard": i // 8, "status": "ok"} for i in range(n)]
+    rows = [
+        {
+            "image_id": f"{i:04d}",
+            "path": f"/x/{i}.png",
+            "group": "guidance",
+            "role": "concept" if i < n_concept else "random",
+            "concept": "striped" if i < n_concept else "random",
+            "label": pd.NA,
+            "mask": None,
+            "row": i,
+            "shard": i // 8,
+            "status": "ok",
+        }
+        for i in range(n)
+    ]
     images = pd.DataFrame(rows, columns=IMAGE_COLUMNS).astype({"label": "Int64", "row": "Int64", "shard": "Int64"})
     identity = store_identity("planted", "0" * 64, {"crop": 32}, {LAYER: [HW, HW, C]}, "float32")
     root = open_store(run.store_uri, identity)
@@ -43,12 +63,19 @@ def planted_run(tmp_path, concept_is_positive_u: bool = True, n_concept: int = 1
     act[...] = values.astype(np.float32)
     run.write_table("images", images)
     (tmp_path / "concepts").mkdir()
-    config = parse_config({
-        "run_dir": run.uri, "layers": [LAYER],
-        "concepts": {"root": str(tmp_path / "concepts"), "random_pool": str(tmp_path / "concepts"),
-                     "random_sets": 3, "images_per_set": 8},
-        "fit": {"solver": "lbfgs", **(fit or {})},
-    })
+    config = parse_config(
+        {
+            "run_dir": run.uri,
+            "layers": [LAYER],
+            "concepts": {
+                "root": str(tmp_path / "concepts"),
+                "random_pool": str(tmp_path / "concepts"),
+                "random_sets": 3,
+                "images_per_set": 8,
+            },
+            "fit": {"solver": "lbfgs", **(fit or {})},
+        }
+    )
     return run, config, u
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zarr
 
-from sacv.outofcore import OutOfCoreConceptVector, positions_from_store
-from sacv.vectors import fit_logistic, grouped_validation_split
+from sacv.fit.per_job import OutOfCoreConceptVector, positions_from_store
+from sacv.method.vectors import fit_logistic, grouped_validation_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,9 @@ def planted_store(path: Path, n_images: int, hw: int = 6, channels: int = 12, sh
     u = rng.normal(size=channels)
     u /= np.linalg.norm(u)
     labels = np.arange(n_images) % 2
-    array = zarr.create_array(str(path), shape=(n_images, hw, hw, channels), chunks=(16, hw, hw, channels), dtype="float16")
+    array = zarr.create_array(
+        str(path), shape=(n_images, hw, hw, channels), chunks=(16, hw, hw, channels), dtype="float16"
+    )
     for start in range(0, n_images, 16):
         block = rng.normal(size=(min(16, n_images - start), hw, hw, channels))
         block += shift * labels[start : start + 16, None, None, None] * u
@@ -76,7 +78,7 @@ def test_refuses_arrays_blocked_along_channels(tmp_path):
 MEMORY_SCRIPT = """
 import re, sys, warnings, zarr, numpy as np
 warnings.simplefilter("ignore")
-from sacv.outofcore import OutOfCoreConceptVector, positions_from_store
+from sacv.fit.per_job import OutOfCoreConceptVector, positions_from_store
 array = zarr.open_array(sys.argv[1], mode="r")
 rows = np.arange(array.shape[0])
 X = positions_from_store(array, rows)
@@ -96,8 +98,9 @@ GROWTH_LIMIT_MB = 48  # a fit may hold a few blocks; the whole store as float32 
 
 
 def peak_growth_mb(path: Path, mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(path), mode], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(path), mode], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 

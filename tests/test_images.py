@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sacv.images import (
+from sacv.io.images import (
     ImageRejected,
     decode_image,
     image_id,
@@ -292,7 +292,7 @@ def test_memory_url_read_and_list():
 def test_local_paths_read_and_stamp_as_through_fsspec(tmp_path):
     """Plain local paths skip fsspec (its URL handling cost more than the read): same bytes, same
     stamp string as fsspec's local file system gives (a stamp from either matches), same rejects."""
-    from sacv.images import file_stamp
+    from sacv.io.images import file_stamp
 
     data = encode(noise_rgb(12, 12), "PNG")
     (tmp_path / "img.png").write_bytes(data)

@@ -1,4 +1,4 @@
-"""Per-image statistics written at extraction (sacv.imagestats) and the fit that uses them: equal to
+"""Per-image statistics written at extraction (sacv.extract.position_stats) and the fit that uses them: equal to
 numpy over the stored activations, the fallback for stores without them, the same vectors either way,
 and a mean-difference fit that reads only held-out images. No Prefect."""
 
@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import zarr
 
-from sacv import extraction, planning
-from sacv.catalog import ImageCatalog
-from sacv.imagestats import MARKER_FLAG, STATS, ensure_stats_arrays, shard_stats
-from sacv.rundir import RunDir
-from sacv.store import write_region
-from sacv.vectors import grouped_validation_split
+from sacv.extract import extraction, extraction_plan
+from sacv.extract.catalog import ImageCatalog
+from sacv.extract.position_stats import MARKER_FLAG, STATS, ensure_stats_arrays, shard_stats
+from sacv.io.rundir import RunDir
+from sacv.io.zarr_store import write_region
+from sacv.method.vectors import grouped_validation_split
 from tests.flow_helpers import pipeline_config, write_collection
-from tests.test_fit_job import C, LAYER, planted_run
+from tests.test_fit_job import LAYER, C, planted_run
 from tests.test_sweep import cosine, record_readers
 from tests.test_sweep import fit_all as fit_planned
 
-pytestmark = pytest.mark.filterwarnings("ignore::sacv.vectors.NearChanceWarning")  # null vectors are near chance
+pytestmark = pytest.mark.filterwarnings("ignore::sacv.method.vectors.NearChanceWarning")  # null vectors are near chance
 
 
 def fit_all(run, config):
@@ -66,7 +66,7 @@ def test_shard_statistics_are_those_of_the_stored_float16_values():
 def test_extraction_writes_statistics_equal_to_numpy_over_the_stored_activations(tmp_path):
     write_collection(tmp_path, n_per_concept=3, n_per_class=2)
     config = pipeline_config(tmp_path)
-    plan = planning.plan_extraction(config.run_dir, config)
+    plan = extraction_plan.plan_extraction(config.run_dir, config)
     guidance = [shard for group, shard in plan.todo if group == "guidance"]
     markers = extraction.run_shards(config.run_dir, config, "guidance", guidance)
     extraction.run_shards(config.run_dir, config, "dataset", [s for g, s in plan.todo if g == "dataset"])
@@ -80,8 +80,12 @@ def test_extraction_writes_statistics_equal_to_numpy_over_the_stored_activations
         for name in STATS:
             array = root[f"guidance/{layer}/{name}"]
             assert array.chunks[0] == act.chunks[0] == 4 and array.shape[0] == n  # shard-aligned, as act
-        np.testing.assert_allclose(root[f"guidance/{layer}/pos_sum"][...], stored.sum(axis=(1, 2)), rtol=1e-12, atol=1e-9)
-        np.testing.assert_allclose(root[f"guidance/{layer}/pos_sqsum"][...], (stored**2).sum(axis=(1, 2)), rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(
+            root[f"guidance/{layer}/pos_sum"][...], stored.sum(axis=(1, 2)), rtol=1e-12, atol=1e-9
+        )
+        np.testing.assert_allclose(
+            root[f"guidance/{layer}/pos_sqsum"][...], (stored**2).sum(axis=(1, 2)), rtol=1e-12, atol=1e-9
+        )
         np.testing.assert_array_equal(root[f"guidance/{layer}/pos_count"][...], np.full(n, h * w))
         assert f"dataset/{layer}/pos_sum" not in root  # the fit reads guidance images only
 
@@ -92,7 +96,7 @@ def test_a_store_without_statistics_gives_the_same_vectors_as_one_with_them(tmp_
     the statistics from the positions (one more pass) and gives the vectors of the full store."""
     write_collection(tmp_path, n_per_concept=5, n_per_class=2)
     config = pipeline_config(tmp_path)
-    plan = planning.plan_extraction(config.run_dir, config)
+    plan = extraction_plan.plan_extraction(config.run_dir, config)
     extraction.run_shards(config.run_dir, config, "guidance", [s for g, s in plan.todo if g == "guidance"])
     run = RunDir(config.run_dir)
     fit_all(run, config)
@@ -108,7 +112,7 @@ def test_a_store_without_statistics_gives_the_same_vectors_as_one_with_them(tmp_
     for shard in range(plan.shards["guidance"]):
         marker = run.read_shard_marker("guidance", shard)
         run.write_shard_marker("guidance", shard, {k: v for k, v in marker.items() if k != MARKER_FLAG})
-    again = planning.plan_extraction(config.run_dir, config)
+    again = extraction_plan.plan_extraction(config.run_dir, config)
     assert not [s for g, s in again.todo if g == "guidance"]  # nothing re-extracted
     assert f"guidance/{config.layers[0]}/pos_sum" in zarr.open_group(run.store_uri, mode="r")  # template made again
     clear_fits(run)
@@ -123,8 +127,14 @@ def test_a_store_without_statistics_gives_the_same_vectors_as_one_with_them(tmp_
     np.testing.assert_allclose(old["bal_acc"], table["bal_acc"], atol=1e-9)
 
 
-@pytest.mark.parametrize("fit", [{"solver": "lbfgs"}, {"solver": "mean_difference"},
-                                 {"solver": "mean_difference", "whiten": True, "intercept": "logistic"}])
+@pytest.mark.parametrize(
+    "fit",
+    [
+        {"solver": "lbfgs"},
+        {"solver": "mean_difference"},
+        {"solver": "mean_difference", "whiten": True, "intercept": "logistic"},
+    ],
+)
 def test_planted_vectors_from_stored_statistics_equal_those_from_the_positions(tmp_path, fit):
     """Before: statistics computed from the positions in the task (the previous code path, and the
     fallback). After: all shards' statistics stored; and half of them stored (mixed store)."""

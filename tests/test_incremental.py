@@ -12,11 +12,11 @@ import pytest
 import zarr
 from PIL import Image
 
-import sacv.catalog
+import sacv.extract.catalog
 from flows.extract import run_extract
 from flows.pipeline import run_pipeline
-from sacv.catalog import assign_rows
 from sacv.config import parse_config
+from sacv.extract.catalog import assign_rows
 from tests.flow_helpers import pipeline_config, write_collection
 
 N, SHARD = 300, 16
@@ -34,11 +34,15 @@ def write_tiny(folder: Path, start: int, count: int, seed: int) -> list[Path]:
 
 
 def dataset_config(root: Path):
-    return parse_config({
-        "run_dir": str(root / "run"), "model": {"spec": "tests.models:small"}, "layers": ["features.2"],
-        "dataset": {"root": str(root / "data"), "target": "label"},
-        "extract": {"shard_size": SHARD, "batch_size": 32},
-    })
+    return parse_config(
+        {
+            "run_dir": str(root / "run"),
+            "model": {"spec": "tests.models:small"},
+            "layers": ["features.2"],
+            "dataset": {"root": str(root / "data"), "target": "label"},
+            "extract": {"shard_size": SHARD, "batch_size": 32},
+        }
+    )
 
 
 def test_increment_extracts_only_the_shards_that_gain_rows(tmp_path, prefect, monkeypatch):
@@ -61,13 +65,14 @@ def test_increment_extracts_only_the_shards_that_gain_rows(tmp_path, prefect, mo
     pd.testing.assert_series_equal(after.loc[before.index, "row"], before["row"])
     assert sorted(after.drop(before.index)["row"]) == list(range(N, N + 5))
     untouched = (N // SHARD) * SHARD
-    np.testing.assert_array_equal(zarr.open_group(str(run / "store.zarr"), mode="r")["dataset/features.2/act"][:untouched],
-                                  acts[:untouched])
+    np.testing.assert_array_equal(
+        zarr.open_group(str(run / "store.zarr"), mode="r")["dataset/features.2/act"][:untouched], acts[:untouched]
+    )
 
     # nothing new: no shard runs and no file is read again (known stamps keep their ids)
     reads = []
-    original = sacv.catalog.read_bytes
-    monkeypatch.setattr(sacv.catalog, "read_bytes", lambda *a, **k: reads.append(a) or original(*a, **k))
+    original = sacv.extract.catalog.read_bytes
+    monkeypatch.setattr(sacv.extract.catalog, "read_bytes", lambda *a, **k: reads.append(a) or original(*a, **k))
     third = run_extract(config)
     assert third.shards_run == 0 and third.added == 0 and reads == []
 
@@ -86,8 +91,18 @@ def test_increment_extracts_only_the_shards_that_gain_rows(tmp_path, prefect, mo
 
 def test_assign_rows_keeps_rows_marks_removals_and_never_reuses_a_row():
     def found(ids, labels):
-        return pd.DataFrame({"image_id": ids, "path": [f"/d/{i}.png" for i in ids], "group": "dataset",
-                             "role": "dataset", "concept": None, "label": labels, "mask": None, "stamp": None})
+        return pd.DataFrame(
+            {
+                "image_id": ids,
+                "path": [f"/d/{i}.png" for i in ids],
+                "group": "dataset",
+                "role": "dataset",
+                "concept": None,
+                "label": labels,
+                "mask": None,
+                "stamp": None,
+            }
+        )
 
     first = assign_rows(found(["b", "d", "a"], [0, 0, 1]), None, 2, "A1")
     assert dict(zip(first["image_id"], first["row"])) == {"b": 0, "d": 1, "a": 2}  # first scan: (label, id) order
@@ -107,12 +122,22 @@ def test_shard_lookups_equal_a_plain_filter_and_the_shared_catalog_is_reread_aft
     """Over a table of several increments (removed, rejected and duplicate rows, two groups), every
     (group, shard) lookup equals filtering the table the obvious way; ``ImageCatalog.shared`` reads
     the table once for many lookups and again after it is written (in this process or another)."""
-    from sacv.catalog import ImageCatalog
-    from sacv.rundir import RunDir
+    from sacv.extract.catalog import ImageCatalog
+    from sacv.io.rundir import RunDir
 
     def found(ids, group, labels):
-        return pd.DataFrame({"image_id": ids, "path": [f"/{group}/{i}.png" for i in ids], "group": group,
-                             "role": group, "concept": None, "label": labels, "mask": None, "stamp": None})
+        return pd.DataFrame(
+            {
+                "image_id": ids,
+                "path": [f"/{group}/{i}.png" for i in ids],
+                "group": group,
+                "role": group,
+                "concept": None,
+                "label": labels,
+                "mask": None,
+                "stamp": None,
+            }
+        )
 
     rng = np.random.default_rng(0)
     tables = []
@@ -129,7 +154,7 @@ def test_shard_lookups_equal_a_plain_filter_and_the_shared_catalog_is_reread_aft
     for group in ("dataset", "guidance"):
         for shard in range(int(frame["shard"].max()) + 2):
             of_shard = (frame["group"] == group) & (frame["shard"] == shard)
-            for statuses, lookup in ((("ok",), catalog.rows), (sacv.catalog.STORED, catalog.stored_rows)):
+            for statuses, lookup in ((("ok",), catalog.rows), (sacv.extract.catalog.STORED, catalog.stored_rows)):
                 expected = frame[of_shard & frame["status"].isin(statuses)].sort_values("row")
                 got = lookup(group, shard)
                 assert got["image_id"].tolist() == expected["image_id"].tolist(), (group, shard, statuses)
@@ -188,19 +213,23 @@ def test_class_names_are_matched_once_per_folder_and_per_distinct_manifest_label
     write_tiny(tmp_path / "data" / "Zebra", 0, 5, 0)
     write_tiny(tmp_path / "data" / "cat", 5, 3, 1)
     (tmp_path / "data" / "not a class").mkdir()
-    rows = pd.DataFrame({"path": [f"data/Zebra/img_{i:05d}.png" for i in range(5)], "label": ["zebra", "Dog", "zebra", "dog", 2]})
+    rows = pd.DataFrame(
+        {"path": [f"data/Zebra/img_{i:05d}.png" for i in range(5)], "label": ["zebra", "Dog", "zebra", "dog", 2]}
+    )
     rows.to_csv(tmp_path / "manifest.csv", index=False)
     calls = []
-    original = sacv.catalog.match_class
-    monkeypatch.setattr(sacv.catalog, "match_class", lambda name, classes: calls.append(name) or original(name, classes))
+    original = sacv.extract.catalog.match_class
+    monkeypatch.setattr(
+        sacv.extract.catalog, "match_class", lambda name, classes: calls.append(name) or original(name, classes)
+    )
 
-    folders = sacv.catalog.dataset_candidates(DatasetConfig(root=str(tmp_path / "data")), names)
+    folders = sacv.extract.catalog.dataset_candidates(DatasetConfig(root=str(tmp_path / "data")), names)
     assert sorted((Path(c.path).parent.name, c.label) for c in folders) == [("Zebra", 1)] * 5 + [("cat", 0)] * 3
     assert sorted(calls) == ["Zebra", "cat"]
     calls.clear()
-    manifest = sacv.catalog.dataset_candidates(DatasetConfig(manifest=str(tmp_path / "manifest.csv")), names)
+    manifest = sacv.extract.catalog.dataset_candidates(DatasetConfig(manifest=str(tmp_path / "manifest.csv")), names)
     assert [c.label for c in manifest] == [original(str(label), names) for label in rows["label"]] == [1, 3, 1, 3, 2]
     assert sorted(calls) == ["Dog", "dog", "zebra"]
     write_tiny(tmp_path / "data" / "not a class", 0, 1, 2)
     with pytest.raises(ValueError, match="'not a class' matches no class"):
-        sacv.catalog.dataset_candidates(DatasetConfig(root=str(tmp_path / "data")), names)
+        sacv.extract.catalog.dataset_candidates(DatasetConfig(root=str(tmp_path / "data")), names)

@@ -8,8 +8,8 @@ import pandas as pd
 from click.testing import CliRunner
 
 from sacv.cli import main
-from sacv.inspect import describe_run
-from sacv.rundir import RunDir
+from sacv.io.rundir import RunDir
+from sacv.report.summary import describe_run
 
 LAYERS = [f"_blocks.{i}" for i in (4, 8, 11, 14)]
 CONCEPTS = [f"concept_{k:02d}" for k in range(50)]
@@ -21,18 +21,54 @@ def sweep_run(tmp_path) -> str:
     on 20 classes: 2 040 vectors, 4 000 contribution rows."""
     rng = np.random.default_rng(0)
     run = RunDir(str(tmp_path / "run"))
-    run.update_run_record(model={"spec": "efficientnet_lite0", "weight_hash": "ab" * 32},
-                          timings={"fit": {"status": "done", "seconds": 12.0}})
-    vectors = [{"layer": layer, "concept": k, "random_set": f"random_{r}", "kind": "concept", "bal_acc": rng.uniform(0.55, 1),
-                "near_chance": False} for layer in LAYERS for k in CONCEPTS for r in range(10)]
-    vectors += [{"layer": layer, "concept": f"random_{r}", "random_set": f"random_{(r + 1) % 10}", "kind": "null",
-                 "bal_acc": 0.5, "near_chance": True} for layer in LAYERS for r in range(10)]
+    run.update_run_record(
+        model={"spec": "efficientnet_lite0", "weight_hash": "ab" * 32},
+        timings={"fit": {"status": "done", "seconds": 12.0}},
+    )
+    vectors = [
+        {
+            "layer": layer,
+            "concept": k,
+            "random_set": f"random_{r}",
+            "kind": "concept",
+            "bal_acc": rng.uniform(0.55, 1),
+            "near_chance": False,
+        }
+        for layer in LAYERS
+        for k in CONCEPTS
+        for r in range(10)
+    ]
+    vectors += [
+        {
+            "layer": layer,
+            "concept": f"random_{r}",
+            "random_set": f"random_{(r + 1) % 10}",
+            "kind": "null",
+            "bal_acc": 0.5,
+            "near_chance": True,
+        }
+        for layer in LAYERS
+        for r in range(10)
+    ]
     table = pd.DataFrame(vectors)
     table["near_chance"] = table["bal_acc"] < 0.6
     run.write_table("vectors", table)
-    rows = [{"layer": layer, "concept": k, "class_index": c, "class_name": name, "n_images": 12,
-             "spatial_score": rng.uniform(), "tcav_score": rng.uniform(), "p_adjusted": rng.uniform(),
-             "effect_size": rng.normal()} for layer in LAYERS for k in CONCEPTS for c, name in enumerate(CLASSES)]
+    rows = [
+        {
+            "layer": layer,
+            "concept": k,
+            "class_index": c,
+            "class_name": name,
+            "n_images": 12,
+            "spatial_score": rng.uniform(),
+            "tcav_score": rng.uniform(),
+            "p_adjusted": rng.uniform(),
+            "effect_size": rng.normal(),
+        }
+        for layer in LAYERS
+        for k in CONCEPTS
+        for c, name in enumerate(CLASSES)
+    ]
     contributions = pd.DataFrame(rows)
     contributions["significant"] = contributions["p_adjusted"] < 0.05
     contributions["direction"] = np.where(contributions["effect_size"] > 0, "positive", "negative")

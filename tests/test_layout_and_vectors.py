@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sacv.extract import channels_last
-from sacv.vectors import NearChanceWarning, SpatialConceptVector, fit_concept_vector, spatial_samples
+from sacv.method.activations import channels_last
+from sacv.method.vectors import NearChanceWarning, SpatialConceptVector, fit_concept_vector, spatial_samples
 
 
 def test_sample_at_n_i_j_is_the_channel_vector_at_that_position():
@@ -64,7 +64,7 @@ def test_swapping_concept_and_random_flips_the_vector():
 
 
 def test_validation_is_grouped_by_image():
-    from sacv.vectors import grouped_validation_split
+    from sacv.method.vectors import grouped_validation_split
 
     y = np.repeat([1, 1, 1, 0, 0, 0, 0], 9)
     groups = np.repeat(np.arange(7), 9)
@@ -131,7 +131,7 @@ def test_held_out_metrics_equal_scikit_learns():
     """The numpy metrics of every fitted vector against scikit-learn's own, ties and one class included."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-    from sacv.vectors import held_out_metrics
+    from sacv.method.vectors import held_out_metrics
 
     rng = np.random.default_rng(8)
     for trial in range(200):

@@ -1,4 +1,4 @@
-"""Per-problem L-BFGS side by side (sacv.lbfgs) and the batched logistic solver built on it:
+"""Per-problem L-BFGS side by side (sacv.fit.lbfgs) and the batched logistic solver built on it:
 planted minimisers, SciPy's L-BFGS-B per problem as the reference, problems that leave the batch
 are not evaluated again, and jobs solved together equal jobs solved alone."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from sacv import solvers
-from sacv.lbfgs import minimize_batched
+from sacv.fit import solvers
+from sacv.fit.lbfgs import minimize_batched
 
 
 def quadratics(J: int, D: int, seed: int):
@@ -42,8 +42,13 @@ def test_every_problem_reaches_its_planted_minimiser_and_leaves_the_batch_when_d
         assert len(seen) == result.n_eval[j]
         assert seen == list(range(len(seen)))
     for j in range(len(a)):  # SciPy's L-BFGS-B on the same problem, alone: same point, iterations alike
-        ref = minimize(lambda x: (0.5 * (x - a[j]) @ A[j] @ (x - a[j]), A[j] @ (x - a[j])), np.zeros(a.shape[1]),
-                       jac=True, method="L-BFGS-B", options={"gtol": 1e-9, "ftol": 64 * np.finfo(float).eps, "maxcor": 20, "maxiter": 500})
+        ref = minimize(
+            lambda x, j=j: (0.5 * (x - a[j]) @ A[j] @ (x - a[j]), A[j] @ (x - a[j])),
+            np.zeros(a.shape[1]),
+            jac=True,
+            method="L-BFGS-B",
+            options={"gtol": 1e-9, "ftol": 64 * np.finfo(float).eps, "maxcor": 20, "maxiter": 500},
+        )
         np.testing.assert_allclose(result.x[j], ref.x, atol=1e-6)
         assert result.n_iter[j] <= 1.5 * ref.nit + 3
 
@@ -114,14 +119,19 @@ def test_jobs_solved_together_equal_each_job_solved_alone_and_scipy(ragged):
         rows = weight[image, j] > 0
         X, y, s = x[rows].astype(np.float64), sign[image[rows], j], weight[image[rows], j]
 
-        def objective(p):
+        def objective(p, X=X, y=y, s=s):
             z = X @ p[:-1] + p[-1]
             e = np.exp(-y * z)
             grad_z = -y * s * e / (1 + e)
             return (s * np.log1p(e)).sum() + 0.5 * p[:-1] @ p[:-1], np.r_[X.T @ grad_z + p[:-1], grad_z.sum()]
 
-        ref = minimize(objective, np.zeros(X.shape[1] + 1), jac=True, method="L-BFGS-B",
-                       options={"gtol": 1e-10, "ftol": 1e-15, "maxiter": 2000})
+        ref = minimize(
+            objective,
+            np.zeros(X.shape[1] + 1),
+            jac=True,
+            method="L-BFGS-B",
+            options={"gtol": 1e-10, "ftol": 1e-15, "maxiter": 2000},
+        )
         np.testing.assert_allclose(np.r_[w[j], b[j]], ref.x, rtol=1e-5, atol=1e-6)
 
 
@@ -139,5 +149,7 @@ def test_the_preconditioner_whitens_the_positions_and_floors_flat_directions():
     cov = np.cov(x.astype(np.float64), rowvar=False, bias=True)
     np.testing.assert_allclose(P, P.T)
     np.testing.assert_allclose(P @ cov @ P, np.eye(5), atol=1e-8)
-    floored = np.linalg.eigvalsh(np.linalg.inv(solvers.whitening_map(blocks, 5, floor=0.5) @ solvers.whitening_map(blocks, 5, floor=0.5)))
+    floored = np.linalg.eigvalsh(
+        np.linalg.inv(solvers.whitening_map(blocks, 5, floor=0.5) @ solvers.whitening_map(blocks, 5, floor=0.5))
+    )
     assert floored.min() == pytest.approx(0.5 * np.linalg.eigvalsh(cov).mean())  # flat directions raised to the floor

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-import sacv.loaders as loaders
+import sacv.extract.decode_pool as loaders
 from flows.extract import run_extract
-from sacv import textures
-from sacv.extraction import model_inputs
-from sacv.images import ImageRejected, image_id
 from sacv.config import RunConfig, parse_config
-from sacv.models import Preprocessing
+from sacv.demo import textures
+from sacv.extract.extraction import model_inputs
+from sacv.io.images import ImageRejected, image_id
+from sacv.method.models import Preprocessing
 from tests.flow_helpers import make_config, store_arrays, write_collection
 from tests.models import small
 
@@ -81,14 +81,21 @@ def test_model_inputs_normalise_pixels_as_the_preprocessing_does():
     images = [Image.fromarray(rng.integers(0, 256, (70 + k, 64, 3), dtype=np.uint8)) for k in range(4)]
     model = dataclasses.replace(small(), preprocessing=PRE)
     reject = ImageRejected("decode", "truncated image")
-    batch = [torch.from_numpy(PRE.pixels(images[0])), reject, torch.from_numpy(PRE.pixels(images[1])), None,
-             *(torch.from_numpy(PRE.pixels(image)) for image in images[2:])]
+    batch = [
+        torch.from_numpy(PRE.pixels(images[0])),
+        reject,
+        torch.from_numpy(PRE.pixels(images[1])),
+        None,
+        *(torch.from_numpy(PRE.pixels(image)) for image in images[2:]),
+    ]
     inputs, missing = model_inputs(batch, model, torch.device("cpu"))
     assert inputs.shape == (6, 3, 56, 56) and missing == {1: reject, 3: None}
     for row, image in zip([0, 2, 4, 5], images):
         assert torch.equal(inputs[row], PRE(image))
     assert not inputs[1].any() and not inputs[3].any()
-    whole, none_missing = model_inputs([torch.from_numpy(PRE.pixels(image)) for image in images], model, torch.device("cpu"))
+    whole, none_missing = model_inputs(
+        [torch.from_numpy(PRE.pixels(image)) for image in images], model, torch.device("cpu")
+    )
     assert none_missing == {} and all(torch.equal(whole[k], PRE(image)) for k, image in enumerate(images))
 
 
@@ -100,8 +107,9 @@ def test_the_flow_with_decode_processes_stores_what_the_caller_stores(tmp_path, 
     (root / "data/cat/cat_broken.jpg").write_bytes(bytes(broken[: len(broken) // 2]))
     inline = make_config(root, run="inline")
     pooled = make_config(root, run="pooled")
-    pooled = pooled.model_copy(update={"execution": pooled.execution.model_copy(update={"loader_workers": 2,
-                                                                                          "loader": "processes"})})
+    pooled = pooled.model_copy(
+        update={"execution": pooled.execution.model_copy(update={"loader_workers": 2, "loader": "processes"})}
+    )
     for config in (inline, pooled):
         assert run_extract(config).rejects == 1
     expected, got = store_arrays(root / "inline"), store_arrays(root / "pooled")
@@ -109,8 +117,12 @@ def test_the_flow_with_decode_processes_stores_what_the_caller_stores(tmp_path, 
 
 
 def test_processes_with_the_device_decoder_are_refused_naming_the_fix(tmp_path):
-    raw = {"run_dir": str(tmp_path / "run"), "layers": ["features.0"], "extract": {"decoder": "torchvision"},
-           "execution": {"loader": "processes", "loader_workers": 2}}
+    raw = {
+        "run_dir": str(tmp_path / "run"),
+        "layers": ["features.0"],
+        "extract": {"decoder": "torchvision"},
+        "execution": {"loader": "processes", "loader_workers": 2},
+    }
     with pytest.raises(ValidationError, match="set execution.loader: threads"):
         RunConfig.model_validate(raw)
     for kind in ("threads", "auto"):
@@ -120,8 +132,11 @@ def test_processes_with_the_device_decoder_are_refused_naming_the_fix(tmp_path):
 
 def test_auto_loader_is_processes_for_pil_and_threads_for_the_device_decoder_or_a_daemon(tmp_path, monkeypatch):
     pil = shard(tmp_path / "a", 2)
-    device = loaders.ShardImages(pil.rows, PRE, parse_config({"run_dir": str(tmp_path / "run"), "layers": ["x"],
-                                                             "extract": {"decoder": "torchvision"}}))
+    device = loaders.ShardImages(
+        pil.rows,
+        PRE,
+        parse_config({"run_dir": str(tmp_path / "run"), "layers": ["x"], "extract": {"decoder": "torchvision"}}),
+    )
     assert loaders.loader_kind("auto", [pil]) == "processes"
     assert loaders.loader_kind("auto", [device]) == loaders.loader_kind("processes", [device]) == "threads"
     assert loaders.loader_kind("threads", [pil]) == "threads"
@@ -169,14 +184,15 @@ def test_decode_processes_exit_when_the_process_that_made_them_is_killed(tmp_pat
     script = tmp_path / "parent.py"
     script.write_text(
         "import os, sys, time\n"
-        "from sacv.loaders import _pool\n"
+        "from sacv.extract.decode_pool import _pool\n"
         "pool = _pool('processes', 2)\n"
         "pool.submit(os.getpid).result()\n"
         "print(*[p.pid for p in pool._processes.values()], flush=True)\n"
         "time.sleep(120)\n"
     )
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
+    parent = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
     children = [int(pid) for pid in parent.stdout.readline().split()]
     assert len(children) == 2
 
@@ -199,8 +215,8 @@ def test_the_scan_in_decode_processes_checks_what_threads_check(tmp_path):
     """Planning's file checks in the decode processes: the same rows, in order, as in threads, for
     good files, every kind of reject and a file whose known stamp keeps its id unread; the scan uses
     processes whenever there are loader workers, unless the loader is "threads"."""
-    from sacv.catalog import check_files
-    from sacv.images import file_stamp
+    from sacv.extract.catalog import check_files
+    from sacv.io.images import file_stamp
 
     good = []
     for k in range(70):  # more files than one call to a scan process takes
@@ -210,10 +226,18 @@ def test_the_scan_in_decode_processes_checks_what_threads_check(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not an image")
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "tiny.png")
-    paths = [*map(str, good), *(str(tmp_path / n) for n in ("corrupt.jpg", "empty.png", "text.jpg", "tiny.png", "gone.png"))]
+    paths = [
+        *map(str, good),
+        *(str(tmp_path / n) for n in ("corrupt.jpg", "empty.png", "text.jpg", "tiny.png", "gone.png")),
+    ]
     known = paths[5]
-    frame = pd.DataFrame({"path": paths, "known_stamp": [file_stamp(known) if p == known else None for p in paths],
-                          "known_id": ["planted-known-id" if p == known else None for p in paths]})
+    frame = pd.DataFrame(
+        {
+            "path": paths,
+            "known_stamp": [file_stamp(known) if p == known else None for p in paths],
+            "known_id": ["planted-known-id" if p == known else None for p in paths],
+        }
+    )
     in_threads = check_files(frame, 10**8, 8, threads=3)
     in_processes = check_files(frame, 10**8, 8, processes=2)
     pd.testing.assert_frame_equal(in_processes, in_threads)
@@ -221,8 +245,9 @@ def test_the_scan_in_decode_processes_checks_what_threads_check(tmp_path):
     assert in_threads.loc[in_threads["path"] == known, "image_id"].item() == "planted-known-id"
 
     def config(decoder="pil", **execution):
-        return parse_config({"run_dir": str(tmp_path / "run"), "layers": ["x"], "execution": execution,
-                             "extract": {"decoder": decoder}})
+        return parse_config(
+            {"run_dir": str(tmp_path / "run"), "layers": ["x"], "execution": execution, "extract": {"decoder": decoder}}
+        )
 
     assert loaders.scan_processes(config(loader_workers=3)) == 3
     assert loaders.scan_processes(config("torchvision", loader_workers=3)) == 3
@@ -231,7 +256,7 @@ def test_the_scan_in_decode_processes_checks_what_threads_check(tmp_path):
 
 
 def test_a_dead_scan_process_is_an_error_naming_it_and_the_next_call_gets_a_new_pool(tmp_path, monkeypatch):
-    import sacv.catalog as catalog
+    import sacv.extract.catalog as catalog
 
     paths = []
     for k in range(6):
@@ -251,4 +276,6 @@ def test_a_dead_scan_process_is_an_error_naming_it_and_the_next_call_gets_a_new_
         catalog.check_files(frame, 10**8, 8, processes=workers)
     assert ("processes", workers) not in loaders._POOLS
     monkeypatch.setattr(catalog, "_check", original)
-    pd.testing.assert_frame_equal(catalog.check_files(frame, 10**8, 8, processes=workers), catalog.check_files(frame, 10**8, 8))
+    pd.testing.assert_frame_equal(
+        catalog.check_files(frame, 10**8, 8, processes=workers), catalog.check_files(frame, 10**8, 8)
+    )

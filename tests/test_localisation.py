@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sacv.catalog import IMAGE_COLUMNS, ImageCatalog
 from sacv.config import parse_config
-from sacv.localisation import LOCALISATION_COLUMNS, evaluate_run, image_metrics, masked_images
+from sacv.extract.catalog import IMAGE_COLUMNS, ImageCatalog
+from sacv.score.localisation import LOCALISATION_COLUMNS, evaluate_run, image_metrics, masked_images
 
 
 def metric(name: str, map_, mask, stride: int = 0, distractor=None) -> float:
@@ -100,7 +100,7 @@ def test_no_masks_is_an_error_that_says_how_to_add_them(tmp_path):
 def write_scenes(root: Path) -> Path:
     """9 scenes (3 per concept; every second one with a distractor of another concept), one scene
     of an unfitted concept and one image without a mask."""
-    from sacv import textures
+    from sacv.demo import textures
 
     rng = np.random.default_rng(1)
     folder = root / "scenes"
@@ -110,8 +110,14 @@ def write_scenes(root: Path) -> Path:
     for i in range(10):
         concept = concepts[i % 3] if i < 9 else "striped"
         image, mask = textures.scene(48, concept, rng)
-        row = {"path": f"s{i}.png", "label": ["cat", "zebra"][i % 2], "mask": f"s{i}_mask.png",
-               "mask_concept": concept if i < 9 else "furry", "distractor_mask": None, "distractor_concept": None}
+        row = {
+            "path": f"s{i}.png",
+            "label": ["cat", "zebra"][i % 2],
+            "mask": f"s{i}_mask.png",
+            "mask_concept": concept if i < 9 else "furry",
+            "distractor_mask": None,
+            "distractor_concept": None,
+        }
         if i % 2 == 0:
             other = concepts[(i + 1) % 3]
             distractor = np.zeros_like(mask)
@@ -135,16 +141,18 @@ def localised(tmp_path_factory, prefect):
     from tests.flow_helpers import write_collection
 
     root = write_collection(tmp_path_factory.mktemp("localised"), n_per_concept=5, n_per_class=1)
-    config = parse_config({
-        "run_dir": str(root / "run"),
-        "model": {"spec": "tests.models:small"},
-        "layers": ["features.0", "features.2"],
-        "concepts": {"root": str(root / "concepts"), "random_sets": 3, "images_per_set": 4},
-        "dataset": {"manifest": str(write_scenes(root)), "target": "label"},
-        "extract": {"shard_size": 4, "batch_size": 4},
-        "fit": {"solver": "lbfgs"},
-        "score": {"min_images": 2},
-    })
+    config = parse_config(
+        {
+            "run_dir": str(root / "run"),
+            "model": {"spec": "tests.models:small"},
+            "layers": ["features.0", "features.2"],
+            "concepts": {"root": str(root / "concepts"), "random_sets": 3, "images_per_set": 4},
+            "dataset": {"manifest": str(write_scenes(root)), "target": "label"},
+            "extract": {"shard_size": 4, "batch_size": 4},
+            "fit": {"solver": "lbfgs"},
+            "score": {"min_images": 2},
+        }
+    )
     run_pipeline(config)
     return config, evaluate_run(config.run_dir)
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sacv.cli import main
-from sacv.models import imagenet_class_names, load_model, resolve_layers, state_dict_hash
+from sacv.method.models import imagenet_class_names, load_model, resolve_layers, state_dict_hash
 
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 
@@ -38,7 +38,9 @@ def test_state_dict_with_wrong_keys_lists_them(tmp_path):
     state["extra.weight"] = state.pop("fc.weight")
     path = tmp_path / "bad.pt"
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"1 missing keys \(first: \['fc.weight'\]\).*1 unexpected keys \(first: \['extra.weight'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"1 missing keys \(first: \['fc.weight'\]\).*1 unexpected keys \(first: \['extra.weight'\]\)"
+    ):
         load_model("tests.conftest:tiny_net", weights=str(path))
 
 
@@ -61,7 +63,9 @@ def test_weights_are_loaded_with_weights_only(tmp_path):
 
 
 def test_unknown_models_are_clear_errors():
-    with pytest.raises(ValueError, match=r"unknown model spec 'efficientnet_lite' \(did you mean \['efficientnet_lite0'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown model spec 'efficientnet_lite' \(did you mean \['efficientnet_lite0'\]"
+    ):
         load_model("efficientnet_lite")
     with pytest.raises(ValueError, match=r"unknown torchvision model 'resnet181'; close names: \['resnet18'"):
         load_model("torchvision/resnet181")
@@ -117,7 +121,9 @@ def test_efficientnet_lite0_classifies_bundled_photos_offline(lite0):
     import skimage.data
 
     assert lite0.spec == "efficientnet_lite0" and not lite0.module.training
-    batch = torch.stack([lite0.preprocessing(Image.fromarray(getattr(skimage.data, n)())) for n in ("chelsea", "coffee")])
+    batch = torch.stack(
+        [lite0.preprocessing(Image.fromarray(getattr(skimage.data, n)())) for n in ("chelsea", "coffee")]
+    )
     with torch.no_grad():
         top1 = lite0.module(batch).argmax(1).tolist()
     assert lite0.class_names[top1[0]] in CAT_CLASSES
@@ -144,7 +150,7 @@ def test_preprocessing_matches_the_trained_normalisation(lite0):
 def test_normalize_is_numpys_float32_arithmetic_bit_for_bit():
     """The batch normalisation on the model's device (in place on one float copy) gives exactly
     ``(x / 255 - mean) / std`` in numpy float32, channels first, for a batch and for one image."""
-    from sacv.models import Preprocessing
+    from sacv.method.models import Preprocessing
 
     pre = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     pixels = np.random.default_rng(0).integers(0, 256, size=(3, 20, 24, 3), dtype=np.uint8)  # (N, H, W, 3)

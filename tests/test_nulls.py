@@ -17,13 +17,13 @@ import pandas as pd
 import pytest
 import zarr
 
-from sacv import solvers, sweep
-from sacv.catalog import IMAGE_COLUMNS
 from sacv.config import parse_config
-from sacv.fitting import plan_jobs
-from sacv.store import store_identity
+from sacv.extract.catalog import IMAGE_COLUMNS
+from sacv.fit import solvers, sweep
+from sacv.fit.fit_plan import plan_jobs
+from sacv.io.zarr_store import store_identity
 
-pytestmark = pytest.mark.filterwarnings("ignore::sacv.vectors.NearChanceWarning")  # null vectors are near chance
+pytestmark = pytest.mark.filterwarnings("ignore::sacv.method.vectors.NearChanceWarning")  # null vectors are near chance
 
 HW, C, N_CONCEPT, POOL, SETS, PER_SET = 4, 8, 10, 60, 6, 10
 SEEDS = 80  # the mean of 480 null vectors varies by about 0.011 from one block of 80 seeds to the next
@@ -37,18 +37,39 @@ def planted_fit(tmp_path, seed: int, solver: str, shift: float = 12.0) -> tuple[
     n = N_CONCEPT + POOL
     ids = [f"{i:04d}" for i in range(n)]
     concept = np.arange(n) < N_CONCEPT
-    rows = [{"image_id": ids[i], "path": f"/x/{i}.png", "group": "guidance", "role": "concept" if concept[i] else "random",
-             "concept": "striped" if concept[i] else "random", "label": pd.NA, "mask": None, "row": i, "shard": i // 8,
-             "status": "ok"} for i in range(n)]
+    rows = [
+        {
+            "image_id": ids[i],
+            "path": f"/x/{i}.png",
+            "group": "guidance",
+            "role": "concept" if concept[i] else "random",
+            "concept": "striped" if concept[i] else "random",
+            "label": pd.NA,
+            "mask": None,
+            "row": i,
+            "shard": i // 8,
+            "status": "ok",
+        }
+        for i in range(n)
+    ]
     images = pd.DataFrame(rows, columns=IMAGE_COLUMNS).astype({"label": "Int64", "row": "Int64", "shard": "Int64"})
     (tmp_path / "concepts").mkdir(exist_ok=True)
-    config = parse_config({
-        "run_dir": str(tmp_path / "run"), "layers": ["block"],
-        "concepts": {"root": str(tmp_path / "concepts"), "random_pool": str(tmp_path / "concepts"),
-                     "random_sets": SETS, "images_per_set": PER_SET},
-        "fit": {"solver": solver, "seed": seed, "compare_logistic": False},
-    })
-    jobs = plan_jobs(images, config, store_identity("planted", "0" * 64, {"crop": 32}, {"block": [HW, HW, C]}, "float16"))
+    config = parse_config(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "layers": ["block"],
+            "concepts": {
+                "root": str(tmp_path / "concepts"),
+                "random_pool": str(tmp_path / "concepts"),
+                "random_sets": SETS,
+                "images_per_set": PER_SET,
+            },
+            "fit": {"solver": solver, "seed": seed, "compare_logistic": False},
+        }
+    )
+    jobs = plan_jobs(
+        images, config, store_identity("planted", "0" * 64, {"crop": 32}, {"block": [HW, HW, C]}, "float16")
+    )
     u = rng.normal(size=C)
     u /= np.linalg.norm(u)
     values = rng.normal(0, 2.0, (n, 1, 1, C)) + rng.normal(0, 1.0, (n, HW, HW, C))

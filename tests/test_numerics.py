@@ -12,13 +12,13 @@ from torch import nn
 
 from flows.pipeline import run_pipeline
 from flows.score import run_score
-from sacv.catalog import ImageCatalog
 from sacv.config import numeric_mode, numeric_warnings, parse_config
-from sacv.extract import extract, tf32_mode
-from sacv.fitting import plan_jobs
-from sacv.rundir import RunDir
-from sacv.scoring import shard_score_key
-from sacv.store import store_identity_of
+from sacv.extract.catalog import ImageCatalog
+from sacv.fit.fit_plan import plan_jobs
+from sacv.io.rundir import RunDir
+from sacv.io.zarr_store import store_identity_of
+from sacv.method.activations import extract, tf32_mode
+from sacv.score.scoring import shard_score_key
 from tests.flow_helpers import make_config, write_collection
 
 
@@ -61,10 +61,12 @@ def test_tf32_settings_are_restored_when_the_body_raises(tf32_on_outside):
 
 
 def with_numerics(config, autocast: str = "none", allow_tf32: bool = False):
-    return config.model_copy(update={
-        "extract": config.extract.model_copy(update={"autocast": autocast}),
-        "execution": config.execution.model_copy(update={"allow_tf32": allow_tf32}),
-    })
+    return config.model_copy(
+        update={
+            "extract": config.extract.model_copy(update={"autocast": autocast}),
+            "execution": config.execution.model_copy(update={"allow_tf32": allow_tf32}),
+        }
+    )
 
 
 def test_numeric_mode_is_empty_by_default_and_warned_about_otherwise(tmp_path):
@@ -79,12 +81,14 @@ def test_numeric_mode_is_empty_by_default_and_warned_about_otherwise(tmp_path):
 def extracted(tmp_path_factory, prefect):
     root = write_collection(tmp_path_factory.mktemp("numerics"), n_per_concept=5, n_per_class=5)
     config = make_config(root, run="run")
-    config = config.model_copy(update={
-        "layers": ["features.2"],
-        "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
-        "fit": config.fit.model_copy(update={"solver": "lbfgs"}),
-        "score": config.score.model_copy(update={"min_images": 2}),
-    })
+    config = config.model_copy(
+        update={
+            "layers": ["features.2"],
+            "concepts": config.concepts.model_copy(update={"random_sets": 3, "images_per_set": 4}),
+            "fit": config.fit.model_copy(update={"solver": "lbfgs"}),
+            "score": config.score.model_copy(update={"min_images": 2}),
+        }
+    )
     return with_numerics(config, "bfloat16")
 
 

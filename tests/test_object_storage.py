@@ -16,10 +16,17 @@ import pytest
 import yaml
 
 from flows.pipeline import run_pipeline
-from sacv import storage
 from sacv.config import parse_config
-from sacv.rundir import RunDir
-from tests.flow_helpers import assert_same_tables, pipeline_raw, run_tables, store_arrays, write_collection, write_manifest
+from sacv.io import storage
+from sacv.io.rundir import RunDir
+from tests.flow_helpers import (
+    assert_same_tables,
+    pipeline_raw,
+    run_tables,
+    store_arrays,
+    write_collection,
+    write_manifest,
+)
 from tests.servers import upload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,8 +105,9 @@ def test_killed_run_on_s3_resumes_with_the_same_tables(remote, s3, tmp_path):
     run = RunDir(f"{bucket}/killed", s3.options)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"), "SACV_TEST_DELAY": "0.2"}
     command = [sys.executable, "-m", "sacv.cli", "run", str(config_path)]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None and len(_markers(run)) < 2:
         time.sleep(0.2)
@@ -109,8 +117,9 @@ def test_killed_run_on_s3_resumes_with_the_same_tables(remote, s3, tmp_path):
     before = _markers(run)
     assert 2 <= len(before) < 6, "the run must be killed in the middle of extraction"
 
-    rerun = subprocess.run(command, cwd=REPO, env={**env, "SACV_TEST_DELAY": "0"}, capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(
+        command, cwd=REPO, env={**env, "SACV_TEST_DELAY": "0"}, capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     after = _markers(run)
     assert {shard: after[shard] for shard in before} == before  # done shards were not redone

@@ -47,10 +47,12 @@ def _save(image: np.ndarray, path: Path) -> None:
     Image.fromarray(image).save(path)
 
 
-def write_audit_data(root: Path, seed: int = SEED, n_concept: int = 10, n_random: int = 30, n_per_class: int = 8) -> None:
+def write_audit_data(
+    root: Path, seed: int = SEED, n_concept: int = 10, n_random: int = 30, n_per_class: int = 8
+) -> None:
     """concepts/striped, random/ (the random pool) and data/<class>/ scenes (see ``CLASSES``)."""
-    from sacv import textures
-    from sacv.demo_data import CONCEPT_SIZE, make_scene
+    from sacv.demo import textures
+    from sacv.demo.scenes import CONCEPT_SIZE, make_scene
 
     def rng(*keys: int) -> np.random.Generator:
         return np.random.default_rng([seed, *keys])
@@ -66,30 +68,39 @@ def write_audit_data(root: Path, seed: int = SEED, n_concept: int = 10, n_random
 
 
 def add_striped(root: Path, n: int = 5, seed: int = SEED) -> None:
-    from sacv import textures
-    from sacv.demo_data import SCENE_SIZE
+    from sacv.demo import textures
+    from sacv.demo.scenes import SCENE_SIZE
 
     for i in range(n):
-        _save(textures.striped(SCENE_SIZE, np.random.default_rng([seed, 5, i])), root / "data" / PLANTED / f"added_{i}.png")
+        _save(
+            textures.striped(SCENE_SIZE, np.random.default_rng([seed, 5, i])),
+            root / "data" / PLANTED / f"added_{i}.png",
+        )
 
 
 @pytest.mark.slow
 def test_striped_images_added_to_one_class_are_flagged_as_drift(tmp_path, prefect):
     from flows.pipeline import run_pipeline
-    from sacv.rundir import RunDir
+    from sacv.io.rundir import RunDir
 
     write_audit_data(tmp_path)
-    config = parse_config({
-        "run_dir": str(tmp_path / "run"),
-        "model": {"spec": "efficientnet_lite0"},
-        "layers": [LAYER],
-        "concepts": {"root": str(tmp_path / "concepts"), "random_pool": str(tmp_path / "random"),
-                     "random_sets": 6, "images_per_set": 15},
-        "dataset": {"root": str(tmp_path / "data"), "target": "label"},
-        "extract": {"shard_size": 16, "batch_size": 16},
-        "score": {"min_images": 2},
-        "execution": {"device": "cpu"},
-    })
+    config = parse_config(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "model": {"spec": "efficientnet_lite0"},
+            "layers": [LAYER],
+            "concepts": {
+                "root": str(tmp_path / "concepts"),
+                "random_pool": str(tmp_path / "random"),
+                "random_sets": 6,
+                "images_per_set": 15,
+            },
+            "dataset": {"root": str(tmp_path / "data"), "target": "label"},
+            "extract": {"shard_size": 16, "batch_size": 16},
+            "score": {"min_images": 2},
+            "execution": {"device": "cpu"},
+        }
+    )
     first = run_pipeline(config)
     add_striped(tmp_path, n=5)
     second = run_pipeline(config)

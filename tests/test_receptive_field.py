@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sacv.receptive_field import receptive_field
+from sacv.method.receptive_field import receptive_field
 
 
 def conv_stack() -> nn.Module:

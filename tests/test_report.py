@@ -17,13 +17,20 @@ import pytest
 from PIL import Image
 
 from flows.pipeline import run_pipeline
-from sacv.report import build_report
+from sacv.report.build import build_report
 from tests.flow_helpers import pipeline_config, write_collection
 
 EVIL = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +48,9 @@ def report(tmp_path_factory, prefect):
     images = pd.read_parquet(run / "tables/images.parquet")
     assert (images["path"] == str(evil)).any()  # the catalog took the file, in class "cat"
     assert images.loc[images["path"] == str(evil), "label"].iloc[0] == 0
-    localisation = pd.DataFrame({"layer": ["features.2"], "concept": ["striped"], "pointing_game": [0.75],
-                                 "note": ["<b>bold?</b>"]})
+    localisation = pd.DataFrame(
+        {"layer": ["features.2"], "concept": ["striped"], "pointing_game": [0.75], "note": ["<b>bold?</b>"]}
+    )
     localisation.to_parquet(run / "tables/localisation.parquet", index=False)
     start = time.perf_counter()
     path = build_report(str(run))
@@ -99,7 +107,9 @@ def test_the_page_is_self_contained(report):
     assert sources and len(sources) == page.count("<img")
     for source in sources:
         assert source.startswith("data:image/png;base64,")
-        with Image.open(io.BytesIO(base64.b64decode(source.removeprefix("data:image/png;base64,"), validate=True))) as image:
+        with Image.open(
+            io.BytesIO(base64.b64decode(source.removeprefix("data:image/png;base64,"), validate=True))
+        ) as image:
             assert image.format == "PNG" and image.width > 0
             image.verify()
 
@@ -150,7 +160,8 @@ def test_the_page_works_in_headless_chromium(report, tmp_path):
 
             def column(index):
                 return page.eval_on_selector_all(
-                    "#contributions tbody tr", f"rows => rows.map(r => r.cells[{index}].getAttribute('data-v'))")
+                    "#contributions tbody tr", f"rows => rows.map(r => r.cells[{index}].getAttribute('data-v'))"
+                )
 
             headers = page.eval_on_selector_all("#contributions thead th", "ths => ths.map(t => t.textContent)")
             effect = headers.index("effect_size")
@@ -175,15 +186,27 @@ def test_the_page_works_in_headless_chromium(report, tmp_path):
 def sweep_table(concepts: int = 30, layers: int = 4, classes: int = 10, seed: int = 0) -> pd.DataFrame:
     """A contributions table of a sweep: every (class, concept, layer), a few significant."""
     rng = np.random.default_rng(seed)
-    rows = [{"layer": f"l{l}", "concept": f"c{k:02d}", "class_index": c, "class_name": f"class{c}", "n_images": 5,
-             "spatial_score": rng.uniform(), "effect_size": rng.normal(), "significant": bool(rng.random() < 0.05)}
-            for c in range(classes) for k in range(concepts) for l in range(layers)]
+    rows = [
+        {
+            "layer": f"l{layer}",
+            "concept": f"c{k:02d}",
+            "class_index": c,
+            "class_name": f"class{c}",
+            "n_images": 5,
+            "spatial_score": rng.uniform(),
+            "effect_size": rng.normal(),
+            "significant": bool(rng.random() < 0.05),
+        }
+        for c in range(classes)
+        for k in range(concepts)
+        for layer in range(layers)
+    ]
     table = pd.DataFrame(rows)
     return table.assign(direction=np.where(table["effect_size"] > 0, "positive", "negative"))
 
 
 def test_a_sweep_table_is_cut_to_the_significant_and_strongest_rows():
-    from sacv.report import CONTRIBUTION_ROWS, shown_contributions
+    from sacv.report.build import CONTRIBUTION_ROWS, shown_contributions
 
     table = sweep_table()
     shown = shown_contributions(table)
@@ -197,7 +220,7 @@ def test_a_sweep_table_is_cut_to_the_significant_and_strongest_rows():
 
 
 def test_the_sweep_heatmap_has_one_panel_per_class_up_to_the_cap():
-    from sacv.report_plots import sweep_heatmap
+    from sacv.report.figures import sweep_heatmap
 
     def size(uri):
         with Image.open(io.BytesIO(base64.b64decode(uri.removeprefix("data:image/png;base64,")))) as image:

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from sacv import runlock
 from sacv.cli import main
-from sacv.rundir import RunDir
+from sacv.io import runlock
+from sacv.io.rundir import RunDir
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -48,7 +48,9 @@ def test_second_run_stops_with_a_message_naming_the_lock_and_the_holder(run):
 def test_conditional_create_lets_exactly_one_of_many_racers_win(run):
     records = [{"token": f"racer-{i}"} for i in range(8)]
     won = []
-    threads = [threading.Thread(target=lambda r=r: won.append(r["token"]) if run.create_lock(r) else None) for r in records]
+    threads = [
+        threading.Thread(target=lambda r=r: won.append(r["token"]) if run.create_lock(r) else None) for r in records
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -57,8 +59,9 @@ def test_conditional_create_lets_exactly_one_of_many_racers_win(run):
 
 
 def test_a_lock_whose_process_died_is_taken_over(run):
-    run.write_lock({"host": socket.gethostname(), "pid": _dead_pid(), "started": "then", "heartbeat": time.time(),
-                    "token": "dead"})
+    run.write_lock(
+        {"host": socket.gethostname(), "pid": _dead_pid(), "started": "then", "heartbeat": time.time(), "token": "dead"}
+    )
     with runlock.acquire(run) as lock:
         assert run.read_lock()["token"] == lock.record["token"]
 
@@ -93,8 +96,12 @@ def test_heartbeat_keeps_a_long_run_fresh(tmp_path):
 
 
 def test_sacv_run_on_a_locked_run_dir_stops_before_any_work(tmp_path):
-    config = {"run_dir": str(tmp_path / "run"), "model": {"spec": "tests.models:small"}, "layers": ["features.2"],
-              "dataset": {"root": str(tmp_path)}}
+    config = {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"spec": "tests.models:small"},
+        "layers": ["features.2"],
+        "dataset": {"root": str(tmp_path)},
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     with runlock.acquire(RunDir(config["run_dir"])) as held:
         result = CliRunner().invoke(main, ["run", str(tmp_path / "config.yaml")])

@@ -15,9 +15,9 @@ from scipy import stats
 from flows.pipeline import run_pipeline
 from flows.score import run_score
 from sacv.cli import main
-from sacv.contributions import adjust, contributions
-from sacv.maps import concept_maps
-from sacv.scoring import summarize_maps
+from sacv.method.maps import concept_maps
+from sacv.score.scoring import summarize_maps
+from sacv.stats.contributions import adjust, contributions
 from tests.flow_helpers import pipeline_config, write_collection
 
 
@@ -64,14 +64,20 @@ def _per_set(part: pd.DataFrame, key: list[str]) -> pd.DataFrame:
     rows = {}
     for name, vector in part.groupby(key):
         relevant, positive = vector["relevant_frac"].to_numpy(), vector["positive_frac"].fillna(0).to_numpy()
-        rows[name] = {"spatial": (relevant * positive).sum() / relevant.sum(), "tcav": (vector["s_kc_sum"] > 0).mean(),
-                      "relevant_images": (relevant > 0).sum()}
+        rows[name] = {
+            "spatial": (relevant * positive).sum() / relevant.sum(),
+            "tcav": (vector["s_kc_sum"] > 0).mean(),
+            "relevant_images": (relevant > 0).sum(),
+        }
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def _permutation_p(x: np.ndarray, y: np.ndarray) -> float:
     pooled, observed, n = np.concatenate([x, y]), abs(x.mean() - y.mean()), len(x)
-    diffs = [abs(pooled[list(c)].mean() - np.delete(pooled, list(c)).mean()) for c in itertools.combinations(range(len(pooled)), n)]
+    diffs = [
+        abs(pooled[list(c)].mean() - np.delete(pooled, list(c)).mean())
+        for c in itertools.combinations(range(len(pooled)), n)
+    ]
     return float(np.mean(np.array(diffs) >= observed - 1e-12))
 
 
@@ -102,24 +108,46 @@ def test_contribution_columns_equal_scipy_on_a_pipeline_table(scored):
         for name, (a, b) in {"spatial": (x, y), "tcav": (concept["tcav"].to_numpy(), null["tcav"].to_numpy())}.items():
             constant = a.std() == 0 and b.std() == 0
             p[name] = _permutation_p(a, b) if constant else stats.ttest_ind(a, b, equal_var=False).pvalue
-        mannwhitney = _permutation_p(x, y) if x.std() == 0 and y.std() == 0 else stats.mannwhitneyu(x, y, alternative="two-sided").pvalue
-        low, high = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x)) if x.std() > 0 else (x.mean(),) * 2
-        expected.append({
-            "n_images": mine["image_id"].nunique(), "n_random_sets": len(x), "n_null": len(y),
-            "n_images_relevant": concept["relevant_images"].mean(), "n_images_relevant_null": null["relevant_images"].mean(),
-            "spatial_score": x.mean(), "spatial_score_null": y.mean(), "spatial_score_ci_low": low, "spatial_score_ci_high": high,
-            "tcav_score": concept["tcav"].mean(), "tcav_score_null": null["tcav"].mean(),
-            "p_value": p["spatial"], "p_value_tcav": p["tcav"], "p_value_mannwhitney": mannwhitney,
-            "effect_size": (x.mean() - y.mean()) / np.sqrt((x.var(ddof=1) + y.var(ddof=1)) / 2),
-        })
+        mannwhitney = (
+            _permutation_p(x, y)
+            if x.std() == 0 and y.std() == 0
+            else stats.mannwhitneyu(x, y, alternative="two-sided").pvalue
+        )
+        low, high = (
+            stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x)) if x.std() > 0 else (x.mean(),) * 2
+        )
+        expected.append(
+            {
+                "n_images": mine["image_id"].nunique(),
+                "n_random_sets": len(x),
+                "n_null": len(y),
+                "n_images_relevant": concept["relevant_images"].mean(),
+                "n_images_relevant_null": null["relevant_images"].mean(),
+                "spatial_score": x.mean(),
+                "spatial_score_null": y.mean(),
+                "spatial_score_ci_low": low,
+                "spatial_score_ci_high": high,
+                "tcav_score": concept["tcav"].mean(),
+                "tcav_score_null": null["tcav"].mean(),
+                "p_value": p["spatial"],
+                "p_value_tcav": p["tcav"],
+                "p_value_mannwhitney": mannwhitney,
+                "effect_size": (x.mean() - y.mean()) / np.sqrt((x.var(ddof=1) + y.var(ddof=1)) / 2),
+            }
+        )
     expected = pd.DataFrame(expected)
     for column in expected.columns:
-        np.testing.assert_allclose(table[column].to_numpy(dtype=float), expected[column].to_numpy(dtype=float), rtol=1e-9, err_msg=column)
+        np.testing.assert_allclose(
+            table[column].to_numpy(dtype=float), expected[column].to_numpy(dtype=float), rtol=1e-9, err_msg=column
+        )
     family = _holm(np.concatenate([expected["p_value"], expected["p_value_tcav"]])).reshape(2, -1)
     np.testing.assert_allclose(table["p_adjusted"], family.min(axis=0), rtol=1e-12)
     tcav_tested = family[1] < family[0]
-    difference = np.where(tcav_tested, expected["tcav_score"] - expected["tcav_score_null"],
-                          expected["spatial_score"] - expected["spatial_score_null"])
+    difference = np.where(
+        tcav_tested,
+        expected["tcav_score"] - expected["tcav_score_null"],
+        expected["spatial_score"] - expected["spatial_score_null"],
+    )
     assert list(table["direction"]) == ["positive" if d > 0 else "negative" for d in difference]
     assert list(table["significant"]) == list(family.min(axis=0) < config.score.alpha)
     bh = contributions(scores, list(map(str, range(5))), config.score.alpha, "bh", config.score.min_images, "spatial")
@@ -144,9 +172,15 @@ def test_duckdb_reads_the_tables_like_pandas(scored):
         FROM read_parquet('{path}') GROUP BY layer, concept ORDER BY layer, concept"""
     got = duckdb.sql(query).df()
     table = pd.read_parquet(path)
-    expected = table.groupby(["layer", "concept"]).agg(n=("class_index", "size"), tcav=("tcav_score", "mean"), images=("n_images", "sum")).reset_index()
+    expected = (
+        table.groupby(["layer", "concept"])
+        .agg(n=("class_index", "size"), tcav=("tcav_score", "mean"), images=("n_images", "sum"))
+        .reset_index()
+    )
     np.testing.assert_array_equal(got[["layer", "concept"]].to_numpy(), expected[["layer", "concept"]].to_numpy())
-    np.testing.assert_allclose(got[["n", "tcav", "images"]].to_numpy(dtype=float), expected[["n", "tcav", "images"]].to_numpy(dtype=float))
+    np.testing.assert_allclose(
+        got[["n", "tcav", "images"]].to_numpy(dtype=float), expected[["n", "tcav", "images"]].to_numpy(dtype=float)
+    )
 
 
 def synthetic_scores(rng, n_classes: int, per_class: int, planted_class: int | None, n_sets: int = 6):
@@ -155,8 +189,10 @@ def synthetic_scores(rng, n_classes: int, per_class: int, planted_class: int | N
     c, h = 16, 4
     u = rng.normal(size=c)
     u /= np.linalg.norm(u)
+
     def unit(x):
         return x / np.linalg.norm(x, axis=1, keepdims=True)
+
     planted = unit(u + 0.3 * rng.normal(size=(n_sets, c)))
     concept = planted if planted_class is not None else unit(rng.normal(size=(n_sets, c)))
     null = unit(rng.normal(size=(n_sets, c)))
@@ -167,12 +203,19 @@ def synthetic_scores(rng, n_classes: int, per_class: int, planted_class: int | N
         grad = rng.normal(size=(per_class, h, h, c)) + (2.0 * u if cls == planted_class else 0)
         summary = summarize_maps(concept_maps(act, vectors, np.zeros(len(vectors)), grad))
         for k in range(len(vectors)):
-            frames.append(pd.DataFrame({
-                "image_id": [f"{cls}-{i}" for i in range(per_class)], "layer": "l", "target": cls,
-                "concept": "striped" if k < n_sets else f"random_{k - n_sets}",
-                "random_set": f"random_{k % n_sets}", "kind": "concept" if k < n_sets else "null",
-                **{name: values[:, k] for name, values in summary.items()},
-            }))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "image_id": [f"{cls}-{i}" for i in range(per_class)],
+                        "layer": "l",
+                        "target": cls,
+                        "concept": "striped" if k < n_sets else f"random_{k - n_sets}",
+                        "random_set": f"random_{k % n_sets}",
+                        "kind": "concept" if k < n_sets else "null",
+                        **{name: values[:, k] for name, values in summary.items()},
+                    }
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -221,14 +264,22 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path, prefect):
     root = write_collection(tmp_path / "c", n_per_concept=3, n_per_class=2)
     base = f"run_dir: {tmp_path / 'run'}\nmodel: {{spec: 'tests.models:small'}}\n"
     cases = {
-        "unknown key": (base + f"layers: [features.2]\nconcepts: {{root: {root / 'concepts'}, nmes: [a]}}\n",
-                        "unknown key 'concepts.nmes': did you mean 'names'?"),
-        "wrong type": (base + "layers: [features.2]\nextract: {batch_size: many}\n",
-                       "'extract.batch_size': Input should be a valid integer"),
-        "missing folder": (base + f"layers: [features.2]\ndataset: {{root: {tmp_path / 'nowhere'}}}\n",
-                           f"folder {tmp_path / 'nowhere'} does not exist"),
-        "unknown layer": (base + f"layers: [feature.2]\ndataset: {{root: {root / 'data'}}}\n",
-                          "unknown layer 'feature.2'; closest layer names: ['features.2'"),
+        "unknown key": (
+            base + f"layers: [features.2]\nconcepts: {{root: {root / 'concepts'}, nmes: [a]}}\n",
+            "unknown key 'concepts.nmes': did you mean 'names'?",
+        ),
+        "wrong type": (
+            base + "layers: [features.2]\nextract: {batch_size: many}\n",
+            "'extract.batch_size': Input should be a valid integer",
+        ),
+        "missing folder": (
+            base + f"layers: [features.2]\ndataset: {{root: {tmp_path / 'nowhere'}}}\n",
+            f"folder {tmp_path / 'nowhere'} does not exist",
+        ),
+        "unknown layer": (
+            base + f"layers: [feature.2]\ndataset: {{root: {root / 'data'}}}\n",
+            "unknown layer 'feature.2'; closest layer names: ['features.2'",
+        ),
     }
     for name, (text, message) in cases.items():
         result = runner.invoke(main, ["run", _write(tmp_path / f"{name}.yaml", text)])
@@ -237,7 +288,7 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path, prefect):
 
 
 def test_stored_maps_equal_the_maps_from_activations_and_vectors(scored):
-    from sacv.maps import concept_maps
+    from sacv.method.maps import concept_maps
 
     _, config, _ = scored
     with_maps = config.model_copy(update={"score": config.score.model_copy(update={"store_maps": True})})
@@ -245,8 +296,12 @@ def test_stored_maps_equal_the_maps_from_activations_and_vectors(scored):
     store = zarr.open_group(str(Path(config.run_dir) / "store.zarr"), mode="r")
     for layer in config.layers:
         act, grad = store[f"dataset/{layer}/act"][...], store[f"dataset/{layer}/grad"][...]
-        expected = concept_maps(act.astype(np.float32), store[f"vectors/{layer}/v"][...], store[f"vectors/{layer}/b"][...],
-                                grad.astype(np.float32))
+        expected = concept_maps(
+            act.astype(np.float32),
+            store[f"vectors/{layer}/v"][...],
+            store[f"vectors/{layer}/b"][...],
+            grad.astype(np.float32),
+        )
         s_k, s_kc = store[f"maps/{layer}/S_k"], store[f"maps/{layer}/S_kc"]
         assert s_k.shape == expected.s_k.shape and s_k.dtype == np.float16 and s_k.chunks[0] == 4
         np.testing.assert_allclose(s_k[...], expected.s_k, rtol=2e-3, atol=2e-3)

@@ -11,7 +11,7 @@ from tests.flow_helpers import make_config, write_collection
 
 
 def test_float16_overflow_is_an_error_naming_the_fix():
-    from sacv.store import write_region
+    from sacv.io.zarr_store import write_region
 
     array = zarr.create_array(zarr.storage.MemoryStore(), shape=(4, 2), chunks=(2, 2), dtype="float16")
     with pytest.raises(ValueError, match="overflow float16.*extract.dtype: float32"):
@@ -25,7 +25,7 @@ def test_the_exponent_bit_finiteness_check_equals_numpys(dtype):
     """``all_finite`` (the store writes' overflow check) against ``np.isfinite(...).all()`` on arrays
     with the largest finite values, subnormals and signed zeros, with and without one planted inf,
     -inf or NaN, contiguous and strided."""
-    from sacv.store import all_finite
+    from sacv.io.zarr_store import all_finite
 
     rng = np.random.default_rng(7)
     kind = np.dtype(dtype)
@@ -45,9 +45,9 @@ def test_the_exponent_bit_finiteness_check_equals_numpys(dtype):
 def test_a_failing_store_write_fails_the_shard_with_the_chunk_key_and_leaves_no_marker(tmp_path, monkeypatch):
     """The task bodies without Prefect: a write that fails (e.g. a full disk) names the array and
     rows, and the shard gets no marker, so a rerun redoes it."""
-    import sacv.extraction as extraction
-    import sacv.planning as planning
-    from sacv.rundir import RunDir
+    import sacv.extract.extraction as extraction
+    import sacv.extract.extraction_plan as planning
+    from sacv.io.rundir import RunDir
 
     write_collection(tmp_path, n_per_concept=2, n_per_class=3)
     config = make_config(tmp_path, with_concepts=False)
@@ -61,7 +61,9 @@ def test_a_failing_store_write_fails_the_shard_with_the_chunk_key_and_leaves_no_
 
     monkeypatch.setattr(extraction, "write_region", full_disk)
     shards = [shard for group, shard in plan.todo if group == "dataset"]
-    with pytest.raises(RuntimeError, match=r"writing dataset/features\.2/act rows 0:4 \(shard dataset/0\) failed: .*No space"):
+    with pytest.raises(
+        RuntimeError, match=r"writing dataset/features\.2/act rows 0:4 \(shard dataset/0\) failed: .*No space"
+    ):
         extraction.run_shards(config.run_dir, config, "dataset", shards)
     run = RunDir(config.run_dir)
     assert run.read_shard_marker("dataset", 0) is None
@@ -77,9 +79,9 @@ def test_a_shards_arrays_are_written_side_by_side_and_its_marker_after_all_of_th
     import threading
     import time
 
-    import sacv.extraction as extraction
-    import sacv.planning as planning
-    from sacv.rundir import RunDir
+    import sacv.extract.extraction as extraction
+    import sacv.extract.extraction_plan as planning
+    from sacv.io.rundir import RunDir
 
     write_collection(tmp_path, n_per_concept=2, n_per_class=3)
     config = make_config(tmp_path, with_concepts=False)

@@ -123,7 +123,7 @@ def test_the_run_path_imports_no_torchvision():
     code = (
         "import sys\n"
         "import sacv.cli, flows.pipeline, flows.demo\n"
-        "from sacv.models import imagenet_class_names\n"
+        "from sacv.method.models import imagenet_class_names\n"
         "assert len(imagenet_class_names()) == 1000\n"
         "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision')))\n"
     )
@@ -152,8 +152,9 @@ def test_prefect_uses_the_server_started_early(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("same ")]
     _, same, pid = line.split()

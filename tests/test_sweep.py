@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import zarr
 
-from sacv import sweep
-from sacv.catalog import ImageCatalog
-from sacv.fitting import collect_vectors, plan_fits
-from sacv.outofcore import OutOfCoreConceptVector, positions_from_store
-from sacv.sweep import fit_block, plan_blocks
-from sacv.vectors import fit_logistic, grouped_validation_split
-from tests.test_fit_job import C, LAYER, planted_run
+from sacv.extract.catalog import ImageCatalog
+from sacv.fit import sweep
+from sacv.fit.fit_plan import collect_vectors, plan_fits
+from sacv.fit.per_job import OutOfCoreConceptVector, positions_from_store
+from sacv.fit.sweep import fit_block, plan_blocks
+from sacv.method.vectors import fit_logistic, grouped_validation_split
+from tests.test_fit_job import LAYER, C, planted_run
 
-pytestmark = pytest.mark.filterwarnings("ignore::sacv.vectors.NearChanceWarning")  # null vectors are near chance
+pytestmark = pytest.mark.filterwarnings("ignore::sacv.method.vectors.NearChanceWarning")  # null vectors are near chance
 
 
 def cosine(a, b) -> float:
@@ -32,7 +32,9 @@ def fit_all(run, config):
 def job_positions(run, job):
     """The job's positions as the per-job fit stage read them: (X dask (n, C), y, groups)."""
     catalog = ImageCatalog.read(run)
-    label_of = dict.fromkeys(catalog.row_of(job["pos"]).tolist(), 1) | dict.fromkeys(catalog.row_of(job["neg"]).tolist(), 0)
+    label_of = dict.fromkeys(catalog.row_of(job["pos"]).tolist(), 1) | dict.fromkeys(
+        catalog.row_of(job["neg"]).tolist(), 0
+    )
     rows = np.array(sorted(label_of))
     X = positions_from_store(zarr.open_group(run.store_uri, mode="r")[f"guidance/{job['layer']}/act"], rows)
     per = X.shape[0] // len(rows)
@@ -48,7 +50,9 @@ def test_batched_solver_agrees_with_the_per_job_solvers(tmp_path, standardize):
     coef = zarr.open_group(run.store_uri, mode="r")[f"vectors/{LAYER}/coef"][...]
     for job, row in zip(run.read_fit_plan(), table.itertuples()):
         X, y, groups = job_positions(run, job)
-        per_job = OutOfCoreConceptVector(solver="lbfgs", C=0.5, standardize=standardize, random_state=0).fit(X, y, groups)
+        per_job = OutOfCoreConceptVector(solver="lbfgs", C=0.5, standardize=standardize, random_state=0).fit(
+            X, y, groups
+        )
         assert cosine(coef[row.vector_row], per_job.coef_) >= 0.9999
         assert row.bal_acc == pytest.approx(per_job.metrics_["bal_acc"], abs=0.01)
         assert (row.n_pos, row.n_neg) == (per_job.metrics_["n_pos"], per_job.metrics_["n_neg"])
@@ -86,8 +90,17 @@ def test_a_block_reads_each_chunk_once_and_the_cache_stays_per_vector(tmp_path, 
 
 def test_blocks_respect_the_memory_budget():
     shape = [16, 16, 64]  # 64 KiB of float32 positions per image
-    jobs = [{"layer": "l", "kind": "concept", "key": f"{k}{r}", "pos": [f"{k}{i}" for i in range(40)],
-             "neg": [f"rand{r}_{i}" for i in range(40)]} for k in "abcd" for r in range(3)]
+    jobs = [
+        {
+            "layer": "l",
+            "kind": "concept",
+            "key": f"{k}{r}",
+            "pos": [f"{k}{i}" for i in range(40)],
+            "neg": [f"rand{r}_{i}" for i in range(40)],
+        }
+        for k in "abcd"
+        for r in range(3)
+    ]
     keys = [j["key"] for j in jobs]
     assert plan_blocks(jobs, keys, {"l": shape}, 1024) == [("l", keys)]
     # 16 MiB = 256 images; a concept group is 40 + 3 x 40 shared random images, each further concept 40 more
@@ -102,8 +115,17 @@ def test_blocks_count_the_per_job_tables_of_a_wide_sweep():
     """Tiny positions, many jobs: the (image, job) tables of one solve decide the blocks."""
     shape = [1, 1, 4]  # 16 bytes of positions per image
     pool = [f"rand{r}_{i}" for r in range(30) for i in range(50)]
-    jobs = [{"layer": "l", "kind": "concept", "key": f"c{k}_{r}", "pos": [f"c{k}_{i}" for i in range(50)],
-             "neg": pool[r * 50 : (r + 1) * 50]} for k in range(100) for r in range(30)]  # 3 000 jobs, 6 500 images
+    jobs = [
+        {
+            "layer": "l",
+            "kind": "concept",
+            "key": f"c{k}_{r}",
+            "pos": [f"c{k}_{i}" for i in range(50)],
+            "neg": pool[r * 50 : (r + 1) * 50],
+        }
+        for k in range(100)
+        for r in range(30)
+    ]  # 3 000 jobs, 6 500 images
     keys = [j["key"] for j in jobs]
     blocks = plan_blocks(jobs, keys, {"l": shape}, 64)
     assert len(blocks) > 1 and sorted(k for _, b in blocks for k in b) == sorted(keys)
@@ -139,8 +161,14 @@ def test_mean_difference_agrees_with_logistic_under_isotropic_noise(tmp_path):
 @pytest.mark.parametrize("whiten", [False, True])
 def test_mean_difference_differs_under_correlated_noise_and_whitening_recovers(tmp_path, whiten):
     mixing = anisotropic_mixing()
-    run, config, u = planted_run(tmp_path, shift=1.5, mixing=mixing, n_concept=16, n_random=48,
-                                 fit={"solver": "mean_difference", "whiten": whiten})
+    run, config, u = planted_run(
+        tmp_path,
+        shift=1.5,
+        mixing=mixing,
+        n_concept=16,
+        n_random=48,
+        fit={"solver": "mean_difference", "whiten": whiten},
+    )
     bayes = np.linalg.solve(mixing @ mixing.T, u)
     bayes /= np.linalg.norm(bayes)
     _, table = fit_all(run, config)
@@ -154,8 +182,9 @@ def test_mean_difference_differs_under_correlated_noise_and_whitening_recovers(t
 
 
 def test_logistic_intercept_of_mean_difference_sits_on_the_boundary(tmp_path):
-    run, config, u = planted_run(tmp_path, shift=2.0, fit={"solver": "mean_difference", "intercept": "logistic",
-                                                            "compare_logistic": False})
+    run, config, u = planted_run(
+        tmp_path, shift=2.0, fit={"solver": "mean_difference", "intercept": "logistic", "compare_logistic": False}
+    )
     _, table = fit_all(run, config)
     group = zarr.open_group(run.store_uri, mode="r")
     v, b = group[f"vectors/{LAYER}/v"][...], group[f"vectors/{LAYER}/b"][...]
@@ -175,7 +204,11 @@ def test_per_job_solvers_on_the_shared_read_match_reading_per_job(tmp_path, fit)
         X, y, groups = job_positions(run, job)
         alone = OutOfCoreConceptVector(**fit, random_state=0).fit(X, y, groups)
         np.testing.assert_allclose(coef[row.vector_row], alone.coef_, rtol=1e-4, atol=1e-5)
-        assert (row.n_pos, row.n_neg, row.bal_acc) == (alone.metrics_["n_pos"], alone.metrics_["n_neg"], alone.metrics_["bal_acc"])
+        assert (row.n_pos, row.n_neg, row.bal_acc) == (
+            alone.metrics_["n_pos"],
+            alone.metrics_["n_neg"],
+            alone.metrics_["bal_acc"],
+        )
 
 
 def test_a_streamed_block_gives_the_positions_of_a_resident_one(tmp_path):
@@ -204,7 +237,7 @@ def test_a_streamed_block_gives_the_positions_of_a_resident_one(tmp_path):
 
 def test_the_batched_solver_gives_the_same_result_on_any_number_of_threads():
     """Blocks are spread over threads and their partial sums added in block order: bit-identical."""
-    from sacv import solvers
+    from sacv.fit import solvers
 
     rng = np.random.default_rng(3)
     n_img, per, J = 40, 16, 3
@@ -224,8 +257,10 @@ def test_the_batched_solver_gives_the_same_result_on_any_number_of_threads():
     sums = np.add.reduceat(x.astype(np.float64), np.arange(0, len(x), per))
     squares = np.add.reduceat(x.astype(np.float64) ** 2, np.arange(0, len(x), per))
     mean, scale = solvers.job_moments(weight > 0, sums, squares, counts)
-    results = [solvers.batched_logistic(blocks, weight, sign, mean, scale, 1.0, True, 200, 1e-7, counts, threads=t)
-               for t in (1, 2, 5)]
+    results = [
+        solvers.batched_logistic(blocks, weight, sign, mean, scale, 1.0, True, 200, 1e-7, counts, threads=t)
+        for t in (1, 2, 5)
+    ]
     for w, b, n_iter, passes in results[1:]:
         np.testing.assert_array_equal(w, results[0][0])
         np.testing.assert_array_equal(b, results[0][1])
@@ -240,7 +275,7 @@ def test_a_solve_runs_blas_single_threaded_in_its_threads_and_restores_it():
 
     from threadpoolctl import threadpool_info
 
-    from sacv import solvers
+    from sacv.fit import solvers
 
     def blas_threads():
         return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
@@ -261,11 +296,15 @@ def test_the_logistic_terms_equal_scipys_at_every_margin():
     naive ``log(1 + exp(-m))`` overflows or rounds to 0; NaN propagates; the input is untouched."""
     from scipy.special import expit, log_expit
 
-    from sacv.solvers import logistic_terms
+    from sacv.fit.solvers import logistic_terms
 
     rng = np.random.default_rng(3)
-    margin = np.concatenate([rng.standard_normal(2000) * 10.0 ** rng.integers(-3, 3, 2000),
-                             [0.0, -0.0, 1e-300, -1e-300, 36.0, -36.0, 40.0, 745.0, -745.0, 800.0, -800.0, 1e308, -1e308]])
+    margin = np.concatenate(
+        [
+            rng.standard_normal(2000) * 10.0 ** rng.integers(-3, 3, 2000),
+            [0.0, -0.0, 1e-300, -1e-300, 36.0, -36.0, 40.0, 745.0, -745.0, 800.0, -800.0, 1e308, -1e308],
+        ]
+    )
     margin = margin.reshape(-1, 3, 1)  # the solver's (n, positions, k) shape
     before = margin.copy()
     loss, slope = logistic_terms(margin)

@@ -1,0 +1,1 @@
+"""Audits over time: audit ids and history, drift between audits, policy checks."""

@@ -1,0 +1,362 @@
+"""The extraction stage: extract blocks of shards into the store (task bodies; the plan is
+``sacv.extract.extraction_plan``).
+
+A shard is a contiguous block of store rows = one Zarr chunk along N, so exactly one writer owns it.
+Its done-marker (``RunDir.write_shard_marker``) is written after all of its arrays and records a
+digest of its stored image ids (removed and quarantined ones included: a removal changes no shard)
+and settings: a rerun skips a shard whose marker matches and redoes any other. Rows are append-only
+(``sacv.extract.catalog``), so new images only change the shards that gain rows; a redone shard writes
+zeros in the rows of removed or quarantined images (nothing reads those rows). ``run_shards``
+overlaps decoding, compute and chunk writes over a block of shards; ``_extractions`` is the one
+batch loop, also behind ``shard_extractions`` (streamed scoring). The per-batch primitive is
+``sacv.method.activations.extract``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sacv.config import RunConfig
+from sacv.extract.catalog import REJECT_COLUMNS, ImageCatalog, match_class
+from sacv.extract.decode_pool import ShardImages, decoded_shards
+from sacv.extract.extraction_plan import shard_digest, store_layout
+from sacv.extract.position_stats import MARKER_FLAG, shard_stats
+from sacv.io.device_decode import EncodedJpeg, decode_batch
+from sacv.io.images import ImageRejected
+from sacv.io.rundir import RunDir
+from sacv.io.zarr_store import open_store, write_region
+from sacv.method.activations import Extraction, extract
+from sacv.method.models import LoadedModel, cached_model
+
+
+def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str]) -> torch.Tensor | int | None:
+    """The classes whose logit is differentiated: (n,) int64 labels, one class index, or None (predicted)."""
+    target = config.dataset.target if config.dataset else "predicted"
+    if target == "predicted":
+        return None
+    if target == "label":
+        if rows["label"].isna().any():
+            raise ValueError("dataset.target is 'label' but some images have no label; give labels or use 'predicted'")
+        return torch.tensor(rows["label"].astype("int64").to_numpy())
+    return match_class(target, class_names)
+
+
+def model_inputs(
+    batch: list, model: LoadedModel, device: torch.device
+) -> tuple[torch.Tensor, dict[int, ImageRejected | None]]:
+    """A batch of items (``sacv.extract.decode_pool``) as the model's input (B, 3, S, S) float32 on ``device``,
+    and the items that are no image (a reject, or None) by their index in the batch (zeros there).
+
+    Encoded JPEGs are decoded on the device in one call; uint8 pixels are stacked, copied to the
+    device (pinned on CUDA) and normalised there."""
+    encoded = [i for i, item in enumerate(batch) if isinstance(item, EncodedJpeg)]
+    decoded = (
+        dict(zip(encoded, decode_batch([batch[i] for i in encoded], model.preprocessing, device))) if encoded else {}
+    )
+    items = [decoded.get(i, item) for i, item in enumerate(batch)]
+    missing = {i: item for i, item in enumerate(items) if not isinstance(item, torch.Tensor)}
+    pixels = [i for i, item in enumerate(items) if isinstance(item, torch.Tensor) and item.dtype == torch.uint8]
+    if pixels:
+        stacked = torch.stack([items[i] for i in pixels])  # (P, S, S, 3) uint8
+        stacked = stacked.pin_memory() if device.type == "cuda" else stacked
+        normalised = model.preprocessing.normalize(stacked.to(device, non_blocking=True))  # (P, 3, S, S)
+        if len(pixels) == len(batch):
+            return normalised, missing
+    size = model.preprocessing.crop or next(item.shape[-2] for item in items if isinstance(item, torch.Tensor))
+    inputs = torch.zeros(len(batch), 3, size, size, device=device)
+    if pixels:
+        inputs[pixels] = normalised
+    for i, item in decoded.items():
+        if isinstance(item, torch.Tensor):
+            inputs[i] = item
+    return inputs, missing
+
+
+def _extractions(
+    items: Iterator, model: LoadedModel, config: RunConfig, targets, with_gradients: bool
+) -> Iterator[tuple[Extraction, dict[int, ImageRejected | None]]]:
+    """Batches of ``config.extract.batch_size`` items through :func:`sacv.method.activations.extract`; yields
+    each batch's extraction with the items that were no image, by their index in the shard.
+    Activations and gradients come in the store's dtype (``extract.dtype``), cast on the device."""
+    device = next(model.module.parameters()).device
+    store_dtype = getattr(torch, config.extract.dtype)
+    autocast = None if config.extract.autocast == "none" else getattr(torch, config.extract.autocast)
+    done, batch = 0, []
+
+    def run(batch: list) -> tuple[Extraction, dict[int, ImageRejected | None]]:
+        inputs, missing = model_inputs(batch, model, device)
+        batch_targets = targets[done : done + len(batch)] if isinstance(targets, torch.Tensor) else targets
+        result = extract(
+            model.module,
+            inputs,
+            config.layers,
+            batch_targets,
+            with_gradients=with_gradients,
+            autocast=autocast,
+            allow_tf32=config.execution.allow_tf32,
+            dtype=store_dtype,
+        )
+        return result, {done + i: item for i, item in missing.items()}
+
+    for item in items:
+        batch.append(item)
+        if len(batch) == config.extract.batch_size:
+            yield run(batch)
+            done, batch = done + len(batch), []
+    if batch:
+        yield run(batch)
+
+
+def shard_extractions(
+    rows: pd.DataFrame, model: LoadedModel, config: RunConfig, with_gradients: bool
+) -> Iterator[Extraction]:
+    """The batch loop over images that decoded at extraction (``rows`` in row order, status ok), for
+    streamed scoring: an image that fails now is an error, not a reject."""
+    images = ShardImages(rows, model.preprocessing, config)
+    items = next(decoded_shards([images], config.execution.loader_workers, config.execution.loader))
+    targets = shard_targets(config, images.rows, model.class_names) if with_gradients else None
+    for result, blanks in _extractions(items, model, config, targets, with_gradients):
+        if blanks:
+            index, reason = next(iter(blanks.items()))
+            raise RuntimeError(
+                f"{images.rows['path'].iloc[index]} decoded at extraction but not now ({reason}); "
+                "run the extract stage again"
+            )
+        yield result
+
+
+def _timed(items: Iterator, timing: dict[str, float]) -> Iterator:
+    """``items`` unchanged; adds the seconds spent waiting for each item to ``timing["decode_wait_s"]``."""
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        finally:
+            timing["decode_wait_s"] += time.perf_counter() - started
+        yield item
+
+
+class _ShardWrite:
+    """One shard's writes spread over the writer pool: each array's region is one job (its chunk has
+    one writer) and the job that finishes last writes the shard's rejects, then its marker. ``done``
+    resolves to the marker, or to the first job's error, and then no marker is written. So the last
+    shard of a task, which the model thread waits for, is written in a fraction of one writer's time."""
+
+    def __init__(
+        self, run: RunDir, group: str, shard: int, marker: dict, rejects: list[dict], started: float, jobs: int
+    ):
+        self.done: Future = Future()
+        self._run, self._group, self._shard, self._marker, self._rejects = run, group, shard, marker, rejects
+        self._started, self._left, self._first = started, jobs, None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def job(self, write: Callable[[], None]) -> None:
+        """Run one region's ``write`` in a writer thread; the last job to finish completes the shard."""
+        begun = time.perf_counter()
+        try:
+            write()
+        except BaseException as err:  # kept for ``done``; the pool's own future is never read
+            with self._lock:
+                self._error = self._error or err
+        with self._lock:
+            self._first = begun if self._first is None else min(self._first, begun)
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._error is not None:
+            self.done.set_exception(self._error)
+            return
+        try:
+            self._run.write_shard_rejects(self._group, self._shard, self._rejects)
+            finished = time.perf_counter()
+            timing = {**self._marker["timing"], "write_s": round(finished - self._first, 4)}
+            marker = {
+                **self._marker,
+                "timing": timing,
+                "seconds": round(finished - self._started, 3),
+                "finished_at": time.time(),
+            }
+            self._run.write_shard_marker(self._group, self._shard, marker)
+        except BaseException as err:
+            self.done.set_exception(err)
+        else:
+            self.done.set_result(marker)
+
+
+def _write_array(
+    root, path: str, start: int, values: np.ndarray, shard: str, stats_dtype=None, blank: list[int] | None = None
+) -> None:
+    """Write one array's region of a shard (``shard`` = "group/index", for the error). With
+    ``stats_dtype`` (the activations of a guidance shard) also the per-image statistics of the values
+    as stored (``sacv.extract.position_stats``), in their own arrays, after the activations."""
+    regions = {path: values}
+    if stats_dtype is not None:
+        prefix = path.rsplit("/", 1)[0]
+        regions |= {f"{prefix}/{name}": stats for name, stats in shard_stats(values, stats_dtype, blank).items()}
+    for name, region in regions.items():
+        try:
+            write_region(root[name], start, region)
+        except Exception as err:
+            raise RuntimeError(
+                f"writing {name} rows {start}:{start + len(region)} (shard {shard}) failed: {err}"
+            ) from err
+
+
+def _submit_shard_writes(
+    writers: ThreadPoolExecutor,
+    run: RunDir,
+    root,
+    group: str,
+    shard: int,
+    start: int,
+    arrays: dict[str, np.ndarray],
+    marker: dict,
+    rejects: list[dict],
+    started: float,
+    blank: list[int],
+) -> Future:
+    """Submit a shard's arrays to the writer pool, one job per array (largest first); returns the
+    future of its marker. A guidance shard's activation jobs also write their statistics, flagged
+    in the marker (``pos_stats``)."""
+    stats = group == "guidance"
+    if stats:
+        marker = {**marker, MARKER_FLAG: True}
+    write = _ShardWrite(run, group, shard, marker, rejects, started, len(arrays))
+    for path, values in sorted(arrays.items(), key=lambda item: -item[1].nbytes):
+        with_stats = stats and path.endswith("/act")
+        writers.submit(
+            write.job,
+            partial(
+                _write_array,
+                root,
+                path,
+                start,
+                values,
+                f"{group}/{shard}",
+                root[path].dtype if with_stats else None,
+                blank,
+            ),
+        )
+    return write.done
+
+
+def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -> list[dict]:
+    """Extract a block of shards of ``group`` with decode, compute and writes overlapping.
+
+    Decoding runs ahead in a pool (``execution.loader_workers``, ``sacv.extract.decode_pool``; at most two
+    shards ahead),
+    the model runs in this thread, and each finished shard's arrays go to a pool of
+    ``execution.write_workers`` writer threads, one job per array (at most that many shards
+    waiting). Each chunk has exactly one writer, and a shard's marker is written after all of its
+    arrays (``_ShardWrite``). An image that fails to decode (or changed
+    since planning) is quarantined: its row is written as zeros (target -1) and it is listed in the
+    shard's rejects file; rows of removed or earlier quarantined images are written as zeros too
+    (their files may be gone; nothing reads those rows). A guidance shard's writers also write the
+    per-image position statistics of each layer (``sacv.extract.position_stats``: sums, sums of squares, counts
+    of the stored values) and marks them in the marker (``pos_stats``). Returns the markers, in
+    shard order.
+
+    Each marker's ``timing`` splits the model thread's time on that shard: ``writer_wait_s``
+    (blocked on a full writer queue before the shard started), ``decode_wait_s`` (waiting for
+    decoded images), ``compute_s`` (batching, the model, device copies); and ``write_s``, from
+    the start of the shard's first write job to its marker (statistics, regions, rejects, marker;
+    the jobs run side by side).
+    """
+    run = RunDir(run_uri)
+    catalog = ImageCatalog.shared(run)  # read once per process, not per task
+    model = cached_model(config.model.spec, config.model.weights, config.execution.device)
+    root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype), run.storage_options)
+    gradients = group == "dataset"
+    blocks = [ShardImages(catalog.stored_rows(group, shard), model.preprocessing, config) for shard in shards]
+    markers, pending, blocked = [], deque(), 0.0  # blocked: seconds the model thread waited for a free writer
+    with ThreadPoolExecutor(config.execution.write_workers, thread_name_prefix="sacv-write") as writers:
+        for shard, images, items in zip(
+            shards, blocks, decoded_shards(blocks, config.execution.loader_workers, config.execution.loader)
+        ):
+            started, started_at = time.perf_counter(), time.time()
+            rows = images.rows
+            targets = shard_targets(config, rows, model.class_names) if gradients else None
+            parts: dict[str, list[np.ndarray]] = {}
+            missing: dict[int, ImageRejected | None] = {}
+            timing = {"writer_wait_s": blocked, "decode_wait_s": 0.0}
+            for result, blanks in _extractions(_timed(items, timing), model, config, targets, gradients):
+                missing |= blanks
+                for layer in config.layers:
+                    parts.setdefault(f"{group}/{layer}/act", []).append(result.activations[layer].numpy())
+                    if gradients and config.extract.keep_gradients:
+                        parts.setdefault(f"{group}/{layer}/grad", []).append(result.gradients[layer].numpy())
+                if gradients:
+                    parts.setdefault("dataset/logits", []).append(result.logits.numpy())
+                    parts.setdefault("dataset/targets", []).append(result.targets.numpy())
+            arrays = {path: np.concatenate(values) for path, values in parts.items()}
+            for i in missing:  # no image: zeros (never used: its status is not ok)
+                for path, values in arrays.items():
+                    values[i] = -1 if path == "dataset/targets" else 0
+            rejects = [
+                {
+                    "path": rows["path"].iloc[i],
+                    "group": group,
+                    "stage": reason.stage,
+                    "reason": reason.reason,
+                    "image_id": rows["image_id"].iloc[i],
+                }
+                for i, reason in missing.items()
+                if reason is not None
+            ]  # None: listed by an earlier run
+            start = int(rows["row"].iloc[0])
+            timing["compute_s"] = time.perf_counter() - started - timing["decode_wait_s"]  # batches, model, copies
+            marker = {
+                "digest": shard_digest(rows, config),
+                "rows": [start, start + len(rows)],
+                "images": len(rows) - len(missing),
+                "rejected": len(rejects),
+                "started_at": started_at,
+                "timing": {key: round(value, 4) for key, value in timing.items()},
+            }
+            pending.append(
+                _submit_shard_writes(
+                    writers, run, root, group, shard, start, arrays, marker, rejects, started, sorted(missing)
+                )
+            )
+            waited = time.perf_counter()
+            while len(pending) > config.execution.write_workers:
+                markers.append(pending.popleft().result())
+            blocked = time.perf_counter() - waited  # counted in the next shard's timing
+        markers += [future.result() for future in pending]
+    return markers
+
+
+def record_shard_rejects(run_uri: str) -> int:
+    """Merge the rejects the shards found into ``rejects.parquet`` and mark those images
+    ``rejected`` in ``images.parquet`` (one writer: call once, after every shard). Returns the
+    number of rows of the rejects table."""
+    run = RunDir(run_uri)
+    found = run.read_shard_rejects()
+    rejects = run.read_table("rejects")
+    if found:
+        new = pd.DataFrame(found, columns=REJECT_COLUMNS)
+        rejects = pd.concat([rejects, new], ignore_index=True).drop_duplicates(["path", "image_id"], keep="first")
+        images = run.read_table("images")
+        bad = pd.Series(list(zip(images["path"], images["image_id"])), index=images.index).isin(
+            set(zip(new["path"], new["image_id"]))
+        )
+        if (bad & (images["status"] == "ok")).any():
+            images.loc[bad & (images["status"] == "ok"), "status"] = "rejected"
+            run.write_table("images", images)
+        run.write_table("rejects", rejects.reset_index(drop=True))
+    return len(rejects)

@@ -1,0 +1,338 @@
+"""A run directory (local path or fsspec URL): the one owner of every path under ``RUN/``.
+
+Layout (docs/store.md, docs/architecture.md)::
+
+    RUN/store.zarr/                  activations, gradients, vectors, maps (``store_uri``)
+    RUN/tables/<name>.parquet        result tables (``read_table`` / ``write_table``)
+    RUN/tables/audits.parquet        one row per audit (``read_audits`` / ``write_audits``)
+    RUN/tables/history/<name>.parquet  tables of every audit, with audit_id (``read_history``)
+    RUN/shards/<group>/<shard>.json  extraction done-markers (``read_shard_marker``, ``marked_shards``)
+    RUN/shards/<group>/<shard>.rejects.json   images a shard could not decode (``read_shard_rejects``)
+    RUN/fits/plan.json               the planned fit jobs (``read_fit_plan``)
+    RUN/fits/<layer>/<key>.json      one cached fit result per job (``read_fit_result``)
+    RUN/scores/<shard>.parquet|json  per-shard scores and their marker (``read_shard_scores``)
+    RUN/report/index.html            the static report (``write_report``)
+    RUN/run.json                     config, versions, model identity, stage timings
+    RUN/lock.json                    who runs on this directory now (``sacv.io.runlock``)
+
+Every file is published whole (``sacv.io.storage.write_whole``: temporary name + rename on local disk,
+one whole-object PUT on object stores, which have no rename), so a crash leaves either the old file
+or the new one, never half of one. Markers are written after what they mark. No other module builds
+a path under ``RUN/``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pandas as pd
+import zarr
+
+from sacv.io import storage
+
+_TABLE_WRITES: dict[tuple[str, str], int] = {}  # (run uri, table) -> writes by this process (RunDir.table_stamp)
+
+
+class RunDir:
+    """``RUN/`` as in docs/store.md; every read returns ``None`` when the file does not exist yet."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        """``storage_options``: fsspec options for ``uri``; None = the process's options for its
+        prefix (``sacv.io.storage.options_for``), ``{}`` for local paths."""
+        self.uri = str(uri).rstrip("/")
+        self.storage_options = storage.options_for(self.uri) if storage_options is None else dict(storage_options)
+        self.fs, self.root = storage.url_to_fs(self.uri, self.storage_options)
+
+    @property
+    def is_local(self) -> bool:
+        return storage.is_local(self.fs)
+
+    @property
+    def store_uri(self) -> str:
+        """The Zarr store: a plain path on local disk (also for ``file://`` URLs), else the URL."""
+        base = self.root if self.is_local else self.uri
+        return f"{base}/store.zarr"
+
+    def open_store(self) -> zarr.Group | None:
+        """The Zarr store opened read-only (``None`` when there is none yet)."""
+        if not self._exists("store.zarr"):
+            return None
+        return self.open_zarr("r")
+
+    def open_zarr(self, mode: str = "r"):
+        """The Zarr root group (zarr's fsspec store with ``storage_options`` for a URL)."""
+        return zarr.open_group(self.store_uri, mode=mode, storage_options=self.zarr_options)
+
+    @property
+    def zarr_options(self) -> dict | None:
+        """``storage_options`` as zarr takes them (None for a local path or no options)."""
+        return None if self.is_local else (self.storage_options or None)
+
+    def store_bytes(self) -> int:
+        """Bytes of every file under ``store.zarr/`` (0 when there is no store)."""
+        if not self._exists("store.zarr"):
+            return 0
+        return int(self.fs.du(self._path("store.zarr"), total=True))
+
+    def is_run(self) -> bool:
+        """Whether ``RUN/`` holds a run record or tables (a run directory at all)."""
+        return self._exists("run.json") or self._exists("tables")
+
+    # --- bytes and JSON (private: callers name what they read, not where it lies) -----------------
+
+    def _path(self, relpath: str) -> str:
+        return f"{self.root}/{relpath}"
+
+    def _exists(self, relpath: str) -> bool:
+        return self.fs.exists(self._path(relpath))
+
+    def _remove(self, relpath: str) -> None:
+        try:
+            self.fs.rm_file(self._path(relpath))
+        except FileNotFoundError:
+            pass
+
+    def _write_bytes(self, relpath: str, data: bytes) -> None:
+        storage.write_whole(self.fs, self._path(relpath), data)
+
+    def _write_json(self, relpath: str, obj: dict) -> None:
+        self._write_bytes(relpath, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def _read_json(self, relpath: str) -> dict | None:
+        if not self._exists(relpath):
+            return None
+        return json.loads(self.fs.cat_file(self._path(relpath)))
+
+    def _write_parquet(self, relpath: str, table: pd.DataFrame) -> None:
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)
+        self._write_bytes(relpath, buffer.getvalue())
+
+    def _read_parquet(self, relpath: str) -> pd.DataFrame | None:
+        if not self._exists(relpath):
+            return None
+        return pd.read_parquet(io.BytesIO(self.fs.cat_file(self._path(relpath))))
+
+    # --- tables ----------------------------------------------------------------------------------
+
+    def table_uri(self, name: str) -> str:
+        return f"{self.uri}/tables/{name}.parquet"
+
+    def table_stamp(self, name: str) -> str | None:
+        """``"<size>:<modified>:<etag>:<writes>"`` of ``tables/<name>.parquet``, ``writes`` counting
+        this process's writes of it (a coarse clock cannot hide those); None when it is missing or
+        the file system gives neither a modification time nor an ETag."""
+        try:
+            info = self.fs.info(self._path(f"tables/{name}.parquet"))
+        except FileNotFoundError:
+            return None
+        modified, etag = info.get("mtime") or info.get("LastModified"), info.get("ETag")
+        if modified is None and etag is None:
+            return None
+        return f"{info.get('size')}:{modified}:{etag}:{_TABLE_WRITES.get((self.uri, name), 0)}"
+
+    def write_table(self, name: str, table: pd.DataFrame) -> str:
+        """Write ``tables/<name>.parquet`` whole; return its URI."""
+        self._write_parquet(f"tables/{name}.parquet", table)
+        _TABLE_WRITES[self.uri, name] = _TABLE_WRITES.get((self.uri, name), 0) + 1
+        return self.table_uri(name)
+
+    def read_table(self, name: str) -> pd.DataFrame | None:
+        return self._read_parquet(f"tables/{name}.parquet")
+
+    def read_table_bytes(self, name: str) -> bytes | None:
+        """The Parquet file's bytes (for readers other than pandas)."""
+        path = f"tables/{name}.parquet"
+        return self.fs.cat_file(self._path(path)) if self._exists(path) else None
+
+    def table_names(self) -> list[str]:
+        """Names of the tables under ``tables/``, sorted."""
+        if not self._exists("tables"):
+            return []
+        files = self.fs.ls(self._path("tables"), detail=False)
+        return sorted(f.rsplit("/", 1)[-1][: -len(".parquet")] for f in files if f.endswith(".parquet"))
+
+    def read_audits(self) -> pd.DataFrame | None:
+        return self.read_table("audits")
+
+    def write_audits(self, table: pd.DataFrame) -> str:
+        """Write ``tables/audits.parquet`` whole (the commit of an audit: written after its history)."""
+        return self.write_table("audits", table)
+
+    def history_uri(self, name: str) -> str:
+        return f"{self.uri}/tables/history/{name}.parquet"
+
+    def read_history(self, name: str) -> pd.DataFrame | None:
+        return self._read_parquet(f"tables/history/{name}.parquet")
+
+    def write_history(self, name: str, table: pd.DataFrame) -> str:
+        """Write ``tables/history/<name>.parquet`` whole (every audit's rows, with ``audit_id``)."""
+        self._write_parquet(f"tables/history/{name}.parquet", table)
+        return self.history_uri(name)
+
+    def write_report(self, page: str) -> str:
+        """Write ``report/index.html``; return its URI."""
+        self._write_bytes("report/index.html", page.encode("utf-8"))
+        return f"{self.uri}/report/index.html"
+
+    # --- run record ------------------------------------------------------------------------------
+
+    def read_run_record(self) -> dict | None:
+        return self._read_json("run.json")
+
+    def update_run_record(self, **fields) -> dict:
+        """Merge ``fields`` into run.json (dicts are merged one level deep)."""
+        record = self.read_run_record() or {}
+        for key, value in fields.items():
+            if isinstance(value, dict) and isinstance(record.get(key), dict):
+                record[key] = {**record[key], **value}
+            else:
+                record[key] = value
+        self._write_json("run.json", record)
+        return record
+
+    # --- extraction markers ----------------------------------------------------------------------
+
+    def read_shard_marker(self, group: str, shard: int) -> dict | None:
+        return self._read_json(f"shards/{group}/{shard:06d}.json")
+
+    def write_shard_marker(self, group: str, shard: int, marker: dict) -> None:
+        """Written after all of the shard's arrays: its presence means the shard is done."""
+        self._write_json(f"shards/{group}/{shard:06d}.json", marker)
+
+    def write_shard_rejects(self, group: str, shard: int, rejects: list[dict]) -> None:
+        """The images the shard could not decode (written before its marker); none: no file."""
+        relpath = f"shards/{group}/{shard:06d}.rejects.json"
+        if rejects:
+            self._write_json(relpath, {"rejects": rejects})
+        elif self._exists(relpath):
+            self.fs.rm(self._path(relpath))
+
+    def remove_shard_marker(self, group: str, shard: int) -> None:
+        """The shard is no longer done: its marker first, then its rejects file."""
+        self._remove(f"shards/{group}/{shard:06d}.json")
+        self._remove(f"shards/{group}/{shard:06d}.rejects.json")
+
+    def marked_shards(self, group: str) -> list[int]:
+        """Shards of ``group`` with a done-marker, ascending."""
+        if not self._exists(f"shards/{group}"):
+            return []
+        names = (p.rsplit("/", 1)[-1] for p in self.fs.glob(self._path(f"shards/{group}/*.json")))
+        return sorted(int(n[: -len(".json")]) for n in names if n[: -len(".json")].isdigit())
+
+    def read_shard_rejects(self) -> list[dict]:
+        """Every shard's decode rejects, over all groups (one listing of ``shards/``)."""
+        if not self._exists("shards"):
+            return []
+        found = sorted(self.fs.glob(self._path("shards/*/*.rejects.json")))
+        return [r for path in found for r in json.loads(self.fs.cat_file(path))["rejects"]]
+
+    # --- the planning scan -------------------------------------------------------------------------
+
+    def write_scan_part(self, name: str, table: pd.DataFrame) -> None:
+        """A part of the planning scan (``candidates``, or ``checked-<k>`` of check batch k)."""
+        self._write_parquet(f"scan/{name}.parquet", table)
+
+    def read_scan_part(self, name: str) -> pd.DataFrame:
+        table = self._read_parquet(f"scan/{name}.parquet")
+        if table is None:
+            raise FileNotFoundError(f"{self._path(f'scan/{name}.parquet')} is missing; plan the extraction again")
+        return table
+
+    # --- fits ------------------------------------------------------------------------------------
+
+    def read_fit_plan(self) -> list[dict] | None:
+        plan = self._read_json("fits/plan.json")
+        return None if plan is None else plan["jobs"]
+
+    def write_fit_plan(self, jobs: list[dict]) -> None:
+        self._write_json("fits/plan.json", {"jobs": jobs})
+
+    def has_fit_result(self, layer: str, key: str) -> bool:
+        return self._exists(f"fits/{layer}/{key}.json")
+
+    def read_fit_result(self, layer: str, key: str) -> dict | None:
+        return self._read_json(f"fits/{layer}/{key}.json")
+
+    def write_fit_result(self, layer: str, key: str, result: dict) -> None:
+        self._write_json(f"fits/{layer}/{key}.json", result)
+
+    # --- per-shard scores ------------------------------------------------------------------------
+
+    def read_shard_scores(self, shard: int) -> pd.DataFrame | None:
+        return self._read_parquet(f"scores/{shard:06d}.parquet")
+
+    def write_shard_scores(self, shard: int, table: pd.DataFrame, key: str) -> None:
+        """The shard's scores, then its marker with the content ``key`` (marker last)."""
+        self._write_parquet(f"scores/{shard:06d}.parquet", table)
+        self._write_json(f"scores/{shard:06d}.json", {"key": key, "rows": len(table)})
+
+    def remove_shard_scores(self, shard: int) -> None:
+        """Forget a shard's scores: its marker first, then the scores."""
+        self._remove(f"scores/{shard:06d}.json")
+        self._remove(f"scores/{shard:06d}.parquet")
+
+    def scored_shards(self) -> list[int]:
+        """Dataset shards with a scores file or marker, ascending."""
+        if not self._exists("scores"):
+            return []
+        names = {p.rsplit("/", 1)[-1].split(".")[0] for p in self.fs.ls(self._path("scores"), detail=False)}
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def shard_scores_key(self, shard: int) -> str | None:
+        """The content key recorded when the shard's scores were written (None: not scored)."""
+        return (self._read_json(f"scores/{shard:06d}.json") or {}).get("key")
+
+    # --- run lock (sacv.io.runlock) -----------------------------------------------------------------
+
+    @property
+    def lock_uri(self) -> str:
+        return f"{self.uri}/lock.json"
+
+    def read_lock(self) -> dict | None:
+        """The lock record, or None when there is none (or it is being replaced right now)."""
+        try:
+            return json.loads(self.fs.cat_file(self._path("lock.json")))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def write_lock(self, record: dict) -> None:
+        """Overwrite the lock record (the holder's heartbeat)."""
+        self._write_json("lock.json", record)
+
+    def remove_lock(self) -> None:
+        try:
+            self.fs.rm_file(self._path("lock.json"))
+        except FileNotFoundError:
+            pass
+
+    def create_lock(self, record: dict) -> bool:
+        """Create ``lock.json`` only if absent; True when this call created it. Local disk: a hard
+        link of a complete temporary file (atomic, fails if the name exists); object stores: a
+        conditional PUT (``If-None-Match: *``), or, where the filesystem has no exclusive create,
+        a write that is read back and compared."""
+        data = json.dumps(record, indent=2, sort_keys=True).encode()
+        target = self._path("lock.json")
+        if self.is_local:
+            self.fs.makedirs(self.root, exist_ok=True)
+            temporary = f"{target}.tmp-{record['token']}"
+            self.fs.pipe_file(temporary, data)
+            try:
+                os.link(temporary, target)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(temporary)
+        try:
+            self.fs.pipe_file(target, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError):  # no exclusive create here: write, then read back
+            if self.fs.exists(target):
+                return False
+            self.fs.pipe_file(target, data)
+            return (self.read_lock() or {}).get("token") == record["token"]

@@ -1,0 +1,1 @@
+"""Statistics over concept vectors' scores: the contribution table and its significance tests."""
