@@ -63,7 +63,7 @@ def _publish(run_uri: str) -> None:
     """A table artifact with the top contributions and a markdown artifact linking the tables."""
     run = RunDir(run_uri)
     table = run.read_table("contributions")
-    top = table.sort_values(["significant", "effect_size"], ascending=False).head(TOP_ROWS)
+    top = table.assign(_z=table["z"].abs()).sort_values(["significant", "_z"], ascending=False).head(TOP_ROWS)
     columns = ["layer", "concept", "class_name", "n_images", "spatial_score", "tcav_score", "p_adjusted", "significant"]
     records = top[columns].astype(object).where(pd.notna(top[columns]), None).to_dict("records")
     create_table_artifact(records, key="sacv-top-contributions", description=f"Top contributions in {run_uri}")

@@ -432,7 +432,7 @@ class Run:
                 (
                     "vectors",
                     f"{int((vectors['kind'] == 'concept').sum())} concept, "
-                    f"{int((vectors['kind'] == 'null').sum())} null",
+                    f"{int((vectors['kind'] == 'pseudo').sum())} pseudo-concept",
                 )
             )
         table = self._table("contributions")

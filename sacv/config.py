@@ -42,8 +42,10 @@ class ConceptsConfig(Section):
     root: str  # folder (or fsspec URL) with one sub-folder per concept, e.g. DTD's images/
     names: list[str] | None = None  # concept folders to fit; None = every sub-folder
     random_pool: str | None = None  # folder of random images; None = the other concept folders
-    random_sets: int = Field(30, ge=1)  # R: random sets per concept (and R null vectors); >= 3 with a dataset
+    random_sets: int = Field(5, ge=1)  # R: random sets per concept, each one vector (docs/tables.md, "Significance")
     images_per_set: int = Field(30, ge=2)  # images drawn per random set
+    images_per_concept: int = Field(30, ge=2)  # n: a concept's images fitted (a seeded draw); pseudo-concepts' size
+    pseudo_concepts: int = Field(40, ge=3)  # P: random image sets of n images a concept is tested against
 
     _folders = field_validator("root", "random_pool")(_check_local_folder)
 
@@ -105,8 +107,8 @@ class ScoreConfig(Section):
     mode: Literal["blockwise", "streamed"] = "blockwise"  # from stored gradients, or recompute them per shard
     alpha: float = Field(0.05, gt=0, lt=1)  # significance level after correction
     correction: Literal["holm", "bh"] = "holm"  # multiple-testing correction across the contributions table
-    statistic: Literal["spatial", "tcav", "both"] = (
-        "both"  # what is tested; both: the correction runs over both p-values
+    statistic: Literal["contribution", "spatial", "tcav"] = (
+        "contribution"  # what is tested against the pseudo-concepts (docs/tables.md, "Significance")
     )
     min_images: int = Field(3, ge=1)  # classes with fewer images get p_value null and a reason
     store_maps: bool = False  # also keep maps/<layer>/S_k and S_kc (N, K, H, W) float16 in the store
@@ -172,9 +174,6 @@ class ExecutionConfig(Section):
     allow_tf32: bool = False  # let CUDA use TF32 (gradients off by several %, docs/numerics.md); CPU unaffected
 
 
-MIN_RANDOM_SETS = 3  # with a dataset: fewer give fewer than 2 null vectors, so no row could be tested
-
-
 class RunConfig(Section):
     run_dir: str  # local path or fsspec URL of the run directory
     model: ModelConfig = ModelConfig()
@@ -208,16 +207,6 @@ class RunConfig(Section):
         if len(set(layers)) != len(layers):
             raise ValueError("layers are listed twice; give each layer once")
         return layers
-
-    @model_validator(mode="after")
-    def _testable_contributions(self) -> RunConfig:
-        if self.concepts is not None and self.dataset is not None and self.concepts.random_sets < MIN_RANDOM_SETS:
-            raise ValueError(
-                f"concepts.random_sets is {self.concepts.random_sets}, but the contributions table needs at least "
-                f"{MIN_RANDOM_SETS} (R random sets give R concept vectors and, for R >= 3, R null vectors; with 1 or 2 "
-                f"every p-value would be null): set concepts.random_sets to 3 or more (default 30, see docs/tables.md)"
-            )
-        return self
 
     @model_validator(mode="after")
     def _loader_fits_decoder(self) -> RunConfig:

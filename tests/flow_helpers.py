@@ -11,6 +11,9 @@ from PIL import Image
 from sacv.config import parse_config
 
 
+SMALL_TEST = {"images_per_concept": 4, "pseudo_concepts": 3}  # concepts of write_collection have 5 images
+
+
 def write_collection(root: Path, n_per_concept: int = 5, n_per_class: int = 4, seed: int = 0) -> Path:
     """concepts/{striped,dotted,chequered}/ and data/{cat,zebra}/ with images of mixed sizes and modes."""
     from sacv.demo import textures
@@ -42,7 +45,7 @@ def make_config(root: Path, run: str = "run", spec: str = "tests.models:small", 
         "extract": {"shard_size": 4, "batch_size": 3, **extract},
     }
     if with_concepts:
-        raw["concepts"] = {"root": str(root / "concepts")}
+        raw["concepts"] = {"root": str(root / "concepts"), **SMALL_TEST}
     return parse_config(raw)
 
 
@@ -82,7 +85,7 @@ def pipeline_raw(collection: str, run_dir: str, spec: str = "tests.models:small"
         "run_dir": run_dir,
         "model": {"spec": spec},
         "layers": ["features.2"],
-        "concepts": {"root": f"{collection}/concepts", "random_sets": 3, "images_per_set": 4},
+        "concepts": {"root": f"{collection}/concepts", "random_sets": 3, "images_per_set": 4, **SMALL_TEST},
         "dataset": dataset or {"root": f"{collection}/data", "target": "label"},
         "extract": {"shard_size": 4, "batch_size": 3},
         "score": {"min_images": 2},

@@ -169,6 +169,7 @@ def write_drift(run: RunDir, config: RunConfig, current: pd.DataFrame) -> pd.Dat
         config.score.alpha,
         config.score.correction,
         labels=(baseline or "", audit_id),
+        statistic=config.score.statistic,
     )
     run.write_table("drift", table)
     return table

@@ -1,24 +1,24 @@
-"""Drift between two audits (or two runs): per (layer, concept, class), the change of
-``spatial_score`` and ``tcav_score`` with a test that accounts for both sides' random-set spread.
+"""Drift between two audits (or two runs): per (layer, concept, class), the change of the tested
+statistic, tested against the changes of the pseudo-concepts.
 
 Inputs are per-set tables (``sacv.audit.audits.per_set_scores``: one row per layer, target, concept,
-random set and kind, with the per-set means ``spatial`` and ``tcav``). For every concept row present
-on both sides, two-sided Welch t-tests compare the R per-set values of ``spatial`` (``p_spatial``)
-and of ``tcav`` (``p_tcav``) of the two sides. All 2m p-values of the table are adjusted together
-(``score.correction``: Holm or Benjamini-Hochberg) into ``p_adjusted_spatial`` and
-``p_adjusted_tcav``; ``significant``: either is below ``score.alpha``. Changes are after - before.
-Rows that cannot be tested keep null p-values and say why in ``reason``.
+random set and kind, with the per-set values ``contribution``, ``spatial`` and ``tcav``). Both sides
+hold the same kinds of vectors: between two audits of one run the very same vectors (paired: the
+same concept and pseudo-concept sets against the same random sets), between two runs the vectors
+of each. A concept's change is the mean over its random sets after minus before; its reference is
+the same change of each pseudo-concept of its family present on both sides. The null hypothesis, in
+one sentence: *the concept's contribution to the class changed no more than that of a set of as
+many random images.* ``z``, ``p_value`` (t prediction of one more draw) and ``p_rank`` as in
+``sacv.stats.contributions``; ``p_adjusted``: ``score.correction`` across the table;
+``significant = p_adjusted < score.alpha``. ``spatial_*`` and ``tcav_*`` describe; the test is on
+``statistic``. Rows that cannot be tested keep null p-values and say why in ``reason``.
 """
 
 from __future__ import annotations
 
-import warnings
-
-import numpy as np
 import pandas as pd
-from scipy import stats
 
-from sacv.stats.contributions import adjust
+from sacv.stats.contributions import adjust, reference_of, reference_test, set_means
 
 DRIFT_COLUMNS = [
     "layer",
@@ -29,32 +29,31 @@ DRIFT_COLUMNS = [
     "after",
     "n_sets_before",
     "n_sets_after",
+    "statistic",
+    "value_before",
+    "value_after",
+    "change",
     "spatial_before",
     "spatial_after",
     "spatial_change",
     "tcav_before",
     "tcav_after",
     "tcav_change",
-    "p_spatial",
-    "p_tcav",
-    "p_adjusted_spatial",
-    "p_adjusted_tcav",
+    "n_reference",
+    "reference_sd",
+    "z",
+    "p_value",
+    "p_rank",
+    "p_adjusted",
     "significant",
     "reason",
 ]
 KEYS = ["layer", "concept", "target"]
 
 
-def _welch(a: np.ndarray, b: np.ndarray) -> tuple[float, str | None]:
-    if len(a) < 2 or len(b) < 2:
-        return np.nan, "needs at least 2 random sets on each side"
-    if np.isnan(a).any() or np.isnan(b).any():
-        return np.nan, "no relevant positions for some vectors"
-    if a.var(ddof=1) + b.var(ddof=1) == 0:
-        return (1.0, None) if a.mean() == b.mean() else (0.0, None)  # no spread: any change is certain
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue), None
+def _changes(before: pd.DataFrame, after: pd.DataFrame, statistic: str) -> pd.Series:
+    """Per pseudo-concept on both sides: mean of ``statistic`` after minus before."""
+    return (set_means(after, statistic) - set_means(before, statistic)).dropna()
 
 
 def drift_table(
@@ -64,17 +63,25 @@ def drift_table(
     alpha: float = 0.05,
     correction: str = "holm",
     labels: tuple[str, str] = ("before", "after"),
+    statistic: str = "contribution",
 ) -> pd.DataFrame:
     """The drift table between two per-set tables; ``labels`` (e.g. two audit ids) fill the
-    ``before`` / ``after`` columns. Sorted by the size of the spatial change, largest first."""
-    sides = [side[side["kind"] == "concept"] for side in (before, after)]
-    groups = [dict(tuple(side.groupby(KEYS, sort=True))) for side in sides]
+    ``before`` / ``after`` columns. Sorted by the size of the change in reference SDs, largest first."""
+    concepts = [side[side["kind"] == "concept"] for side in (before, after)]
+    groups = [dict(tuple(side.groupby(KEYS, sort=True))) for side in concepts]
+    pseudo = [side[side["kind"] == "pseudo"] for side in (before, after)]
+    pseudo_by_class = [dict(tuple(side.groupby(["layer", "target"], sort=True))) for side in pseudo]
     rows = []
     for key in sorted(set(groups[0]) & set(groups[1])):
         old, new = groups[0][key], groups[1][key]
-        p_spatial, reason = _welch(old["spatial"].to_numpy(float), new["spatial"].to_numpy(float))
-        p_tcav, reason_tcav = _welch(old["tcav"].to_numpy(float), new["tcav"].to_numpy(float))
         layer, concept, target = key
+        empty = pseudo[0].iloc[:0]
+        reference = _changes(
+            pseudo_by_class[0].get((layer, target), empty), pseudo_by_class[1].get((layer, target), empty), statistic
+        )
+        reference = reference[reference_of(concept, reference.index.to_series())].to_numpy(float)
+        value_before, value_after = float(old[statistic].mean()), float(new[statistic].mean())
+        tested = reference_test(value_after - value_before, reference)
         rows.append(
             {
                 "layer": layer,
@@ -85,27 +92,23 @@ def drift_table(
                 "after": labels[1],
                 "n_sets_before": len(old),
                 "n_sets_after": len(new),
+                "statistic": statistic,
+                "value_before": value_before,
+                "value_after": value_after,
                 "spatial_before": old["spatial"].mean(),
                 "spatial_after": new["spatial"].mean(),
                 "tcav_before": old["tcav"].mean(),
                 "tcav_after": new["tcav"].mean(),
-                "p_spatial": p_spatial,
-                "p_tcav": p_tcav,
-                "reason": reason or reason_tcav,
+                **{k: tested[k] for k in ("n_reference", "reference_sd", "z", "p_value", "p_rank", "reason")},
             }
         )
-    table = pd.DataFrame(
-        rows,
-        columns=[
-            c
-            for c in DRIFT_COLUMNS
-            if c not in ("spatial_change", "tcav_change", "p_adjusted_spatial", "p_adjusted_tcav", "significant")
-        ],
-    )
+    derived = ("change", "spatial_change", "tcav_change", "p_adjusted", "significant")
+    table = pd.DataFrame(rows, columns=[c for c in DRIFT_COLUMNS if c not in derived])
+    table["n_reference"] = table["n_reference"].astype("int64")
+    table["change"] = table["value_after"] - table["value_before"]
     table["spatial_change"] = table["spatial_after"] - table["spatial_before"]
     table["tcav_change"] = table["tcav_after"] - table["tcav_before"]
-    adjusted = adjust(np.concatenate([table["p_spatial"].to_numpy(float), table["p_tcav"].to_numpy(float)]), correction)
-    table["p_adjusted_spatial"], table["p_adjusted_tcav"] = adjusted[: len(table)], adjusted[len(table) :]
-    table["significant"] = ((table["p_adjusted_spatial"] < alpha) | (table["p_adjusted_tcav"] < alpha)).astype(bool)
-    order = table["spatial_change"].abs().sort_values(ascending=False, kind="stable").index
+    table["p_adjusted"] = adjust(table["p_value"].to_numpy(float), correction)
+    table["significant"] = (table["p_adjusted"] < alpha).fillna(False).astype(bool)
+    order = table["z"].abs().fillna(-1.0).sort_values(ascending=False, kind="stable").index
     return table.loc[order, DRIFT_COLUMNS].reset_index(drop=True)

@@ -56,11 +56,17 @@ class Sizes:
     scenes: int
     random_sets: int
     images_per_set: int
+    # of concept_images each: disjoint when random_images >= random_sets * images_per_set + this * concept_images
+    pseudo_concepts: int
     min_images: int
 
 
-FULL = Sizes(concept_images=30, random_images=80, scenes=100, random_sets=5, images_per_set=20, min_images=3)
-SMALL = Sizes(concept_images=8, random_images=20, scenes=24, random_sets=3, images_per_set=8, min_images=2)
+FULL = Sizes(
+    concept_images=20, random_images=520, scenes=100, random_sets=5, images_per_set=20, pseudo_concepts=20, min_images=3
+)
+SMALL = Sizes(
+    concept_images=8, random_images=20, scenes=24, random_sets=3, images_per_set=8, pseudo_concepts=5, min_images=2
+)
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -183,6 +189,8 @@ def demo_config(out: Path, sizes: Sizes) -> dict:
             "random_pool": str(data / "random"),
             "random_sets": sizes.random_sets,
             "images_per_set": sizes.images_per_set,
+            "images_per_concept": sizes.concept_images,
+            "pseudo_concepts": sizes.pseudo_concepts,
         },
         "dataset": {"manifest": str(data / "audit" / "manifest.csv"), "target": "label"},
         "fit": {"solver": "auto"},

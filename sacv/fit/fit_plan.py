@@ -1,16 +1,22 @@
-"""The fitting stage: random sets, one vector per (layer, concept, random set), null vectors, cache.
+"""The fitting stage: random sets, one vector per (layer, concept, random set), pseudo-concepts, cache.
 
+- A concept's positives are a seeded draw of ``concepts.images_per_concept`` (n) of its images.
 - Random sets ``random_0 … random_{R-1}`` of concept k are drawn with the seed from the random
   pool (the ``random`` role when ``concepts.random_pool`` is set, else every guidance image) minus
   the images of k (compared by content id), so they never contain the concept's own images; they
   are disjoint when the pool is large enough. With a separate pool, all concepts share the sets.
-- Null vectors fit ``random_i`` against ``random_{i+1 mod R}`` drawn from the whole pool (each
-  pair once; images in both sets are dropped from both).
+- Pseudo-concepts ``pseudo_0 … pseudo_{P-1}`` (``concepts.pseudo_concepts``) are sets of n images of
+  the same pool, each fitted against the same R random sets as the concept: the reference that the
+  contributions table tests a concept against (``sacv.stats.contributions``). They are disjoint
+  from each other and from the random sets when the pool holds R·images_per_set + P·n images;
+  otherwise drawn independently (images a pseudo-concept shares with a random set are dropped from
+  both sides). With a separate pool all concepts share one family of pseudo-concepts (fitted once);
+  without one, each concept has its own (named ``pseudo_<p>:<concept>``).
 - Every job has a content key: store identity, layer, the image ids of both sides, the fit
   settings and the seed. Its result (``RunDir.write_fit_result``) is the cache: a rerun fits only
-  jobs whose key has no result. The jobs to fit are cut into blocks (``sacv.fit.sweep.plan_blocks``), one
-  task each, that share one read of the layer. ``collect_vectors`` then writes ``vectors/<layer>/…`` in the store and
-  ``tables/vectors.parquet`` (one writer).
+  jobs whose key has no result. The jobs to fit are cut into blocks (``sacv.fit.sweep.plan_blocks``),
+  one task each, that share one read of the layer. ``collect_vectors`` then writes
+  ``vectors/<layer>/…`` in the store and ``tables/vectors.parquet`` (one writer).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from sacv.fit.sweep import plan_blocks
 from sacv.io.handoffs import FitPlan
 from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import store_identity_of
+from sacv.stats.contributions import pseudo_name
 
 VECTOR_COLUMNS = [
     "layer",
@@ -68,6 +75,38 @@ def draw_random_sets(pool: list[str], exclude: set[str], n_sets: int, per_set: i
     return [sorted(d.tolist()) for d in draws]
 
 
+def concept_positives(images: list[str], n: int, seed: int, concept: str) -> list[str]:
+    """The ``n`` image ids a concept is fitted with: a seeded draw from its ``images`` (all of them
+    when it has exactly ``n``). Fewer than ``n`` is an error naming the key and the minimum."""
+    if len(images) < n:
+        raise ValueError(
+            f"concept {concept!r} has {len(images)} usable images, but concepts.images_per_concept is {n}: add "
+            f"images to its folder or set concepts.images_per_concept to {max(len(images), 2)} or less (at least 2; "
+            "the pseudo-concepts it is tested against have the same size)"
+        )
+    if len(images) == n:
+        return sorted(images)
+    tag = int(hashlib.sha256(concept.encode()).hexdigest()[:8], 16)
+    return sorted(np.random.default_rng([seed, tag]).choice(sorted(images), size=n, replace=False).tolist())
+
+
+def draw_pseudo_concepts(
+    pool: list[str], exclude: set[str], negatives: list[list[str]], n_sets: int, size: int, seed: int
+) -> list[list[str]]:
+    """``n_sets`` pseudo-concepts of ``size`` image ids from ``pool`` minus ``exclude``, drawn from the
+    images in no random set of ``negatives`` (disjoint when there are enough of them, else independent
+    draws), or from every candidate when fewer than ``size`` are left (see the module docstring)."""
+    candidates = sorted(set(pool) - exclude)
+    spare = sorted(set(candidates) - set().union(*map(set, negatives)))
+    source = spare if len(spare) >= size else candidates
+    if len(source) < size:
+        raise ValueError(
+            f"the random pool has {len(source)} usable images for pseudo-concepts of {size} images "
+            "(concepts.images_per_concept): add random images (concepts.random_pool) or lower it"
+        )
+    return draw_random_sets(source, set(), n_sets, size, seed + 1)
+
+
 def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[dict]:
     """Every vector to fit, in a fixed order, each with its positive/negative image ids and key.
     ``images``: the current rows of the images table (``ImageCatalog.current``: no removed images)."""
@@ -79,17 +118,23 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
     if empty:
         raise ValueError(f"concepts {empty} have no usable images (all rejected?); see tables/rejects.parquet")
     random_role = guidance[guidance["role"] == "random"]
-    pool = (random_role if len(random_role) else guidance)["image_id"].tolist()
-    n_sets, per_set, seed = cfg.random_sets, cfg.images_per_set, config.fit.seed
-    null_sets = draw_random_sets(pool, set(), n_sets, per_set, seed)
+    shared = len(random_role) > 0  # a separate pool: every concept gets the same random sets and pseudo-concepts
+    pool = (random_role if shared else guidance)["image_id"].tolist()
     pairs = []
     for k in names:
-        for r, negatives in enumerate(draw_random_sets(pool, set(by_concept[k]), n_sets, per_set, seed)):
-            pairs.append((k, "concept", by_concept[k], f"random_{r}", negatives))
-    null_pairs = sorted({tuple(sorted((i, (i + 1) % n_sets))) for i in range(n_sets)}) if n_sets > 1 else []
-    for i, j in null_pairs:
-        a, b = set(null_sets[i]), set(null_sets[j])
-        pairs.append((f"random_{i}", "null", sorted(a - b), f"random_{j}", sorted(b - a)))
+        positives = concept_positives(by_concept[k], cfg.images_per_concept, config.fit.seed, k)
+        negatives = draw_random_sets(pool, set(by_concept[k]), cfg.random_sets, cfg.images_per_set, config.fit.seed)
+        pairs += [(k, "concept", positives, f"random_{r}", neg) for r, neg in enumerate(negatives)]
+        if shared and k != names[0]:
+            continue  # the family of the first concept is every concept's
+        family = draw_pseudo_concepts(
+            pool, set(by_concept[k]), negatives, cfg.pseudo_concepts, cfg.images_per_concept, config.fit.seed
+        )
+        for p, members in enumerate(family):
+            name = pseudo_name(p, None if shared else k)
+            for r, neg in enumerate(negatives):
+                pos, neg_only = sorted(set(members) - set(neg)), sorted(set(neg) - set(members))
+                pairs.append((name, "pseudo", pos, f"random_{r}", neg_only))
     for concept, _, positives, random_set, negatives in pairs:
         if len(positives) < 2 or len(negatives) < 2:
             raise ValueError(

@@ -1,7 +1,7 @@
 """Blocks of fit jobs that share one read of a layer's guidance activations.
 
 - ``plan_blocks`` cuts a layer's jobs into blocks: jobs that share their positives (the R random
-  sets of one concept; the null pairs) form a group, and groups are packed in plan order into blocks
+  sets of one concept or pseudo-concept) form a group, and groups are packed in plan order into blocks
   whose images, as float32 positions, and per-(image, job) tables fit ``fit.memory_budget_mb``. A
   group larger than the budget alone is a block of its own and is streamed (re-read chunk by chunk
   in every solver pass).
@@ -38,7 +38,7 @@ BATCHED = ("auto", "lbfgs")  # solvers run as one batched exact L-BFGS per block
 
 
 def _group_of(job: dict) -> tuple:
-    return (job["layer"], "null") if job["kind"] == "null" else (job["layer"], tuple(job["pos"]))
+    return job["layer"], tuple(job["pos"])
 
 
 def _bytes(ids: set[str], n_jobs: int, shape: list[int]) -> int:
@@ -295,7 +295,7 @@ def fit_jobs(
         passes += p
     else:  # mean_difference
         w, b = solvers.mean_difference(train & pos, train & ~pos, sums, counts)
-        if fit.whiten:  # by the covariance of each group's positions (a concept and its random sets; the nulls)
+        if fit.whiten:  # by the covariance of each group's positions (a concept or pseudo-concept and its random sets)
             groups: dict[tuple, list[int]] = {}
             for j, job in enumerate(jobs):
                 groups.setdefault(_group_of(job), []).append(j)

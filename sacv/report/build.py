@@ -32,12 +32,11 @@ CONTRIBUTION_VIEW = [  # (header, column, formatter); the first column of a cell
     ("layer", "layer"),
     ("concept", "concept"),
     ("n_images", "n_images"),
+    ("contribution", "contribution_score"),
     ("spatial_score [95% CI]", "spatial_score"),
-    ("spatial null", "spatial_score_null"),
     ("tcav_score", "tcav_score"),
-    ("tcav null", "tcav_score_null"),
+    ("z (vs pseudo-concepts)", "z"),
     ("p_adjusted", "p_adjusted"),
-    ("effect_size", "effect_size"),
     ("direction", "direction"),
     ("significant", "significant"),
     ("reason", "reason"),
@@ -162,9 +161,9 @@ def _gallery(ctx: _Context, layer: str, positions: list, notes: list[str]) -> st
 
 def ordered_contributions(table: pd.DataFrame) -> pd.DataFrame:
     """Significant rows that raise the class logit, then significant rows that lower it, then the
-    rest; within each, the largest |effect size| first."""
+    rest; within each, the largest |z| (against the pseudo-concepts) first."""
     group = np.select([table["significant"] & (table["direction"] == "positive"), table["significant"]], [0, 1], 2)
-    ordered = table.assign(_g=group, _s=-table["effect_size"].abs().fillna(-1.0))
+    ordered = table.assign(_g=group, _s=-table["z"].abs().fillna(-1.0))
     return ordered.sort_values(["_g", "_s"], kind="stable").drop(columns=["_g", "_s"])
 
 
@@ -188,13 +187,20 @@ def _chosen_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     return ordered.head(3), False
 
 
+def _value(row) -> float:
+    """The tested value of a contributions row (its ``statistic``'s score)."""
+    return row[
+        {"contribution": "contribution_score", "spatial": "spatial_score", "tcav": "tcav_score"}[row["statistic"]]
+    ]
+
+
 def _section_html(section: Section, significant: bool) -> str:
     row = section.row
     title = f"{esc(row['concept'])} → class {esc(row['class_name'])} at {esc(row['layer'])}"
     stats = (
-        f"spatial score {fmt(row['spatial_score'])} (null {fmt(row['spatial_score_null'])}), "
-        f"TCAV {fmt(row['tcav_score'])} (null {fmt(row['tcav_score_null'])}), "
-        f"effect size {fmt(row['effect_size'])}, p<sub>adj</sub> {fmt(row['p_adjusted'])}"
+        f"{esc(row['statistic'])} {fmt(_value(row))} (pseudo-concepts {fmt(row['reference_mean'])} ± "
+        f"{fmt(row['reference_sd'])}, z {fmt(row['z'])}), spatial score {fmt(row['spatial_score'])}, "
+        f"TCAV {fmt(row['tcav_score'])}, p<sub>adj</sub> {fmt(row['p_adjusted'])}"
     )
     if significant:
         negative = row["direction"] == "negative"
@@ -249,7 +255,7 @@ def _header(run: RunDir, record: dict, images, rejects, vectors, table) -> str:
             (
                 "vectors",
                 f"{len(concept)} concept ({int(concept['near_chance'].sum())} near chance), "
-                f"{len(vectors) - len(concept)} null",
+                f"{len(vectors) - len(concept)} pseudo-concept",
             )
         )
     if table is not None:

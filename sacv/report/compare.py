@@ -44,6 +44,7 @@ def compare_runs(
         alpha or score.get("alpha", 0.05),
         correction or score.get("correction", "holm"),
         labels=(a.uri, b.uri),
+        statistic=score.get("statistic", "contribution"),
     )
     if table.empty:
         raise ValueError(

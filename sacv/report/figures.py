@@ -51,7 +51,7 @@ def patch_gallery(patches: list[np.ndarray], labels: list[str], per_row: int = 6
 
 def profile_figure(vectors: pd.DataFrame | None, table: pd.DataFrame | None, layers: list[str]) -> str | None:
     """Per layer and concept: mean held-out balanced accuracy of the concept vectors, mean spatial
-    score and mean TCAV score over classes (null vectors dashed): where a concept emerges."""
+    score and mean TCAV score over classes (pseudo-concepts dashed, where known): where a concept emerges."""
     panels = []
     if vectors is not None and len(vectors):
         concepts = vectors[vectors["kind"] == "concept"]
@@ -59,17 +59,18 @@ def profile_figure(vectors: pd.DataFrame | None, table: pd.DataFrame | None, lay
             (
                 "held-out balanced accuracy",
                 concepts.groupby(["concept", "layer"])["bal_acc"].mean(),
-                vectors[vectors["kind"] == "null"].groupby("layer")["bal_acc"].mean(),
+                vectors[vectors["kind"] == "pseudo"].groupby("layer")["bal_acc"].mean(),
                 (0.5, 0.6),
             )
         )
     if table is not None and len(table):
-        for score, title in (("spatial_score", "spatial score"), ("tcav_score", "TCAV score")):
+        for statistic, title in (("spatial", "spatial score"), ("tcav", "TCAV score")):
+            tested = table[table["statistic"] == statistic]  # the pseudo-concepts' mean is known for this score
             panels.append(
                 (
                     f"mean {title} over classes",
-                    table.groupby(["concept", "layer"])[score].mean(),
-                    table.groupby("layer")[f"{score}_null"].mean(),
+                    table.groupby(["concept", "layer"])[f"{statistic}_score"].mean(),
+                    tested.groupby("layer")["reference_mean"].mean() if len(tested) else None,
                     (0.5,),
                 )
             )
@@ -84,7 +85,9 @@ def profile_figure(vectors: pd.DataFrame | None, table: pd.DataFrame | None, lay
         for concept in sorted(means.index.get_level_values(0).unique()):
             y = means[concept].reindex(order).to_numpy(dtype=float)
             ax.plot(x, y, marker="o", label=plain(concept))
-        ax.plot(x, null.reindex(order).to_numpy(dtype=float), ls="--", color="0.45", marker="x", label="null vectors")
+        if null is not None:
+            y = null.reindex(order).to_numpy(dtype=float)
+            ax.plot(x, y, ls="--", color="0.45", marker="x", label="pseudo-concepts")
         for guide in guides:
             ax.axhline(guide, color="0.8", lw=0.8, zorder=0)
         ax.set_title(title)

@@ -19,8 +19,10 @@ CONTRIBUTION_COLUMNS = [
     "concept",
     "class_name",
     "n_images",
+    "contribution_score",
     "spatial_score",
     "tcav_score",
+    "z",
     "p_adjusted",
     "direction",
     "significant",
@@ -123,8 +125,10 @@ def _contributions(table: pd.DataFrame, top: int) -> list[str]:
         by_concept = counts(table, "concept").sort_values(["significant", "positive"], ascending=False, kind="stable")
         lines.append(f"  by concept (most significant rows first, {min(top, len(by_concept))} of {len(by_concept)}):")
         lines += _table(by_concept.head(top).reset_index(), "    ") + _more(top, len(by_concept), "concepts")
-    shown = table.sort_values(["significant", "effect_size"], ascending=False, kind="stable").head(top)
-    lines.append(f"  top {len(shown)} rows (significant first, by effect size):")
+    shown = (
+        table.assign(_z=table["z"].abs()).sort_values(["significant", "_z"], ascending=False, kind="stable").head(top)
+    )
+    lines.append(f"  top {len(shown)} rows (significant first, by |z| against the pseudo-concepts):")
     lines += _table(shown[[c for c in CONTRIBUTION_COLUMNS if c in shown]], "    ") + _more(
         len(shown), len(table), "rows"
     )
