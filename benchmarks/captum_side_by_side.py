@@ -211,7 +211,8 @@ def main(argv=None) -> dict:
             "layers": {
                 r.layer: {
                     "spatial_score": r.spatial_score,
-                    "spatial_null": r.spatial_score_null,
+                    "reference_mean": r.reference_mean,
+                    "z": r.z,
                     "tcav_score": r.tcav_score,
                     "p_adjusted": r.p_adjusted,
                     "significant": bool(r.significant),
@@ -236,7 +237,7 @@ def main(argv=None) -> dict:
     print(
         f"{'sacv run':<10} {s['wall_s']:>7.1f} {s['peak_rss_gib']:>12.2f}  "
         + ", ".join(
-            f"{k}: spatial {v['spatial_score']:.2f} vs null {v['spatial_null']:.2f}, p_adj {v['p_adjusted']:.2g}"
+            f"{k}: spatial {v['spatial_score']:.2f}, z {v['z']:.1f} vs pseudo-concepts, p_adj {v['p_adjusted']:.2g}"
             for k, v in s["layers"].items()
         )
     )

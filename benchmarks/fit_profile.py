@@ -5,8 +5,8 @@ process with ``sacv.fit.sweep.fit_block`` (as the ``fit-block`` task body does),
 wrapping: ``plan_fits``, reading stored statistics and shard markers (``read_stats``), reading
 positions (``PositionReader``), the batched L-BFGS (``solvers.batched_logistic``), held-out scoring
 (``solvers.select_scores``), metrics (``set_fitted_vector``), writing results, and
-``collect_vectors``. Per block: jobs, wall, and per group of jobs (a concept's, the nulls) the L-BFGS iterations
-(median, max) and the most passes of a job. Compare the
+``collect_vectors``. Per block: jobs, wall, and per group of jobs (a concept's, a pseudo-concept's) the L-BFGS
+iterations (median, max) and the most passes of a job. Compare the
 sum with ``run.json`` ``timings.fit.seconds`` of a ``sacv fit`` of the same run to see the flow's
 own overhead.
 
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
         results = sweep.fit_block(config.run_dir, config, layer, keys)
         per_group: dict[str, list[dict]] = {}
         for r in results:
-            per_group.setdefault(r["concept"] if r["kind"] == "concept" else "null", []).append(r)
+            per_group.setdefault(r["concept"] if r["kind"] == "concept" else "pseudo-concepts", []).append(r)
         groups = {
             name: {
                 "n_iter_median": float(np.median([r["n_iter"] for r in rs])),

@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--concepts", type=int, default=1, help="concept folders")
     parser.add_argument("--per-concept", type=int, default=50, help="images per concept folder")
     parser.add_argument("--pool", type=int, default=250, help="images of the random pool")
-    parser.add_argument("--sets", type=int, default=10, help="random sets R (and R null vectors per layer)")
+    parser.add_argument("--sets", type=int, default=10, help="random sets R")
     parser.add_argument("--per-set", type=int, default=50, help="images per random set")
     parser.add_argument("--size", type=int, default=128, help="generated image size in pixels")
     parser.add_argument("--before", default=None, help="a checkout of the code before fit blocks (optional)")
@@ -254,7 +254,7 @@ def main(argv=None) -> dict:
             concept = table[table["kind"] == "concept"]
             quality = {
                 "concept_bal_acc_median": round(float(concept["bal_acc"].median()), 4),
-                "null_bal_acc_median": round(float(table.loc[table["kind"] == "null", "bal_acc"].median()), 4),
+                "pseudo_bal_acc_median": round(float(table.loc[table["kind"] == "pseudo", "bal_acc"].median()), 4),
             }
             if "cosine_to_logistic" in table and table["cosine_to_logistic"].notna().any():
                 quality |= {

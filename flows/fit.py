@@ -16,7 +16,7 @@ from tasks.fit import collect_vectors, fit_block, plan_fits
 
 @flow(name="sacv-fit")
 def fit_flow(config: RunConfig) -> FitSummary:
-    """Fit every planned concept and null vector that has no cached result, then collect them."""
+    """Fit every planned concept and pseudo-concept vector that has no cached result, then collect them."""
     started = time.perf_counter()
     run_uri = config.run_dir
     if config.concepts is None:

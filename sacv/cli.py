@@ -126,7 +126,7 @@ def extract_command(config_path: str, strict: bool) -> None:
 @main.command("fit")
 @click.argument("config_path", metavar="CONFIG")
 def fit_command(config_path: str) -> None:
-    """Fit concept and null vectors from the store; a rerun fits only what changed."""
+    """Fit concept and pseudo-concept vectors from the store; a rerun fits only what changed."""
     _report_fit(_run_stage("fit", config_path))
 
 

@@ -174,6 +174,17 @@ class ExecutionConfig(Section):
     allow_tf32: bool = False  # let CUDA use TF32 (gradients off by several %, docs/numerics.md); CPU unaffected
 
 
+def require_concept_images(concept: str, count: int, wanted: int) -> None:
+    """A concept needs ``concepts.images_per_concept`` images: fewer is a ValueError naming the key
+    and the most it can be set to."""
+    if count < wanted:
+        raise ValueError(
+            f"concept {concept!r} has {count} usable images, but concepts.images_per_concept is {wanted}: add "
+            f"images to its folder or set concepts.images_per_concept to {max(count, 2)} or less (at least 2; "
+            "the pseudo-concepts it is tested against have the same size)"
+        )
+
+
 class RunConfig(Section):
     run_dir: str  # local path or fsspec URL of the run directory
     model: ModelConfig = ModelConfig()

@@ -38,7 +38,7 @@ def fit_block(run_uri: str, config: RunConfig, layer: str, keys: list[str]) -> d
     with cluster:
         results = sweep.fit_block(run_uri, config, layer, keys)
     logger = get_run_logger()
-    near = [r for r in results if r["near_chance"] and r["kind"] == "concept"]  # null vectors are near chance by design
+    near = [r for r in results if r["near_chance"] and r["kind"] == "concept"]  # pseudo-concepts: near chance by design
     logger.info(
         "%s: %d vectors (%s), median bal_acc %.3f",
         layer,

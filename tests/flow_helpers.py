@@ -10,7 +10,6 @@ from PIL import Image
 
 from sacv.config import parse_config
 
-
 SMALL_TEST = {"images_per_concept": 4, "pseudo_concepts": 3}  # concepts of write_collection have 5 images
 
 

@@ -1,29 +1,26 @@
-"""The contributions table's statistics: pooled spatial score, calibration, constant sides, direction,
-the R >= 3 refusal and the power of the defaults."""
+"""The contributions table's statistics: pooled per-set scores, the test against pseudo-concepts
+(against slow references), calibration under set-to-set spread, direction and sign, families, and
+the refusal of concepts with too few images. Real-model calibration: tests/test_calibration.py."""
 
 from __future__ import annotations
-
-import importlib
-import itertools
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-from sacv.config import ConceptsConfig, ConfigError, ScoreConfig, load_config
+from sacv.fit.fit_plan import concept_positives, draw_pseudo_concepts
 from sacv.report.build import _row_class, contributions_html, ordered_contributions
-from sacv.stats.contributions import constant_sides_p, contributions, table_adjust
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from sacv.stats.contributions import contributions, per_vector, reference_test
 
 
 def image_scores(vectors: dict[tuple[str, str, str], np.ndarray], layer: str = "l", target: int = 0) -> pd.DataFrame:
-    """image_scores rows from {(concept, random_set, kind): (n_images, 3) relevant_frac, positive_frac, s_kc_sum}."""
+    """image_scores rows from {(concept, random_set, kind): (n_images, 4) relevant_frac, positive_frac,
+    s_kc_sum, s_kc_relevant_mean}."""
     frames = []
     for (concept, random_set, kind), values in vectors.items():
         values = np.asarray(values, dtype=float)
+        relevant = values[:, 0] > 0
         frames.append(
             pd.DataFrame(
                 {
@@ -35,124 +32,109 @@ def image_scores(vectors: dict[tuple[str, str, str], np.ndarray], layer: str = "
                     "kind": kind,
                     "s_k_mean": 0.0,
                     "relevant_frac": values[:, 0],
-                    "positive_frac": np.where(values[:, 0] > 0, values[:, 1], np.nan),
+                    "positive_frac": np.where(relevant, values[:, 1], np.nan),
                     "s_kc_sum": values[:, 2],
+                    "s_kc_relevant_mean": np.where(relevant, values[:, 3], np.nan),
                 }
             )
         )
     return pd.concat(frames, ignore_index=True)
 
 
-def constant_vectors(concept_value: float, null_value: float, r: int = 5, n: int = 4, concept: str = "striped") -> dict:
-    """R concept vectors and R null vectors whose every image has these positive fractions."""
-    vectors = {(concept, f"random_{i}", "concept"): [[0.5, concept_value, 1.0]] * n for i in range(r)}
-    vectors |= {(f"random_{i}", f"random_{(i + 1) % r}", "null"): [[0.5, null_value, -1.0]] * n for i in range(r)}
+def family(values: dict[str, float], r: int = 4, n: int = 3, noise: float = 0.0, seed: int = 0) -> dict:
+    """Concepts and pseudo-concepts (names starting with ``pseudo_``), each R vectors whose images all
+    have this contribution (plus ``noise`` per vector): relevant_frac 0.5, positive_frac 0.5."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, value in values.items():
+        kind = "pseudo" if name.startswith("pseudo_") else "concept"
+        for i in range(r):
+            v = value + noise * rng.normal()
+            out[name, f"random_{i}", kind] = [[0.5, 0.5, 1.0, v]] * n
+    return out
+
+
+def test_per_vector_pools_contribution_and_spatial_over_every_relevant_position():
+    # per image (relevant_frac, positive_frac, s_kc_sum, s_kc_relevant_mean); image 2 has no relevant position
+    images = [[0.5, 1.0, 2.0, 4.0], [0.05, 0.0, -1.0, -10.0], [0.0, np.nan, 1.0, np.nan]]
+    table = per_vector(image_scores({("striped", "random_0", "concept"): images})).iloc[0]
+    # slow reference: every relevant position of every image counts once
+    positions = 100
+    contribution, positive, count = 0.0, 0.0, 0
+    for relevant_frac, positive_frac, _, relevant_mean in images:
+        k = round(relevant_frac * positions)
+        contribution += k * (0.0 if k == 0 else relevant_mean)
+        positive += k * (0.0 if k == 0 else positive_frac)
+        count += k
+    assert table["contribution"] == pytest.approx(contribution / count)  # not the mean over images (-3.0)
+    assert table["spatial"] == pytest.approx(positive / count)
+    assert table["tcav"] == pytest.approx(2 / 3) and table["n_images"] == 3 and table["n_images_relevant"] == 2
+
+
+def test_reference_test_equals_a_slow_prediction_interval_and_rank():
+    rng = np.random.default_rng(5)
+    reference, value = rng.normal(size=9), 1.7
+    tested = reference_test(value, reference)
+    n, mean, sd = len(reference), reference.mean(), reference.std(ddof=1)
+    t = (value - mean) / (sd * np.sqrt(1 + 1 / n))
+    assert tested["p_value"] == pytest.approx(2 * (1 - stats.t.cdf(abs(t), n - 1)))
+    assert tested["z"] == pytest.approx((value - mean) / sd)
+    above = sum(x >= value for x in reference)
+    below = sum(x <= value for x in reference)
+    assert tested["p_rank"] == pytest.approx(min(1, 2 * min(above + 1, below + 1) / (n + 1)))
+    assert tested["n_reference"] == n and tested["reason"] is None
+
+
+def test_a_reference_without_spread_gives_the_rank_p_value():
+    tested = reference_test(2.0, np.ones(7))
+    assert tested["p_value"] == pytest.approx(2 / 8) and "rank" in tested["reason"]
+    assert reference_test(1.0, np.ones(7))["p_value"] == 1.0
+
+
+def simulated_table(rng: np.random.Generator, placebos: int, r: int, p: int, set_sd: float, run_sd: float) -> dict:
+    """Concepts and pseudo-concepts drawn alike: each image set has its own effect (set_sd), each of
+    its R vectors adds run noise (run_sd), the way a fixed image set differs from the pool's average."""
+    vectors = {}
+    for name, kind in [(f"placebo_{i}", "concept") for i in range(placebos)] + [
+        (f"pseudo_{i}", "pseudo") for i in range(p)
+    ]:
+        effect = set_sd * rng.normal()
+        for i in range(r):
+            vectors[name, f"random_{i}", kind] = [[0.5, 0.5, 1.0, effect + run_sd * rng.normal()]] * 2
     return vectors
 
 
-def test_spatial_score_pools_the_relevant_positions_of_every_image_of_the_class():
-    # per image (relevant_frac, positive_frac, s_kc_sum); image 2 has no relevant position
-    concept = [[0.5, 1.0, 2.0], [0.05, 0.0, -1.0], [0.0, np.nan, 1.0]]
-    null = [[0.5, 0.5, 1.0], [0.5, 0.5, -1.0], [0.5, 0.5, 1.0]]
-    vectors = {("striped", f"random_{i}", "concept"): concept for i in range(3)}
-    vectors |= {(f"random_{i}", f"random_{(i + 1) % 3}", "null"): null for i in range(3)}
-    row = contributions(image_scores(vectors), ["zebra"], min_images=1).iloc[0]
-    assert row["spatial_score"] == pytest.approx((0.5 * 1.0 + 0.05 * 0.0) / (0.5 + 0.05))  # not mean(1.0, 0.0)
-    assert row["spatial_score_null"] == pytest.approx(0.5)
-    assert row["n_images"] == 3 and row["n_images_relevant"] == 2 and row["n_images_relevant_null"] == 3
-    assert row["tcav_score"] == pytest.approx(2 / 3)
-
-
-def test_constant_sides_p_is_the_exact_permutation_p_value():
-    for n, m in [(3, 3), (4, 6), (5, 5), (6, 4), (2, 7)]:
-        concept, null = np.full(n, 0.8), np.full(m, 0.3)
-        pooled, observed = np.concatenate([concept, null]), concept.mean() - null.mean()
-        splits = list(itertools.combinations(range(n + m), n))
-        extreme = 0
-        for chosen in splits:
-            first = np.zeros(n + m, dtype=bool)
-            first[list(chosen)] = True
-            extreme += abs(pooled[first].mean() - pooled[~first].mean()) >= abs(observed) - 1e-12
-        assert constant_sides_p(concept, null) == pytest.approx(extreme / len(splits)), (n, m)
-    assert constant_sides_p(np.full(3, 0.5), np.full(4, 0.5)) == 1.0
-
-
-def test_constant_sides_with_different_means_are_tested_by_permutation():
-    row = contributions(image_scores(constant_vectors(0.9, 0.4)), ["zebra"], min_images=1).iloc[0]
-    assert row["p_value"] == pytest.approx(2 / 252) and row["p_value_mannwhitney"] == pytest.approx(2 / 252)
-    assert row["p_value_tcav"] == pytest.approx(2 / 252)  # TCAV 1.0 on every concept set, 0.0 on every null
-    assert row["p_adjusted"] == pytest.approx(4 / 252)  # Holm over the row's two p-values
-    assert row["reason"].startswith("no variance (spatial_score, tcav_score)")
-    assert np.isnan(row["effect_size"]) and row["direction"] == "positive" and row["significant"]
-    assert row["spatial_score"] - row["spatial_score_null"] == pytest.approx(0.5)
-    same = contributions(image_scores(constant_vectors(0.4, 0.4)), ["zebra"], min_images=1, statistic="spatial").iloc[0]
-    assert same["p_value"] == 1.0 and same["direction"] is None and not same["significant"]
-
-
-def null_only_scores(rng, n_layers: int, r: int = 5, n_images: int = 10) -> pd.DataFrame:
-    """Every layer its own concept and null vectors, all drawn alike (no effect); concept vectors are
-    relevant on few images and few positions, null vectors on most."""
-    frames = []
-    for kind, relevant_share, n_vectors in (("concept", 0.3, r), ("null", 0.9, r)):
-        shape = (n_layers, n_vectors, n_images)
-        bias = rng.normal(0, 0.8, size=shape[:2] + (1,))  # per vector: how often its direction raises the logit
-        relevant = np.where(rng.random(shape) < relevant_share, rng.uniform(0.02, 0.5, shape), 0.0)
-        relevant[..., 0] = np.maximum(relevant[..., 0], 0.02)  # every vector has some relevant position
-        positive = np.where(relevant > 0, 1 / (1 + np.exp(-(bias + rng.normal(0, 1, shape)))), np.nan)
-        layer, vector, image = (a.reshape(-1) for a in np.indices(shape))
-        frames.append(
-            pd.DataFrame(
-                {
-                    "image_id": image.astype(str),
-                    "layer": layer.astype(str),
-                    "target": 0,
-                    "concept": np.where(kind == "concept", "placebo", "random_" + vector.astype(str)),
-                    "random_set": "random_" + ((vector + (kind == "null")) % n_vectors).astype(str),
-                    "kind": kind,
-                    "s_k_mean": 0.0,
-                    "relevant_frac": relevant.reshape(-1),
-                    "positive_frac": positive.reshape(-1),
-                    "s_kc_sum": (bias + rng.normal(0, 1.5, shape)).reshape(-1),
-                }
-            )
-        )
-    return pd.concat(frames, ignore_index=True)
-
-
-def test_p_values_are_calibrated_under_the_null_over_many_seeds():
-    n, alpha = 1200, 0.05  # independent rows: one per layer, each layer with its own null vectors
-    table = contributions(null_only_scores(np.random.default_rng(7), n), ["c0"], alpha=alpha, min_images=3)
-    assert len(table) == n and table["p_value"].notna().all() and table["p_value_tcav"].notna().all()
-    bound = stats.binom.ppf(0.999, n, alpha) / n
-    for column in ("p_value", "p_value_tcav", "p_value_mannwhitney"):
-        rate = (table[column] < alpha).mean()
-        assert 0.01 < rate <= bound, (column, rate, bound)
-    per_row = np.array(
-        [table_adjust([p], [q], "both", "holm")[0][0] for p, q in table[["p_value", "p_value_tcav"]].to_numpy()]
-    )
-    assert (per_row < alpha).mean() <= bound
-    assert table["significant"].mean() <= bound  # Holm over the whole table
-
-
-def planted_scores(rng, r: int = 6, n_images: int = 12) -> pd.DataFrame:
-    """Concept `up` raises the class logit at its relevant positions, `down` lowers it, `flat` does neither."""
-    vectors = {}
-    for concept, centre in (("up", 0.85), ("down", 0.15), ("flat", 0.5)):
-        for i in range(r):
-            share = np.clip(centre + rng.normal(0, 0.03), 0, 1)
-            vectors[concept, f"random_{i}", "concept"] = [[0.3, share, 1.0 if share > 0.5 else -1.0]] * n_images
-    for i in range(r):
-        share = rng.uniform(0.35, 0.65)
-        vectors[f"random_{i}", f"random_{(i + 1) % r}", "null"] = [[0.4, share, rng.normal()]] * n_images
-    return image_scores(vectors)
+def test_placebos_drawn_like_the_pseudo_concepts_are_significant_at_alpha():
+    """Set-to-set spread larger than the runs' noise (as measured on real activations): the test
+    against pseudo-concepts holds alpha; a Welch test of the same concepts' R values against R
+    vectors of one pseudo-concept each (the replaced test) finds most placebos."""
+    rng = np.random.default_rng(0)
+    hits = welch_hits = rows = 0
+    for _ in range(40):
+        scores = image_scores(simulated_table(rng, placebos=10, r=10, p=40, set_sd=1.0, run_sd=0.3))
+        table = contributions(scores, ["zebra"], min_images=1, correction="bh")
+        hits += int((table["p_value"] < 0.05).sum())
+        rows += len(table)
+        vectors = per_vector(scores)
+        singles = vectors[(vectors["kind"] == "pseudo") & (vectors["random_set"] == "random_0")]["contribution"][:10]
+        for _, own in vectors[vectors["kind"] == "concept"].groupby("concept"):
+            welch = stats.ttest_ind(own["contribution"], singles, equal_var=False).pvalue
+            welch_hits += int(welch < 0.05)
+    low, high = stats.binomtest(hits, rows).proportion_ci()
+    assert low < 0.05 < high + 0.02 and hits / rows < 0.08, (hits, rows)
+    assert welch_hits / rows > 0.3  # the replaced test: it tested these images, not the concept
 
 
 def test_direction_tells_raising_from_lowering_and_the_report_shows_them_apart():
-    table = contributions(planted_scores(np.random.default_rng(3)), ["zebra"])
+    pseudo = {f"pseudo_{i}": 0.1 * np.sin(i) for i in range(20)}
+    table = contributions(
+        image_scores(family({"up": 1.0, "down": -1.0, "flat": 0.0, **pseudo})), ["zebra"], min_images=1
+    )
     rows = table.set_index("concept")
-    assert rows.loc["up", "significant"] and rows.loc["up", "direction"] == "positive"
+    assert rows.loc["up", "significant"] and rows.loc["up", "direction"] == "positive" and rows.loc["up", "z"] > 0
     assert rows.loc["down", "significant"] and rows.loc["down", "direction"] == "negative"
     assert not rows.loc["flat", "significant"]
+    assert (rows["n_reference"] == 20).all() and (rows["statistic"] == "contribution").all()
     assert list(ordered_contributions(table.iloc[::-1])["concept"]) == ["up", "down", "flat"]
     assert [_row_class(row) for _, row in ordered_contributions(table).iterrows()] == ["sig", "sig neg", ""]
     page = contributions_html(ordered_contributions(table))
@@ -160,40 +142,55 @@ def test_direction_tells_raising_from_lowering_and_the_report_shows_them_apart()
     assert ">positive<" in page and ">negative<" in page
 
 
-def _config_file(tmp_path: Path, random_sets: int, with_dataset: bool) -> Path:
-    (tmp_path / "concepts").mkdir(exist_ok=True)
-    (tmp_path / "data").mkdir(exist_ok=True)
-    text = (
-        f"run_dir: {tmp_path / 'run'}\nlayers: [features.2]\n"
-        f"concepts: {{root: {tmp_path / 'concepts'}, random_sets: {random_sets}}}\n"
-    )
-    if with_dataset:
-        text += f"dataset: {{root: {tmp_path / 'data'}}}\n"
-    path = tmp_path / f"config_{random_sets}_{with_dataset}.yaml"
-    path.write_text(text)
-    return path
+def test_a_concept_is_tested_against_its_own_family_when_it_has_one():
+    """Without a separate random pool each concept has its own pseudo-concepts (``pseudo_<p>:<concept>``)."""
+    own = {f"pseudo_{i}:striped": 5.0 + 0.1 * np.cos(i) for i in range(6)}
+    other = {f"pseudo_{i}:dotted": 0.1 * np.cos(i) for i in range(6)}
+    table = contributions(
+        image_scores(family({"striped": 5.0, "dotted": 0.0, **own, **other})), ["zebra"], min_images=1
+    ).set_index("concept")
+    assert table.loc["striped", "reference_mean"] == pytest.approx(np.mean(list(own.values())))
+    assert not table.loc["striped", "significant"] and not table.loc["dotted", "significant"]
 
 
-def test_fewer_than_three_random_sets_are_refused_when_a_contributions_table_is_built(tmp_path):
-    for r in (1, 2):
-        with pytest.raises(ConfigError) as err:
-            load_config(_config_file(tmp_path, r, with_dataset=True))
-        assert f"concepts.random_sets is {r}" in str(err.value) and "set concepts.random_sets to 3 or more" in str(
-            err.value
-        )
-        assert load_config(_config_file(tmp_path, r, with_dataset=False)).concepts.random_sets == r  # fit only
-    assert load_config(_config_file(tmp_path, 3, with_dataset=True)).concepts.random_sets == 3
+def test_too_few_images_and_no_relevant_positions_leave_a_reason():
+    values = family({"striped": 1.0, **{f"pseudo_{i}": 0.1 * i for i in range(5)}}, n=1)
+    row = contributions(image_scores(values), ["zebra"], min_images=3).iloc[0]
+    assert np.isnan(row["p_value"]) and row["reason"] == "too few images (1 < 3)" and not row["significant"]
+    values[("striped", "random_0", "concept")] = [[0.0, np.nan, 1.0, np.nan]]
+    for i in range(1, 4):
+        values[("striped", f"random_{i}", "concept")] = [[0.0, np.nan, 1.0, np.nan]]
+    row = contributions(image_scores(values), ["zebra"], min_images=1).iloc[0]
+    assert np.isnan(row["p_value"]) and "no relevant positions" in row["reason"]
 
 
-def test_the_defaults_find_an_audit_size_effect_and_keep_placebos_below_alpha(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    power = importlib.import_module("power")
-    rng = np.random.default_rng(11)
-    x, y = rng.random(7), rng.random(9)
-    assert power.welch(x, y) == pytest.approx(stats.ttest_ind(x, y, equal_var=False).pvalue)
-    r = ConceptsConfig.model_fields["random_sets"].default
-    score = ScoreConfig()
-    # TCAV 0.87 against a null of 0.59 at 4 layers of a 200-row table, spreads of a real run
-    result = power.simulate(rng, r, 0.28, (4, 10, 5), 120, power.MEASURED)
-    found, placebo = result[score.statistic, score.correction]
-    assert found >= 0.8 and placebo <= score.alpha, (r, score.statistic, found, placebo)
+def test_a_concept_with_fewer_images_than_a_set_needs_is_an_error_naming_the_key():
+    images = [f"img{i}" for i in range(12)]
+    with pytest.raises(ValueError, match=r"concepts.images_per_concept is 30.*12 or less"):
+        concept_positives(images, 30, seed=0, concept="striped")
+    drawn = concept_positives(images, 5, seed=0, concept="striped")
+    assert len(set(drawn)) == 5 and set(drawn) <= set(images)
+    assert drawn == concept_positives(images, 5, seed=0, concept="striped")  # seeded
+
+
+def test_pseudo_concepts_avoid_the_random_sets_and_the_concept_when_the_pool_allows():
+    pool = [f"r{i:03d}" for i in range(200)]
+    negatives = [pool[i * 10 : (i + 1) * 10] for i in range(5)]
+    family_sets = draw_pseudo_concepts(pool + ["c1"], {"c1"}, negatives, 10, 15, seed=0)
+    members = [set(s) for s in family_sets]
+    assert all(len(s) == 15 for s in members) and len(set().union(*members)) == 150  # disjoint
+    assert not set().union(*members) & set().union(*map(set, negatives)) and "c1" not in set().union(*members)
+    with pytest.raises(ValueError, match="concepts.images_per_concept"):
+        draw_pseudo_concepts(pool[:8], set(), [pool[:4]], 3, 10, seed=0)
+
+
+def test_too_few_concept_images_stop_the_run_before_any_work(tmp_path):
+    from sacv.extract.extraction_plan import list_collections
+    from tests.flow_helpers import make_config, write_collection
+
+    write_collection(tmp_path)  # 5 images per concept
+    config = make_config(tmp_path)
+    config = config.model_copy(update={"concepts": config.concepts.model_copy(update={"images_per_concept": 6})})
+    with pytest.raises(ValueError, match=r"'chequered' has 5 usable images, but concepts.images_per_concept is 6"):
+        list_collections(config.run_dir, config)
+    assert not (tmp_path / "run" / "scan").exists()  # nothing listed, nothing extracted

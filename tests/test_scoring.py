@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -60,25 +59,40 @@ def test_image_scores_equal_a_direct_numpy_computation(scored):
 
 
 def _per_set(part: pd.DataFrame, key: list[str]) -> pd.DataFrame:
-    """Spatial score (pooled over the class's images), TCAV score and images with a relevant position, per vector."""
+    """Per vector, by hand over its rows: contribution (mean S_kc over every relevant position of the
+    class's images), spatial score (share of those positions with S_kc > 0), TCAV score, images with
+    a relevant position. Each image has the layer's H·W positions, so relevant_frac weighs it."""
     rows = {}
     for name, vector in part.groupby(key):
-        relevant, positive = vector["relevant_frac"].to_numpy(), vector["positive_frac"].fillna(0).to_numpy()
+        weight, contribution, positive, relevant_images = 0.0, 0.0, 0.0, 0
+        for _, image in vector.iterrows():
+            if image["relevant_frac"] > 0:
+                weight += image["relevant_frac"]
+                contribution += image["relevant_frac"] * image["s_kc_relevant_mean"]
+                positive += image["relevant_frac"] * image["positive_frac"]
+                relevant_images += 1
         rows[name] = {
-            "spatial": (relevant * positive).sum() / relevant.sum(),
-            "tcav": (vector["s_kc_sum"] > 0).mean(),
-            "relevant_images": (relevant > 0).sum(),
+            "contribution": contribution / weight if weight else np.nan,
+            "spatial": positive / weight if weight else np.nan,
+            "tcav": np.mean([x > 0 for x in vector["s_kc_sum"]]),
+            "relevant_images": relevant_images,
         }
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def _permutation_p(x: np.ndarray, y: np.ndarray) -> float:
-    pooled, observed, n = np.concatenate([x, y]), abs(x.mean() - y.mean()), len(x)
-    diffs = [
-        abs(pooled[list(c)].mean() - np.delete(pooled, list(c)).mean())
-        for c in itertools.combinations(range(len(pooled)), n)
-    ]
-    return float(np.mean(np.array(diffs) >= observed - 1e-12))
+def _prediction_test(value: float, reference: list[float]) -> dict:
+    """The concept's value as one more draw from the pseudo-concepts' values: z, t prediction p-value
+    (P - 1 degrees of freedom, scipy.stats.t), two-sided rank p-value; the rank p-value without spread."""
+    n = len(reference)
+    mean = sum(reference) / n
+    sd = (sum((x - mean) ** 2 for x in reference) / (n - 1)) ** 0.5
+    above, below = sum(x >= value for x in reference), sum(x <= value for x in reference)
+    rank = min(1.0, 2 * min(above + 1, below + 1) / (n + 1))
+    if sd == 0:
+        return {"reference_mean": mean, "reference_sd": sd, "z": np.nan, "p_value": rank, "p_rank": rank}
+    t = abs(value - mean) / (sd * (1 + 1 / n) ** 0.5)
+    p = 2 * (1 - stats.t.cdf(t, n - 1))
+    return {"reference_mean": mean, "reference_sd": sd, "z": (value - mean) / sd, "p_value": p, "p_rank": rank}
 
 
 def _holm(p: np.ndarray) -> np.ndarray:
@@ -90,68 +104,80 @@ def _holm(p: np.ndarray) -> np.ndarray:
     return adjusted
 
 
-@pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")  # one side constant: SciPy warns, p stands
-def test_contribution_columns_equal_scipy_on_a_pipeline_table(scored):
+def _expected_table(scores: pd.DataFrame, table: pd.DataFrame, statistic: str) -> pd.DataFrame:
+    """Every row of ``table`` recomputed from image_scores: per-vector values by hand, the concept's
+    mean over its random sets against the means of its own pseudo-concepts (``pseudo_<p>:<concept>``:
+    this collection has no separate random pool)."""
+    expected = []
+    for _, row in table.iterrows():
+        mine = scores[(scores["layer"] == row["layer"]) & (scores["target"] == row["class_index"])]
+        concept = _per_set(mine[(mine["concept"] == row["concept"]) & (mine["kind"] == "concept")], ["random_set"])
+        pseudo = mine[mine["kind"] == "pseudo"]
+        family = pseudo[pseudo["concept"].str.split(":").str[1] == row["concept"]]
+        per_pseudo = _per_set(family, ["concept", "random_set"])
+        reference = [float(np.nanmean(group)) for _, group in per_pseudo.groupby(level=0)[statistic]]
+        spatial = concept["spatial"].to_numpy()
+        low, high = (
+            stats.t.interval(0.95, len(spatial) - 1, loc=spatial.mean(), scale=stats.sem(spatial))
+            if spatial.std() > 0
+            else (spatial.mean(),) * 2
+        )
+        value = float(np.nanmean(concept[statistic]))
+        expected.append(
+            {
+                "n_images": mine["image_id"].nunique(),
+                "n_random_sets": len(concept),
+                "n_reference": len(reference),
+                "n_images_relevant": concept["relevant_images"].mean(),
+                "contribution_score": concept["contribution"].mean(),
+                "spatial_score": spatial.mean(),
+                "spatial_score_ci_low": low,
+                "spatial_score_ci_high": high,
+                "tcav_score": concept["tcav"].mean(),
+                "value": value,
+                **_prediction_test(value, reference),
+            }
+        )
+    return pd.DataFrame(expected)
+
+
+def test_contribution_columns_equal_a_slow_reference_on_a_pipeline_table(scored):
     _, config, summary = scored
     run = Path(config.run_dir)
     scores = pd.read_parquet(run / "tables/image_scores.parquet")
     table = pd.read_parquet(run / "tables/contributions.parquet")
     assert summary.score.rows == len(table) == 2 * 3 * 2  # layers x concepts x classes
-    assert config.score.statistic == "both" and config.score.correction == "holm"
-    expected = []
-    for _, row in table.iterrows():
-        mine = scores[(scores["layer"] == row["layer"]) & (scores["target"] == row["class_index"])]
-        concept = _per_set(mine[(mine["concept"] == row["concept"]) & (mine["kind"] == "concept")], ["random_set"])
-        null = _per_set(mine[mine["kind"] == "null"], ["concept", "random_set"])  # null vector random_i vs random_j
-        x, y = concept["spatial"].to_numpy(), null["spatial"].to_numpy()
-        p = {}
-        for name, (a, b) in {"spatial": (x, y), "tcav": (concept["tcav"].to_numpy(), null["tcav"].to_numpy())}.items():
-            constant = a.std() == 0 and b.std() == 0
-            p[name] = _permutation_p(a, b) if constant else stats.ttest_ind(a, b, equal_var=False).pvalue
-        mannwhitney = (
-            _permutation_p(x, y)
-            if x.std() == 0 and y.std() == 0
-            else stats.mannwhitneyu(x, y, alternative="two-sided").pvalue
-        )
-        low, high = (
-            stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x)) if x.std() > 0 else (x.mean(),) * 2
-        )
-        expected.append(
-            {
-                "n_images": mine["image_id"].nunique(),
-                "n_random_sets": len(x),
-                "n_null": len(y),
-                "n_images_relevant": concept["relevant_images"].mean(),
-                "n_images_relevant_null": null["relevant_images"].mean(),
-                "spatial_score": x.mean(),
-                "spatial_score_null": y.mean(),
-                "spatial_score_ci_low": low,
-                "spatial_score_ci_high": high,
-                "tcav_score": concept["tcav"].mean(),
-                "tcav_score_null": null["tcav"].mean(),
-                "p_value": p["spatial"],
-                "p_value_tcav": p["tcav"],
-                "p_value_mannwhitney": mannwhitney,
-                "effect_size": (x.mean() - y.mean()) / np.sqrt((x.var(ddof=1) + y.var(ddof=1)) / 2),
-            }
-        )
-    expected = pd.DataFrame(expected)
-    for column in expected.columns:
+    assert config.score.statistic == "contribution" and config.score.correction == "holm"
+    assert (scores.loc[scores["kind"] == "pseudo", "concept"].str.fullmatch(r"pseudo_[0-2]:\w+")).all()
+    expected = _expected_table(scores, table, "contribution")
+    assert (expected["n_reference"] == config.concepts.pseudo_concepts).all()
+    assert expected["p_value"].notna().all() and expected["z"].notna().all()
+    for column in expected.columns.drop("value"):
         np.testing.assert_allclose(
             table[column].to_numpy(dtype=float), expected[column].to_numpy(dtype=float), rtol=1e-9, err_msg=column
         )
-    family = _holm(np.concatenate([expected["p_value"], expected["p_value_tcav"]])).reshape(2, -1)
-    np.testing.assert_allclose(table["p_adjusted"], family.min(axis=0), rtol=1e-12)
-    tcav_tested = family[1] < family[0]
-    difference = np.where(
-        tcav_tested,
-        expected["tcav_score"] - expected["tcav_score_null"],
-        expected["spatial_score"] - expected["spatial_score_null"],
-    )
+    assert (table["statistic"] == "contribution").all() and table["reason"].isna().all()
+    adjusted = _holm(expected["p_value"].to_numpy())
+    np.testing.assert_allclose(table["p_adjusted"], adjusted, rtol=1e-12)
+    difference = expected["value"] - expected["reference_mean"]
     assert list(table["direction"]) == ["positive" if d > 0 else "negative" for d in difference]
-    assert list(table["significant"]) == list(family.min(axis=0) < config.score.alpha)
-    bh = contributions(scores, list(map(str, range(5))), config.score.alpha, "bh", config.score.min_images, "spatial")
+    assert list(table["significant"]) == list(adjusted < config.score.alpha)
+    assert table["significant"].any() and not table["significant"].all()  # both outcomes are checked
+    names = list(map(str, range(5)))
+    bh = contributions(scores, names, config.score.alpha, "bh", config.score.min_images, "contribution")
     np.testing.assert_allclose(bh["p_adjusted"], stats.false_discovery_control(expected["p_value"]), rtol=1e-12)
+    for statistic in ("spatial", "tcav"):  # the other statistics: the same test on their values
+        other = contributions(scores, names, config.score.alpha, "holm", config.score.min_images, statistic)
+        reference = _expected_table(scores, other, statistic)
+        for column in ("reference_mean", "reference_sd", "z", "p_value", "p_rank"):
+            np.testing.assert_allclose(
+                other[column].to_numpy(dtype=float),
+                reference[column].to_numpy(dtype=float),
+                rtol=1e-9,
+                err_msg=f"{statistic} {column}",
+            )
+        no_spread = reference["reference_sd"] == 0
+        assert (other.loc[no_spread.to_numpy(), "reason"] == "no spread in the reference: rank p-value").all()
 
 
 def test_streamed_scores_equal_blockwise_scores(scored):
@@ -183,9 +209,14 @@ def test_duckdb_reads_the_tables_like_pandas(scored):
     )
 
 
-def synthetic_scores(rng, n_classes: int, per_class: int, planted_class: int | None, n_sets: int = 6):
-    """image_scores from `summarize_maps` on random activations/gradients; optionally one class whose
-    gradients point along the concept direction."""
+def synthetic_scores(
+    rng, n_classes: int, per_class: int, planted_class: int | None, n_sets: int = 3, placebos: int = 0, pseudo: int = 8
+):
+    """image_scores from `summarize_maps` on random activations/gradients. Each concept or pseudo-concept
+    has R vectors scattered around one direction of its own (as one image set fitted against R random
+    sets): concept ``striped`` (when ``planted_class`` is set) around u, along which that class's
+    gradients point; ``placebos`` concepts and ``pseudo`` pseudo-concepts (the shared family
+    ``pseudo_<p>``) around random directions."""
     c, h = 16, 4
     u = rng.normal(size=c)
     u /= np.linalg.norm(u)
@@ -193,26 +224,29 @@ def synthetic_scores(rng, n_classes: int, per_class: int, planted_class: int | N
     def unit(x):
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
-    planted = unit(u + 0.3 * rng.normal(size=(n_sets, c)))
-    concept = planted if planted_class is not None else unit(rng.normal(size=(n_sets, c)))
-    null = unit(rng.normal(size=(n_sets, c)))
-    vectors = np.concatenate([concept, null])
+    names = (["striped"] if planted_class is not None else []) + [f"placebo_{i}" for i in range(placebos)]
+    blocks = [(name, "concept") for name in names] + [(f"pseudo_{p}", "pseudo") for p in range(pseudo)]
+    # every concept or pseudo-concept is one image set: its R vectors scatter around one direction
+    bases = [u if name == "striped" else unit(rng.normal(size=(1, c)))[0] for name, _ in blocks]
+    directions = [unit(base + 0.3 * rng.normal(size=(n_sets, c))) for base in bases]
+    vectors = np.concatenate(directions)
     frames = []
     for cls in range(n_classes):
         act = rng.normal(size=(per_class, h, h, c)) + 0.5 * u
         grad = rng.normal(size=(per_class, h, h, c)) + (2.0 * u if cls == planted_class else 0)
         summary = summarize_maps(concept_maps(act, vectors, np.zeros(len(vectors)), grad))
         for k in range(len(vectors)):
+            name, kind = blocks[k // n_sets]
             frames.append(
                 pd.DataFrame(
                     {
                         "image_id": [f"{cls}-{i}" for i in range(per_class)],
                         "layer": "l",
                         "target": cls,
-                        "concept": "striped" if k < n_sets else f"random_{k - n_sets}",
+                        "concept": name,
                         "random_set": f"random_{k % n_sets}",
-                        "kind": "concept" if k < n_sets else "null",
-                        **{name: values[:, k] for name, values in summary.items()},
+                        "kind": kind,
+                        **{column: values[:, k] for column, values in summary.items()},
                     }
                 )
             )
@@ -220,29 +254,34 @@ def synthetic_scores(rng, n_classes: int, per_class: int, planted_class: int | N
 
 
 def test_significance_is_calibrated_under_the_null():
+    """Placebo concepts, random directions like the pseudo-concepts: raw p-values roughly uniform
+    (neither too many small ones nor too few), BH leaves at most alpha significant."""
     rng = np.random.default_rng(0)
-    scores = synthetic_scores(rng, n_classes=60, per_class=6, planted_class=None)
-    table = contributions(scores, [f"c{i}" for i in range(60)], alpha=0.05, correction="bh")
-    assert len(table) == 60 and table["p_value"].notna().all()
-    assert (table["p_value"] < 0.05).mean() <= 0.12  # raw p-values roughly uniform
+    scores = synthetic_scores(rng, n_classes=12, per_class=6, planted_class=None, placebos=10, pseudo=10)
+    table = contributions(scores, [f"c{i}" for i in range(12)], alpha=0.05, correction="bh")
+    assert len(table) == 120 and table["p_value"].notna().all() and (table["n_reference"] == 10).all()
+    assert (table["p_value"] < 0.05).mean() <= 0.1
+    assert 0.4 < table["p_value"].mean() < 0.6 and 0.05 < (table["p_value"] < 0.2).mean() < 0.35
     assert table["significant"].mean() <= 0.05
 
 
 def test_a_planted_concept_is_significant_for_its_class_only():
     rng = np.random.default_rng(1)
-    scores = synthetic_scores(rng, n_classes=8, per_class=8, planted_class=3, n_sets=20)  # as TCAV: many random runs
+    scores = synthetic_scores(rng, n_classes=8, per_class=8, planted_class=3, n_sets=5, pseudo=10)
     table = contributions(scores, [f"c{i}" for i in range(8)], alpha=0.05, correction="holm")
     planted = table[table["class_index"] == 3].iloc[0]
-    assert planted["significant"] and planted["spatial_score"] > 0.8 > planted["spatial_score_null"]
-    assert planted["tcav_score"] > 0.9 and planted["effect_size"] > 2
+    assert planted["significant"] and planted["direction"] == "positive" and planted["z"] > 3
+    assert planted["contribution_score"] > planted["reference_mean"] + 3 * planted["reference_sd"]
+    assert planted["spatial_score"] > 0.8 and planted["tcav_score"] > 0.9
     others = table[table["class_index"] != 3]
-    assert planted["effect_size"] > others["effect_size"].max() and planted["p_value"] < others["p_value"].min()
+    assert not others["significant"].any()
+    assert planted["z"] > others["z"].abs().max() and planted["p_value"] < others["p_value"].min()
 
 
 def test_classes_with_too_few_images_get_a_reason_not_an_error():
-    scores = synthetic_scores(np.random.default_rng(2), n_classes=2, per_class=2, planted_class=None)
+    scores = synthetic_scores(np.random.default_rng(2), n_classes=2, per_class=2, planted_class=None, placebos=1)
     table = contributions(scores, ["a", "b"], min_images=3)
-    assert table["p_value"].isna().all() and not table["significant"].any()
+    assert len(table) == 2 and table["p_value"].isna().all() and not table["significant"].any()
     assert (table["reason"] == "too few images (2 < 3)").all()
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 
 import pandas as pd
 
 from sacv.audit.audits import baseline_audit, new_audit_id
 from sacv.audit.policy import validate_checks
-from sacv.config import RunConfig
+from sacv.config import RunConfig, require_concept_images
 from sacv.extract.catalog import (
     CHECK_COLUMNS,
     ImageCatalog,
@@ -109,6 +110,9 @@ def _candidates(run: RunDir, config: RunConfig, model: LoadedModel) -> list:
         baseline_audit(run, config.audit.baseline)
     if config.checks:  # names in checks: an error before any work
         validate_checks(config, sorted({c.concept for c in candidates if c.role == "concept"}), model.class_names)
+    if config.concepts:  # too few files for a concept: an error before any work (the fit checks usable images)
+        for concept, count in sorted(Counter(c.concept for c in candidates if c.role == "concept").items()):
+            require_concept_images(concept, count, config.concepts.images_per_concept)
     if config.dataset:
         candidates += dataset_candidates(config.dataset, model.class_names)
     return candidates

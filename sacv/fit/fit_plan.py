@@ -27,7 +27,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from sacv.config import RunConfig, numeric_mode
+from sacv.config import RunConfig, numeric_mode, require_concept_images
 from sacv.extract.catalog import ImageCatalog
 from sacv.fit.sweep import plan_blocks
 from sacv.io.handoffs import FitPlan
@@ -78,12 +78,7 @@ def draw_random_sets(pool: list[str], exclude: set[str], n_sets: int, per_set: i
 def concept_positives(images: list[str], n: int, seed: int, concept: str) -> list[str]:
     """The ``n`` image ids a concept is fitted with: a seeded draw from its ``images`` (all of them
     when it has exactly ``n``). Fewer than ``n`` is an error naming the key and the minimum."""
-    if len(images) < n:
-        raise ValueError(
-            f"concept {concept!r} has {len(images)} usable images, but concepts.images_per_concept is {n}: add "
-            f"images to its folder or set concepts.images_per_concept to {max(len(images), 2)} or less (at least 2; "
-            "the pseudo-concepts it is tested against have the same size)"
-        )
+    require_concept_images(concept, len(images), n)
     if len(images) == n:
         return sorted(images)
     tag = int(hashlib.sha256(concept.encode()).hexdigest()[:8], 16)
@@ -120,25 +115,25 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
     random_role = guidance[guidance["role"] == "random"]
     shared = len(random_role) > 0  # a separate pool: every concept gets the same random sets and pseudo-concepts
     pool = (random_role if shared else guidance)["image_id"].tolist()
+    seed, n = config.fit.seed, cfg.images_per_concept
+    negatives = {
+        k: draw_random_sets(pool, set(by_concept[k]), cfg.random_sets, cfg.images_per_set, seed) for k in names
+    }
     pairs = []
     for k in names:
-        positives = concept_positives(by_concept[k], cfg.images_per_concept, config.fit.seed, k)
-        negatives = draw_random_sets(pool, set(by_concept[k]), cfg.random_sets, cfg.images_per_set, config.fit.seed)
-        pairs += [(k, "concept", positives, f"random_{r}", neg) for r, neg in enumerate(negatives)]
-        if shared and k != names[0]:
-            continue  # the family of the first concept is every concept's
-        family = draw_pseudo_concepts(
-            pool, set(by_concept[k]), negatives, cfg.pseudo_concepts, cfg.images_per_concept, config.fit.seed
-        )
+        positives = concept_positives(by_concept[k], n, seed, k)
+        pairs += [(k, "concept", positives, f"random_{r}", neg) for r, neg in enumerate(negatives[k])]
+    for k in names[:1] if shared else names:  # with a separate pool, the first concept's family is every concept's
+        family = draw_pseudo_concepts(pool, set(by_concept[k]), negatives[k], cfg.pseudo_concepts, n, seed)
         for p, members in enumerate(family):
             name = pseudo_name(p, None if shared else k)
-            for r, neg in enumerate(negatives):
+            for r, neg in enumerate(negatives[k]):
                 pos, neg_only = sorted(set(members) - set(neg)), sorted(set(neg) - set(members))
                 pairs.append((name, "pseudo", pos, f"random_{r}", neg_only))
-    for concept, _, positives, random_set, negatives in pairs:
-        if len(positives) < 2 or len(negatives) < 2:
+    for concept, _, positives, random_set, negative_ids in pairs:
+        if len(positives) < 2 or len(negative_ids) < 2:
             raise ValueError(
-                f"{concept} vs {random_set} would have {len(positives)} and {len(negatives)} images; each side "
+                f"{concept} vs {random_set} would have {len(positives)} and {len(negative_ids)} images; each side "
                 "needs at least 2 (add images, raise concepts.images_per_set or set concepts.random_pool)"
             )
     settings = config.fit.model_dump(mode="json")
