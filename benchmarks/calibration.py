@@ -225,18 +225,19 @@ def set_bootstrap(flags: pd.Series, sets: pd.Series, boot: int, rng: np.random.G
 
 
 def _number(value) -> float | None:
-    return None if value is None or pd.isna(value) else round(float(value), 6)
+    return None if value is None or pd.isna(value) else float(f"{float(value):.6g}")
 
 
-def summarize(table: pd.DataFrame, alpha: float, boot: int, rng: np.random.Generator) -> dict:
+def summarize(table: pd.DataFrame, layers: list[str], alpha: float, boot: int, rng: np.random.Generator) -> dict:
     """Placebo shares and power on the planted concept for one test's table (columns: layer, concept,
     class_name, p_value, p_adjusted, significant, z, direction)."""
+    table = table.assign(layer=pd.Categorical(table["layer"], categories=layers, ordered=True))
     tested = table[table["p_value"].notna()]
     placebo = tested[tested["concept"].str.startswith(PLACEBO)]
     n = len(placebo)
     below, significant = placebo["p_value"] < alpha, placebo["significant"].astype(bool)
     planted = {}
-    for layer, rows in table[table["concept"] == PLANTED].groupby("layer", sort=False):
+    for layer, rows in table[table["concept"] == PLANTED].groupby("layer", observed=True):
         target = rows[rows["class_name"] == TARGET]
         others = rows[(rows["class_name"] != TARGET) & rows["p_value"].notna()]
         row = target.iloc[0] if len(target) else None
@@ -256,7 +257,7 @@ def summarize(table: pd.DataFrame, alpha: float, boot: int, rng: np.random.Gener
         }
     per_layer = {
         layer: {"rows": len(rows), "p_below_alpha": int((rows["p_value"] < alpha).sum())}
-        for layer, rows in placebo.groupby("layer", sort=False)
+        for layer, rows in placebo.groupby("layer", observed=True)
     }
     return {
         "table_rows_tested": len(tested),
@@ -316,7 +317,9 @@ def table_rows(result: dict) -> list[tuple[str, str]]:
         for layer, planted in summary["planted"].items():
             z = planted["target_z"]
             mark = "sig" if planted["target_significant"] else "n.s."
-            power.append(f"{layer.removeprefix('_blocks.')}: {mark} {letter}={z if z is None else round(z, 1)}")
+            value = "" if z is None else f" {letter}={z:.1f}"
+            value += "" if planted["target_p_value"] is None else f" p={planted['target_p_value']:.2g}"
+            power.append(f"{layer.removeprefix('_blocks.')}: {mark}{value}")
         rows.append((f"{name}: {PLANTED}→{TARGET} (block)", "; ".join(power)))
         others = [
             f"{layer.removeprefix('_blocks.')}: {p['other_rows_significant']}/{p['other_rows_tested']}"
@@ -370,7 +373,7 @@ def main(argv=None) -> dict:
             )
         tables |= old_tables(scores, class_names, args.alpha, args.min_images)
         for name, table in tables.items():
-            tests[name] = summarize(table, args.alpha, args.boot, rng)
+            tests[name] = summarize(table, args.layers, args.alpha, args.boot, rng)
         default = tables[ScoreConfig().statistic]
         columns = ["layer", "concept", "class_name", "p_value", "p_adjusted", "significant"]
         merged = pipeline_table[columns].merge(default[columns], on=columns[:3], suffixes=("", "_recomputed"))

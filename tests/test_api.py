@@ -87,6 +87,8 @@ def test_run_facts_tables_and_engines(runs):
     text = repr(run)
     assert str(run_dir) in text and "tests.models:small" in text and "features.2 16×16×8" in text
     assert "dataset 10, guidance 15" in text and f"{len(table)} rows" in text and "gradients      kept" in text
+    # 2 layers x 3 concepts x 3 random sets; 2 layers x 3 concepts' own families of 3 pseudo-concepts x 3 sets
+    assert "18 concept, 54 pseudo-concept" in text
     page = run._repr_html_()
     assert (
         page.count("<tr>") == len(run.facts()) == len(text.splitlines()) - 1
@@ -279,7 +281,7 @@ def test_the_example_notebook_runs_end_to_end(runs, monkeypatch):
     for cell in cells:
         exec(compile("".join(cell["source"]), f"{NOTEBOOK.name} cell", "exec"), namespace)
     run = sacv.open_run(str(run_dir))
-    strongest = run.contributions().sort_values("effect_size", key=abs, ascending=False).iloc[0]
+    strongest = run.contributions().sort_values("z", key=abs, ascending=False).iloc[0]
     assert (namespace["layer"], namespace["concept"], namespace["cls"]) == (
         strongest["layer"],
         strongest["concept"],

@@ -16,18 +16,18 @@ def config_with(*checks):
 
 
 def contributions() -> pd.DataFrame:
-    rows = [  # layer, concept, class, spatial, effect, direction, p_adjusted, significant
-        ("features.2", "watermark", "zebra", 0.7, 2.0, "positive", 0.001, True),
-        ("features.2", "watermark", "cat", 0.4, -1.5, "negative", 0.01, True),
-        ("features.0", "watermark", "cat", 0.5, 0.1, "positive", 0.6, False),
-        ("features.2", "striped", "zebra", 0.65, 1.0, "positive", 0.02, True),
+    rows = [  # layer, concept, class, spatial, z (against the pseudo-concepts), direction, p_adjusted, significant
+        ("features.2", "watermark", "zebra", 0.7, 6.0, "positive", 0.001, True),
+        ("features.2", "watermark", "cat", 0.4, -4.5, "negative", 0.01, True),
+        ("features.0", "watermark", "cat", 0.5, 0.3, "positive", 0.6, False),
+        ("features.2", "striped", "zebra", 0.65, 3.0, "positive", 0.02, True),
     ]
     columns = [
         "layer",
         "concept",
         "class_name",
         "spatial_score",
-        "effect_size",
+        "z",
         "direction",
         "p_adjusted",
         "significant",

@@ -27,7 +27,13 @@ def removed(tmp_path_factory, prefect):
     # the last bit of float16 activations) and a per-job solver (the batched L-BFGS stops a group of
     # jobs together, so vectors refitted in the second audit differ from a fresh fit in the 5th digit).
     config = pipeline_config(root, solver="inmemory", store_maps=True)  # maps/ are per-image arrays too
-    config = config.model_copy(update={"extract": config.extract.model_copy(update={"batch_size": 1})})
+    # No separate pool: a concept's random sets and pseudo-concepts come from the 9-10 images of the
+    # other concepts. 2 random sets of 2 leave 5-6 images outside them, enough for (distinct)
+    # pseudo-concepts of 3 that share no image with a random set (so every side keeps its images).
+    concepts = config.concepts.model_copy(update={"random_sets": 2, "images_per_set": 2, "images_per_concept": 3})
+    config = config.model_copy(
+        update={"concepts": concepts, "extract": config.extract.model_copy(update={"batch_size": 1})}
+    )
     run_pipeline(config)
     images = RunDir(config.run_dir).read_table("images").set_index("row")
     dataset = images[images["group"] == "dataset"]

@@ -32,7 +32,7 @@ import yaml
 from PIL import Image
 
 from sacv.config import parse_config
-from tests.flow_helpers import write_collection
+from tests.flow_helpers import SMALL_TEST, write_collection
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -112,7 +112,7 @@ def _write_config(tmp_path: Path) -> Path:
         "run_dir": str(tmp_path / "run"),
         "model": {"spec": "tests.models:small"},
         "layers": ["features.2"],
-        "concepts": {"root": str(root / "concepts"), "random_sets": 3, "images_per_set": 4},
+        "concepts": {"root": str(root / "concepts"), "random_sets": 3, "images_per_set": 4, **SMALL_TEST},
         "dataset": {"root": str(root / "data"), "target": "label"},
         "extract": {"shard_size": 4, "batch_size": 3},
         "fit": {"solver": "lbfgs"},
@@ -219,6 +219,7 @@ def test_audit_deployment_runs_on_a_process_worker(tmp_path):
             assert (tmp_path / "run" / "tables" / f"{table}.parquet").is_file(), f"{table} missing\n{debug()}"
         tested = pd.read_parquet(tmp_path / "run" / "tables" / "contributions.parquet")
         assert tested["p_value"].notna().all(), f"untested contributions:\n{tested[['concept', 'reason']]}"
+        assert (tested["n_reference"] == SMALL_TEST["pseudo_concepts"]).all()  # each concept's own family
         assert flow_run["parameters"] == {"config_path": str(config_path)}
         # The flow run process imports flows/__init__.py, whose embedded defaults switch off server
         # services; they must not reach this server: its task runs are still recorded.

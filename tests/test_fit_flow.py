@@ -58,14 +58,21 @@ def test_random_sets_exclude_the_concept_and_follow_the_seed(fitted_collection, 
     identity = store_identity_of(str(Path(config.run_dir) / "store.zarr"))
     jobs = plan_jobs(images, config, identity)
     concept_jobs = [j for j in jobs if j["kind"] == "concept"]
-    assert len(concept_jobs) == 3 * 3 and len([j for j in jobs if j["kind"] == "null"]) == 3
+    pseudo_jobs = [j for j in jobs if j["kind"] == "pseudo"]
+    assert len(concept_jobs) == 3 * 3 and len(pseudo_jobs) == 3 * 3 * 3  # no separate pool: a family per concept
+    assert len(jobs) == len(concept_jobs) + len(pseudo_jobs)
+    negatives = {(j["concept"], j["random_set"]): set(j["neg"]) for j in concept_jobs}
     for job in concept_jobs:
         assert not set(job["neg"]) & own[job["concept"]]
-        assert set(job["pos"]) == own[job["concept"]] and len(job["neg"]) == 4
+        assert set(job["pos"]) <= own[job["concept"]] and len(job["pos"]) == 4  # 4 of its 6 images
+        assert len(job["neg"]) == 4
     assert len({tuple(j["neg"]) for j in concept_jobs if j["concept"] == "striped"}) > 1  # sets differ
-    for job in jobs:
-        if job["kind"] == "null":
-            assert not set(job["pos"]) & set(job["neg"])
+    assert {j["concept"] for j in pseudo_jobs} == {f"pseudo_{p}:{k}" for p in range(3) for k in own.index}
+    for job in pseudo_jobs:
+        concept = job["concept"].split(":")[1]
+        assert not set(job["pos"]) & set(job["neg"])  # shared images dropped from both sides
+        assert not (set(job["pos"]) | set(job["neg"])) & own[concept]  # never the concept's own images
+        assert set(job["neg"]) <= negatives[(concept, job["random_set"])]  # the concept's random set, less overlap
     again = plan_jobs(images, config, identity)
     wider = plan_jobs(
         images,
@@ -91,12 +98,12 @@ def test_seeded_runs_give_identical_tables_and_vectors(fitted_collection, prefec
     for config in (first, second):
         run_extract(config)
         summary = run_fit(config)
-        assert summary.vectors == 12
+        assert summary.vectors == 9 + 27  # 3 concepts x 3 random sets + 3 families x 3 pseudo-concepts x 3 sets
     pd.testing.assert_frame_equal(_table(first), _table(second))
     np.testing.assert_array_equal(_vectors(first), _vectors(second))
     table = _table(first)
-    assert list(table["vector_row"]) == list(range(12))
-    assert set(table["kind"]) == {"concept", "null"} and (table["norm"] > 0).all()
+    assert list(table["vector_row"]) == list(range(36))
+    assert set(table["kind"]) == {"concept", "pseudo"} and (table["norm"] > 0).all()
     v = _vectors(first)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
 
@@ -113,7 +120,7 @@ def test_dask_cluster_gives_the_same_vectors_as_in_process(fitted_collection, pr
             update={"execution": remote.execution.model_copy(update={"dask_address": cluster.scheduler_address})}
         )
         run_extract(remote)
-        assert run_fit(remote).fitted == 12
+        assert run_fit(remote).fitted == 36
     np.testing.assert_allclose(_vectors(local), _vectors(remote), atol=1e-5)
     a, b = _table(local), _table(remote)
     np.testing.assert_allclose(a["bal_acc"], b["bal_acc"], atol=1e-5)
@@ -125,10 +132,11 @@ def test_cache_refits_only_what_changed(tmp_path, prefect):
     config = fit_config(root, "cache", pool=pool)
     run_extract(config)
     first = run_fit(config)
-    assert first.fitted == first.vectors == 3 * 3 + 3
+    assert first.fitted == first.vectors == 3 * 3 + 3 * 3  # a separate pool: one family of 3 pseudo-concepts
     assert run_fit(config).fitted == 0
     before = _table(config).set_index(["concept", "random_set"])["key"]
-    # one more dotted image: only dotted's 3 vectors have new inputs
+    # one more dotted image: only dotted's 3 vectors have new inputs (its 4 positives are drawn from 6 now;
+    # the shared pseudo-concepts come from the pool only)
     shutil.copy(next((root / "concepts" / "striped").glob("*.png")), root / "concepts" / "dotted" / "extra.png")
     run_extract(config)
     second = run_fit(config)

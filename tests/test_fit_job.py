@@ -22,15 +22,20 @@ def planted_run(
     tmp_path,
     concept_is_positive_u: bool = True,
     n_concept: int = 12,
-    n_random: int = 24,
+    n_random: int = 60,
     seed: int = 0,
     shift: float = 5.0,
     mixing: np.ndarray | None = None,
     fit: dict | None = None,
+    images_per_concept: int = 12,
+    pseudo_concepts: int = 3,
 ):
     """A run directory whose guidance activations put concept images at +shift·u (or -shift·u) and
     random images at 0, plus noise (standard normal, times ``mixing`` (C, C) when given): the fitted
-    concept vector must point along +u (or -u)."""
+    concept vector must point along +u (or -u). The concept is fitted with ``images_per_concept`` of
+    its images; the random images form a separate pool, so one family of ``pseudo_concepts``
+    pseudo-concepts (random images against random images) is fitted. The defaults fill the pool
+    exactly (3 random sets of 8 + 3 pseudo-concepts of 12 = 60): every set disjoint from the others."""
     rng = np.random.default_rng(seed)
     u = rng.normal(size=C)
     u /= np.linalg.norm(u)
@@ -72,6 +77,8 @@ def planted_run(
                 "random_pool": str(tmp_path / "concepts"),
                 "random_sets": 3,
                 "images_per_set": 8,
+                "images_per_concept": images_per_concept,
+                "pseudo_concepts": pseudo_concepts,
             },
             "fit": {"solver": "lbfgs", **(fit or {})},
         }
@@ -97,8 +104,13 @@ def test_concept_vectors_point_towards_the_planted_concept(tmp_path, concept_is_
     for row in concept["vector_row"]:
         assert v[row] @ expected > 0.95  # direction and sign
     assert (concept["bal_acc"] > 0.95).all()
-    null = table[table["kind"] == "null"]
-    assert len(null) == 3 and (null["bal_acc"] < 0.75).all()  # random vs random: near chance
+    pseudo = table[table["kind"] == "pseudo"]
+    assert len(pseudo) == 3 * 3  # P pseudo-concepts, each against the R random sets
+    assert set(pseudo["concept"]) == {"pseudo_0", "pseudo_1", "pseudo_2"}  # one shared family: no ":<concept>"
+    assert (pseudo["n_pos"] == concept["n_pos"].iloc[0]).all()  # the concept's size, nothing dropped (disjoint)
+    assert (pseudo["bal_acc"] < 0.75).all()  # random images vs random images: near chance
+    for row in pseudo["vector_row"]:
+        assert abs(v[row] @ u) < 0.9  # no pull towards the planted direction
 
 
 def test_decision_is_positive_exactly_on_the_concept_side(tmp_path):

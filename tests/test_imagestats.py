@@ -21,7 +21,7 @@ from tests.test_fit_job import LAYER, C, planted_run
 from tests.test_sweep import cosine, record_readers
 from tests.test_sweep import fit_all as fit_planned
 
-pytestmark = pytest.mark.filterwarnings("ignore::sacv.method.vectors.NearChanceWarning")  # null vectors are near chance
+pytestmark = pytest.mark.filterwarnings("ignore::sacv.method.vectors.NearChanceWarning")  # pseudo-concept vectors are near chance
 
 
 def fit_all(run, config):
@@ -66,6 +66,7 @@ def test_shard_statistics_are_those_of_the_stored_float16_values():
 def test_extraction_writes_statistics_equal_to_numpy_over_the_stored_activations(tmp_path):
     write_collection(tmp_path, n_per_concept=3, n_per_class=2)
     config = pipeline_config(tmp_path)
+    config = config.model_copy(update={"concepts": config.concepts.model_copy(update={"images_per_concept": 3})})
     plan = extraction_plan.plan_extraction(config.run_dir, config)
     guidance = [shard for group, shard in plan.todo if group == "guidance"]
     markers = extraction.run_shards(config.run_dir, config, "guidance", guidance)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 from click.testing import CliRunner
@@ -17,8 +19,8 @@ CLASSES = [f"class_{c}" for c in range(20)]
 
 
 def sweep_run(tmp_path) -> str:
-    """A run directory holding the tables of a 4 layers x 50 concepts x 10 random sets sweep scored
-    on 20 classes: 2 040 vectors, 4 000 contribution rows."""
+    """A run directory holding the tables of a 4 layers x 50 concepts x 10 random sets sweep (a shared
+    family of 4 pseudo-concepts) scored on 20 classes: 2 160 vectors, 4 000 contribution rows."""
     rng = np.random.default_rng(0)
     run = RunDir(str(tmp_path / "run"))
     run.update_run_record(
@@ -41,13 +43,14 @@ def sweep_run(tmp_path) -> str:
     vectors += [
         {
             "layer": layer,
-            "concept": f"random_{r}",
-            "random_set": f"random_{(r + 1) % 10}",
-            "kind": "null",
-            "bal_acc": 0.5,
-            "near_chance": True,
+            "concept": f"pseudo_{p}",
+            "random_set": f"random_{r}",
+            "kind": "pseudo",
+            "bal_acc": rng.uniform(0.55, 1),
+            "near_chance": False,
         }
         for layer in LAYERS
+        for p in range(4)
         for r in range(10)
     ]
     table = pd.DataFrame(vectors)
@@ -60,10 +63,11 @@ def sweep_run(tmp_path) -> str:
             "class_index": c,
             "class_name": name,
             "n_images": 12,
+            "contribution_score": rng.normal(),
             "spatial_score": rng.uniform(),
             "tcav_score": rng.uniform(),
+            "z": rng.normal(),
             "p_adjusted": rng.uniform(),
-            "effect_size": rng.normal(),
         }
         for layer in LAYERS
         for k in CONCEPTS
@@ -71,7 +75,7 @@ def sweep_run(tmp_path) -> str:
     ]
     contributions = pd.DataFrame(rows)
     contributions["significant"] = contributions["p_adjusted"] < 0.05
-    contributions["direction"] = np.where(contributions["effect_size"] > 0, "positive", "negative")
+    contributions["direction"] = np.where(contributions["z"] > 0, "positive", "negative")
     run.write_table("contributions", contributions)
     return run.uri
 
@@ -81,11 +85,17 @@ def test_inspect_summarises_a_sweep_in_a_bounded_page(tmp_path):
     text = describe_run(uri, top=10)
     lines = text.splitlines()
     assert len(lines) < 70 and max(map(len, lines)) < 220  # not 4 000 rows
-    assert "vectors  2000 concept" in text and "40 null; 4 layers x 50 concepts" in text
+    # 160 pseudo-concept vectors (4 per layer x 10 random sets), whatever the word for them
+    assert re.search(r"vectors  2000 concept \(\d+ near chance\), 160 [\w-]+; 4 layers x 50 concepts", text), text
     assert "contributions 4000 rows (4 layers, 50 concepts, 20 classes)" in text
     assert "by layer:" in text and all(sum(layer in line for line in lines) >= 2 for layer in LAYERS)  # both tables
     assert "by concept (most significant rows first, 10 of 50):" in text and "... 40 more concepts" in text
     assert "top 10 rows" in text and "... 3990 more rows" in text
+    table = RunDir(uri).read_table("contributions")
+    strongest = table.assign(size=table["z"].abs()).sort_values(["significant", "size"], ascending=False).head(10)
+    header = next(i for i, line in enumerate(lines) if line.startswith("  top 10 rows"))
+    shown = [line.split()[:3] for line in lines[header + 2 : header + 12]]
+    assert shown == strongest[["layer", "concept", "class_name"]].values.tolist()  # significant first, by |z|
     assert "weakest 10 of 200 (layer, concept)" in text
     assert "--layer L --concept K --class C" in text  # how to narrow it down
 

@@ -138,7 +138,7 @@ def write_scenes(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def localised(tmp_path_factory, prefect):
     from flows.pipeline import run_pipeline
-    from tests.flow_helpers import write_collection
+    from tests.flow_helpers import SMALL_TEST, write_collection
 
     root = write_collection(tmp_path_factory.mktemp("localised"), n_per_concept=5, n_per_class=1)
     config = parse_config(
@@ -146,7 +146,7 @@ def localised(tmp_path_factory, prefect):
             "run_dir": str(root / "run"),
             "model": {"spec": "tests.models:small"},
             "layers": ["features.0", "features.2"],
-            "concepts": {"root": str(root / "concepts"), "random_sets": 3, "images_per_set": 4},
+            "concepts": {"root": str(root / "concepts"), "random_sets": 3, "images_per_set": 4, **SMALL_TEST},
             "dataset": {"manifest": str(write_scenes(root)), "target": "label"},
             "extract": {"shard_size": 4, "batch_size": 4},
             "fit": {"solver": "lbfgs"},

@@ -36,18 +36,20 @@ CHROMIUM_ARGS = [
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, prefect):
     root = write_collection(tmp_path_factory.mktemp("report"), n_per_concept=5, n_per_class=5)
-    # "/" cannot be in a file name: the class folder holds a folder "<script>alert(1)<" with
-    # "script>.png" in it, so the image's path ends in "<script>alert(1)</script>.png".
-    evil = root / "data" / "cat" / f"{EVIL}.png"
-    evil.parent.mkdir()
-    Image.fromarray(np.random.default_rng(7).integers(0, 255, (50, 60, 3), dtype=np.uint8)).save(evil)
+    # "/" cannot be in a file name: each class folder holds a folder "<script>alert(1)<" with
+    # "script>.png" in it, so the image's path ends in "<script>alert(1)</script>.png". One per class:
+    # the report's sections show the images of the rows it picks, whichever class they are of.
+    for seed, name in enumerate(("cat", "zebra"), start=7):
+        evil = root / "data" / name / f"{EVIL}.png"
+        evil.parent.mkdir()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (50, 60, 3), dtype=np.uint8)).save(evil)
     (root / "data" / "zebra" / "empty.png").write_bytes(b"")  # a reject
     config = pipeline_config(root)
     run_pipeline(config)
     run = Path(config.run_dir)
     images = pd.read_parquet(run / "tables/images.parquet")
-    assert (images["path"] == str(evil)).any()  # the catalog took the file, in class "cat"
-    assert images.loc[images["path"] == str(evil), "label"].iloc[0] == 0
+    for name, label in (("cat", 0), ("zebra", 2)):  # the catalog took the files, in their classes
+        assert images.loc[images["path"] == str(root / "data" / name / f"{EVIL}.png"), "label"].tolist() == [label]
     localisation = pd.DataFrame(
         {"layer": ["features.2"], "concept": ["striped"], "pointing_game": [0.75], "note": ["<b>bold?</b>"]}
     )
@@ -164,7 +166,7 @@ def test_the_page_works_in_headless_chromium(report, tmp_path):
                 )
 
             headers = page.eval_on_selector_all("#contributions thead th", "ths => ths.map(t => t.textContent)")
-            effect = headers.index("effect_size")
+            effect = headers.index("z (vs pseudo-concepts)")
             before = column(effect)
             page.click(f"#contributions thead th:nth-child({effect + 1})")
             ascending = [float(v) for v in column(effect) if v]
@@ -194,7 +196,7 @@ def sweep_table(concepts: int = 30, layers: int = 4, classes: int = 10, seed: in
             "class_name": f"class{c}",
             "n_images": 5,
             "spatial_score": rng.uniform(),
-            "effect_size": rng.normal(),
+            "z": rng.normal(),
             "significant": bool(rng.random() < 0.05),
         }
         for c in range(classes)
@@ -202,7 +204,7 @@ def sweep_table(concepts: int = 30, layers: int = 4, classes: int = 10, seed: in
         for layer in range(layers)
     ]
     table = pd.DataFrame(rows)
-    return table.assign(direction=np.where(table["effect_size"] > 0, "positive", "negative"))
+    return table.assign(direction=np.where(table["z"] > 0, "positive", "negative"))
 
 
 def test_a_sweep_table_is_cut_to_the_significant_and_strongest_rows():
@@ -214,7 +216,7 @@ def test_a_sweep_table_is_cut_to_the_significant_and_strongest_rows():
     assert shown["significant"].sum() == table["significant"].sum()  # every significant row is kept
     rest = shown[~shown["significant"]]
     dropped = table.drop(index=shown.index)
-    assert rest["effect_size"].abs().min() >= dropped["effect_size"].abs().max()  # then the strongest
+    assert rest["z"].abs().min() >= dropped["z"].abs().max()  # then the strongest (|z| against the pseudo-concepts)
     small = table.head(40)
     pd.testing.assert_frame_equal(shown_contributions(small).sort_index(), small)  # small tables are shown whole
 

@@ -254,14 +254,17 @@ def synthetic_scores(
 
 
 def test_significance_is_calibrated_under_the_null():
-    """Placebo concepts, random directions like the pseudo-concepts: raw p-values roughly uniform
-    (neither too many small ones nor too few), BH leaves at most alpha significant."""
-    rng = np.random.default_rng(0)
-    scores = synthetic_scores(rng, n_classes=12, per_class=6, planted_class=None, placebos=10, pseudo=10)
-    table = contributions(scores, [f"c{i}" for i in range(12)], alpha=0.05, correction="bh")
-    assert len(table) == 120 and table["p_value"].notna().all() and (table["n_reference"] == 10).all()
-    assert (table["p_value"] < 0.05).mean() <= 0.1
-    assert 0.4 < table["p_value"].mean() < 0.6 and 0.05 < (table["p_value"] < 0.2).mean() < 0.35
+    """Placebo concepts drawn like the pseudo-concepts, three seeds of 12 classes x 10 placebos: raw
+    p-values roughly uniform (neither too many small ones nor too few), BH leaves at most alpha
+    significant. Over 15 seeds the share below 0.05 averaged 0.051 (0.025 to 0.108 per seed)."""
+    tables = []
+    for seed in range(3):
+        scores = synthetic_scores(np.random.default_rng(seed), 12, per_class=6, planted_class=None, placebos=10, pseudo=10)
+        tables.append(contributions(scores, [f"c{i}" for i in range(12)], alpha=0.05, correction="bh"))
+    table = pd.concat(tables, ignore_index=True)
+    assert len(table) == 360 and table["p_value"].notna().all() and (table["n_reference"] == 10).all()
+    assert 0.02 <= (table["p_value"] < 0.05).mean() <= 0.09
+    assert 0.4 < table["p_value"].mean() < 0.6 and 0.12 < (table["p_value"] < 0.2).mean() < 0.28
     assert table["significant"].mean() <= 0.05
 
 

@@ -12,10 +12,10 @@ from sacv.fit import sweep
 from sacv.fit.fit_plan import collect_vectors, plan_fits
 from sacv.fit.per_job import OutOfCoreConceptVector, positions_from_store
 from sacv.fit.sweep import fit_block, plan_blocks
-from sacv.method.vectors import fit_logistic, grouped_validation_split
+from sacv.method.vectors import grouped_validation_split
 from tests.test_fit_job import LAYER, C, planted_run
 
-pytestmark = pytest.mark.filterwarnings("ignore::sacv.method.vectors.NearChanceWarning")  # null vectors are near chance
+pytestmark = pytest.mark.filterwarnings("ignore::sacv.method.vectors.NearChanceWarning")  # pseudo-concept vectors are near chance
 
 
 def cosine(a, b) -> float:
@@ -27,6 +27,28 @@ def fit_all(run, config):
     for layer, keys in plan.blocks:
         fit_block(run.uri, config, layer, keys)
     return plan, collect_vectors(run.uri)
+
+
+def checked_jobs(run, table):
+    """(job, vector row) of the concept's R jobs and of one pseudo-concept's R jobs (the other
+    pseudo-concepts run the same code on other image sets): the jobs compared job by job."""
+    pairs = zip(run.read_fit_plan(), table.itertuples())
+    pairs = [(job, row) for job, row in pairs if job["concept"] in ("striped", "pseudo_0")]
+    assert [job["kind"] for job, _ in pairs] == ["concept"] * 3 + ["pseudo"] * 3
+    assert all(job["concept"] == row.concept and job["random_set"] == row.random_set for job, row in pairs)
+    return pairs
+
+
+def sklearn_logistic(X, y, C: float, standardize: bool) -> np.ndarray:
+    """The raw-space normal of scikit-learn's balanced L2 logistic regression, solved to tol 1e-10: a
+    pseudo-concept's loss is flat (random against random images), and the default tol (1e-4) leaves
+    its direction off by up to 1e-3 in cosine."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean = X.mean(axis=0) if standardize else np.zeros(X.shape[1])
+    scale = X.std(axis=0) if standardize else np.ones(X.shape[1])
+    model = LogisticRegression(C=C, class_weight="balanced", max_iter=5000, tol=1e-10).fit((X - mean) / scale, y)
+    return model.coef_[0] / scale
 
 
 def job_positions(run, job):
@@ -48,7 +70,7 @@ def test_batched_solver_agrees_with_the_per_job_solvers(tmp_path, standardize):
     run, config, _ = planted_run(tmp_path, shift=0.8, mixing=mixing, fit={"C": 0.5, "standardize": standardize})
     plan, table = fit_all(run, config)
     coef = zarr.open_group(run.store_uri, mode="r")[f"vectors/{LAYER}/coef"][...]
-    for job, row in zip(run.read_fit_plan(), table.itertuples()):
+    for job, row in checked_jobs(run, table):
         X, y, groups = job_positions(run, job)
         per_job = OutOfCoreConceptVector(solver="lbfgs", C=0.5, standardize=standardize, random_state=0).fit(
             X, y, groups
@@ -57,8 +79,8 @@ def test_batched_solver_agrees_with_the_per_job_solvers(tmp_path, standardize):
         assert row.bal_acc == pytest.approx(per_job.metrics_["bal_acc"], abs=0.01)
         assert (row.n_pos, row.n_neg) == (per_job.metrics_["n_pos"], per_job.metrics_["n_neg"])
         is_val = grouped_validation_split(y, groups, 0.25, 0)
-        w, _ = fit_logistic(X[~is_val].compute().astype(np.float64), y[~is_val], 0.5, standardize, 5000, 0)
-        assert cosine(coef[row.vector_row], w) >= 0.9999  # scikit-learn, in memory
+        w = sklearn_logistic(X[~is_val].compute().astype(np.float64), y[~is_val], 0.5, standardize)
+        assert cosine(coef[row.vector_row], w) >= 0.99999  # scikit-learn, in memory (measured: 1 - 1e-7)
 
 
 def record_readers(monkeypatch) -> list:
@@ -78,7 +100,7 @@ def test_a_block_reads_each_chunk_once_and_the_cache_stays_per_vector(tmp_path, 
     run, config, _ = planted_run(tmp_path)
     readers = record_readers(monkeypatch)
     plan, _ = fit_all(run, config)
-    assert plan.blocks == [(LAYER, plan.todo)] and len(plan.todo) == 6  # 3 concept + 3 null vectors, one task
+    assert plan.blocks == [(LAYER, plan.todo)] and len(plan.todo) == 3 + 3 * 3  # 3 concept + 3x3 pseudo, one task
     (reader,) = readers
     assert reader.data is not None and reader.chunk_reads == len(np.unique(reader.rows // 8))  # chunks of 8 rows
     # one result per vector: removing one refits exactly that one
@@ -153,7 +175,7 @@ def test_mean_difference_agrees_with_logistic_under_isotropic_noise(tmp_path):
     concept, v = concept_vectors(run, table)
     for row in concept.itertuples():
         assert v[row.vector_row] @ u > 0.97
-        assert row.cosine_to_logistic > 0.97
+        assert row.cosine_to_logistic > 0.95  # sampling noise: 0.963-0.995 over planted seeds 0-7
         assert row.bal_acc == pytest.approx(row.bal_acc_logistic, abs=0.1)  # 3 held-out images per side
     assert set(table["solver"]) == {"mean_difference"}
 
@@ -200,7 +222,7 @@ def test_per_job_solvers_on_the_shared_read_match_reading_per_job(tmp_path, fit)
     run, config, _ = planted_run(tmp_path, shift=1.0, fit=fit)
     _, table = fit_all(run, config)
     coef = zarr.open_group(run.store_uri, mode="r")[f"vectors/{LAYER}/coef"][...]
-    for job, row in zip(run.read_fit_plan(), table.itertuples()):
+    for job, row in checked_jobs(run, table):
         X, y, groups = job_positions(run, job)
         alone = OutOfCoreConceptVector(**fit, random_state=0).fit(X, y, groups)
         np.testing.assert_allclose(coef[row.vector_row], alone.coef_, rtol=1e-4, atol=1e-5)
