@@ -44,7 +44,10 @@ def make_config(root: Path, run: str = "run", spec: str = "tests.models:small", 
         "extract": {"shard_size": 4, "batch_size": 3, **extract},
     }
     if with_concepts:
-        raw["concepts"] = {"root": str(root / "concepts"), **SMALL_TEST}
+        folders = (root / "concepts").iterdir() if (root / "concepts").is_dir() else []
+        sizes = [len(list(d.iterdir())) for d in folders if d.is_dir()]
+        n = max(2, min([SMALL_TEST["images_per_concept"], *sizes]))  # collections with fewer images per concept
+        raw["concepts"] = {"root": str(root / "concepts"), **SMALL_TEST, "images_per_concept": n}
     return parse_config(raw)
 
 

@@ -18,7 +18,6 @@ from sacv.cli import main
 from sacv.io.rundir import RunDir
 from tests.flow_helpers import pipeline_config, write_collection
 
-
 CLASSES = 5
 
 
@@ -192,12 +191,12 @@ def test_a_null_pair_of_audits_shows_at_most_alpha_false_drifts(two_audits, tmp_
     _, config, _, second = two_audits
     copy = tmp_path / "run"
     shutil.copytree(config.run_dir, copy)
-    # seed 6: in this tiny collection (a pool of 10 images per concept) most seeds leave a pseudo-concept
-    # with fewer than 2 images after its overlap with a random set is dropped (refused), and seed 1
-    # draws three identical pseudo-concepts; seed 6 gives three distinct ones, as seed 0 does
+    # seed 6: three distinct pseudo-concepts per concept in this tiny collection (a pool of 10 images per
+    # concept, from which some seeds draw the same set twice, and some failed to plan at all)
     config = config.model_copy(update={"run_dir": str(copy), "fit": config.fit.model_copy(update={"seed": 6})})
     third = run_pipeline(config)
-    assert third.extract.shards_run == 0 and third.fit.fitted == third.fit.vectors  # new sets, same store
+    # new sets, same store; every job fitted anew and none twice: no two pseudo-concepts are the same set
+    assert third.extract.shards_run == 0 and third.fit.fitted == third.fit.vectors
     drift = RunDir(str(copy)).read_table("drift")
     assert set(drift["before"]) == {second.audit_id} and drift["p_value"].notna().all()
     assert (drift["n_reference"] == config.concepts.pseudo_concepts).all()

@@ -21,6 +21,10 @@ def test_small_demo_localises_stripes_and_builds_a_working_report(tmp_path, pref
     vectors = pd.read_parquet(run / "tables/vectors.parquet")
     striped = vectors[(vectors["concept"] == "striped") & (vectors["kind"] == "concept")]
     assert striped["bal_acc"].min() > 0.9  # stripes are separable from random textures at every layer
+    pseudo = vectors[vectors["kind"] == "pseudo"]  # the demo has a random pool: one family every concept shares
+    assert set(pseudo["concept"]) == {f"pseudo_{p}" for p in range(5)} and len(pseudo) == 3 * 5 * 3  # layers, P, R
+    contributions = pd.read_parquet(run / "tables/contributions.parquet")
+    assert contributions["n_reference"].max() == 5 and (contributions["n_random_sets"] == 3).all()
 
     table = pd.read_parquet(run / "tables/localisation.parquet")
     stripes = table[table["concept"] == "striped"].set_index(["layer", "method"])

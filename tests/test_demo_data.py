@@ -75,7 +75,46 @@ def test_labels_are_model_classes_and_the_config_loads(demo):
     assert config.run_dir == str(demo.resolve() / "run")
     assert config.concepts.random_pool == str(demo.resolve() / "data" / "random")
     assert config.layers == ["_blocks.3", "_blocks.8", "_blocks.12"]
-    assert (config.concepts.random_sets, config.concepts.images_per_set, config.score.min_images) == (3, 8, 2)
+    concepts = config.concepts
+    assert (concepts.random_sets, concepts.images_per_set, concepts.pseudo_concepts) == (3, 8, 5)
+    assert concepts.images_per_concept == 8 and config.score.min_images == 2  # every image of a folder of 8 is fitted
+
+
+def test_the_full_demo_draws_disjoint_random_sets_and_one_family_of_pseudo_concepts(tmp_path):
+    """The full demo's sizes, planned on an images table of that many images: the random pool holds
+    the random sets and the pseudo-concepts without sharing an image (FULL.random_images is sized for it)."""
+    from sacv.config import parse_config
+    from sacv.demo.scenes import FULL, LAYERS, demo_config
+    from sacv.extract.catalog import IMAGE_COLUMNS
+    from sacv.fit.fit_plan import plan_jobs
+    from sacv.io.zarr_store import store_identity
+
+    for folder in ("concepts", "random"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    config = parse_config({**demo_config(tmp_path, FULL), "dataset": None})  # the fit plan reads no dataset
+    members = [(f"{k}_{i}", "concept", k) for k in textures.CONCEPTS for i in range(FULL.concept_images)]
+    members += [(f"random_{i}", "random", "random") for i in range(FULL.random_images)]
+    images = pd.DataFrame(
+        [
+            {"image_id": i, "path": f"/x/{i}.png", "group": "guidance", "role": role, "concept": k, "status": "ok"}
+            for i, role, k in members
+        ],
+        columns=IMAGE_COLUMNS,
+    )
+    identity = store_identity("demo", "0" * 64, {}, {layer: [7, 7, 8] for layer in LAYERS}, "float16")
+    jobs = [j for j in plan_jobs(images, config, identity) if j["layer"] == LAYERS[0]]
+    concept = [j for j in jobs if j["kind"] == "concept"]
+    pseudo = [j for j in jobs if j["kind"] == "pseudo"]
+    assert len(concept) == len(textures.CONCEPTS) * FULL.random_sets
+    assert len(pseudo) == FULL.pseudo_concepts * FULL.random_sets
+    assert {j["concept"] for j in pseudo} == {f"pseudo_{p}" for p in range(FULL.pseudo_concepts)}  # one family
+    randoms = {j["random_set"]: j["neg"] for j in concept if j["concept"] == "striped"}
+    family = {j["concept"]: j["pos"] for j in pseudo}
+    assert all(len(j["pos"]) == FULL.concept_images for j in jobs)  # nothing dropped from a pseudo-concept
+    assert all(j["neg"] == randoms[j["random_set"]] for j in jobs)  # every concept: the same random sets
+    sets = [*randoms.values(), *family.values()]
+    assert len(set().union(*map(set, sets))) == sum(map(len, sets))  # disjoint
+    assert all(i.startswith("random_") for s in sets for i in s)
 
 
 def test_same_seed_same_bytes_other_seed_differs(demo, tmp_path):

@@ -21,7 +21,7 @@ from tests.test_fit_job import LAYER, C, planted_run
 from tests.test_sweep import cosine, record_readers
 from tests.test_sweep import fit_all as fit_planned
 
-pytestmark = pytest.mark.filterwarnings("ignore::sacv.method.vectors.NearChanceWarning")  # pseudo-concept vectors are near chance
+pytestmark = pytest.mark.filterwarnings("ignore::sacv.method.vectors.NearChanceWarning")  # pseudo-concepts: chance
 
 
 def fit_all(run, config):

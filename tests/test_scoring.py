@@ -58,6 +58,9 @@ def test_image_scores_equal_a_direct_numpy_computation(scored):
                 assert (got["argmax_i"], got["argmax_j"]) == np.unravel_index(np.argmax(s_k), s_k.shape)
 
 
+TIE = 1e-12  # relative: values closer than this are equal (rounding of means of discrete scores)
+
+
 def _per_set(part: pd.DataFrame, key: list[str]) -> pd.DataFrame:
     """Per vector, by hand over its rows: contribution (mean S_kc over every relevant position of the
     class's images), spatial score (share of those positions with S_kc > 0), TCAV score, images with
@@ -82,16 +85,19 @@ def _per_set(part: pd.DataFrame, key: list[str]) -> pd.DataFrame:
 
 def _prediction_test(value: float, reference: list[float]) -> dict:
     """The concept's value as one more draw from the pseudo-concepts' values: z, t prediction p-value
-    (P - 1 degrees of freedom, scipy.stats.t), two-sided rank p-value; the rank p-value without spread."""
+    (P - 1 degrees of freedom, scipy.stats.t), two-sided rank p-value; the rank p-value without spread.
+    Values that differ only by rounding (TCAV scores are multiples of 1 / images, and the mean of
+    0.4, 0.0, 0.2 is not the float the mean of 0.6, 0.0, 0.0 is) are equal: ties, no spread."""
     n = len(reference)
     mean = sum(reference) / n
+    scale = TIE * max(1.0, abs(mean), abs(value))
     sd = (sum((x - mean) ** 2 for x in reference) / (n - 1)) ** 0.5
-    above, below = sum(x >= value for x in reference), sum(x <= value for x in reference)
+    above, below = sum(x >= value - scale for x in reference), sum(x <= value + scale for x in reference)
     rank = min(1.0, 2 * min(above + 1, below + 1) / (n + 1))
-    if sd == 0:
+    if max(reference) - min(reference) <= scale:
         return {"reference_mean": mean, "reference_sd": sd, "z": np.nan, "p_value": rank, "p_rank": rank}
     t = abs(value - mean) / (sd * (1 + 1 / n) ** 0.5)
-    p = 2 * (1 - stats.t.cdf(t, n - 1))
+    p = 2 * stats.t.sf(t, n - 1)
     return {"reference_mean": mean, "reference_sd": sd, "z": (value - mean) / sd, "p_value": p, "p_rank": rank}
 
 
@@ -154,7 +160,11 @@ def test_contribution_columns_equal_a_slow_reference_on_a_pipeline_table(scored)
     assert expected["p_value"].notna().all() and expected["z"].notna().all()
     for column in expected.columns.drop("value"):
         np.testing.assert_allclose(
-            table[column].to_numpy(dtype=float), expected[column].to_numpy(dtype=float), rtol=1e-9, err_msg=column
+            table[column].to_numpy(dtype=float),
+            expected[column].to_numpy(dtype=float),
+            rtol=1e-9,
+            atol=1e-12,
+            err_msg=column,
         )
     assert (table["statistic"] == "contribution").all() and table["reason"].isna().all()
     adjusted = _holm(expected["p_value"].to_numpy())
@@ -162,7 +172,7 @@ def test_contribution_columns_equal_a_slow_reference_on_a_pipeline_table(scored)
     difference = expected["value"] - expected["reference_mean"]
     assert list(table["direction"]) == ["positive" if d > 0 else "negative" for d in difference]
     assert list(table["significant"]) == list(adjusted < config.score.alpha)
-    assert table["significant"].any() and not table["significant"].all()  # both outcomes are checked
+    assert expected["p_value"].nunique() == len(expected)  # twelve different tests, not one repeated
     names = list(map(str, range(5)))
     bh = contributions(scores, names, config.score.alpha, "bh", config.score.min_images, "contribution")
     np.testing.assert_allclose(bh["p_adjusted"], stats.false_discovery_control(expected["p_value"]), rtol=1e-12)
@@ -174,10 +184,43 @@ def test_contribution_columns_equal_a_slow_reference_on_a_pipeline_table(scored)
                 other[column].to_numpy(dtype=float),
                 reference[column].to_numpy(dtype=float),
                 rtol=1e-9,
+                atol=1e-12,
                 err_msg=f"{statistic} {column}",
             )
-        no_spread = reference["reference_sd"] == 0
+        no_spread = reference["z"].isna()  # the reference's values all equal
         assert (other.loc[no_spread.to_numpy(), "reason"] == "no spread in the reference: rank p-value").all()
+
+
+def test_pseudo_concepts_equal_up_to_rounding_have_no_spread():
+    """TCAV scores are multiples of 1 / images: three pseudo-concepts whose per-set TCAV scores are
+    (0.4, 0, 0.2), (0.6, 0, 0) and (0.6, 0, 0) all have the mean 0.2, though the floats differ in the
+    last bit. The reference has no spread: the rank p-value (0.5 for a value above all three), not a
+    t prediction from a standard deviation of 4e-17 (z ~ 3e15, p ~ 1e-31: significant)."""
+    per_set = {"striped": (0.6, 0.2, 0.2), "pseudo_0": (0.4, 0.0, 0.2), "pseudo_1": (0.6, 0.0, 0.0)}
+    per_set["pseudo_2"] = per_set["pseudo_1"]
+    rows = []
+    for concept, shares in per_set.items():
+        for r, share in enumerate(shares):
+            for i in range(5):  # 5 images, round(share * 5) of them with s_kc_sum > 0
+                rows.append(
+                    {
+                        "image_id": f"img{i}",
+                        "layer": "l",
+                        "target": 0,
+                        "concept": concept,
+                        "random_set": f"random_{r}",
+                        "kind": "pseudo" if concept.startswith("pseudo_") else "concept",
+                        "s_k_mean": 0.0,
+                        "relevant_frac": 0.5,
+                        "positive_frac": 0.5,
+                        "s_kc_sum": 1.0 if i < round(share * 5) else -1.0,
+                        "s_kc_relevant_mean": 0.1,
+                    }
+                )
+    row = contributions(pd.DataFrame(rows), ["zebra"], min_images=1, statistic="tcav").iloc[0]
+    assert row["tcav_score"] == pytest.approx(1 / 3) and row["reference_mean"] == pytest.approx(0.2)
+    assert row["p_rank"] == 0.5 and row["p_value"] == 0.5 and not row["significant"], row.to_dict()
+    assert row["reason"] == "no spread in the reference: rank p-value"
 
 
 def test_streamed_scores_equal_blockwise_scores(scored):
@@ -259,7 +302,9 @@ def test_significance_is_calibrated_under_the_null():
     significant. Over 15 seeds the share below 0.05 averaged 0.051 (0.025 to 0.108 per seed)."""
     tables = []
     for seed in range(3):
-        scores = synthetic_scores(np.random.default_rng(seed), 12, per_class=6, planted_class=None, placebos=10, pseudo=10)
+        scores = synthetic_scores(
+            np.random.default_rng(seed), 12, per_class=6, planted_class=None, placebos=10, pseudo=10
+        )
         tables.append(contributions(scores, [f"c{i}" for i in range(12)], alpha=0.05, correction="bh"))
     table = pd.concat(tables, ignore_index=True)
     assert len(table) == 360 and table["p_value"].notna().all() and (table["n_reference"] == 10).all()

@@ -15,7 +15,7 @@ from sacv.fit.sweep import fit_block, plan_blocks
 from sacv.method.vectors import grouped_validation_split
 from tests.test_fit_job import LAYER, C, planted_run
 
-pytestmark = pytest.mark.filterwarnings("ignore::sacv.method.vectors.NearChanceWarning")  # pseudo-concept vectors are near chance
+pytestmark = pytest.mark.filterwarnings("ignore::sacv.method.vectors.NearChanceWarning")  # pseudo-concepts: chance
 
 
 def cosine(a, b) -> float:

@@ -8,7 +8,7 @@ more than a value). ``evaluate_checks`` gives one row per (check, table row) it 
     check (text), kind, row ("layer / concept -> class"), value, threshold, passed
 
 - no_significant_contribution: value ``p_adjusted``, threshold ``score.alpha``; fails where the
-  row is significant and its effect size has the given sign (``any``: either);
+  row is significant and its ``direction`` has the given sign (``any``: either);
 - min_spatial_score: value ``spatial_score``, threshold ``value``; a missing row fails;
 - max_drift: value max(|spatial_change|, |tcav_change|), threshold ``value``; with
   ``significant_only`` a row fails only when its drift is significant. No drift table (the first

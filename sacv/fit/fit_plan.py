@@ -88,18 +88,41 @@ def concept_positives(images: list[str], n: int, seed: int, concept: str) -> lis
 def draw_pseudo_concepts(
     pool: list[str], exclude: set[str], negatives: list[list[str]], n_sets: int, size: int, seed: int
 ) -> list[list[str]]:
-    """``n_sets`` pseudo-concepts of ``size`` image ids from ``pool`` minus ``exclude``, drawn from the
-    images in no random set of ``negatives`` (disjoint when there are enough of them, else independent
-    draws), or from every candidate when fewer than ``size`` are left (see the module docstring)."""
+    """``n_sets`` pseudo-concepts of ``size`` image ids from ``pool`` minus ``exclude``, from the images
+    in no random set of ``negatives`` (disjoint when there are enough of them, else independent
+    draws). When fewer than ``size`` such images are left, each set takes all of them and is topped
+    up with a seeded draw from the random sets' images (shared images are dropped from both sides
+    of that fit; see the module docstring)."""
     candidates = sorted(set(pool) - exclude)
-    spare = sorted(set(candidates) - set().union(*map(set, negatives)))
-    source = spare if len(spare) >= size else candidates
-    if len(source) < size:
+    if len(candidates) < size:
         raise ValueError(
-            f"the random pool has {len(source)} usable images for pseudo-concepts of {size} images "
+            f"the random pool has {len(candidates)} usable images for pseudo-concepts of {size} images "
             "(concepts.images_per_concept): add random images (concepts.random_pool) or lower it"
         )
-    return draw_random_sets(source, set(), n_sets, size, seed + 1)
+    spare = sorted(set(candidates) - set().union(*map(set, negatives)))
+    if len(spare) >= size:
+        return draw_random_sets(spare, set(), n_sets, size, seed + 1)
+    rest = sorted(set(candidates) - set(spare))
+    return [sorted(spare + _spread_fill(rest, negatives, size - len(spare), [seed + 1, p])) for p in range(n_sets)]
+
+
+def _spread_fill(images: list[str], negatives: list[list[str]], n: int, seed: list[int]) -> list[str]:
+    """``n`` of ``images`` in a seeded order, taking as few as possible from any one random set of
+    ``negatives`` (so that no fit of a topped-up pseudo-concept loses most of one side)."""
+    order = np.random.default_rng(seed).permutation(images).tolist()
+    member = {image: [r for r, neg in enumerate(negatives) if image in set(neg)] for image in order}
+    taken: list[str] = []
+    counts = np.zeros(len(negatives), dtype=int)
+    limit = 1
+    while len(taken) < n:
+        for image in order:
+            if len(taken) == n:
+                break
+            if image not in taken and all(counts[r] < limit for r in member[image]):
+                taken.append(image)
+                counts[member[image]] += 1
+        limit += 1
+    return taken
 
 
 def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[dict]:
@@ -134,7 +157,8 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
         if len(positives) < 2 or len(negative_ids) < 2:
             raise ValueError(
                 f"{concept} vs {random_set} would have {len(positives)} and {len(negative_ids)} images; each side "
-                "needs at least 2 (add images, raise concepts.images_per_set or set concepts.random_pool)"
+                "needs at least 2: add random images (concepts.random_pool), or lower concepts.images_per_set "
+                "or concepts.images_per_concept"
             )
     settings = config.fit.model_dump(mode="json")
     if config.fit.solver != "mean_difference":  # keys that only mean_difference reads: not part of other keys

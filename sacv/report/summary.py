@@ -67,7 +67,7 @@ def _vectors(vectors: pd.DataFrame, top: int) -> list[str]:
     concept = vectors[vectors["kind"] == "concept"]
     lines = [
         f"vectors  {len(concept)} concept ({int(concept['near_chance'].sum())} near chance), "
-        f"{len(vectors) - len(concept)} null; {concept['layer'].nunique()} layers x "
+        f"{len(vectors) - len(concept)} pseudo-concept; {concept['layer'].nunique()} layers x "
         f"{concept['concept'].nunique()} concepts"
     ]
     if concept.empty:

@@ -38,6 +38,7 @@ from scipy import stats
 
 STATISTICS = ("contribution", "spatial", "tcav")
 MIN_REFERENCE = 3  # pseudo-concepts with a value that a row needs to be tested
+TIE = 1e-12  # relative: reference values closer than this (times the scale) count as equal
 CONTRIBUTION_COLUMNS = [
     "layer",
     "concept",
@@ -154,9 +155,10 @@ def reference_test(value: float, reference: np.ndarray) -> dict:
         return {**out, "reason": f"fewer than {MIN_REFERENCE} pseudo-concepts with a value (concepts.pseudo_concepts)"}
     n = len(reference)
     mean, sd = float(reference.mean()), float(reference.std(ddof=1))
-    upper, lower = (1 + np.sum(reference >= value)) / (n + 1), (1 + np.sum(reference <= value)) / (n + 1)
+    tie = TIE * max(1.0, abs(mean), abs(value))  # scores equal but for rounding (e.g. shares of n images) are ties
+    upper, lower = (1 + np.sum(reference >= value - tie)) / (n + 1), (1 + np.sum(reference <= value + tie)) / (n + 1)
     out |= {"reference_mean": mean, "reference_sd": sd, "p_rank": float(min(1.0, 2 * min(upper, lower)))}
-    if sd == 0:
+    if np.ptp(reference) <= tie:
         return {**out, "p_value": out["p_rank"], "reason": "no spread in the reference: rank p-value"}
     t = abs(value - mean) / (sd * np.sqrt(1 + 1 / n))
     return {**out, "z": (value - mean) / sd, "p_value": float(2 * stats.t.sf(t, n - 1))}
