@@ -129,19 +129,24 @@ def list_collections(run_uri: str, config: RunConfig) -> int:
     return -(-len(frame) // config.extract.scan_batch)
 
 
-def check_batch(run_uri: str, config: RunConfig, index: int) -> int:
-    """Read, hash and check the header of check batch ``index`` of the listed files into
-    ``RUN/scan/checked-<index>.parquet`` (one writer per batch); returns the number of files."""
-    run = RunDir(run_uri)
-    size = config.extract.scan_batch
-    frame = run.read_scan_part("candidates").iloc[index * size : (index + 1) * size]
-    checked = check_files(
+def _check(frame: pd.DataFrame, config: RunConfig) -> pd.DataFrame:
+    """``check_files`` of the listed ``frame`` with the config's limits and workers."""
+    return check_files(
         frame,
         config.extract.max_pixels,
         config.extract.min_size,
         max(4, config.execution.loader_workers),
         scan_processes(config),
     )
+
+
+def check_batch(run_uri: str, config: RunConfig, index: int) -> int:
+    """Read, hash and check the header of check batch ``index`` of the listed files into
+    ``RUN/scan/checked-<index>.parquet`` (one writer per batch); returns the number of files."""
+    run = RunDir(run_uri)
+    size = config.extract.scan_batch
+    frame = run.read_scan_part("candidates").iloc[index * size : (index + 1) * size]
+    checked = _check(frame, config)
     run.write_scan_part(f"checked-{index:05d}", checked)
     return len(checked)
 
@@ -167,13 +172,7 @@ def plan_extraction(
         )
     if batches is None:
         frame = candidate_frame(_candidates(run, config, model), previous)
-        checked = check_files(
-            frame,
-            config.extract.max_pixels,
-            config.extract.min_size,
-            max(4, config.execution.loader_workers),
-            scan_processes(config),
-        )
+        checked = _check(frame, config)
     else:
         frame = run.read_scan_part("candidates")
         parts = [run.read_scan_part(f"checked-{k:05d}") for k in range(batches)]

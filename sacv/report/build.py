@@ -22,6 +22,7 @@ from sacv.io.images import ImageRejected
 from sacv.io.rundir import RunDir
 from sacv.report import figures as plots
 from sacv.report.html import esc, fmt, html_page, missing, sort_key, table_html
+from sacv.stats.contributions import SCORE_COLUMN
 
 MAX_SECTIONS = 12
 CONTRIBUTION_ROWS = 300  # rows of the contributions table shown (significant first); the rest stay in the Parquet file
@@ -187,18 +188,12 @@ def _chosen_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
     return ordered.head(3), False
 
 
-def _value(row) -> float:
-    """The tested value of a contributions row (its ``statistic``'s score)."""
-    return row[
-        {"contribution": "contribution_score", "spatial": "spatial_score", "tcav": "tcav_score"}[row["statistic"]]
-    ]
-
-
 def _section_html(section: Section, significant: bool) -> str:
     row = section.row
     title = f"{esc(row['concept'])} → class {esc(row['class_name'])} at {esc(row['layer'])}"
+    tested = row[SCORE_COLUMN[row["statistic"]]]
     stats = (
-        f"{esc(row['statistic'])} {fmt(_value(row))} (pseudo-concepts {fmt(row['reference_mean'])} ± "
+        f"{esc(row['statistic'])} {fmt(tested)} (pseudo-concepts {fmt(row['reference_mean'])} ± "
         f"{fmt(row['reference_sd'])}, z {fmt(row['z'])}), spatial score {fmt(row['spatial_score'])}, "
         f"TCAV {fmt(row['tcav_score'])}, p<sub>adj</sub> {fmt(row['p_adjusted'])}"
     )

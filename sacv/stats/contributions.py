@@ -37,6 +37,7 @@ import pandas as pd
 from scipy import stats
 
 STATISTICS = ("contribution", "spatial", "tcav")
+SCORE_COLUMN = {"contribution": "contribution_score", "spatial": "spatial_score", "tcav": "tcav_score"}  # in the table
 MIN_REFERENCE = 3  # pseudo-concepts with a value that a row needs to be tested
 TIE = 1e-12  # relative: reference values closer than this (times the scale) count as equal
 CONTRIBUTION_COLUMNS = [
@@ -218,13 +219,9 @@ def contributions(
     table = pd.DataFrame(rows, columns=[c for c in CONTRIBUTION_COLUMNS if c not in derived])
     table["n_reference"] = table["n_reference"].astype("int64")
     table["p_adjusted"] = adjust(table["p_value"].to_numpy(float), correction)
-    difference = (_value_column(table, statistic) - table["reference_mean"]).to_numpy(float)  # NaN: no direction
+    difference = (table[SCORE_COLUMN[statistic]] - table["reference_mean"]).to_numpy(float)  # NaN: no direction
     table["direction"] = pd.Series(
         np.where(difference > 0, "positive", np.where(difference < 0, "negative", None)), dtype=object
     )
     table["significant"] = (table["p_adjusted"] < alpha).fillna(False).astype(bool)
     return table[CONTRIBUTION_COLUMNS]
-
-
-def _value_column(table: pd.DataFrame, statistic: str) -> pd.Series:
-    return table[{"contribution": "contribution_score", "spatial": "spatial_score", "tcav": "tcav_score"}[statistic]]
