@@ -5,7 +5,7 @@ written with ``sacv.io.zarr_store.ensure_array`` / ``write_region`` (the extract
 are concept images: moved by ``--shift`` along a planted unit direction ``u``; the noise is anisotropic
 (per-channel means and log-normal per-channel scales), as real activations are. Positions come from
 ``sacv.fit.per_job.positions_from_store`` over every row. For each solver of
-``sacv.fit.per_job.OutOfCoreConceptVector`` (``inmemory``, ``lbfgs``, ``sgd``, ``dask_ml``; the fit
+``sacv.fit.per_job.OutOfCoreConceptVector`` (``lbfgs``, ``dask_ml``; the fit
 settings are ``sacv.config.FitConfig``'s defaults), and for the fit stage's block solvers (``auto`` =
 batched exact L-BFGS, ``mean_difference``; one job, through ``sacv.fit.sweep.fit_jobs`` on positions
 read once into memory with ``PositionReader``; their time includes that read) it measures:
@@ -14,11 +14,11 @@ read once into memory with ``PositionReader``; their time includes that read) it
     solver iterates over (the training positions), median of 3 after one warm-up read (page cache warm);
 (b) wall time of ``fit`` (whole call, and ``fit_seconds_``: the solver alone, without the split and
     the held-out scoring), ``passes_`` and ``n_iter_``;
-(c) ``fit_seconds_ / passes_ / raw read`` (goal <= 1.4 for lbfgs and sgd);
+(c) ``fit_seconds_ / passes_ / raw read`` (goal <= 1.4 for lbfgs);
 (d) cosine of ``coef_`` to the exact solution: ``sacv.method.vectors.fit_logistic`` (scikit-learn) in
     memory on the same training positions (split replicated with ``grouped_validation_split``);
-(e) peak RSS of a fresh subprocess that fits lbfgs / sgd / dask_ml on the 1x store and on a 4x store (same
-    generator, 4x the images), with ``max_iter=15, epochs=2`` as in tests/test_fitting.py's memory
+(e) peak RSS of a fresh subprocess that fits lbfgs / dask_ml on the 1x store and on a 4x store (same
+    generator, 4x the images), with ``max_iter=15`` as in tests/test_fitting.py's memory
     test. Measured as the child's own ``VmHWM`` (reset after the imports): ``ru_maxrss`` is recorded
     too, but Linux carries it across ``exec``, so a child started from a process that holds ~1 GB
     (torch imported) reports that 1 GB whatever the fit does.
@@ -43,12 +43,12 @@ from pathlib import Path
 from common import write_json  # benchmarks/common.py (the script folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
-SOLVERS = ("inmemory", "lbfgs", "sgd", "dask_ml")
+SOLVERS = ("lbfgs", "dask_ml")
 BLOCK_SOLVERS = (
     "auto",
     "mean_difference",
 )  # through sacv.fit.sweep.fit_jobs on a resident block, as the fit stage runs them
-MEMORY_SOLVERS = ("lbfgs", "sgd", "dask_ml")
+MEMORY_SOLVERS = ("lbfgs", "dask_ml")
 RATIO_GOAL = 1.4
 SHARD = 32  # images per chunk, as extract.shard_size's default
 ARRAY_PATH = "guidance/layer/act"  # inside the store, as a real run's guidance activations
@@ -76,7 +76,7 @@ rows = np.arange(array.shape[0])
 X = positions_from_store(array, rows)
 per = X.shape[0] // len(rows)
 y, groups = np.repeat(rows % 2, per), np.repeat(rows, per)
-estimator = OutOfCoreConceptVector(solver=sys.argv[2], C=float(sys.argv[3]), max_iter=15, epochs=2, random_state=0)
+estimator = OutOfCoreConceptVector(solver=sys.argv[2], C=float(sys.argv[3]), max_iter=15, random_state=0)
 fitted = estimator.fit(X, y, groups)
 maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"ru_maxrss_before_fit_kb": maxrss_before, "ru_maxrss_kb": maxrss_after,
@@ -246,7 +246,6 @@ def main(argv=None) -> dict:
             "standardize": fit.standardize,
             "validation_fraction": fit.validation_fraction,
             "max_iter": fit.max_iter,
-            "epochs": fit.epochs,
             "memory_budget_mb": fit.memory_budget_mb,
             "tol": OutOfCoreConceptVector().tol,
             "random_state": seed,
@@ -292,8 +291,6 @@ def main(argv=None) -> dict:
                 standardize=fit.standardize,
                 validation_fraction=fit.validation_fraction,
                 max_iter=fit.max_iter,
-                epochs=fit.epochs,
-                memory_budget_mb=fit.memory_budget_mb,
                 random_state=seed,
             )
             with warnings.catch_warnings():
@@ -335,7 +332,7 @@ def main(argv=None) -> dict:
             print(f"writing the {big}-image store for (e) ...", flush=True)
             write_store(tmp / "xbig.zarr", big, args.hw, args.channels, args.shift, seed)
             memory = {
-                "what": "a fresh subprocess (python -c) fits every row of the store (max_iter=15, epochs=2). "
+                "what": "a fresh subprocess (python -c) fits every row of the store (max_iter=15). "
                 "vmhwm_fit_kb: the process's VmHWM (/proc/self/status) over the fit, reset after the "
                 "imports (clear_refs), so it is the peak RSS during the fit, import baseline included "
                 "(sacv.fit.per_job imports torch via sacv.method.vectors: ~0.8 GB); increment_mb = that peak "
@@ -397,13 +394,13 @@ def main(argv=None) -> dict:
                 f"  {solver:<6} {r['peak_mb']['1x']:7.1f} -> {r['peak_mb'][big_key]:7.1f}  (x{r['growth']:.3f}; "
                 f"above the after-import RSS: {r['increment_mb']['1x']} -> {r['increment_mb'][big_key]})"
             )
-    for solver in ("lbfgs", "sgd"):
+    for solver in ("lbfgs",):
         ratio = result["solvers"][solver]["ratio_pass_over_read"]
         print(
             f"goal {solver}: s/pass / raw read = {ratio:.2f} {'<=' if ratio <= RATIO_GOAL else '>'} {RATIO_GOAL}: "
             f"{'met' if ratio <= RATIO_GOAL else 'NOT met'}"
         )
-    result["goal_met"] = {s: result["solvers"][s]["ratio_pass_over_read"] <= RATIO_GOAL for s in ("lbfgs", "sgd")}
+    result["goal_met"] = {s: result["solvers"][s]["ratio_pass_over_read"] <= RATIO_GOAL for s in ("lbfgs",)}
 
     write_json(result, args.out)
     return result

@@ -77,14 +77,14 @@ class ExtractConfig(Section):
 
 
 class FitConfig(Section):
-    solver: Literal["auto", "lbfgs", "mean_difference", "inmemory", "sgd", "dask_ml"] = (
+    solver: Literal["auto", "lbfgs", "mean_difference", "dask_ml"] = (
         "auto"  # auto = lbfgs: batched exact L-BFGS per fit block
     )
     memory_budget_mb: int = Field(
         1024, ge=16
-    )  # float32 positions + per-(image, job) tables one fit block holds (else streamed); inmemory subsample
+    )  # float32 positions + per-(image, job) tables one fit block holds (else streamed)
     C: float = Field(1.0, gt=0)  # inverse L2 strength of the logistic regression
-    standardize: bool = False  # penalise in z-scored space (sgd always does)
+    standardize: bool = False  # penalise in z-scored space
     validation_fraction: float = Field(0.25, gt=0, lt=1)  # share of images per side held out
     max_positions_per_class: int | None = Field(
         None, ge=1
@@ -93,7 +93,6 @@ class FitConfig(Section):
     tol: float = Field(
         1e-8, gt=0
     )  # lbfgs: stop a job when its gradient (objective / C Σs, whitened variables) is below this
-    epochs: int = Field(5, ge=1)  # sgd epochs
     whiten: bool = False  # mean_difference: whiten by the inverse covariance of the concept's positions (both sides)
     intercept: Literal["midpoint", "logistic"] = (
         "midpoint"  # mean_difference: halfway between the means, or a 1-D logistic fit

@@ -28,7 +28,7 @@ def runs(tmp_path_factory, prefect):
     """The run (gradients kept) and copies as other runs would leave it: without gradients
     (extract.keep_gradients: false), without class names (an older store), of an unknown format."""
     root = write_collection(tmp_path_factory.mktemp("api"), n_per_concept=5, n_per_class=5)
-    config = pipeline_config(root, solver="inmemory")
+    config = pipeline_config(root)
     run_pipeline(config)
     run = Path(config.run_dir)
     copies = {}

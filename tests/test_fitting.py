@@ -50,7 +50,7 @@ def test_positions_follow_the_store_layout(tmp_path):
         assert groups[r * 36 + i * 6 + j] == r
 
 
-@pytest.mark.parametrize("solver", ["inmemory", "lbfgs", "sgd"])
+@pytest.mark.parametrize("solver", ["lbfgs", "dask_ml"])
 def test_every_solver_recovers_the_planted_direction_and_agrees_with_sklearn(tmp_path, solver):
     array, u, labels = planted_store(tmp_path / "s.zarr", 160)
     X, y, groups = positions(array, labels)
@@ -62,7 +62,7 @@ def test_every_solver_recovers_the_planted_direction_and_agrees_with_sklearn(tmp
     dense = X.compute().astype(np.float64)
     w, b = fit_logistic(dense[~is_val], y[~is_val], C=0.05, standardize=False, max_iter=5000, seed=3)
     cosine = fitted.coef_ @ w / (np.linalg.norm(fitted.coef_) * np.linalg.norm(w))
-    assert cosine >= (0.9999 if solver != "sgd" else 0.99)
+    assert cosine >= (0.9999 if solver == "lbfgs" else 0.999)  # dask_ml: a class-balancing subsample
     if solver == "lbfgs":
         np.testing.assert_allclose(fitted.coef_, w, rtol=2e-3, atol=2e-4)
         assert fitted.intercept_ == pytest.approx(b, rel=2e-3, abs=2e-4)
@@ -91,7 +91,7 @@ before = status("VmRSS")
 if sys.argv[2] == "load-everything":  # the control: what a fit that loads the store would cost
     X.astype(np.float32).compute()
 else:
-    OutOfCoreConceptVector(solver=sys.argv[2], max_iter=15, epochs=2, random_state=0).fit(X, y, groups)
+    OutOfCoreConceptVector(solver=sys.argv[2], max_iter=15, random_state=0).fit(X, y, groups)
 print(status("VmHWM") - before)  # kB this process grew by at its peak
 """
 GROWTH_LIMIT_MB = 48  # a fit may hold a few blocks; the whole store as float32 positions is 79 MB
@@ -118,6 +118,5 @@ def test_loading_the_store_breaks_the_memory_limit(large_store):
     assert peak_growth_mb(large_store, "load-everything") > 1.5 * GROWTH_LIMIT_MB
 
 
-@pytest.mark.parametrize("solver", ["sgd", "lbfgs"])
-def test_peak_memory_of_a_fit_stays_below_an_absolute_limit(large_store, solver):
-    assert peak_growth_mb(large_store, solver) < GROWTH_LIMIT_MB
+def test_peak_memory_of_a_fit_stays_below_an_absolute_limit(large_store):
+    assert peak_growth_mb(large_store, "lbfgs") < GROWTH_LIMIT_MB

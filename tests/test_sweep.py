@@ -217,7 +217,7 @@ def test_logistic_intercept_of_mean_difference_sits_on_the_boundary(tmp_path):
     assert table["cosine_to_logistic"].isna().all()
 
 
-@pytest.mark.parametrize("fit", [{"solver": "inmemory"}, {"solver": "lbfgs", "max_positions_per_class": 60}])
+@pytest.mark.parametrize("fit", [{"solver": "dask_ml"}, {"solver": "lbfgs", "max_positions_per_class": 60}])
 def test_per_job_solvers_on_the_shared_read_match_reading_per_job(tmp_path, fit):
     run, config, _ = planted_run(tmp_path, shift=1.0, fit=fit)
     _, table = fit_all(run, config)
@@ -318,7 +318,7 @@ def test_the_logistic_terms_equal_scipys_at_every_margin():
     naive ``log(1 + exp(-m))`` overflows or rounds to 0; NaN propagates; the input is untouched."""
     from scipy.special import expit, log_expit
 
-    from sacv.fit.solvers import logistic_terms
+    from sacv.method.logistic import logistic_terms
 
     rng = np.random.default_rng(3)
     margin = np.concatenate(
@@ -336,3 +336,37 @@ def test_the_logistic_terms_equal_scipys_at_every_margin():
     assert loss[margin < -700].min() > 700 and (loss >= 0).all()  # e^-m overflows there; the loss does not
     nan_loss, nan_slope = logistic_terms(np.array([np.nan, 1.0]))
     assert np.isnan(nan_loss[0]) and np.isnan(nan_slope[0]) and np.isfinite(nan_loss[1])
+
+
+def test_the_one_objective_against_a_per_position_loop_and_finite_differences():
+    """``weighted_logistic`` (the data term every exact solver computes) equals the per-position sum
+    ``Σ s log(1 + e^{-y z})`` written as a loop, and its ``d/dz`` equals central differences of it;
+    ``l2_penalty``'s gradient equals central differences of its value."""
+    from sacv.method.logistic import l2_penalty, weighted_logistic
+
+    rng = np.random.default_rng(5)
+    n, p, k = 4, 3, 2
+    z = rng.normal(scale=3.0, size=(n, p, k))
+    y = rng.choice([-1.0, 1.0], size=(n, k))
+    s = rng.uniform(0.0, 2.0, size=(n, k))
+    loss, dz = weighted_logistic(z, y, s)
+    slow = np.zeros(k)
+    for i in range(n):
+        for q in range(p):
+            for j in range(k):
+                slow[j] += s[i, j] * np.log(1.0 + np.exp(-y[i, j] * z[i, q, j]))
+    np.testing.assert_allclose(loss, slow, rtol=1e-12)
+    h = 1e-6
+    for index in [(0, 0, 0), (2, 1, 1), (3, 2, 0)]:
+        step = np.zeros_like(z)
+        step[index] = h
+        numeric = (weighted_logistic(z + step, y, s)[0] - weighted_logistic(z - step, y, s)[0]) / (2 * h)
+        assert numeric[index[2]] == pytest.approx(dz[index], rel=1e-6, abs=1e-9)
+        assert numeric[1 - index[2]] == pytest.approx(0.0, abs=1e-9)  # other jobs do not move
+    w, penalty = rng.normal(size=(k, 5)), rng.uniform(0.5, 2.0, size=(k, 5))
+    value, grad = l2_penalty(w, penalty)
+    step = np.zeros_like(w)
+    step[1, 3] = h
+    numeric = (l2_penalty(w + step, penalty)[0] - l2_penalty(w - step, penalty)[0]) / (2 * h)
+    assert numeric[1] == pytest.approx(grad[1, 3], rel=1e-6) and numeric[0] == 0.0
+    np.testing.assert_allclose(value, 0.5 * (penalty * w**2).sum(axis=1), rtol=1e-14)

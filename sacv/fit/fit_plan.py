@@ -59,6 +59,9 @@ VECTOR_COLUMNS = [
     "bal_acc_logistic",  # mean_difference with fit.compare_logistic, else null
 ]
 MEAN_DIFFERENCE_ONLY = ("whiten", "intercept", "compare_logistic")
+# Settings of retired solvers (sgd's epochs), hashed at their last default so that the keys of earlier
+# fits, and with them the fits, stay valid.
+RETIRED_FIT_SETTINGS = {"epochs": 5}
 
 
 def draw_random_sets(pool: list[str], exclude: set[str], n_sets: int, per_set: int, seed: int) -> list[list[str]]:
@@ -160,7 +163,7 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
                 "needs at least 2: add random images (concepts.random_pool), or lower concepts.images_per_set "
                 "or concepts.images_per_concept"
             )
-    settings = config.fit.model_dump(mode="json")
+    settings = config.fit.model_dump(mode="json") | RETIRED_FIT_SETTINGS
     if config.fit.solver != "mean_difference":  # keys that only mean_difference reads: not part of other keys
         settings = {k: v for k, v in settings.items() if k not in MEAN_DIFFERENCE_ONLY}
     jobs = []

@@ -1,22 +1,18 @@
 """Out-of-core concept hyperplanes over dask arrays of positions, blocked along samples only.
 
-Three solvers of the same balanced L2 logistic regression as :class:`sacv.method.vectors.SpatialConceptVector`
-(objective ``C Σ s_i log(1 + exp(-y_i z_i)) + ½‖w‖²``, ``s_i`` balanced class weights):
+Two solvers of the objective in ``sacv.method.logistic`` (the balanced L2 logistic regression of
+:class:`sacv.method.vectors.SpatialConceptVector`), one job at a time:
 
 - ``lbfgs``: exact. SciPy L-BFGS drives float32 loss/gradient sums computed block by block with dask
   (one read pass per evaluation, memory bounded by a few blocks). Diagonal preconditioning by the
   channel scale changes the path, not the minimiser.
-- ``sgd``: ``SGDClassifier(loss="log_loss", average=True).partial_fit`` over dask blocks, one block in
-  memory at a time (the loop dask-ml's ``Incremental`` runs, without its graph that lets the
-  scheduler load every block ahead; here at most ``SGD_PAIRS_IN_FLIGHT`` pairs); each epoch pairs a
-  concept block with a random block (classes
-  balanced by sampling), shuffles positions within the pair, and regularises in standardised space
-  (``alpha = 1 / (C n)``). Bounded memory at any size.
-- ``inmemory``: scikit-learn on a class-stratified subsample that fits ``memory_budget_mb``.
 - ``dask_ml``: ``dask_ml.linear_model.LogisticRegression(solver="lbfgs")`` on the dask array (on the
   Dask cluster when a client is active). It takes no sample weights, so the larger class is
   subsampled to the size of the smaller (unit weights = balanced weights), and it penalises the
   intercept too (small here: positions are centred first). Close to the exact solution, not equal.
+
+The fit stage's default is the batched exact solver (``sacv.fit.solvers``), faster than either for
+one job and cheaper per vector with more.
 """
 
 from __future__ import annotations
@@ -31,12 +27,10 @@ import zarr
 from scipy.optimize import minimize
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from sacv.fit.solvers import logistic_terms
-from sacv.method.vectors import fit_logistic, grouped_validation_split, set_fitted_vector
+from sacv.method.logistic import l2_penalty, weighted_logistic
+from sacv.method.vectors import grouped_validation_split, set_fitted_vector
 
-SOLVERS = ("inmemory", "lbfgs", "sgd", "dask_ml")
-BYTES_PER_VALUE_IN_MEMORY = 24  # float64 copy, standardised copy and solver workspace per value
-SGD_PAIRS_IN_FLIGHT = 4  # sgd: block pairs read at once (bounds memory, overlaps reading)
+SOLVERS = ("lbfgs", "dask_ml")
 
 
 def positions_from_store(array: zarr.Array, rows: np.ndarray) -> da.Array:
@@ -62,15 +56,14 @@ def _moments(X: da.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _loss_grad_block(x, y, weight, u, b, mean, scale):
-    """Weighted logistic loss and gradient of one block in the preconditioned parameters."""
+    """The objective's data term (``sacv.method.logistic``) over one block, with its gradient in the
+    preconditioned parameters: x (m, C), y (m,) in {0, 1}, weight (m,) balanced weights."""
     xs = (x.astype(np.float32) - mean.astype(np.float32)) / scale.astype(np.float32)
-    z = xs @ u.astype(np.float32) + np.float32(b)
+    z = xs @ u.astype(np.float32) + np.float32(b)  # (m,) float32
     sign = 2.0 * y - 1.0
-    margin = sign * z.astype(np.float64)
-    terms, slope = logistic_terms(margin)  # log(1 + e^-margin), σ(-margin)
-    loss = float(weight @ terms)
-    g = (-sign * weight * slope).astype(np.float32)  # d loss / d z
-    return loss, (xs.T @ g).astype(np.float64), float(g.sum(dtype=np.float64))
+    loss, dz = weighted_logistic(z.astype(np.float64)[:, None, None], sign[:, None], weight[:, None])
+    g = dz.reshape(-1).astype(np.float32)  # (m,) d loss / d z
+    return float(loss[0]), (xs.T @ g).astype(np.float64), float(g.sum(dtype=np.float64))
 
 
 def _split(values: np.ndarray, chunks: tuple[int, ...]) -> list[np.ndarray]:
@@ -95,20 +88,16 @@ class OutOfCoreConceptVector(ClassifierMixin, BaseEstimator):
         near_chance: float = 0.6,
         max_iter: int = 200,
         tol: float = 1e-8,
-        epochs: int = 5,
-        memory_budget_mb: int = 1024,
         random_state: int = 0,
     ):
-        self.solver = solver  # inmemory | lbfgs | sgd | dask_ml
+        self.solver = solver  # lbfgs | dask_ml
         self.C = C  # inverse L2 strength
-        self.standardize = standardize  # penalise in z-scored space (always so for sgd)
+        self.standardize = standardize  # penalise in z-scored space
         self.validation_fraction = validation_fraction  # share of images per side held out
         self.max_positions_per_class = max_positions_per_class  # optional subsample of training positions
         self.near_chance = near_chance  # warn below this held-out balanced accuracy
         self.max_iter = max_iter  # lbfgs iterations
         self.tol = tol  # lbfgs: relative loss decrease (and scaled projected gradient) to stop at
-        self.epochs = epochs  # sgd passes
-        self.memory_budget_mb = memory_budget_mb  # inmemory subsample size
         self.random_state = random_state  # split, subsample, shuffles
 
     def fit(self, X: da.Array, y, groups):
@@ -137,15 +126,6 @@ class OutOfCoreConceptVector(ClassifierMixin, BaseEstimator):
         set_fitted_vector(self, w, b, y[is_val], val_scores, int((y_train == 1).sum()), int((y_train == 0).sum()))
         return self
 
-    def _fit_inmemory(self, X: da.Array, y: np.ndarray) -> tuple[np.ndarray, float]:
-        cap = self.memory_budget_mb * 2**20 // (X.shape[1] * BYTES_PER_VALUE_IN_MEMORY * 2)
-        rng = np.random.default_rng(self.random_state)
-        keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:cap] for c in (0, 1)]))
-        self.passes_, self.n_iter_ = 1, 0
-        return fit_logistic(
-            X[keep].compute().astype(np.float64), y[keep], self.C, self.standardize, 2000, self.random_state
-        )
-
     def _fit_lbfgs(self, X: da.Array, y: np.ndarray) -> tuple[np.ndarray, float]:
         mean, scale = _moments(X)
         weight = np.where(y == 1, len(y) / (2 * (y == 1).sum()), len(y) / (2 * (y == 0).sum()))
@@ -159,8 +139,9 @@ class OutOfCoreConceptVector(ClassifierMixin, BaseEstimator):
                 *[dask.delayed(_loss_grad_block)(x, yb, wb, u, b, mean, scale) for x, yb, wb in blocks]
             )
             passes[0] += 1
-            loss = self.C * sum(p[0] for p in parts) + 0.5 * float(u @ (penalty * u))
-            grad_u = self.C * sum(p[1] for p in parts) + penalty * u
+            penalty_value, penalty_grad = l2_penalty(u, penalty)
+            loss = self.C * sum(p[0] for p in parts) + float(penalty_value)
+            grad_u = self.C * sum(p[1] for p in parts) + penalty_grad
             grad_b = self.C * sum(p[2] for p in parts)
             return loss, np.append(grad_u, grad_b)
 
@@ -199,45 +180,3 @@ class OutOfCoreConceptVector(ClassifierMixin, BaseEstimator):
         self.passes_, self.n_iter_ = 1 + computes[0], 0
         w = np.asarray(clf.coef_, np.float64) / divisor
         return w, float(clf.intercept_ - w @ mean)
-
-    def _fit_sgd(self, X: da.Array, y: np.ndarray) -> tuple[np.ndarray, float]:
-        from sklearn.linear_model import SGDClassifier
-
-        mean, scale = _moments(X)
-        positive, negative = X[y == 1], X[y == 0]
-        sgd = SGDClassifier(
-            loss="log_loss",
-            alpha=1.0 / (self.C * len(y)),
-            learning_rate="adaptive",
-            eta0=0.01,
-            average=True,
-            random_state=self.random_state,
-        )
-        rng = np.random.default_rng(self.random_state)
-        for _ in range(self.epochs):
-            pairs = _paired_epoch(positive, negative, mean, scale, rng)
-            for start in range(0, len(pairs), SGD_PAIRS_IN_FLIGHT):  # read a few pairs in parallel, no more
-                for x_block, y_block in dask.compute(*pairs[start : start + SGD_PAIRS_IN_FLIGHT]):
-                    sgd.partial_fit(x_block, y_block, classes=[0, 1])
-        self.passes_, self.n_iter_ = 1 + self.epochs, self.epochs
-        w = sgd.coef_[0] / scale
-        return w, float(sgd.intercept_[0] - w @ mean)
-
-
-def _mix(pos: np.ndarray, neg: np.ndarray, mean: np.ndarray, scale: np.ndarray, seed: int):
-    x = (np.concatenate([pos, neg]).astype(np.float32) - mean.astype(np.float32)) / scale.astype(np.float32)
-    y = np.concatenate([np.ones(len(pos), np.int8), np.zeros(len(neg), np.int8)])
-    order = np.random.default_rng(seed).permutation(len(y))
-    return x[order], y[order]
-
-
-def _paired_epoch(positive: da.Array, negative: da.Array, mean, scale, rng: np.random.Generator) -> list:
-    """One epoch of standardised, shuffled blocks (lazy), each a concept block paired with a random block."""
-    pos_blocks, neg_blocks = positive.to_delayed().ravel(), negative.to_delayed().ravel()
-    n_blocks = max(len(pos_blocks), len(neg_blocks))
-    pos_order = np.resize(rng.permutation(len(pos_blocks)), n_blocks)  # the smaller side cycles
-    neg_order = np.resize(rng.permutation(len(neg_blocks)), n_blocks)
-    return [
-        dask.delayed(_mix)(pos_blocks[p], neg_blocks[q], mean, scale, int(rng.integers(2**31)))
-        for p, q in zip(pos_order, neg_order)
-    ]

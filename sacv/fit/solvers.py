@@ -12,10 +12,10 @@ described per image and job, so J jobs share every read:
 
 ``batched_logistic`` minimises, for every job j (each with its own L-BFGS, ``sacv.fit.lbfgs``; each
 block of positions computes only the jobs that train on its images), the objective of
-:class:`sacv.fit.per_job.OutOfCoreConceptVector` and :func:`sacv.method.vectors.fit_logistic`:
-``C Σ_i s_ij log(1 + exp(-y_ij z_ij)) + ½‖w_j‖²`` (penalty on the z-scored normal with
-``standardize``), intercept unpenalised. ``mean_difference`` is the closed form of FastCAV: the
-concept mean minus the random mean of the training positions, optionally whitened.
+``sacv.method.logistic`` (the one written for every solver): ``C Σ_i s_ij log(1 + exp(-y_ij z_ij)) +
+½‖w_j‖²`` (penalty on the z-scored normal with ``standardize``), intercept unpenalised.
+``mean_difference`` is the closed form of FastCAV: the concept mean minus the random mean of the
+training positions, optionally whitened.
 """
 
 from __future__ import annotations
@@ -27,32 +27,17 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
-from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import ThreadpoolController
 
 from sacv.fit.lbfgs import minimize_batched
+from sacv.method.logistic import l2_penalty, weighted_logistic
 
 Blocks = Callable[..., Iterable[tuple[np.ndarray, np.ndarray]]]
 # Floor of the preconditioner's eigenvalues, × their mean. Chosen by benchmarks/fit_profile.py (Lite0,
 # 5 concepts × 10 sets of 10 + nulls, 4 layers) over unwhitened, 1e-3, 1e-2 and 0.1: fewest
 # L-BFGS seconds at 0.1 (the 7×7 layers' concept jobs need fewer iterations with the higher floor).
 PRECONDITIONER_FLOOR = 0.1
-
-
-def logistic_terms(margin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Elementwise ``log(1 + e^-margin)`` (the logistic loss) and ``σ(-margin)`` (minus its
-    derivative), float64, stable at any margin: equal to ``-log_expit(margin)`` and
-    ``expit(-margin)``, computed as ``log1p(e^-|m|) + max(-m, 0)`` with the temporaries reused,
-    in about half the time of those two (which took most of a pass of the exact fit over a block)."""
-    negated = np.negative(margin)
-    slope = expit(negated)
-    loss = np.abs(margin)
-    np.negative(loss, out=loss)
-    np.exp(loss, out=loss)
-    np.log1p(loss, out=loss)
-    loss += np.maximum(negated, 0.0, out=negated)
-    return loss, slope
 
 
 def image_stats(blocks: Blocks, n_images: int, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -176,11 +161,8 @@ def batched_logistic(
         s, y = weight[np.ix_(ids, jobs)], sign[np.ix_(ids, jobs)]  # (n, k) per image
         if (lengths != lengths[0]).any():  # images of unequal sizes: per row
             s, y = np.repeat(s, lengths, axis=0), np.repeat(y, lengths, axis=0)
-        margin = z.reshape(len(s), -1, len(cols)) * y[:, None]  # (n, positions, k)
-        terms, slope = logistic_terms(margin)  # (n, positions, k) log(1 + e^-margin), σ(-margin)
-        slope *= (-y * s)[:, None]
-        g = slope.reshape(-1, len(cols))  # (m, k) d loss / d z
-        loss = (s * terms.sum(axis=1)).sum(axis=0)
+        loss, dz = weighted_logistic(z.reshape(len(s), -1, len(cols)), y, s)  # (k,), (n, positions, k)
+        g = dz.reshape(-1, len(cols))  # (m, k) d loss / d z
         return cols, loss, xc.T @ g, g.sum(axis=0)
 
     def evaluate(params: np.ndarray, jobs: np.ndarray, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:
@@ -195,9 +177,10 @@ def batched_logistic(
                 loss[cols] += part_loss
                 grad_w[:, cols] += part_w
                 grad_b[cols] += part_b
-        grad_w = C * grad_w.T - C * grad_b[:, None] * offset[jobs] + penalty[jobs] * w  # (k, C) d f / d w
+        penalty_value, penalty_grad = l2_penalty(w, penalty[jobs])
+        grad_w = C * grad_w.T - C * grad_b[:, None] * offset[jobs] + penalty_grad  # (k, C) d f / d w
         grad_u = grad_w @ whitening  # the map is symmetric
-        value = (C * loss + 0.5 * (penalty[jobs] * w * w).sum(axis=1)) / norm[jobs]
+        value = (C * loss + penalty_value) / norm[jobs]
         return value, np.concatenate([grad_u, C * grad_b[:, None]], axis=1) / norm[jobs, None]
 
     with (

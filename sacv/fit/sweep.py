@@ -209,8 +209,8 @@ def _result(job: dict, fitted, config: RunConfig, solver: str, passes: int, n_it
 
 
 def fit_one(reader: PositionReader, job: dict, row_of: dict[str, int], config: RunConfig) -> dict:
-    """One job on its own with :class:`OutOfCoreConceptVector` over the shared read (solvers
-    ``inmemory``, ``sgd``, ``dask_ml``, and any solver with ``fit.max_positions_per_class``)."""
+    """One job on its own with :class:`OutOfCoreConceptVector` over the shared read (solver
+    ``dask_ml``, and any solver with ``fit.max_positions_per_class``)."""
     started = time.perf_counter()
     fit = config.fit
     label_of = dict.fromkeys((row_of[i] for i in job["pos"]), 1) | dict.fromkeys((row_of[i] for i in job["neg"]), 0)
@@ -231,8 +231,6 @@ def fit_one(reader: PositionReader, job: dict, row_of: dict[str, int], config: R
         near_chance=fit.near_chance,
         max_iter=fit.max_iter,
         tol=fit.tol,
-        epochs=fit.epochs,
-        memory_budget_mb=fit.memory_budget_mb,
         random_state=fit.seed,
     )
     with warnings.catch_warnings():
