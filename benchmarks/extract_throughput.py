@@ -235,7 +235,7 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="sacv-bench-") as tmp:
         root = Path(tmp)
-        # "tabby" is an ImageNet class name, so sacv.extract.catalog.match_class accepts the folder.
+        # "tabby" is an ImageNet class name, so sacv.extract.image_sources.match_class accepts the folder.
         warm_paths = write_images(root / "warm-data" / "tabby", 4, args.seed + 1)
         paths = write_images(root / "timed-data" / "tabby", args.images, args.seed)
 

@@ -2,7 +2,7 @@
 
 Generates ``--files`` small PNGs (16x16, distinct content) in class folders (named by ImageNet class
 name, or by index with ``--folder-names index``), then times
-``sacv.extract.catalog.dataset_candidates`` (listing) and ``sacv.extract.catalog.scan`` (read + sha256 + header
+``sacv.extract.image_sources.dataset_candidates`` (listing) and ``sacv.extract.catalog.scan`` (read + sha256 + header
 check in a pool of threads or of processes, row assignment) on them, the work of the ``plan-extraction`` task before
 the store template. Pixels are not decoded at planning (the shards decode each image once).
 
@@ -71,7 +71,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO))
     from sacv.config import DatasetConfig
-    from sacv.extract.catalog import dataset_candidates, scan
+    from sacv.extract.catalog import scan
+    from sacv.extract.image_sources import dataset_candidates
     from sacv.method.models import imagenet_class_names
 
     result = {

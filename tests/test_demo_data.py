@@ -67,7 +67,7 @@ def test_manifest_rows_decode_and_masks_are_binary_and_disjoint(demo):
 def test_labels_are_model_classes_and_the_config_loads(demo):
     from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-    from sacv.extract.catalog import match_class
+    from sacv.extract.image_sources import match_class
 
     for label in pd.read_csv(demo / "data" / "audit" / "manifest.csv")["label"].unique():
         match_class(label, list(_IMAGENET_CATEGORIES))

@@ -13,6 +13,7 @@ import zarr
 from PIL import Image
 
 import sacv.extract.catalog
+import sacv.extract.image_sources
 from flows.extract import run_extract
 from flows.pipeline import run_pipeline
 from sacv.config import parse_config
@@ -218,18 +219,20 @@ def test_class_names_are_matched_once_per_folder_and_per_distinct_manifest_label
     )
     rows.to_csv(tmp_path / "manifest.csv", index=False)
     calls = []
-    original = sacv.extract.catalog.match_class
+    original = sacv.extract.image_sources.match_class
     monkeypatch.setattr(
-        sacv.extract.catalog, "match_class", lambda name, classes: calls.append(name) or original(name, classes)
+        sacv.extract.image_sources, "match_class", lambda name, classes: calls.append(name) or original(name, classes)
     )
 
-    folders = sacv.extract.catalog.dataset_candidates(DatasetConfig(root=str(tmp_path / "data")), names)
+    folders = sacv.extract.image_sources.dataset_candidates(DatasetConfig(root=str(tmp_path / "data")), names)
     assert sorted((Path(c.path).parent.name, c.label) for c in folders) == [("Zebra", 1)] * 5 + [("cat", 0)] * 3
     assert sorted(calls) == ["Zebra", "cat"]
     calls.clear()
-    manifest = sacv.extract.catalog.dataset_candidates(DatasetConfig(manifest=str(tmp_path / "manifest.csv")), names)
+    manifest = sacv.extract.image_sources.dataset_candidates(
+        DatasetConfig(manifest=str(tmp_path / "manifest.csv")), names
+    )
     assert [c.label for c in manifest] == [original(str(label), names) for label in rows["label"]] == [1, 3, 1, 3, 2]
     assert sorted(calls) == ["Dog", "dog", "zebra"]
     write_tiny(tmp_path / "data" / "not a class", 0, 1, 2)
     with pytest.raises(ValueError, match="'not a class' matches no class"):
-        sacv.extract.catalog.dataset_candidates(DatasetConfig(root=str(tmp_path / "data")), names)
+        sacv.extract.image_sources.dataset_candidates(DatasetConfig(root=str(tmp_path / "data")), names)

@@ -94,7 +94,9 @@ def solve(x, image, weight, sign, counts, sums, squares, block_images: int = 4):
             yield x[rows], image[rows]
 
     mean, scale = solvers.job_moments(weight > 0, sums, squares, counts)
-    return solvers.batched_logistic(blocks, weight, sign, mean, scale, 1.0, False, 500, 1e-9, counts, threads=2)
+    return solvers.batched_logistic(
+        blocks, solvers.LogisticJobs(weight, sign, mean, scale, counts), 1.0, False, 500, 1e-9, threads=2
+    )
 
 
 @pytest.mark.parametrize("ragged", [False, True])

@@ -280,7 +280,9 @@ def test_the_batched_solver_gives_the_same_result_on_any_number_of_threads():
     squares = np.add.reduceat(x.astype(np.float64) ** 2, np.arange(0, len(x), per))
     mean, scale = solvers.job_moments(weight > 0, sums, squares, counts)
     results = [
-        solvers.batched_logistic(blocks, weight, sign, mean, scale, 1.0, True, 200, 1e-7, counts, threads=t)
+        solvers.batched_logistic(
+            blocks, solvers.LogisticJobs(weight, sign, mean, scale, counts), 1.0, True, 200, 1e-7, threads=t
+        )
         for t in (1, 2, 5)
     ]
     for w, b, n_iter, passes in results[1:]:

@@ -26,9 +26,10 @@ import pandas as pd
 import torch
 
 from sacv.config import RunConfig
-from sacv.extract.catalog import REJECT_COLUMNS, ImageCatalog, match_class
+from sacv.extract.catalog import REJECT_COLUMNS, ImageCatalog
 from sacv.extract.decode_pool import ShardImages, decoded_shards
 from sacv.extract.extraction_plan import shard_digest, store_layout
+from sacv.extract.image_sources import match_class
 from sacv.extract.position_stats import MARKER_FLAG, shard_stats
 from sacv.io.device_decode import EncodedJpeg, decode_batch
 from sacv.io.images import ImageRejected
@@ -255,6 +256,46 @@ def _submit_shard_writes(
     return write.done
 
 
+def _shard_arrays(
+    extractions: Iterator, config: RunConfig, group: str, gradients: bool
+) -> tuple[dict[str, np.ndarray], dict[int, ImageRejected | None]]:
+    """One shard's arrays by store path (activations ``(n, H, W, C)`` per layer; for the dataset also
+    gradients, logits ``(n, K)`` and targets ``(n,)``), in row order, and its images without one
+    (index in the shard: why, or None when an earlier run listed it). Their rows are zeros (targets
+    -1): never read, their status is not ok."""
+    parts: dict[str, list[np.ndarray]] = {}
+    missing: dict[int, ImageRejected | None] = {}
+    for result, blanks in extractions:
+        missing |= blanks
+        for layer in config.layers:
+            parts.setdefault(f"{group}/{layer}/act", []).append(result.activations[layer].numpy())
+            if gradients and config.extract.keep_gradients:
+                parts.setdefault(f"{group}/{layer}/grad", []).append(result.gradients[layer].numpy())
+        if gradients:
+            parts.setdefault("dataset/logits", []).append(result.logits.numpy())
+            parts.setdefault("dataset/targets", []).append(result.targets.numpy())
+    arrays = {path: np.concatenate(values) for path, values in parts.items()}
+    for i in missing:
+        for path, values in arrays.items():
+            values[i] = -1 if path == "dataset/targets" else 0
+    return arrays, missing
+
+
+def _shard_rejects(rows: pd.DataFrame, missing: dict[int, ImageRejected | None], group: str) -> list[dict]:
+    """The rows of the shard's rejects file: images quarantined in this run (None: listed earlier)."""
+    return [
+        {
+            "path": rows["path"].iloc[i],
+            "group": group,
+            "stage": reason.stage,
+            "reason": reason.reason,
+            "image_id": rows["image_id"].iloc[i],
+        }
+        for i, reason in missing.items()
+        if reason is not None
+    ]
+
+
 def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -> list[dict]:
     """Extract a block of shards of ``group`` with decode, compute and writes overlapping.
 
@@ -291,33 +332,10 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
             started, started_at = time.perf_counter(), time.time()
             rows = images.rows
             targets = shard_targets(config, rows, model.class_names) if gradients else None
-            parts: dict[str, list[np.ndarray]] = {}
-            missing: dict[int, ImageRejected | None] = {}
             timing = {"writer_wait_s": blocked, "decode_wait_s": 0.0}
-            for result, blanks in _extractions(_timed(items, timing), model, config, targets, gradients):
-                missing |= blanks
-                for layer in config.layers:
-                    parts.setdefault(f"{group}/{layer}/act", []).append(result.activations[layer].numpy())
-                    if gradients and config.extract.keep_gradients:
-                        parts.setdefault(f"{group}/{layer}/grad", []).append(result.gradients[layer].numpy())
-                if gradients:
-                    parts.setdefault("dataset/logits", []).append(result.logits.numpy())
-                    parts.setdefault("dataset/targets", []).append(result.targets.numpy())
-            arrays = {path: np.concatenate(values) for path, values in parts.items()}
-            for i in missing:  # no image: zeros (never used: its status is not ok)
-                for path, values in arrays.items():
-                    values[i] = -1 if path == "dataset/targets" else 0
-            rejects = [
-                {
-                    "path": rows["path"].iloc[i],
-                    "group": group,
-                    "stage": reason.stage,
-                    "reason": reason.reason,
-                    "image_id": rows["image_id"].iloc[i],
-                }
-                for i, reason in missing.items()
-                if reason is not None
-            ]  # None: listed by an earlier run
+            extractions = _extractions(_timed(items, timing), model, config, targets, gradients)
+            arrays, missing = _shard_arrays(extractions, config, group, gradients)
+            rejects = _shard_rejects(rows, missing, group)
             start = int(rows["row"].iloc[0])
             timing["compute_s"] = time.perf_counter() - started - timing["decode_wait_s"]  # batches, model, copies
             marker = {

@@ -25,10 +25,9 @@ from sacv.extract.catalog import (
     candidate_frame,
     catalog_from_checks,
     check_files,
-    concept_candidates,
-    dataset_candidates,
 )
 from sacv.extract.decode_pool import scan_processes
+from sacv.extract.image_sources import concept_candidates, dataset_candidates
 from sacv.extract.position_stats import ensure_stats_arrays
 from sacv.io.handoffs import ExtractPlan
 from sacv.io.rundir import RunDir

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -99,34 +100,100 @@ def _runs(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return image[starts], np.diff(np.r_[starts, len(image)])
 
 
+@dataclass(frozen=True)
+class LogisticJobs:
+    """The tables of J jobs of :func:`batched_logistic` (see the module docstring): ``weight`` and
+    ``sign`` (n_img, J); each job's training moments ``mean`` and ``scale`` (J, C) (``mean`` centres
+    its intercept; with ``standardize``, ``scale`` is the space of the penalty); ``counts`` (n_img,)
+    positions per image when known (saves the pass that otherwise counts them)."""
+
+    weight: np.ndarray
+    sign: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    counts: np.ndarray | None = None
+
+
+class _BlockObjective:
+    """The objective of every job, summed block by block: ``__call__(params, jobs, pool)`` returns
+    the value (k,) and gradient (k, C + 1) of jobs ``jobs`` at ``params`` (k, C + 1) = the solver's
+    variables ``u`` (whitened normal) and the intercept in the jobs' own centred space, each divided
+    by ``C Σ_i s_ij`` (same minimiser; the scale scikit-learn uses)."""
+
+    def __init__(self, blocks: Blocks, jobs: LogisticJobs, C: float, standardize: bool, threads: int):
+        self.blocks, self.jobs, self.C, self.threads = blocks, jobs, C, threads
+        self.centre = jobs.mean.mean(axis=0)  # shared centre: blocks are centred once for every job
+        self.offset = jobs.mean - self.centre  # (J, C): each job's mean in centred space
+        self.penalty = jobs.scale**2 if standardize else np.ones_like(jobs.scale)  # z-scored or raw normal
+        self.trains = jobs.weight > 0  # (n_img, J)
+        if jobs.counts is not None:
+            total = jobs.weight.T @ jobs.counts
+        else:
+            total = np.zeros(len(jobs.mean))
+            for _, image in blocks():
+                total += jobs.weight[image].sum(axis=0)
+        self.norm = C * total  # (J,) C Σ_i s_ij
+        self.whitening = np.eye(jobs.mean.shape[1])  # (C, C) Σ^{-1/2}, set by the solver before it starts
+
+    def block_terms(self, block: tuple[np.ndarray, np.ndarray], w: np.ndarray, b: np.ndarray, wanted: np.ndarray):
+        """One block's share of the evaluated jobs ``wanted`` that train on its images: their columns,
+        data loss (k,), ``Σ x_c g`` (C, k) and ``Σ g`` (k,), with ``g = d loss / d z``."""
+        x, image = block
+        ids, lengths = _runs(image)
+        cols = np.flatnonzero(self.trains[ids][:, wanted].any(axis=0))  # of the evaluated jobs, those trained here
+        if not len(cols):
+            return cols, None, None, None
+        xc = x.astype(np.float64) - self.centre  # (m, C); float64: float32 sums stall the line search near the optimum
+        jobs = wanted[cols]
+        z = xc @ w[cols].T + b[cols]  # (m, k): one product for the block's jobs
+        s, y = self.jobs.weight[np.ix_(ids, jobs)], self.jobs.sign[np.ix_(ids, jobs)]  # (n, k) per image
+        if (lengths != lengths[0]).any():  # images of unequal sizes: per row
+            s, y = np.repeat(s, lengths, axis=0), np.repeat(y, lengths, axis=0)
+        loss, dz = weighted_logistic(z.reshape(len(s), -1, len(cols)), y, s)  # (k,), (n, positions, k)
+        g = dz.reshape(-1, len(cols))  # (m, k) d loss / d z
+        return cols, loss, xc.T @ g, g.sum(axis=0)
+
+    def __call__(self, params: np.ndarray, jobs: np.ndarray, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:
+        C, threads = self.C, self.threads
+        u, c = params[:, :-1], params[:, -1]  # (k, C), (k,)
+        w = u @ self.whitening  # (k, C) raw-space normals
+        b = c - (w * self.offset[jobs]).sum(axis=1)  # intercepts in centred space
+        k, channels = len(jobs), w.shape[1]
+        loss, grad_w, grad_b = np.zeros(k), np.zeros((channels, k)), np.zeros(k)
+        passes = self.blocks(self.trains[:, jobs].any(axis=1))  # the blocks holding a training image of these jobs
+        for cols, part_loss, part_w, part_b in _ordered(pool, self.block_terms, passes, 2 * threads, w, b, jobs):
+            if len(cols):  # summed in block order
+                loss[cols] += part_loss
+                grad_w[:, cols] += part_w
+                grad_b[cols] += part_b
+        penalty_value, penalty_grad = l2_penalty(w, self.penalty[jobs])
+        grad_w = C * grad_w.T - C * grad_b[:, None] * self.offset[jobs] + penalty_grad  # (k, C) d f / d w
+        grad_u = grad_w @ self.whitening  # the map is symmetric
+        value = (C * loss + penalty_value) / self.norm[jobs]
+        return value, np.concatenate([grad_u, C * grad_b[:, None]], axis=1) / self.norm[jobs, None]
+
+
 def batched_logistic(
     blocks: Blocks,
-    weight: np.ndarray,
-    sign: np.ndarray,
-    mean: np.ndarray,
-    scale: np.ndarray,
+    jobs: LogisticJobs,
     C: float,
     standardize: bool,
     max_iter: int,
     tol: float,
-    counts: np.ndarray | None = None,
     threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Exact balanced L2 logistic regression for J jobs at once (see the module docstring).
+    """Exact balanced L2 logistic regression for the J jobs of ``jobs`` at once (see the module
+    docstring).
 
-    ``mean``, ``scale`` (J, C): each job's training moments (``mean`` centres each job's intercept;
-    with ``standardize``, ``scale`` is the space of the penalty). ``counts`` (n_img,): positions per
-    image, when known (saves the pass that otherwise counts them). Each job's objective is divided by
-    ``C Σ_i s_ij`` (same minimiser; the scale scikit-learn uses). Every job runs its own L-BFGS
-    (``sacv.fit.lbfgs``): a job stops when its gradient is below ``tol``, each pass computes only the
-    jobs still running, and in each block only the jobs with a training image in it (order the blocks
-    so that images of the same jobs are together). Preconditioning: the solver's variables are
-    ``u = w Σ^{1/2}``, with ``Σ`` the covariance of all the blocks' positions, eigenvalues floored
-    at ``PRECONDITIONER_FLOOR`` × their mean (:func:`whitening_map`, one pass): a change of variables,
-    so the minimiser is the same; ``tol`` applies to the gradient in ``u``. Returns raw-space normals
-    (J, C) float64, intercepts (J,) float64, and per job its L-BFGS iterations (J,) and the passes
-    over its images (J,) (one per evaluation, one for ``Σ``, and one counting positions without
-    ``counts``).
+    Every job runs its own L-BFGS (``sacv.fit.lbfgs``): a job stops when its gradient is below
+    ``tol``, each pass computes only the jobs still running, and in each block only the jobs with a
+    training image in it (order the blocks so that images of the same jobs are together).
+    Preconditioning: the solver's variables are ``u = w Σ^{1/2}``, with ``Σ`` the covariance of all
+    the blocks' positions, eigenvalues floored at ``PRECONDITIONER_FLOOR`` × their mean
+    (:func:`whitening_map`, one pass): a change of variables, so the minimiser is the same; ``tol``
+    applies to the gradient in ``u``. Returns raw-space normals (J, C) float64, intercepts (J,)
+    float64, and per job its L-BFGS iterations (J,) and the passes over its images (J,) (one per
+    evaluation, one for ``Σ``, and one counting positions without ``jobs.counts``).
 
     Threads: BLAS runs single-threaded for the whole solve, and each evaluation spreads its blocks
     over ``threads`` Python threads (numpy releases the GIL), summing their partial sums in block
@@ -136,63 +203,19 @@ def batched_logistic(
     parameters: 3.9–5.3 ms per iteration with 2 BLAS threads, 0.3 ms with one).
     """
     threads = threads or fit_threads()
-    J, channels = mean.shape
-    centre = mean.mean(axis=0)  # shared centre: blocks are centred once for every job
-    offset = mean - centre  # (J, C): each job's mean in centred space
-    penalty = scale**2 if standardize else np.ones_like(scale)  # ½ Σ penalty w²: z-scored or raw normal
-    if counts is not None:
-        total = weight.T @ counts
-    else:
-        total = np.zeros(J)
-        for _, image in blocks():
-            total += weight[image].sum(axis=0)
-    norm = C * total  # (J,) C Σ_i s_ij
-    trains = weight > 0  # (n_img, J)
-
-    def partial(block: tuple[np.ndarray, np.ndarray], w: np.ndarray, b: np.ndarray, wanted: np.ndarray):
-        x, image = block
-        ids, lengths = _runs(image)
-        cols = np.flatnonzero(trains[ids][:, wanted].any(axis=0))  # of the evaluated jobs, those trained here
-        if not len(cols):
-            return cols, None, None, None
-        xc = x.astype(np.float64) - centre  # (m, C); float64: float32 sums stall the line search near the optimum
-        jobs = wanted[cols]
-        z = xc @ w[cols].T + b[cols]  # (m, k): one product for the block's jobs
-        s, y = weight[np.ix_(ids, jobs)], sign[np.ix_(ids, jobs)]  # (n, k) per image
-        if (lengths != lengths[0]).any():  # images of unequal sizes: per row
-            s, y = np.repeat(s, lengths, axis=0), np.repeat(y, lengths, axis=0)
-        loss, dz = weighted_logistic(z.reshape(len(s), -1, len(cols)), y, s)  # (k,), (n, positions, k)
-        g = dz.reshape(-1, len(cols))  # (m, k) d loss / d z
-        return cols, loss, xc.T @ g, g.sum(axis=0)
-
-    def evaluate(params: np.ndarray, jobs: np.ndarray, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:
-        u, c = params[:, :-1], params[:, -1]  # (k, C), (k,)
-        w = u @ whitening  # (k, C) raw-space normals
-        b = c - (w * offset[jobs]).sum(axis=1)  # intercepts in centred space
-        k = len(jobs)
-        loss, grad_w, grad_b = np.zeros(k), np.zeros((channels, k)), np.zeros(k)
-        passes = blocks(trains[:, jobs].any(axis=1))  # the blocks holding a training image of these jobs
-        for cols, part_loss, part_w, part_b in _ordered(pool, partial, passes, 2 * threads, w, b, jobs):  # block order
-            if len(cols):
-                loss[cols] += part_loss
-                grad_w[:, cols] += part_w
-                grad_b[cols] += part_b
-        penalty_value, penalty_grad = l2_penalty(w, penalty[jobs])
-        grad_w = C * grad_w.T - C * grad_b[:, None] * offset[jobs] + penalty_grad  # (k, C) d f / d w
-        grad_u = grad_w @ whitening  # the map is symmetric
-        value = (C * loss + penalty_value) / norm[jobs]
-        return value, np.concatenate([grad_u, C * grad_b[:, None]], axis=1) / norm[jobs, None]
-
+    J, channels = jobs.mean.shape
+    objective = _BlockObjective(blocks, jobs, C, standardize, threads)
     with (
         single_threaded_blas(),
         ThreadPoolExecutor(threads, thread_name_prefix="sacv-fit") as pool,
     ):  # workers start inside
-        whitening = whitening_map(blocks, channels, PRECONDITIONER_FLOOR)  # (C, C) Σ^{-1/2}
+        whitening = objective.whitening = whitening_map(blocks, channels, PRECONDITIONER_FLOOR)  # (C, C) Σ^{-1/2}
         result = minimize_batched(
-            lambda params, jobs: evaluate(params, jobs, pool), np.zeros((J, channels + 1)), max_iter, tol
+            lambda params, evaluated: objective(params, evaluated, pool), np.zeros((J, channels + 1)), max_iter, tol
         )
     w = result.x[:, :-1] @ whitening
-    return w, result.x[:, -1] - (w * mean).sum(axis=1), result.n_iter, result.n_eval + 1 + int(counts is None)
+    passes = result.n_eval + 1 + int(jobs.counts is None)
+    return w, result.x[:, -1] - (w * jobs.mean).sum(axis=1), result.n_iter, passes
 
 
 def mean_difference(

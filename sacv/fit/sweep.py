@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator
 
 import dask.array as da
 import numpy as np
-import zarr
 
 from sacv.config import RunConfig
 from sacv.extract.catalog import ImageCatalog
 from sacv.extract.position_stats import MARKER_FLAG, read_stats
 from sacv.fit import solvers
 from sacv.fit.per_job import OutOfCoreConceptVector, positions_from_store
+from sacv.fit.position_reader import BLOCK_IMAGES, PositionReader
 from sacv.io.rundir import RunDir
 from sacv.method.vectors import NearChanceWarning, grouped_validation_split, set_fitted_vector
 
-BLOCK_IMAGES = 64  # images per block handed to a solver (bounds the per-pass workspace)
 TABLE_BYTES = 24  # per (image, job) of a block: the float64 weights and signs and the masks a batched solve holds
 BATCHED = ("auto", "lbfgs")  # solvers run as one batched exact L-BFGS per block (each job its own L-BFGS)
 
@@ -69,87 +67,6 @@ def plan_blocks(
         else:
             blocks.append((layer, [job["key"] for job in members], ids))
     return [(layer, keys) for layer, keys, _ in blocks]
-
-
-class PositionReader:
-    """Guidance positions of the sorted, distinct store ``rows`` of one (N, H, W, C) array.
-
-    Resident: read once, chunk by chunk (each chunk touched read once), kept as float32
-    (n, H*W, C). Streamed: every pass re-reads the chunks it needs. ``chunk_reads`` counts reads.
-    """
-
-    def __init__(self, array: zarr.Array, rows: np.ndarray, resident: bool):
-        self.array, self.rows = array, np.asarray(rows, np.int64)
-        _, h, w, self.channels = array.shape
-        self.per_image = h * w
-        self.chunk_reads = 0
-        self.data = None
-        if resident:
-            self.data = np.empty((len(self.rows), self.per_image, self.channels), np.float32)
-            for where, block in self._chunks(np.arange(len(self.rows))):
-                self.data[where] = block
-
-    def _chunks(self, local: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(positions in ``local``, float32 (n, H*W, C)) for each store chunk touched by ``rows[local]``."""
-        step = self.array.chunks[0]
-        rows = self.rows[local]
-        for chunk in np.unique(rows // step):
-            inside = np.flatnonzero(rows // step == chunk)
-            start = int(chunk) * step
-            values = self.array[start : min(start + step, self.array.shape[0])]  # one chunk
-            self.chunk_reads += 1
-            yield (
-                inside,
-                values[rows[inside] - start].reshape(len(inside), self.per_image, self.channels).astype(np.float32),
-            )
-
-    def blocks(self, local: np.ndarray, runs: np.ndarray | None = None) -> solvers.Blocks:
-        """The solvers' ``blocks(wanted=None)`` over images ``rows[local]``: ``image`` indexes
-        ``local``; with ``wanted`` (len(local),) bool only blocks holding a wanted image are yielded
-        (a streamed pass reads only the chunks of wanted images).
-        ``runs`` (len(local),): a label per image, equal labels contiguous; a resident block holds
-        images of one label only (the images of the same jobs: the solvers compute per block only
-        the jobs its images belong to)."""
-        runs = np.zeros(len(local), np.int64) if runs is None else np.asarray(runs)
-        cuts = (
-            np.r_[np.flatnonzero(np.r_[True, runs[1:] != runs[:-1]]), len(local)]
-            if len(local)
-            else np.zeros(1, np.int64)
-        )
-
-        def resident(wanted: np.ndarray | None = None):
-            for start, stop in zip(cuts[:-1], cuts[1:]):
-                for a in range(start, stop, BLOCK_IMAGES):
-                    b = min(a + BLOCK_IMAGES, stop)
-                    if wanted is None or wanted[a:b].any():
-                        yield (
-                            self.data[local[a:b]].reshape(-1, self.channels),
-                            np.repeat(np.arange(a, b), self.per_image),
-                        )
-
-        def streamed(wanted: np.ndarray | None = None):
-            chosen = np.arange(len(local)) if wanted is None else np.flatnonzero(wanted)
-            for inside, values in self._chunks(local[chosen]):
-                yield values.reshape(-1, self.channels), np.repeat(chosen[inside], self.per_image)
-
-        return resident if self.data is not None else streamed
-
-    def blocks_of(self, rows: np.ndarray, index: np.ndarray, runs: np.ndarray | None = None) -> solvers.Blocks:
-        """``blocks()`` over the store ``rows`` (held by this reader, in the order given), ``image``
-        mapped to ``index`` (one entry per row: e.g. the rows' positions in a group's image table);
-        ``runs`` as in :meth:`blocks`."""
-        local = np.searchsorted(self.rows, rows)
-        if len(rows) and (
-            local.max() >= len(self.rows) or (self.rows[np.minimum(local, len(self.rows) - 1)] != rows).any()
-        ):
-            raise ValueError("rows this reader did not read")  # a fit planned without them: a bug
-        inner = self.blocks(local, runs)
-
-        def mapped(wanted: np.ndarray | None = None):
-            for x, image in inner(None if wanted is None else wanted[index]):
-                yield x, index[image]
-
-        return mapped
 
 
 class _Fitted:
@@ -260,86 +177,107 @@ def fit_jobs(
     positions ``reader`` holds; results per job. The reader must hold every image the fit reads: the
     held-out ones, and with :func:`reads_training_positions` all of the jobs'. ``computed`` (n_img,)
     bool: images whose statistics took a pass over their positions (not stored)."""
-    fit = config.fit
     started = time.perf_counter()
-    jobs, pos, member, val, train = sides.jobs, sides.pos, sides.member, sides.val, sides.train
-    sums, squares, counts = stats
-    J = len(jobs)
 
     def blocks(images: np.ndarray) -> solvers.Blocks:  # positions of the images in the (n_img,) mask, by job
-        order, runs = _job_order(member, images)
+        order, runs = _job_order(sides.member, images)
         return reader.blocks_of(sides.rows[order], order, runs)
 
     computed = np.zeros(len(sides.rows), bool) if computed is None else computed
-    stats_computed = (member & computed[:, None]).any(axis=0)  # (J,)
-    passes = stats_computed.astype(np.int64)
-    n_iter = np.zeros(J, np.int64)
-    n_pos = (train & pos).T.astype(np.float64) @ counts  # (J,) training positions per side
-    n_neg = (train & ~pos).T.astype(np.float64) @ counts
+    stats_computed = (sides.member & computed[:, None]).any(axis=0)  # (J,)
+    if config.fit.solver in BATCHED:
+        w, b, n_iter, passes = _logistic_vectors(blocks, sides, stats, config.fit)
+        extra: list[dict] = [{} for _ in sides.jobs]
+    else:
+        w, b, passes, extra = _mean_difference_vectors(blocks, sides, stats, config.fit, reader.channels)
+        n_iter = np.zeros(len(sides.jobs), np.int64)
+    scores = solvers.select_scores(blocks(sides.val.any(axis=1)), w, b, sides.val)  # held-out images only
+    passes = passes + 1 + stats_computed
+    wall = (time.perf_counter() - started) / len(sides.jobs)
+    results = _job_results(sides, stats[2], config, (w, b), scores, wall)
+    for j, result in enumerate(results):
+        result.update(passes=int(passes[j]), n_iter=int(n_iter[j]), **extra[j])
+        result["image_stats"] = "computed" if stats_computed[j] else "stored"
+    return results
+
+
+def _side_positions(sides: JobSides, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Training positions per job (J,) float64 on the concept side and on the random side."""
+    concept, random = sides.train & sides.pos, sides.train & ~sides.pos  # (n_img, J)
+    return concept.T.astype(np.float64) @ counts, random.T.astype(np.float64) @ counts
+
+
+def _logistic_vectors(blocks, sides: JobSides, stats: tuple, fit) -> tuple[np.ndarray, ...]:
+    """The exact balanced logistic vectors of every job (:func:`solvers.batched_logistic`, over the
+    training images only: a held-out image has weight 0 in every job): normals (J, C), intercepts
+    (J,), L-BFGS iterations (J,) and passes (J,)."""
+    sums, squares, counts = stats
+    train, pos = sides.train, sides.pos
+    n_pos, n_neg = _side_positions(sides, counts)
+    weight = np.where(train & pos, (n_pos + n_neg) / (2 * n_pos), np.where(train, (n_pos + n_neg) / (2 * n_neg), 0.0))
+    mean, scale = solvers.job_moments(train, sums, squares, counts)
     sign = np.where(pos, 1.0, -1.0)
+    jobs = solvers.LogisticJobs(weight, sign, mean, scale, counts)
+    return solvers.batched_logistic(blocks(train.any(axis=1)), jobs, fit.C, fit.standardize, fit.max_iter, fit.tol)
 
-    def logistic():  # over training images only: a held-out image has weight 0 in every job
-        weight = np.where(
-            train & pos, (n_pos + n_neg) / (2 * n_pos), np.where(train, (n_pos + n_neg) / (2 * n_neg), 0.0)
-        )
-        mean, scale = solvers.job_moments(train, sums, squares, counts)
-        return solvers.batched_logistic(
-            blocks(train.any(axis=1)), weight, sign, mean, scale, fit.C, fit.standardize, fit.max_iter, fit.tol, counts
-        )
 
+def _mean_difference_vectors(blocks, sides: JobSides, stats: tuple, fit, channels: int):
+    """FastCAV's vectors of every job (optionally whitened per group, with a 1-D logistic intercept,
+    and compared with the exact vectors): normals (J, C), intercepts (J,), passes (J,) and per job the
+    comparison columns (``cosine_to_logistic``, ``bal_acc_logistic``) or an empty dict."""
+    sums, _, counts = stats
+    jobs, pos, train, val = sides.jobs, sides.pos, sides.train, sides.val
+    J = len(jobs)
+    passes = np.zeros(J, np.int64)
     extra: list[dict] = [{} for _ in jobs]
-    if fit.solver in BATCHED:
-        w, b, n_iter, p = logistic()
-        passes += p
-    else:  # mean_difference
-        w, b = solvers.mean_difference(train & pos, train & ~pos, sums, counts)
-        if fit.whiten:  # by the covariance of each group's positions (a concept or pseudo-concept and its random sets)
-            groups: dict[tuple, list[int]] = {}
-            for j, job in enumerate(jobs):
-                groups.setdefault(_group_of(job), []).append(j)
-            for cols in groups.values():
-                precision = solvers.shared_precision(blocks(member[:, cols].any(axis=1)), reader.channels)
-                w[cols], b[cols] = solvers.mean_difference(
-                    train[:, cols] & pos[:, cols], train[:, cols] & ~pos[:, cols], sums, counts, precision
-                )
-            passes += 1
-        if fit.intercept == "logistic":
-            unit = w / np.linalg.norm(w, axis=1, keepdims=True)
-            projections = solvers.select_scores(blocks(train.any(axis=1)), unit, np.zeros(J), train)
-            passes += 1
-            for j, (proj, image) in enumerate(projections):
-                slope, intercept = solvers.logistic_1d(proj, pos[image, j].astype(int), fit.C)
-                w[j], b[j] = slope * unit[j], intercept
-        if fit.compare_logistic:
-            w_log, b_log, _, p = logistic()
-            passes += p + 1
-            scores_log = solvers.select_scores(blocks(val.any(axis=1)), w_log, b_log, val)
-            for j, (scores, image) in enumerate(scores_log):
-                reference = _Fitted(fit.near_chance)
-                set_fitted_vector(reference, w_log[j], b_log[j], pos[image, j].astype(int), scores, 0, 0)
-                extra[j] = {
-                    "cosine_to_logistic": float(w[j] @ w_log[j] / (np.linalg.norm(w[j]) * np.linalg.norm(w_log[j]))),
-                    "bal_acc_logistic": reference.metrics_["bal_acc"],
-                }
-    scores = solvers.select_scores(blocks(val.any(axis=1)), w, b, val)  # held-out images only
-    passes += 1
-    wall = (time.perf_counter() - started) / J
-    solver = "lbfgs" if fit.solver in BATCHED else fit.solver
+    w, b = solvers.mean_difference(train & pos, train & ~pos, sums, counts)
+    if fit.whiten:  # by the covariance of each group's positions (a concept or pseudo-concept and its random sets)
+        groups: dict[tuple, list[int]] = {}
+        for j, job in enumerate(jobs):
+            groups.setdefault(_group_of(job), []).append(j)
+        for cols in groups.values():
+            precision = solvers.shared_precision(blocks(sides.member[:, cols].any(axis=1)), channels)
+            w[cols], b[cols] = solvers.mean_difference(
+                train[:, cols] & pos[:, cols], train[:, cols] & ~pos[:, cols], sums, counts, precision
+            )
+        passes += 1
+    if fit.intercept == "logistic":
+        unit = w / np.linalg.norm(w, axis=1, keepdims=True)
+        projections = solvers.select_scores(blocks(train.any(axis=1)), unit, np.zeros(J), train)
+        passes += 1
+        for j, (proj, image) in enumerate(projections):
+            slope, intercept = solvers.logistic_1d(proj, pos[image, j].astype(int), fit.C)
+            w[j], b[j] = slope * unit[j], intercept
+    if fit.compare_logistic:
+        w_log, b_log, _, p = _logistic_vectors(blocks, sides, stats, fit)
+        passes += p + 1
+        scores_log = solvers.select_scores(blocks(val.any(axis=1)), w_log, b_log, val)
+        for j, (scores, image) in enumerate(scores_log):
+            reference = _Fitted(fit.near_chance)
+            set_fitted_vector(reference, w_log[j], b_log[j], pos[image, j].astype(int), scores, 0, 0)
+            extra[j] = {
+                "cosine_to_logistic": float(w[j] @ w_log[j] / (np.linalg.norm(w[j]) * np.linalg.norm(w_log[j]))),
+                "bal_acc_logistic": reference.metrics_["bal_acc"],
+            }
+    return w, b, passes, extra
+
+
+def _job_results(sides: JobSides, counts: np.ndarray, config: RunConfig, vectors: tuple, scores: list, wall: float):
+    """One result row per job from its vector ``(w[j], b[j])`` and its held-out ``scores[j]``;
+    ``passes`` and ``n_iter`` are set by the caller."""
+    w, b = vectors
+    n_pos, n_neg = _side_positions(sides, counts)
+    solver = "lbfgs" if config.fit.solver in BATCHED else config.fit.solver
     results = []
-    for j, job in enumerate(jobs):
-        fitted = _Fitted(fit.near_chance)
+    for j, job in enumerate(sides.jobs):
+        fitted = _Fitted(config.fit.near_chance)
         val_scores, image = scores[j]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NearChanceWarning)  # recorded as near_chance and logged by the task
-            set_fitted_vector(fitted, w[j], b[j], pos[image, j].astype(int), val_scores, int(n_pos[j]), int(n_neg[j]))
-        image_stats = "computed" if stats_computed[j] else "stored"
-        results.append(
-            {
-                **_result(job, fitted, config, solver, int(passes[j]), int(n_iter[j]), wall),
-                **extra[j],
-                "image_stats": image_stats,
-            }
-        )
+            set_fitted_vector(
+                fitted, w[j], b[j], sides.pos[image, j].astype(int), val_scores, int(n_pos[j]), int(n_neg[j])
+            )
+        results.append(_result(job, fitted, config, solver, 0, 0, wall))
     return results
 
 
