@@ -23,7 +23,8 @@ from sacv.io.rundir import RunDir
 from tests.flow_helpers import assert_same_tables, pipeline_raw, run_tables, write_collection
 
 REPO = Path(__file__).resolve().parents[1]
-TRIALS = 10
+TRIALS = 4  # one kill in each stage, and a second one in extraction (the longest stage)
+STAGES = ("extract", "fit", "score", "extract")
 DONE_FILES = ("shards/*/*.json", "fits/*/*.json", "scores/*.json")
 
 
@@ -50,10 +51,9 @@ def wait_for(process: subprocess.Popen, ready, timeout: float = 60) -> None:
         time.sleep(0.02)
 
 
-def kill_point(rng: random.Random, run_dir: Path):
-    """A seeded moment: after the k-th extraction marker, or after the fit plan, or after the vectors
-    table (scoring), plus a random delay; returns (description, ready, delay)."""
-    stage = rng.choice(["extract", "extract", "fit", "score"])
+def kill_point(rng: random.Random, run_dir: Path, stage: str):
+    """A seeded moment of ``stage``: after the k-th extraction marker, or after the fit plan, or after
+    the vectors table (scoring), plus a random delay; returns (description, ready, delay)."""
     delay = round(rng.uniform(0, 0.4), 2)
     if stage == "extract":
         k = rng.randint(0, 5)
@@ -80,7 +80,7 @@ def test_killed_anywhere_the_rerun_gives_the_same_tables_and_redoes_nothing_done
         raw = pipeline_raw(str(collection), str(run_dir))
         config_path = tmp_path / f"trial{trial}.yaml"
         config_path.write_text(yaml.safe_dump(raw))
-        where, ready, delay = kill_point(rng, run_dir)
+        where, ready, delay = kill_point(rng, run_dir, STAGES[trial])
         process = subprocess.Popen(
             [sys.executable, "-m", "sacv.cli", "run", str(config_path)],
             cwd=REPO,
