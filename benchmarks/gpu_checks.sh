@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of the README in one go, on a machine with a CUDA card: numerics (CUDA vs CPU per
+# The GPU rows of docs/benchmarks.md in one go, on a machine with a CUDA card: numerics (CUDA vs CPU per
 # mode) and extraction throughput (the Prefect flow against the bare loop and the card's raw rate,
 # per decoder). Python packages the machine lacks may be given as wheels
 # in .whl/ (installed into /tmp/site; `bash benchmarks/gpu_wheels.sh` fetches them). Results go to

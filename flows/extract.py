@@ -32,7 +32,7 @@ def shard_blocks(todo: list[tuple[str, int]], per_task: int) -> list[tuple[str, 
 def block_markers(run_uri: str, config: RunConfig, blocks: list[tuple[str, list[int]]]) -> Iterator[list[dict]]:
     """Each block's markers as its task finishes. With one task worker and no Dask cluster the
     tasks run one after another in the flow's own thread: the model runs measurably slower in a
-    task-runner thread (README, extraction benchmarks); otherwise they are submitted and fan out."""
+    task-runner thread (docs/benchmarks.md, extraction); otherwise they are submitted and fan out."""
     if config.execution.workers == 1 and not config.execution.dask_address:
         for group, shards in blocks:
             yield extract_shards(run_uri, config, group, shards)
