@@ -20,9 +20,57 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class PreprocessingConfig(Section):
+    """The model's input: shorter side resized, square centre crop, ``(x / 255 - mean) / std``."""
+
+    resize: int = Field(256, ge=0)  # shorter side in pixels before the crop; 0 keeps the image's size
+    crop: int = Field(224, ge=0)  # square centre crop; 0 keeps the resized image whole
+    mean: list[float] = [0.485, 0.456, 0.406]  # per RGB channel, on [0, 1]
+    std: list[float] = [0.229, 0.224, 0.225]  # per RGB channel, on [0, 1]
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _three_channels(cls, values: list[float], info) -> list[float]:
+        if len(values) != 3:
+            raise ValueError(f"has {len(values)} values; give one per RGB channel (3)")
+        if info.field_name == "std" and min(values) <= 0:
+            raise ValueError("must be positive: the inputs are divided by it")
+        return values
+
+
 class ModelConfig(Section):
     spec: str = "efficientnet_lite0"  # efficientnet_lite0 | torchvision/<name> | package.module:callable
     weights: str | None = None  # state-dict file or torchvision weights name; None = the spec's default
+    preprocessing: PreprocessingConfig | None = None  # None = the spec's own
+    class_names: list[str] | str | None = None  # names in output order, or a text file of one per line
+
+    @field_validator("class_names")
+    @classmethod
+    def _names(cls, value: list[str] | str | None) -> list[str] | str | None:
+        names = read_class_names(value) if isinstance(value, str) else value
+        if names is not None and len(set(names)) != len(names):
+            doubled = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"names appear twice: {doubled[:5]}; give each output its own name")
+        return value
+
+    def loader_options(self) -> dict:
+        """What :func:`sacv.method.models.cached_model` applies over the spec's own: preprocessing
+        (a dict) and class names (a tuple), each None when not set."""
+        names = read_class_names(self.class_names) if isinstance(self.class_names, str) else self.class_names
+        return {
+            "preprocessing": None if self.preprocessing is None else self.preprocessing.model_dump(),
+            "class_names": None if names is None else tuple(names),
+        }
+
+
+def read_class_names(path: str) -> list[str]:
+    """The class names of a text file: one per line, in output order (blank lines ignored)."""
+    if not Path(path).is_file():
+        raise ValueError(f"class-names file {path} does not exist; give a text file with one name per line, or a list")
+    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"class-names file {path} holds no names; write one name per line, in output order")
+    return names
 
 
 def _check_local_folder(path: str | None) -> str | None:

@@ -45,3 +45,9 @@ def small_other() -> LoadedModel:
 def small_slow() -> LoadedModel:
     """Sleeps SACV_TEST_DELAY seconds per batch, so a run can be killed between shards."""
     return small(delay=float(os.environ.get("SACV_TEST_DELAY", "0.5")))
+
+
+def bare_small() -> nn.Module:
+    """The tiny classifier as a bare ``nn.Module``: preprocessing and class names come from the config."""
+    torch.manual_seed(0)
+    return SmallNet()

@@ -320,7 +320,9 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
     """
     run = RunDir(run_uri)
     catalog = ImageCatalog.shared(run)  # read once per process, not per task
-    model = cached_model(config.model.spec, config.model.weights, config.execution.device)
+    model = cached_model(
+        config.model.spec, config.model.weights, config.execution.device, **config.model.loader_options()
+    )
     root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype), run.storage_options)
     gradients = group == "dataset"
     blocks = [ShardImages(catalog.stored_rows(group, shard), model.preprocessing, config) for shard in shards]

@@ -122,7 +122,9 @@ def list_collections(run_uri: str, config: RunConfig) -> int:
     the stamps the previous images table knows); returns the number of check batches of
     ``extract.scan_batch`` files, for :func:`check_batch`."""
     run = RunDir(run_uri)
-    model = cached_model(config.model.spec, config.model.weights, config.execution.device)
+    model = cached_model(
+        config.model.spec, config.model.weights, config.execution.device, **config.model.loader_options()
+    )
     frame = candidate_frame(_candidates(run, config, model), run.read_table("images"))
     run.write_scan_part("candidates", frame)
     return -(-len(frame) // config.extract.scan_batch)
@@ -159,7 +161,9 @@ def plan_extraction(
     :func:`check_batch` calls (the flow fans these out); without, all of it happens here."""
     run = RunDir(run_uri)
     audit_id = audit_id or new_audit_id()
-    model = cached_model(config.model.spec, config.model.weights, config.execution.device)
+    model = cached_model(
+        config.model.spec, config.model.weights, config.execution.device, **config.model.loader_options()
+    )
     previous = run.read_table("images")
     if (
         previous is not None

@@ -6,7 +6,11 @@ Specs:
   any input size works.
 - ``torchvision/<name>``: any torchvision classifier; ``weights`` is a local state-dict file or a
   torchvision weights enum name such as ``IMAGENET1K_V1``.
-- ``package.module:callable``: a callable returning an ``nn.Module``.
+- ``package.module:callable``: a callable returning an ``nn.Module`` (ImageNet preprocessing and
+  names ``class_<i>`` unless configured) or a :class:`LoadedModel`.
+
+The config's ``model.preprocessing`` and ``model.class_names`` replace the spec's own
+(:func:`configure_model`).
 
 A loaded model is always in ``eval()`` mode.
 """
@@ -288,12 +292,51 @@ _MODELS: dict[tuple, LoadedModel] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def cached_model(spec: str, weights: str | None, device: str) -> LoadedModel:
-    """One loaded model per (spec, weights, device) per worker process, shared by its threads."""
-    key = (spec, weights, str(resolve_device(device)))
+def configure_model(
+    model: LoadedModel, preprocessing: dict | None = None, class_names: tuple[str, ...] | None = None
+) -> LoadedModel:
+    """``model`` with the configured ``preprocessing`` (resize, crop, mean, std) and ``class_names``
+    (one per output, in output order) in place of the spec's own; each None keeps the spec's."""
+    if preprocessing is not None:
+        model.preprocessing = Preprocessing(
+            resize=preprocessing["resize"],
+            crop=preprocessing["crop"],
+            mean=tuple(preprocessing["mean"]),
+            std=tuple(preprocessing["std"]),
+        )
+    if class_names is not None:
+        outputs = n_outputs(model)
+        if len(class_names) != outputs:
+            raise ValueError(
+                f"model.class_names has {len(class_names)} names but {model.spec} has {outputs} outputs; "
+                "give one name per output, in output order"
+            )
+        model.class_names = list(class_names)
+    return model
+
+
+def n_outputs(model: LoadedModel) -> int:
+    """The number of logits the model gives (one forward pass of a blank input)."""
+    size = model.preprocessing.input_size
+    device = next(model.module.parameters()).device
+    with torch.no_grad():
+        return int(model.module(torch.zeros(1, 3, size, size, device=device)).shape[-1])
+
+
+def cached_model(
+    spec: str,
+    weights: str | None,
+    device: str,
+    preprocessing: dict | None = None,
+    class_names: tuple[str, ...] | None = None,
+) -> LoadedModel:
+    """One loaded model per (spec, weights, device, preprocessing, class names) per worker process,
+    shared by its threads (see :func:`configure_model`)."""
+    shown = None if preprocessing is None else tuple((k, str(v)) for k, v in sorted(preprocessing.items()))
+    key = (spec, weights, str(resolve_device(device)), shown, class_names)
     with _MODELS_LOCK:
         if key not in _MODELS:
-            model = load_model(spec, weights)
+            model = configure_model(load_model(spec, weights), preprocessing, class_names)
             model.module.to(key[2])
             _MODELS[key] = model
         return _MODELS[key]

@@ -149,7 +149,9 @@ def prepare_map_arrays(run: RunDir, config: RunConfig, vectors: pd.DataFrame) ->
 
 def recompute_layers(config: RunConfig, rows: pd.DataFrame):
     """Forward + backward on the shard's images; activations/gradients rounded to the store dtype."""
-    model = cached_model(config.model.spec, config.model.weights, config.execution.device)
+    model = cached_model(
+        config.model.spec, config.model.weights, config.execution.device, **config.model.loader_options()
+    )
     parts, target_parts = {layer: ([], []) for layer in config.layers}, []
     for result in shard_extractions(rows, model, config, with_gradients=True):
         for layer in config.layers:
