@@ -1,14 +1,15 @@
 """Spatial Activation Concept Vectors at dataset scale.
 
+``sacv.run(config)`` runs the pipeline as ``sacv run`` does and returns the run;
 ``sacv.open_run(uri)`` opens a finished run for notebooks (``sacv.api``), ``sacv.plot`` draws its
-figures. Both load on first use, so ``import sacv`` stays light.
+figures. They load on first use, so ``import sacv`` stays light.
 """
 
 from __future__ import annotations
 
 import importlib
 
-_LAZY = {"open_run": "sacv.api", "Run": "sacv.api", "plot": None}
+_LAZY = {"run": "sacv.cli", "open_run": "sacv.api", "Run": "sacv.api", "plot": None}
 
 
 def __getattr__(name: str):
@@ -19,4 +20,4 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(_LAZY[name]), name)
 
 
-__all__ = ["Run", "open_run", "plot"]
+__all__ = ["Run", "open_run", "plot", "run"]

@@ -3,20 +3,51 @@ Prefect flows (``flows.*``, imported inside the commands that run them)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
 from sacv.io.handoffs import ExtractSummary, FitSummary, ScoreSummary
 
+JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable keys) instead of text.")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sacv", message="sacv %(version)s")
 def main() -> None:
-    """Spatial Activation Concept Vectors at dataset scale."""
+    """Spatial Activation Concept Vectors at dataset scale.
+
+    Exit status: 0 done; 1 an error (one line saying what to fix); 2 a wrong command line;
+    3 inputs rejected with --strict; 4 policy checks failed (the tables are written)."""
+
+
+def run(config):
+    """Run the whole pipeline as ``sacv run`` does and return the finished run (``sacv.api.Run``).
+
+    ``config``: a YAML path, a dict of the same keys, or a ``RunConfig``. A rerun resumes. Failing
+    policy checks raise ``sacv.audit.policy.ChecksFailed`` after the tables are written; a bad config
+    raises ``sacv.config.ConfigError``."""
+    from sacv.api import open_run
+    from sacv.config import RunConfig, load_config, parse_config
+
+    if isinstance(config, RunConfig):
+        parsed = config
+    elif isinstance(config, dict):
+        parsed = parse_config(config)
+    elif isinstance(config, (str, Path)):
+        parsed = load_config(str(config))
+    else:
+        raise TypeError(f"config must be a YAML path, a dict or a RunConfig, not {type(config).__name__}")
+    with _flow_start_up():
+        from flows.pipeline import run_stage
+    run_stage("run", parsed)
+    return open_run(parsed.run_dir, parsed.storage_options)
 
 
 @main.command()
@@ -140,10 +171,16 @@ def score_command(config_path: str) -> None:
 @main.command("run")
 @click.argument("config_path", metavar="CONFIG")
 @STRICT
-def run_command(config_path: str, strict: bool) -> None:
+@JSON
+def run_command(config_path: str, strict: bool, as_json: bool) -> None:
     """extract -> fit -> score as one Prefect flow (one audit); a rerun resumes where it stopped.
     Exits with status 4 when policy checks (config `checks`) fail."""
     summary = _run_stage("run", config_path)
+    if as_json:  # keys: extract, fit, score (null when not run), audit_id
+        click.echo(json.dumps(dataclasses.asdict(summary), default=str))
+        if strict and summary.extract.rejects:
+            sys.exit(3)
+        return
     if summary.fit is not None:
         _report_fit(summary.fit)
     if summary.score is not None:
@@ -159,26 +196,37 @@ def run_command(config_path: str, strict: bool) -> None:
 @click.option("--layer", "layers", multiple=True, help="Only this layer (repeatable).")
 @click.option("--concept", "concepts", multiple=True, help="Only this concept (repeatable).")
 @click.option("--class", "classes", multiple=True, help="Only this class, by name or index (repeatable).")
+@JSON
 def inspect_command(
-    run_dir: str, top: int, layers: tuple[str, ...], concepts: tuple[str, ...], classes: tuple[str, ...]
+    run_dir: str, top: int, layers: tuple[str, ...], concepts: tuple[str, ...], classes: tuple[str, ...], as_json: bool
 ) -> None:
     """Print what a run directory holds: stages done, counts, rejects, summaries per layer and
     concept, top contributions."""
-    from sacv.report.summary import describe_run
+    from sacv.report.summary import describe_run, run_facts
 
     try:
-        click.echo(describe_run(run_dir, top, layers, concepts, classes))
+        if as_json:
+            click.echo(json.dumps(run_facts(run_dir, top, layers, concepts, classes), default=str))
+        else:
+            click.echo(describe_run(run_dir, top, layers, concepts, classes))
     except FileNotFoundError as err:
         raise click.ClickException(str(err)) from None
 
 
 @main.command("history")
 @click.argument("run_dir")
-def history_command(run_dir: str) -> None:
+@JSON
+def history_command(run_dir: str, as_json: bool) -> None:
     """Print the audits recorded in RUN_DIR (tables/audits.parquet), oldest first."""
-    from sacv.audit.audits import describe_audits
+    from sacv.audit.audits import describe_audits, done_audits
+    from sacv.io.rundir import RunDir
 
-    click.echo(describe_audits(run_dir))
+    if as_json:  # {"run_dir": ..., "audits": [one object per audit, the columns of audits.parquet]}
+        audits = done_audits(RunDir(run_dir))
+        rows = json.loads(audits.to_json(orient="records", date_format="iso"))
+        click.echo(json.dumps({"run_dir": run_dir, "audits": rows}))
+    else:
+        click.echo(describe_audits(run_dir))
 
 
 @main.command("compare")

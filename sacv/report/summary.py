@@ -8,6 +8,7 @@ whole table. Filters apply to the vectors and contributions sections.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import pandas as pd
@@ -186,3 +187,61 @@ def describe_run(
         lines.append("narrow down: sacv inspect RUN_DIR --layer L --concept K --class C (each repeatable) --top N")
         lines.append("whole tables: RUN_DIR/tables/*.parquet (pandas.read_parquet, DuckDB) or sacv.open_run(RUN_DIR)")
     return "\n".join(lines)
+
+
+def _records(frame: pd.DataFrame) -> list[dict]:
+    """Rows as JSON-ready dicts (NaN -> None, timestamps -> ISO text)."""
+    return json.loads(frame.to_json(orient="records", date_format="iso"))
+
+
+def run_facts(
+    run_uri: str, top: int = 10, layers: Sequence[str] = (), concepts: Sequence[str] = (), classes: Sequence[str] = ()
+) -> dict:
+    """What ``sacv inspect --json`` prints: one object with stable keys ``run_dir``, ``model``,
+    ``stages`` (stage -> its timing record, or None), ``last_audit``, ``audits``, ``images``
+    (status -> group -> count), ``rejects`` (count and the first ``top``), ``vectors`` (count, near
+    chance) and ``contributions`` (rows, significant, positive, negative and the ``top`` rows,
+    significant first by |z|), after the same filters as the text."""
+    run = RunDir(run_uri)
+    if not run.is_run():
+        raise FileNotFoundError(f"{run_uri} is not a run directory (no run.json or tables/)")
+    record = run.read_run_record() or {}
+    timings = record.get("timings", {})
+    facts: dict = {
+        "run_dir": run.uri,
+        "model": record.get("model"),
+        "stages": {stage: timings.get(stage) for stage in ("extract", "fit", "score")},
+    }
+    audits = run.read_audits()
+    facts["audits"] = 0 if audits is None else len(audits)
+    facts["last_audit"] = None if audits is None or not len(audits) else _records(audits.tail(1))[0]
+    images = run.read_table("images")
+    facts["images"] = (
+        {} if images is None else {s: g.groupby("group").size().to_dict() for s, g in images.groupby("status")}
+    )
+    rejects = run.read_table("rejects")
+    facts["rejects"] = {
+        "count": 0 if rejects is None else len(rejects),
+        "first": [] if rejects is None else _records(rejects.head(top)),
+    }
+    filters = {"layer": list(layers), "concept": list(concepts)}
+    vectors = run.read_table("vectors")
+    if vectors is not None:
+        vectors, _ = _filtered(vectors, filters)
+    facts["vectors"] = (
+        None if vectors is None else {"count": len(vectors), "near_chance": int(vectors["near_chance"].sum())}
+    )
+    table = run.read_table("contributions")
+    facts["contributions"] = None
+    if table is not None:
+        table, _ = _filtered(table, {**filters, "class_name": list(classes)})
+        significant = table["significant"].fillna(False).astype(bool)
+        shown = table.assign(_z=table["z"].abs()).sort_values(["significant", "_z"], ascending=False, kind="stable")
+        facts["contributions"] = {
+            "rows": len(table),
+            "significant": int(significant.sum()),
+            "positive": int((significant & (table["direction"] == "positive")).sum()),
+            "negative": int((significant & (table["direction"] == "negative")).sum()),
+            "top": _records(shown.head(top)[[c for c in CONTRIBUTION_COLUMNS if c in shown]]),
+        }
+    return facts
