@@ -188,6 +188,23 @@ def run_command(config_path: str, strict: bool, as_json: bool) -> None:
     _report_extract(summary.extract, strict)
 
 
+@main.command("validate")
+@click.argument("config_path", metavar="CONFIG")
+def validate_command(config_path: str) -> None:
+    """Check CONFIG without extracting: its keys, the model and its layers, the concept and class
+    folders, the names in checks, the run directory. Exit 0, or 1 with one line per problem."""
+    from sacv.extract.preflight import config_problems, run_problems
+
+    config, problems = config_problems(config_path)
+    if config is not None:
+        problems = run_problems(config)
+    if problems:
+        for problem in problems:
+            click.echo(problem, err=True)
+        sys.exit(1)
+    click.echo(f"{config_path}: ok ({len(config.layers)} layers; run_dir {config.run_dir})")
+
+
 @main.command("inspect")
 @click.argument("run_dir")
 @click.option(

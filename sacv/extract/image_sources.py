@@ -25,7 +25,7 @@ class Candidate:
     mask: str | None = None
 
 
-def _subfolders(root: str) -> list[str]:
+def subfolders(root: str) -> list[str]:
     fs, base = storage.url_to_fs(root)
     if not fs.isdir(base):
         raise FileNotFoundError(f"folder {root} does not exist; check the path in the config")
@@ -34,7 +34,7 @@ def _subfolders(root: str) -> list[str]:
 
 def concept_candidates(cfg: ConceptsConfig) -> list[Candidate]:
     """One candidate per image of each concept folder, plus the random pool if it is separate."""
-    folders = _subfolders(cfg.root)
+    folders = subfolders(cfg.root)
     names = cfg.names or folders
     missing = [n for n in names if n not in folders]
     if missing:
@@ -69,10 +69,14 @@ def match_class(folder: str, class_names: list[str]) -> int:
     lookup = _class_lookup(tuple(class_names))
     if _normalise(folder) in lookup:
         return lookup[_normalise(folder)]
-    close = difflib.get_close_matches(_normalise(folder), list(lookup), n=5)
+    names = list(lookup)
+    close = difflib.get_close_matches(_normalise(folder), names, n=5) or difflib.get_close_matches(
+        _normalise(folder), names, n=5, cutoff=0.3
+    )
+    shown = f"close class names: {close}" if close else f"no class name is close; the first are {names[:5]}"
     raise ValueError(
-        f"class folder {folder!r} matches no class of the model; close class names: {close}. "
-        "Rename the folder to a class name or its index."
+        f"class folder {folder!r} matches no class of the model; {shown}. "
+        "Rename the folder to a class name or its index, or move it out of dataset.root."
     )
 
 
@@ -82,7 +86,7 @@ def dataset_candidates(cfg: DatasetConfig, class_names: list[str]) -> list[Candi
     if cfg.root is not None:
         root = cfg.root.rstrip("/")
         out = []
-        for folder in _subfolders(cfg.root):
+        for folder in subfolders(cfg.root):
             paths = list_files(f"{root}/{folder}")
             if paths:  # an empty folder needs no class
                 label = match_class(folder, class_names)  # once per folder, not per file
