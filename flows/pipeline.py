@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pandas as pd
 from prefect import flow, get_run_logger
@@ -77,9 +79,22 @@ def _publish(run_uri: str) -> None:
     )
 
 
-@flow(name="sacv-audit")
+def audit_run_name() -> str:
+    """A flow run's name: ``audit-<config file name>-<UTC date and time>``, e.g. ``audit-nightly-20261204-0200``."""
+    from prefect.runtime import flow_run
+
+    stem = Path(str(flow_run.parameters.get("config_path", "config"))).stem
+    return f"audit-{stem}-{datetime.now(UTC):%Y%m%d-%H%M}"
+
+
+@flow(name="sacv-audit", flow_run_name=audit_run_name)
 def audit_flow(config_path: str) -> RunSummary:
-    """Deployment entry point: the whole pipeline from a config file path."""
+    """Deployment entry point: the whole pipeline (extract, fit, score; one audit) from a config file.
+
+    Args:
+        config_path: the run's YAML config (docs/config.md), absolute or relative to the project
+            root on the worker. A rerun on the same run_dir resumes and audits only what changed.
+    """
     configure_process()
     config = load_config(config_path)
     storage.use(config.storage_options)

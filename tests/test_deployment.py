@@ -193,6 +193,9 @@ def test_audit_deployment_runs_on_a_process_worker(tmp_path):
         audit = _api(f"{api}/deployments/name/sacv-audit/audit")
         assert [s["schedule"]["cron"] for s in audit["schedules"]] == ["0 2 * * *"]
         assert audit["schedules"][0]["schedule"]["timezone"] == "UTC"
+        assert audit["schedules"][0]["active"] is False  # inactive until config_path names a real config
+        described = audit["parameter_openapi_schema"]["properties"]["config_path"]
+        assert described["type"] == "string" and "YAML config" in described["description"]
         assert _api(f"{api}/deployments/name/sacv-audit/concept-sweep")["schedules"] == []
 
         spawn("worker", "worker", "start", "--pool", "sacv-process", first=signal.SIGINT, grace=30)
@@ -221,6 +224,7 @@ def test_audit_deployment_runs_on_a_process_worker(tmp_path):
         assert tested["p_value"].notna().all(), f"untested contributions:\n{tested[['concept', 'reason']]}"
         assert (tested["n_reference"] == SMALL_TEST["pseudo_concepts"]).all()  # each concept's own family
         assert flow_run["parameters"] == {"config_path": str(config_path)}
+        assert re.fullmatch(rf"audit-{config_path.stem}-\d{{8}}-\d{{4}}", flow_run["name"]), flow_run["name"]
         # The flow run process imports flows/__init__.py, whose embedded defaults switch off server
         # services; they must not reach this server: its task runs are still recorded.
         deadline = time.monotonic() + 20
