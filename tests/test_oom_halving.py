@@ -7,8 +7,7 @@ import logging
 import pytest
 import torch
 
-from sacv.extract.extraction import halving_on_oom
-from sacv.method.activations import extract
+from sacv.method.activations import extract, halving_on_oom
 from tests.models import small
 
 LAYERS = ["features.0", "features.2"]

@@ -14,7 +14,6 @@ batch loop, also behind ``shard_extractions`` (streamed scoring). The per-batch 
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import deque
@@ -36,10 +35,8 @@ from sacv.io.device_decode import EncodedJpeg, decode_batch
 from sacv.io.images import ImageRejected
 from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import open_store, write_region
-from sacv.method.activations import Extraction, extract
+from sacv.method.activations import Extraction, extract, halving_on_oom
 from sacv.method.models import LoadedModel, cached_model
-
-logger = logging.getLogger(__name__)  # sacv.extract.extraction
 
 
 def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str]) -> torch.Tensor | int | None:
@@ -120,36 +117,6 @@ def _extractions(
             done, batch = done + len(batch), []
     if batch:
         yield run(batch)
-
-
-def halving_on_oom(forward: Callable[[torch.Tensor, object], Extraction], inputs: torch.Tensor, targets) -> Extraction:
-    """``forward(inputs, targets)``; a CUDA out-of-memory error splits the batch in halves, each run
-    the same way (down to one image: then the error stands), and the halves are joined. ``targets``:
-    per image (a tensor, split alongside), or one class or None for all. Logged once per split."""
-    try:
-        return forward(inputs, targets)
-    except torch.cuda.OutOfMemoryError:
-        if len(inputs) == 1:
-            raise
-    half = len(inputs) // 2
-    logger.warning(
-        "out of device memory on a batch of %d images: retrying as %d + %d", len(inputs), half, len(inputs) - half
-    )
-    if inputs.is_cuda:
-        torch.cuda.empty_cache()
-    per_image = isinstance(targets, torch.Tensor) and targets.dim() > 0
-    parts = [
-        halving_on_oom(forward, inputs[part], targets[part] if per_image else targets)
-        for part in (slice(0, half), slice(half, None))
-    ]
-    return Extraction(
-        {layer: torch.cat([p.activations[layer] for p in parts]) for layer in parts[0].activations},
-        None
-        if parts[0].gradients is None
-        else {layer: torch.cat([p.gradients[layer] for p in parts]) for layer in parts[0].gradients},
-        torch.cat([p.logits for p in parts]),
-        torch.cat([p.targets for p in parts]),
-    )
 
 
 def shard_extractions(

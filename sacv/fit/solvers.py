@@ -115,25 +115,28 @@ class LogisticJobs:
 
 
 class _BlockObjective:
-    """The objective of every job, summed block by block: ``__call__(params, jobs, pool)`` returns
+    """The objective of every job, summed block by block on ``pool``: ``__call__(params, jobs)`` returns
     the value (k,) and gradient (k, C + 1) of jobs ``jobs`` at ``params`` (k, C + 1) = the solver's
     variables ``u`` (whitened normal) and the intercept in the jobs' own centred space, each divided
     by ``C Σ_i s_ij`` (same minimiser; the scale scikit-learn uses)."""
 
-    def __init__(self, blocks: Blocks, jobs: LogisticJobs, C: float, standardize: bool, threads: int):
-        self.blocks, self.jobs, self.C, self.threads = blocks, jobs, C, threads
+    def __init__(
+        self,
+        blocks: Blocks,
+        jobs: LogisticJobs,
+        C: float,
+        standardize: bool,
+        norm: np.ndarray,
+        whitening: np.ndarray,
+        pool: ThreadPoolExecutor,
+        threads: int,
+    ):
+        self.blocks, self.jobs, self.C, self.norm, self.whitening = blocks, jobs, C, norm, whitening
+        self.pool, self.threads = pool, threads
         self.centre = jobs.mean.mean(axis=0)  # shared centre: blocks are centred once for every job
         self.offset = jobs.mean - self.centre  # (J, C): each job's mean in centred space
         self.penalty = jobs.scale**2 if standardize else np.ones_like(jobs.scale)  # z-scored or raw normal
         self.trains = jobs.weight > 0  # (n_img, J)
-        if jobs.counts is not None:
-            total = jobs.weight.T @ jobs.counts
-        else:
-            total = np.zeros(len(jobs.mean))
-            for _, image in blocks():
-                total += jobs.weight[image].sum(axis=0)
-        self.norm = C * total  # (J,) C Σ_i s_ij
-        self.whitening = np.eye(jobs.mean.shape[1])  # (C, C) Σ^{-1/2}, set by the solver before it starts
 
     def block_terms(self, block: tuple[np.ndarray, np.ndarray], w: np.ndarray, b: np.ndarray, wanted: np.ndarray):
         """One block's share of the evaluated jobs ``wanted`` that train on its images: their columns,
@@ -153,7 +156,7 @@ class _BlockObjective:
         g = dz.reshape(-1, len(cols))  # (m, k) d loss / d z
         return cols, loss, xc.T @ g, g.sum(axis=0)
 
-    def __call__(self, params: np.ndarray, jobs: np.ndarray, pool: ThreadPoolExecutor) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, params: np.ndarray, jobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         C, threads = self.C, self.threads
         u, c = params[:, :-1], params[:, -1]  # (k, C), (k,)
         w = u @ self.whitening  # (k, C) raw-space normals
@@ -161,7 +164,7 @@ class _BlockObjective:
         k, channels = len(jobs), w.shape[1]
         loss, grad_w, grad_b = np.zeros(k), np.zeros((channels, k)), np.zeros(k)
         passes = self.blocks(self.trains[:, jobs].any(axis=1))  # the blocks holding a training image of these jobs
-        for cols, part_loss, part_w, part_b in _ordered(pool, self.block_terms, passes, 2 * threads, w, b, jobs):
+        for cols, part_loss, part_w, part_b in _ordered(self.pool, self.block_terms, passes, 2 * threads, w, b, jobs):
             if len(cols):  # summed in block order
                 loss[cols] += part_loss
                 grad_w[:, cols] += part_w
@@ -171,6 +174,16 @@ class _BlockObjective:
         grad_u = grad_w @ self.whitening  # the map is symmetric
         value = (C * loss + penalty_value) / self.norm[jobs]
         return value, np.concatenate([grad_u, C * grad_b[:, None]], axis=1) / self.norm[jobs, None]
+
+
+def _weight_sums(blocks: Blocks, jobs: LogisticJobs) -> np.ndarray:
+    """``Σ_i s_ij`` over every training position, per job (J,): from ``jobs.counts``, else one pass."""
+    if jobs.counts is not None:
+        return jobs.weight.T @ jobs.counts
+    total = np.zeros(jobs.weight.shape[1])
+    for _, image in blocks():
+        total += jobs.weight[image].sum(axis=0)
+    return total
 
 
 def batched_logistic(
@@ -204,15 +217,14 @@ def batched_logistic(
     """
     threads = threads or fit_threads()
     J, channels = jobs.mean.shape
-    objective = _BlockObjective(blocks, jobs, C, standardize, threads)
+    norm = C * _weight_sums(blocks, jobs)  # (J,) C Σ_i s_ij
     with (
         single_threaded_blas(),
         ThreadPoolExecutor(threads, thread_name_prefix="sacv-fit") as pool,
     ):  # workers start inside
-        whitening = objective.whitening = whitening_map(blocks, channels, PRECONDITIONER_FLOOR)  # (C, C) Σ^{-1/2}
-        result = minimize_batched(
-            lambda params, evaluated: objective(params, evaluated, pool), np.zeros((J, channels + 1)), max_iter, tol
-        )
+        whitening = whitening_map(blocks, channels, PRECONDITIONER_FLOOR)  # (C, C) Σ^{-1/2}
+        objective = _BlockObjective(blocks, jobs, C, standardize, norm, whitening, pool, threads)
+        result = minimize_batched(objective, np.zeros((J, channels + 1)), max_iter, tol)
     w = result.x[:, :-1] @ whitening
     passes = result.n_eval + 1 + int(jobs.counts is None)
     return w, result.x[:, -1] - (w * jobs.mean).sum(axis=1), result.n_iter, passes

@@ -18,9 +18,10 @@ and restores the previous settings after. ``autocast`` runs the forward pass in 
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 from sacv.method.models import resolve_layers
+
+logger = logging.getLogger(__name__)  # sacv.method.activations
 
 
 def channels_last(tensor: torch.Tensor) -> torch.Tensor:
@@ -205,3 +208,33 @@ def extract(
     activations = {name: on_device["activations", name].cpu() for name in layers}  # (N, H, W, C)
     gradients = {name: on_device["gradients", name].cpu() for name in layers} if grads is not None else None
     return Extraction(activations, gradients, logits.detach().float().cpu(), targets.cpu())
+
+
+def halving_on_oom(forward: Callable[[torch.Tensor, object], Extraction], inputs: torch.Tensor, targets) -> Extraction:
+    """``forward(inputs, targets)``; a CUDA out-of-memory error splits the batch in halves, each run
+    the same way (down to one image: then the error stands), and the halves are joined. ``targets``:
+    per image (a tensor, split alongside), or one class or None for all. Logged once per split."""
+    try:
+        return forward(inputs, targets)
+    except torch.cuda.OutOfMemoryError:
+        if len(inputs) == 1:
+            raise
+    half = len(inputs) // 2
+    logger.warning(
+        "out of device memory on a batch of %d images: retrying as %d + %d", len(inputs), half, len(inputs) - half
+    )
+    if inputs.is_cuda:
+        torch.cuda.empty_cache()
+    per_image = isinstance(targets, torch.Tensor) and targets.dim() > 0
+    parts = [
+        halving_on_oom(forward, inputs[part], targets[part] if per_image else targets)
+        for part in (slice(0, half), slice(half, None))
+    ]
+    return Extraction(
+        {layer: torch.cat([p.activations[layer] for p in parts]) for layer in parts[0].activations},
+        None
+        if parts[0].gradients is None
+        else {layer: torch.cat([p.gradients[layer] for p in parts]) for layer in parts[0].gradients},
+        torch.cat([p.logits for p in parts]),
+        torch.cat([p.targets for p in parts]),
+    )
