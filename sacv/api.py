@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import html
-import io
 from dataclasses import dataclass
 
 import dask.array as da
@@ -24,7 +23,6 @@ from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import check_readable
 from sacv.method.maps import concept_maps
 
-ENGINES = ("pandas", "polars", "duckdb")
 MAP_NAMES = ["S_k", "S_kc", "decision"]
 
 
@@ -131,26 +129,29 @@ class Run:
             self._tables[name] = table
         return self._tables[name]
 
-    def table(self, name: str, engine: str = "pandas"):
-        """``tables/<name>.parquet`` as a pandas DataFrame (a copy), a polars DataFrame or a DuckDB
-        relation (``engine``)."""
+    def table(self, name: str, engine: str = "pandas", columns: list[str] | None = None, **where):
+        """Table ``name`` through ``engine`` (``sacv.io.table_scan``: pandas now; pyarrow, duckdb,
+        polars, dask lazily), with only ``columns`` (None: all) and the rows where each keyword's
+        column equals its value (or is in its list). ``class_`` (a name or index) filters the class
+        column (``target`` or ``class_index``), ``image`` (an image_id, or a store row) the image.
+        ``image_scores`` is a dataset of one file per shard: give filters, or a lazy engine, at scale.
+        E.g. ``run.table("image_scores", layer="_blocks.8", concept="striped", class_="zebra")``."""
+        from sacv.io.table_scan import scan
+
         if name not in self.table_names():
             close = difflib.get_close_matches(name, self.table_names(), n=3)
             raise KeyError(f"{self.uri} has no table {name!r}; tables: {self.table_names()} (close: {close})")
-        if engine == "pandas":
-            return self._table(name).copy()
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        try:
-            module = __import__(engine)
-        except ImportError:
-            raise ImportError(f"engine={engine!r} needs the {engine} package: pip install 'sacv[{engine}]'") from None
-        data = self.dir.read_table_bytes(name)
-        if engine == "polars":
-            return module.read_parquet(io.BytesIO(data))
-        import pyarrow.parquet as pq
-
-        return module.from_arrow(pq.read_table(io.BytesIO(data)))
+        if engine == "pandas" and columns is None and not where:
+            cached = self._table(name)
+            return cached.copy()
+        dataset = self.dir.dataset(name)
+        if "class_" in where:
+            column = "target" if "target" in dataset.schema.names else "class_index"
+            where[column] = self.class_index(where.pop("class_"))
+        if "image" in where:
+            image = where.pop("image")
+            where["row" if isinstance(image, (int, np.integer)) else "image_id"] = image
+        return scan(dataset, self.dir.table_files(name), self.dir.fs, engine, columns, where)
 
     # --- arrays ---------------------------------------------------------------------------------
 
@@ -385,22 +386,28 @@ class Run:
             keep &= table["class_index"] == self.class_index(class_)
         return table[keep].copy()
 
-    def top_images(self, layer: str, concept: str, class_: str | int, n: int | None = 6) -> pd.DataFrame:
+    def top_images(
+        self, layer: str, concept: str, class_: str | int, n: int | None = 6, lowest: bool = False
+    ) -> pd.DataFrame:
         """Dataset images with target ``class_``, ranked by Σ S_{k→c} (``s_kc_sum``, mean over the
-        concept's random sets), highest first; ``n=None`` gives the whole ranking. Columns: row,
-        image_id, path, label, and the means of s_kc_sum, s_k_max, relevant_frac, positive_frac."""
-        scores = self._scores_table("image_scores")
-        mine = scores[
-            (scores["layer"] == layer)
-            & (scores["concept"] == concept)
-            & (scores["kind"] == "concept")
-            & (scores["target"] == self.class_index(class_))
-        ]
-        columns = ["s_kc_sum", "s_k_max", "relevant_frac", "positive_frac"]
-        ranked = mine.groupby("row")[columns].mean().sort_values("s_kc_sum", ascending=False)
+        concept's random sets), highest first (``lowest``: lowest first; ties by row); ``n=None``
+        gives the whole ranking. Up to ``TOP_K`` images come from the ``top_images`` table, more from
+        a scan of ``image_scores``. Columns: row, image_id, path, label, and the means of s_kc_sum,
+        s_k_max, relevant_frac, positive_frac."""
+        from sacv.score.tables import TOP_K, TOP_MEANS, image_means, rank_images
+
+        target = self.class_index(class_)
+        if n is not None and n <= TOP_K and "top_images" in self.table_names():
+            top = self._scores_table("top_images")
+            ranked = top[(top["layer"] == layer) & (top["concept"] == concept) & (top["target"] == target)]
+        else:
+            self._scores_table("image_scores")
+            scores = self.table("image_scores", layer=layer, concept=concept, kind="concept", target=target)
+            ranked = rank_images(image_means(scores))
+        ranked = ranked.iloc[::-1] if lowest else ranked
         ranked = ranked if n is None else ranked.head(n)
-        images = self._catalog_rows("dataset").set_index("row")[["image_id", "path", "label"]]
-        return ranked.join(images).reset_index()[["row", "image_id", "path", "label", *columns]]
+        images = self._catalog_rows("dataset").set_index("row")[["path", "label"]]
+        return ranked.join(images, on="row").reset_index(drop=True)[["row", "image_id", "path", "label", *TOP_MEANS]]
 
     # --- display --------------------------------------------------------------------------------
 

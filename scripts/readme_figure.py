@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 from PIL import Image
 
 import sacv
@@ -45,9 +46,10 @@ def section_figure(run, layer: str, concept: str, class_: str, images: int):
     if rows.empty:
         raise SystemExit(f"{run.uri} has no contributions row for {concept} → {class_} at {layer}")
     row = rows.iloc[0]
-    ranked = run.top_images(layer, concept, class_, n=None).set_index("row")["s_kc_sum"]
-    top = list(ranked.index[:images])
-    bottom = [r for r in ranked.index[::-1][:images] if r not in top]
+    highest = run.top_images(layer, concept, class_, n=images).set_index("row")["s_kc_sum"]
+    lowest = run.top_images(layer, concept, class_, n=images, lowest=True).set_index("row")["s_kc_sum"]
+    ranked = pd.concat([highest, lowest[~lowest.index.isin(highest.index)]])
+    top, bottom = list(highest.index), [r for r in lowest.index if r not in highest.index]
     chosen = [(f"top {i + 1}", r) for i, r in enumerate(top)] + [(f"bottom {i + 1}", r) for i, r in enumerate(bottom)]
     maps = [run.maps(int(r), layer, concept, recompute=False) for _, r in chosen]
     pictures = [run.picture(int(r)) for _, r in chosen]

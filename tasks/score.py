@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 from sacv.config import RunConfig
 from sacv.io import storage
 from sacv.io.handoffs import ScorePlan
-from sacv.score import scoring
+from sacv.score import scoring, tables
 
 
 @task(name="plan-scoring")
@@ -30,6 +30,6 @@ def score_shard(run_uri: str, config: RunConfig, shard: int) -> int:
 
 @task(name="build-tables")
 def build_tables(run_uri: str, config: RunConfig, shards: list[int]) -> dict:
-    """image_scores.parquet and contributions.parquet from the shard scores; their URIs and counts."""
+    """per_set, contributions and top_images tables from the shards' aggregates; their URIs and counts."""
     storage.use(config.storage_options)  # this process may be a Dask worker
-    return scoring.build_tables(run_uri, config, shards)
+    return tables.build_tables(run_uri, config, shards)

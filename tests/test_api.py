@@ -16,6 +16,7 @@ import zarr
 
 import sacv
 from flows.pipeline import run_pipeline
+from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import StoreMismatch
 from sacv.method.maps import upsample_map
 from tests.flow_helpers import pipeline_config, write_collection
@@ -183,7 +184,7 @@ def test_contributions_filter_and_top_images_order(runs):
     pd.testing.assert_frame_equal(run.contributions(significant=False), table[~table["significant"]])
     with pytest.raises(KeyError, match="zebr"):
         run.contributions(class_="zebr")
-    scores = pd.read_parquet(run_dir / "tables/image_scores.parquet")
+    scores = RunDir(str(run_dir)).read_table("image_scores")
     mine = scores.query("layer == 'features.0' and concept == 'striped' and kind == 'concept' and target == 0")
     order = mine.groupby("row")["s_kc_sum"].mean().sort_values(ascending=False)
     top = run.top_images("features.0", "striped", "cat", n=3)

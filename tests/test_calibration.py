@@ -21,6 +21,7 @@ from PIL import Image
 from scipy import stats
 
 from sacv.config import parse_config
+from sacv.io.rundir import RunDir
 
 LAYER = "_blocks.12"
 PLACEBOS = [f"placebo_{i}" for i in range(6)]
@@ -94,7 +95,7 @@ def calibration_run(tmp_path_factory, prefect):
     )
     run_pipeline(config)
     tables = root / "run" / "tables"
-    return pd.read_parquet(tables / "contributions.parquet"), pd.read_parquet(tables / "image_scores.parquet")
+    return pd.read_parquet(tables / "contributions.parquet"), RunDir(str(tables.parent)).read_table("image_scores")
 
 
 @pytest.mark.slow

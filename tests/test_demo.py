@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from sacv.io.rundir import RunDir
 from tests.browser import load_in_chromium
 
 
@@ -16,8 +17,18 @@ def test_small_demo_localises_stripes_and_builds_a_working_report(tmp_path, pref
 
     summary = run_demo(tmp_path / "demo", small=True)
     run = Path(summary["run_dir"])
-    for name in ("images", "rejects", "vectors", "image_scores", "contributions", "localisation"):
-        assert (run / "tables" / f"{name}.parquet").is_file(), name
+    tables = RunDir(str(run)).table_names()
+    for name in (
+        "images",
+        "rejects",
+        "vectors",
+        "image_scores",
+        "per_set",
+        "top_images",
+        "contributions",
+        "localisation",
+    ):
+        assert name in tables, name
     vectors = pd.read_parquet(run / "tables/vectors.parquet")
     striped = vectors[(vectors["concept"] == "striped") & (vectors["kind"] == "concept")]
     assert striped["bal_acc"].min() > 0.9  # stripes are separable from random textures at every layer

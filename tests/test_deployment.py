@@ -32,6 +32,7 @@ import yaml
 from PIL import Image
 
 from sacv.config import parse_config
+from sacv.io.rundir import RunDir
 from tests.flow_helpers import SMALL_TEST, write_collection
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,7 +220,7 @@ def test_audit_deployment_runs_on_a_process_worker(tmp_path):
         flow_run = audit_run()
         timings["run"] = time.monotonic() - t0
         for table in TABLES:
-            assert (tmp_path / "run" / "tables" / f"{table}.parquet").is_file(), f"{table} missing\n{debug()}"
+            assert table in RunDir(str(tmp_path / "run")).table_names(), f"{table} missing\n{debug()}"
         tested = pd.read_parquet(tmp_path / "run" / "tables" / "contributions.parquet")
         assert tested["p_value"].notna().all(), f"untested contributions:\n{tested[['concept', 'reason']]}"
         assert (tested["n_reference"] == SMALL_TEST["pseudo_concepts"]).all()  # each concept's own family

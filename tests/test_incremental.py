@@ -18,6 +18,7 @@ from flows.extract import run_extract
 from flows.pipeline import run_pipeline
 from sacv.config import parse_config
 from sacv.extract.catalog import assign_rows
+from sacv.io.rundir import RunDir
 from tests.flow_helpers import pipeline_config, write_collection
 
 N, SHARD = 300, 16
@@ -196,7 +197,7 @@ def test_removed_image_leaves_image_scores_and_contributions(audited):
     run = Path(config.run_dir)
     assert second.extract.removed == 1 and second.extract.shards_run == 0
     assert second.score.shards_scored == 1  # only the shard that lost the image
-    scores = pd.read_parquet(run / "tables/image_scores.parquet")
+    scores = RunDir(str(run)).read_table("image_scores")
     assert victim_id not in set(scores["image_id"]) and scores["image_id"].nunique() == first.extract.images - 15 - 1
     after = pd.read_parquet(run / "tables/contributions.parquet")
     zebra = 2  # the class index of the zebra folder (tests.models:small)

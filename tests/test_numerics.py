@@ -3,8 +3,6 @@ numeric mode reaches streamed scoring and every cache key."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 import torch
@@ -106,8 +104,8 @@ def test_fit_and_score_keys_depend_on_the_numeric_mode(extracted):
 
 def test_streamed_scoring_uses_the_autocast_of_the_extraction(extracted):
     run_pipeline(extracted)  # cached: nothing is extracted, fitted or scored again
-    blockwise = pd.read_parquet(Path(extracted.run_dir) / "tables/image_scores.parquet")
+    blockwise = RunDir(extracted.run_dir).read_table("image_scores")
     streamed = extracted.model_copy(update={"score": extracted.score.model_copy(update={"mode": "streamed"})})
     run_score(streamed)
-    again = pd.read_parquet(Path(extracted.run_dir) / "tables/image_scores.parquet")
+    again = RunDir(extracted.run_dir).read_table("image_scores")
     pd.testing.assert_frame_equal(again, blockwise, check_exact=False, rtol=1e-5, atol=1e-7)

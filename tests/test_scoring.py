@@ -14,6 +14,7 @@ from scipy import stats
 from flows.pipeline import run_pipeline
 from flows.score import run_score
 from sacv.cli import main
+from sacv.io.rundir import RunDir
 from sacv.method.maps import concept_maps
 from sacv.score.scoring import summarize_maps
 from sacv.stats.contributions import adjust, contributions
@@ -31,7 +32,7 @@ def scored(tmp_path_factory, prefect):
 def test_image_scores_equal_a_direct_numpy_computation(scored):
     _, config, _ = scored
     run = Path(config.run_dir)
-    scores = pd.read_parquet(run / "tables/image_scores.parquet")
+    scores = RunDir(str(run)).read_table("image_scores")
     store = zarr.open_group(str(run / "store.zarr"), mode="r")
     rng = np.random.default_rng(0)
     for layer in config.layers:
@@ -150,7 +151,7 @@ def _expected_table(scores: pd.DataFrame, table: pd.DataFrame, statistic: str) -
 def test_contribution_columns_equal_a_slow_reference_on_a_pipeline_table(scored):
     _, config, summary = scored
     run = Path(config.run_dir)
-    scores = pd.read_parquet(run / "tables/image_scores.parquet")
+    scores = RunDir(str(run)).read_table("image_scores")
     table = pd.read_parquet(run / "tables/contributions.parquet")
     assert summary.score.rows == len(table) == 2 * 3 * 2  # layers x concepts x classes
     assert config.score.statistic == "contribution" and config.score.correction == "holm"
@@ -225,10 +226,10 @@ def test_pseudo_concepts_equal_up_to_rounding_have_no_spread():
 
 def test_streamed_scores_equal_blockwise_scores(scored):
     _, config, _ = scored
-    blockwise = pd.read_parquet(Path(config.run_dir) / "tables/image_scores.parquet")
+    blockwise = RunDir(config.run_dir).read_table("image_scores")
     streamed_config = config.model_copy(update={"score": config.score.model_copy(update={"mode": "streamed"})})
     assert run_score(streamed_config).shards_scored == 3  # 10 images in shards of 4; the mode is in the key
-    streamed = pd.read_parquet(Path(config.run_dir) / "tables/image_scores.parquet")
+    streamed = RunDir(config.run_dir).read_table("image_scores")
     pd.testing.assert_frame_equal(streamed, blockwise, check_exact=False, rtol=1e-5, atol=1e-7)
 
 

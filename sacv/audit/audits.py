@@ -77,14 +77,6 @@ def _append_history(run: RunDir, name: str, audit_id: str, rows: pd.DataFrame) -
     return rows
 
 
-def per_set_scores(scores: pd.DataFrame) -> pd.DataFrame:
-    """One row per (layer, target, concept, random_set, kind) of an image_scores table: the per-set
-    numbers (``spatial``, ``tcav``, ...) that the contributions table summarises and tests."""
-    from sacv.stats.contributions import per_vector
-
-    return per_vector(scores)
-
-
 def record_audit(
     run_uri: str,
     audit_id: str,
@@ -107,7 +99,7 @@ def record_audit(
     if status == "done" and scored:
         contributions = run.read_table("contributions")
         _append_history(run, "contributions", audit_id, contributions)
-        current = _append_history(run, "per_set", audit_id, per_set_scores(run.read_table("image_scores")))
+        current = _append_history(run, "per_set", audit_id, run.read_table("per_set"))
         write_drift(run, config, current)
         if config.checks:
             checks = run_checks(run_uri, config)

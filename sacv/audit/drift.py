@@ -1,8 +1,8 @@
 """Drift between two audits (or two runs): per (layer, concept, class), the change of the tested
 statistic, tested against the changes of the pseudo-concepts.
 
-Inputs are per-set tables (``sacv.audit.audits.per_set_scores``: one row per layer, target, concept,
-random set and kind, with the per-set values ``contribution``, ``spatial`` and ``tcav``). Both sides
+Inputs are per-set tables (``tables/per_set.parquet``: one row per layer, target, concept, random
+set and kind, with the per-set values ``contribution``, ``spatial`` and ``tcav``). Both sides
 hold the same kinds of vectors: between two audits of one run the very same vectors (paired: the
 same concept and pseudo-concept sets against the same random sets), between two runs the vectors
 of each. A concept's change is the mean over its random sets after minus before; its reference is

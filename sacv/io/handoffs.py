@@ -63,7 +63,9 @@ class FitSummary:
 class ScoreSummary:
     status: str  # done
     shards_scored: int  # dataset shards scored by this run (the rest were cached)
-    image_scores: str  # URI of image_scores.parquet
+    image_scores: str  # glob of the image_scores dataset's files
+    per_set: str  # URI of per_set.parquet
+    top_images: str  # URI of top_images.parquet
     contributions: str  # URI of contributions.parquet
     rows: int  # rows of the contributions table
     significant: int  # of which significant

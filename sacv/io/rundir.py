@@ -10,7 +10,10 @@ Layout (docs/store.md, docs/architecture.md)::
     RUN/shards/<group>/<shard>.rejects.json   images a shard could not decode (``read_shard_rejects``)
     RUN/fits/plan.json               the planned fit jobs (``read_fit_plan``)
     RUN/fits/<layer>/<key>.json      one cached fit result per job (``read_fit_result``)
-    RUN/scores/<shard>.parquet|json  per-shard scores and their marker (``read_shard_scores``)
+    RUN/scores/<shard>.parquet|json  per-shard scores and their marker (``read_shard_scores``): the
+                                     ``image_scores`` dataset (``tables/image_scores.json`` lists its files)
+    RUN/score_sums/<shard>.parquet   a score shard's partial sums (``read_shard_aggregates``)
+    RUN/score_top/<shard>.parquet    a score shard's extreme images (``read_shard_aggregates``)
     RUN/report/index.html            the static report (``write_report``)
     RUN/run.json                     config, versions, model identity, stage timings
     RUN/lock.json                    who runs on this directory now (``sacv.io.runlock``)
@@ -32,6 +35,7 @@ import zarr
 
 from sacv.io import storage
 
+DATASET_TABLES = {"image_scores": "scores"}  # tables kept as Parquet datasets: name -> folder of shard files
 _TABLE_WRITES: dict[tuple[str, str], int] = {}  # (run uri, table) -> writes by this process (RunDir.table_stamp)
 
 
@@ -117,15 +121,22 @@ class RunDir:
 
     # --- tables ----------------------------------------------------------------------------------
 
+    def _table_file(self, name: str) -> str:
+        """The file that stands for table ``name``: the Parquet file, or a dataset's file list."""
+        return f"tables/{name}.json" if name in DATASET_TABLES else f"tables/{name}.parquet"
+
     def table_uri(self, name: str) -> str:
+        """Where table ``name`` is: its Parquet file, or a glob of a dataset's files."""
+        if name in DATASET_TABLES:
+            return f"{self.uri}/{DATASET_TABLES[name]}/*.parquet"
         return f"{self.uri}/tables/{name}.parquet"
 
     def table_stamp(self, name: str) -> str | None:
-        """``"<size>:<modified>:<etag>:<writes>"`` of ``tables/<name>.parquet``, ``writes`` counting
-        this process's writes of it (a coarse clock cannot hide those); None when it is missing or
-        the file system gives neither a modification time nor an ETag."""
+        """``"<size>:<modified>:<etag>:<writes>"`` of table ``name``'s file, ``writes`` counting this
+        process's writes of it (a coarse clock cannot hide those); None when it is missing or the
+        file system gives neither a modification time nor an ETag."""
         try:
-            info = self.fs.info(self._path(f"tables/{name}.parquet"))
+            info = self.fs.info(self._path(self._table_file(name)))
         except FileNotFoundError:
             return None
         modified, etag = info.get("mtime") or info.get("LastModified"), info.get("ETag")
@@ -139,20 +150,44 @@ class RunDir:
         _TABLE_WRITES[self.uri, name] = _TABLE_WRITES.get((self.uri, name), 0) + 1
         return self.table_uri(name)
 
-    def read_table(self, name: str) -> pd.DataFrame | None:
-        return self._read_parquet(f"tables/{name}.parquet")
+    def table_files(self, name: str) -> list[str]:
+        """File-system paths (``self.fs``) of table ``name``'s Parquet files: one, or a dataset's
+        files as its last build listed them; empty when the table does not exist."""
+        if name in DATASET_TABLES:
+            listing = self._read_json(self._table_file(name))
+            return [] if listing is None else [self._path(f) for f in listing["files"]]
+        return [self._path(self._table_file(name))] if self._exists(self._table_file(name)) else []
 
-    def read_table_bytes(self, name: str) -> bytes | None:
-        """The Parquet file's bytes (for readers other than pandas)."""
-        path = f"tables/{name}.parquet"
-        return self.fs.cat_file(self._path(path)) if self._exists(path) else None
+    def dataset(self, name: str):
+        """Table ``name`` as a ``pyarrow.dataset.Dataset`` (lazy: filters and column choices are
+        pushed down to the files); None when the table does not exist."""
+        import pyarrow.dataset as ds
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        files = self.table_files(name)
+        return ds.dataset(files, format="parquet", filesystem=PyFileSystem(FSSpecHandler(self.fs))) if files else None
+
+    def read_table(self, name: str) -> pd.DataFrame | None:
+        """Table ``name`` whole, in memory (a dataset's files concatenated: see ``dataset`` for a scan)."""
+        if name in DATASET_TABLES:
+            dataset = self.dataset(name)
+            return None if dataset is None else dataset.to_table().to_pandas()
+        return self._read_parquet(self._table_file(name))
+
+    def write_score_dataset(self, shards: list[int], rows: int) -> str:
+        """List the ``image_scores`` dataset's files (``shards``' score files, ``rows`` rows in all)."""
+        files = [f"scores/{shard:06d}.parquet" for shard in shards]
+        self._write_json(self._table_file("image_scores"), {"files": files, "rows": rows})
+        _TABLE_WRITES[self.uri, "image_scores"] = _TABLE_WRITES.get((self.uri, "image_scores"), 0) + 1
+        return self.table_uri("image_scores")
 
     def table_names(self) -> list[str]:
-        """Names of the tables under ``tables/``, sorted."""
+        """Names of the tables under ``tables/`` (datasets included), sorted."""
         if not self._exists("tables"):
             return []
-        files = self.fs.ls(self._path("tables"), detail=False)
-        return sorted(f.rsplit("/", 1)[-1][: -len(".parquet")] for f in files if f.endswith(".parquet"))
+        files = [f.rsplit("/", 1)[-1] for f in self.fs.ls(self._path("tables"), detail=False)]
+        names = {f[: -len(".parquet")] for f in files if f.endswith(".parquet")}
+        return sorted(names | {name for name in DATASET_TABLES if f"{name}.json" in files})
 
     def read_audits(self) -> pd.DataFrame | None:
         return self.read_table("audits")
@@ -264,15 +299,32 @@ class RunDir:
     def read_shard_scores(self, shard: int) -> pd.DataFrame | None:
         return self._read_parquet(f"scores/{shard:06d}.parquet")
 
-    def write_shard_scores(self, shard: int, table: pd.DataFrame, key: str) -> None:
-        """The shard's scores, then its marker with the content ``key`` (marker last)."""
+    def read_shard_aggregates(self, shard: int) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+        """A score shard's (partial sums, extreme images); None when it has none."""
+        sums, top = (
+            self._read_parquet(f"score_sums/{shard:06d}.parquet"),
+            self._read_parquet(f"score_top/{shard:06d}.parquet"),
+        )
+        return None if sums is None or top is None else (sums, top)
+
+    def write_shard_aggregates(self, shard: int, sums: pd.DataFrame, top: pd.DataFrame) -> None:
+        self._write_parquet(f"score_sums/{shard:06d}.parquet", sums)
+        self._write_parquet(f"score_top/{shard:06d}.parquet", top)
+
+    def write_shard_scores(
+        self, shard: int, table: pd.DataFrame, key: str, sums: pd.DataFrame, top: pd.DataFrame
+    ) -> None:
+        """The shard's scores and their aggregates (``sacv.score.tables``), then its marker with the
+        content ``key`` (marker last)."""
         self._write_parquet(f"scores/{shard:06d}.parquet", table)
+        self.write_shard_aggregates(shard, sums, top)
         self._write_json(f"scores/{shard:06d}.json", {"key": key, "rows": len(table)})
 
     def remove_shard_scores(self, shard: int) -> None:
-        """Forget a shard's scores: its marker first, then the scores."""
+        """Forget a shard's scores: its marker first, then the scores and their aggregates."""
         self._remove(f"scores/{shard:06d}.json")
-        self._remove(f"scores/{shard:06d}.parquet")
+        for folder in ("scores", "score_sums", "score_top"):
+            self._remove(f"{folder}/{shard:06d}.parquet")
 
     def scored_shards(self) -> list[int]:
         """Dataset shards with a scores file or marker, ascending."""

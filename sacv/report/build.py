@@ -110,9 +110,10 @@ class _Context:
 def _section(ctx: _Context, row: pd.Series, top_images: int) -> Section:
     layer, concept, cls = row["layer"], row["concept"], int(row["class_index"])
     notes: list[str] = []
-    ranked = ctx.api.top_images(layer, concept, cls, n=None).set_index("row")["s_kc_sum"]
-    top = list(ranked.index[:top_images])
-    bottom = [r for r in ranked.index[::-1][:top_images] if r not in top]
+    highest = ctx.api.top_images(layer, concept, cls, n=top_images).set_index("row")["s_kc_sum"]
+    lowest = ctx.api.top_images(layer, concept, cls, n=top_images, lowest=True).set_index("row")["s_kc_sum"]
+    ranked = pd.concat([highest, lowest[~lowest.index.isin(highest.index)]])
+    top, bottom = list(highest.index), [r for r in lowest.index if r not in highest.index]
     maps, pictures, labels, captions, positions = [], [], [], [], []
     for rank, r in [(f"top {i + 1}", r) for i, r in enumerate(top)] + [
         (f"bottom {i + 1}", r) for i, r in enumerate(bottom)

@@ -11,18 +11,19 @@ from __future__ import annotations
 import fsspec
 import pandas as pd
 
-from sacv.audit.audits import per_set_scores
 from sacv.audit.drift import drift_table
 from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import class_names_of
 
 
-def _side(run_uri: str) -> tuple[RunDir, pd.DataFrame, dict]:
+def _side(run_uri: str) -> tuple[RunDir, pd.DataFrame, pd.Series, dict]:
+    """A run's per-set table, its scored images' ids and its run record."""
     run = RunDir(run_uri)
-    scores = run.read_table("image_scores")
-    if scores is None:
-        raise FileNotFoundError(f"{run_uri} has no image_scores table; run `sacv run` (or score) there first")
-    return run, scores, run.read_run_record() or {}
+    per_set, images = run.read_table("per_set"), run.read_table("images")
+    if per_set is None or images is None:
+        raise FileNotFoundError(f"{run_uri} has no per_set table; run `sacv run` (or score) there first")
+    scored = images[(images["status"] == "ok") & (images["group"] == "dataset")]["image_id"]
+    return run, per_set, scored, run.read_run_record() or {}
 
 
 def compare_runs(
@@ -30,7 +31,7 @@ def compare_runs(
 ) -> pd.DataFrame:
     """The comparison table of two runs (module docstring); ``alpha`` and ``correction`` default to
     RUN_B's score settings. Raises ValueError when the runs share no (layer, concept, class) row."""
-    (a, scores_a, record_a), (b, scores_b, record_b) = _side(run_a), _side(run_b)
+    (a, per_set_a, images_a, record_a), (b, per_set_b, images_b, record_b) = _side(run_a), _side(run_b)
     names_a, names_b = class_names_of(a.store_uri), class_names_of(b.store_uri)
     if names_a != names_b:
         raise ValueError(
@@ -38,8 +39,8 @@ def compare_runs(
         )
     score = (record_b.get("config") or {}).get("score", {})
     table = drift_table(
-        per_set_scores(scores_a),
-        per_set_scores(scores_b),
+        per_set_a,
+        per_set_b,
         names_b,
         alpha or score.get("alpha", 0.05),
         correction or score.get("correction", "holm"),
@@ -50,12 +51,12 @@ def compare_runs(
         raise ValueError(
             f"{run_a} and {run_b} share no (layer, concept, class) row; compare runs with the same layers and concepts"
         )
-    shared = len(set(scores_a["image_id"]) & set(scores_b["image_id"]))
+    shared = len(set(images_a) & set(images_b))
     model_a, model_b = record_a.get("model") or {}, record_b.get("model") or {}
     facts = {
         "A": f"{a.uri}: {model_a.get('spec')} weights {model_a.get('weight_hash', '')[:12]}",
         "B": f"{b.uri}: {model_b.get('spec')} weights {model_b.get('weight_hash', '')[:12]}",
-        "images": f"{scores_a['image_id'].nunique()} in A, {scores_b['image_id'].nunique()} in B, {shared} in both",
+        "images": f"{images_a.nunique()} in A, {images_b.nunique()} in B, {shared} in both",
         "rows": f"{len(table)}, {int(table['significant'].sum())} with a significant change",
     }
     fs, root = fsspec.core.url_to_fs(out)

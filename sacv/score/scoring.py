@@ -23,9 +23,10 @@ from sacv.extract.catalog import ImageCatalog
 from sacv.extract.extraction import shard_extractions
 from sacv.io.handoffs import ScorePlan
 from sacv.io.rundir import RunDir
-from sacv.io.zarr_store import class_names_of, ensure_array, write_region
+from sacv.io.zarr_store import ensure_array, write_region
 from sacv.method.maps import ConceptMaps, concept_maps
 from sacv.method.models import cached_model
+from sacv.score.tables import shard_aggregates
 
 SUMMARY_NAMES = [
     "s_k_max",
@@ -203,29 +204,5 @@ def write_shard_scores(run_uri: str, config: RunConfig, shard: int) -> int:
     run = RunDir(run_uri)
     rows, vectors = ImageCatalog.shared(run).rows("dataset", shard), _read_vectors(run)
     table = score_shard(run, config, rows, vectors, config.score.mode)
-    run.write_shard_scores(shard, table, shard_score_key(rows, vectors, config))
+    run.write_shard_scores(shard, table, shard_score_key(rows, vectors, config), *shard_aggregates(table))
     return len(table)
-
-
-def build_tables(run_uri: str, config: RunConfig, shards: list[int]) -> dict:
-    """``image_scores.parquet`` from the shard scores, then ``contributions.parquet``."""
-    from sacv.stats.contributions import contributions
-
-    run = RunDir(run_uri)
-    live = ImageCatalog.read(run).rows("dataset")["row"]
-    scores = pd.concat([run.read_shard_scores(s) for s in shards], ignore_index=True)
-    scores = scores[scores["row"].isin(live)].reset_index(drop=True)  # removed images leave every table
-    table = contributions(
-        scores,
-        class_names_of(run.store_uri, run.storage_options),
-        config.score.alpha,
-        config.score.correction,
-        config.score.min_images,
-        config.score.statistic,
-    )
-    return {
-        "image_scores": run.write_table("image_scores", scores),
-        "contributions": run.write_table("contributions", table),
-        "rows": len(table),
-        "significant": int(table["significant"].sum()),
-    }

@@ -105,37 +105,71 @@ def adjust(p_values: np.ndarray, method: str) -> np.ndarray:
     return adjusted
 
 
-def per_vector(scores: pd.DataFrame) -> pd.DataFrame:
-    """One row per (layer, target, concept, random_set, kind) from ``image_scores``: ``contribution``,
-    ``spatial``, ``tcav`` and image means over that class's images (see module docstring)."""
-    keys = ["layer", "target", "concept", "random_set", "kind"]
+VECTOR_KEYS = ["layer", "target", "concept", "random_set", "kind"]  # one per-set value per key
+PARTIAL_SUMS = [  # per key: sums over images, added across shards (``vector_partials``)
+    "n_images",  # images (one row per image and vector)
+    "n_images_relevant",  # images with a relevant position
+    "relevant_sum",  # Σ relevant_frac
+    "relevant_positive",  # Σ relevant_frac · positive_frac
+    "relevant_contribution",  # Σ relevant_frac · s_kc_relevant_mean
+    "kc_positive",  # images with s_kc_sum > 0
+    "s_k_mean",  # Σ s_k_mean
+    "relevant_frac",  # Σ relevant_frac (the image mean's numerator)
+    "s_kc_sum",  # Σ s_kc_sum
+]
+
+
+def vector_partials(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per ``VECTOR_KEYS`` of image_scores rows: the sums ``PARTIAL_SUMS`` (float64; counts as
+    int64). Sums over disjoint image sets add: the partials of a whole dataset are the sum of its
+    shards' partials (``add_partials``), so its per-set values never need its rows in memory."""
     relevant = scores["relevant_frac"].to_numpy(dtype=float)
-    frame = scores.assign(
-        kc_positive=scores["s_kc_sum"] > 0,
-        has_relevant=relevant > 0,
-        relevant_positive=relevant * scores["positive_frac"].fillna(0.0),
-        relevant_contribution=relevant * scores["s_kc_relevant_mean"].fillna(0.0),
+    frame = pd.DataFrame(
+        {
+            **{key: scores[key] for key in VECTOR_KEYS},
+            "n_images": 1,
+            "n_images_relevant": (relevant > 0).astype(np.int64),
+            "relevant_sum": relevant,
+            "relevant_positive": relevant * scores["positive_frac"].fillna(0.0).to_numpy(dtype=float),
+            "relevant_contribution": relevant * scores["s_kc_relevant_mean"].fillna(0.0).to_numpy(dtype=float),
+            "kc_positive": (scores["s_kc_sum"].to_numpy(dtype=float) > 0).astype(np.int64),
+            "s_k_mean": scores["s_k_mean"].to_numpy(dtype=float),
+            "relevant_frac": relevant,
+            "s_kc_sum": scores["s_kc_sum"].to_numpy(dtype=float),
+        }
     )
-    table = (
-        frame.groupby(keys, sort=True)
-        .agg(
-            n_images=("image_id", "nunique"),
-            n_images_relevant=("has_relevant", "sum"),
-            relevant_sum=("relevant_frac", "sum"),
-            relevant_positive=("relevant_positive", "sum"),
-            relevant_contribution=("relevant_contribution", "sum"),
-            tcav=("kc_positive", "mean"),
-            s_k_mean=("s_k_mean", "mean"),
-            relevant_frac=("relevant_frac", "mean"),
-            s_kc_sum=("s_kc_sum", "mean"),
-        )
-        .reset_index()
-    )
+    return frame.groupby(VECTOR_KEYS, sort=True)[PARTIAL_SUMS].sum().reset_index()
+
+
+def add_partials(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """The partials of the union of disjoint image sets: ``parts`` added key by key."""
+    return pd.concat(parts, ignore_index=True).groupby(VECTOR_KEYS, sort=True)[PARTIAL_SUMS].sum().reset_index()
+
+
+def per_vector_from_partials(partials: pd.DataFrame) -> pd.DataFrame:
+    """One row per ``VECTOR_KEYS``: ``contribution``, ``spatial``, ``tcav`` and the image means of
+    ``s_k_mean``, ``relevant_frac``, ``s_kc_sum`` over that class's images (module docstring), with
+    ``n_images`` and ``n_images_relevant``."""
+    table = partials[VECTOR_KEYS].copy()
+    count = partials["n_images"].to_numpy(dtype=float)
+    table["n_images"] = partials["n_images"].astype("int64")
+    table["n_images_relevant"] = partials["n_images_relevant"].astype("int64")
     with np.errstate(invalid="ignore", divide="ignore"):
-        pooled = table["relevant_sum"] > 0
-        table["contribution"] = np.where(pooled, table["relevant_contribution"] / table["relevant_sum"], np.nan)
-        table["spatial"] = np.where(pooled, table["relevant_positive"] / table["relevant_sum"], np.nan)
-    return table.drop(columns=["relevant_sum", "relevant_positive", "relevant_contribution"])
+        table["tcav"] = partials["kc_positive"].to_numpy(dtype=float) / count
+        for name in ("s_k_mean", "relevant_frac", "s_kc_sum"):
+            table[name] = partials[name].to_numpy(dtype=float) / count
+        weight = partials["relevant_sum"].to_numpy(dtype=float)
+        pooled = weight > 0
+        table["contribution"] = np.where(
+            pooled, partials["relevant_contribution"].to_numpy(dtype=float) / weight, np.nan
+        )
+        table["spatial"] = np.where(pooled, partials["relevant_positive"].to_numpy(dtype=float) / weight, np.nan)
+    return table.reset_index(drop=True)
+
+
+def per_vector(scores: pd.DataFrame) -> pd.DataFrame:
+    """:func:`per_vector_from_partials` of an image_scores frame held in memory."""
+    return per_vector_from_partials(vector_partials(scores))
 
 
 def set_means(vectors: pd.DataFrame, statistic: str) -> pd.Series:
@@ -173,10 +207,21 @@ def contributions(
     min_images: int = 3,
     statistic: str = "contribution",
 ) -> pd.DataFrame:
-    """The contributions table from ``image_scores`` (see module docstring)."""
+    """The contributions table from an ``image_scores`` frame in memory (see module docstring)."""
+    return contribution_table(per_vector(scores), class_names, alpha, correction, min_images, statistic)
+
+
+def contribution_table(
+    vectors: pd.DataFrame,
+    class_names: list[str],
+    alpha: float = 0.05,
+    correction: str = "holm",
+    min_images: int = 3,
+    statistic: str = "contribution",
+) -> pd.DataFrame:
+    """The contributions table from the per-set values ``vectors`` (:func:`per_vector_from_partials`)."""
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
-    vectors = per_vector(scores)
     rows = []
     for (layer, target), part in vectors.groupby(["layer", "target"], sort=True):
         pseudo = part[part["kind"] == "pseudo"]
