@@ -299,13 +299,17 @@ class RunDir:
     def read_shard_scores(self, shard: int) -> pd.DataFrame | None:
         return self._read_parquet(f"scores/{shard:06d}.parquet")
 
-    def read_shard_aggregates(self, shard: int) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-        """A score shard's (partial sums, extreme images); None when it has none."""
-        sums, top = (
-            self._read_parquet(f"score_sums/{shard:06d}.parquet"),
-            self._read_parquet(f"score_top/{shard:06d}.parquet"),
-        )
-        return None if sums is None or top is None else (sums, top)
+    def read_shard_aggregates(self, shard: int):
+        """A score shard's (partial sums, extreme images) as pyarrow tables; None when it has none."""
+        import pyarrow.parquet as pq
+
+        try:
+            return tuple(
+                pq.read_table(self._path(f"{folder}/{shard:06d}.parquet"), filesystem=self.fs)
+                for folder in ("score_sums", "score_top")
+            )
+        except FileNotFoundError:
+            return None
 
     def write_shard_aggregates(self, shard: int, sums: pd.DataFrame, top: pd.DataFrame) -> None:
         self._write_parquet(f"score_sums/{shard:06d}.parquet", sums)

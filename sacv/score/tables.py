@@ -69,9 +69,9 @@ def shard_aggregates(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return vector_partials(scores), extreme_images(image_means(scores))
 
 
-def _shard_aggregates(run: RunDir, shard: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The stored aggregates of one shard; computed from its scores (and stored) when a shard was
-    scored before they were kept."""
+def _shard_aggregates(run: RunDir, shard: int) -> tuple:
+    """The stored aggregates of one shard (pyarrow tables, or frames); computed from its scores (and
+    stored) when a shard was scored before they were kept."""
     stored = run.read_shard_aggregates(shard)
     if stored is not None:
         return stored
@@ -91,7 +91,12 @@ def reduce_shards(run: RunDir, shards: list[int], progress=None) -> tuple[pd.Dat
         for start in range(0, len(shards), BATCH):
             batch = list(pool.map(lambda s: _shard_aggregates(run, s), shards[start : start + BATCH]))
             partials = add_partials([p for p in (partials, *(b[0] for b in batch)) if p is not None])
-            top = extreme_images(pd.concat([t for t in (top, *(b[1] for b in batch)) if t is not None]))
+            tops = [
+                t if isinstance(t, pd.DataFrame) else t.to_pandas()
+                for t in (top, *(b[1] for b in batch))
+                if t is not None
+            ]
+            top = extreme_images(pd.concat(tops, ignore_index=True))
             if progress is not None:
                 progress(min(start + BATCH, len(shards)), len(shards))
     if partials is None:

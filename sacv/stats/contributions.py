@@ -141,9 +141,22 @@ def vector_partials(scores: pd.DataFrame) -> pd.DataFrame:
     return frame.groupby(VECTOR_KEYS, sort=True)[PARTIAL_SUMS].sum().reset_index()
 
 
-def add_partials(parts: list[pd.DataFrame]) -> pd.DataFrame:
-    """The partials of the union of disjoint image sets: ``parts`` added key by key."""
-    return pd.concat(parts, ignore_index=True).groupby(VECTOR_KEYS, sort=True)[PARTIAL_SUMS].sum().reset_index()
+def add_partials(parts: list) -> pd.DataFrame:
+    """The partials of the union of disjoint image sets: ``parts`` (pandas frames or pyarrow tables)
+    added key by key, in key order. Sums run in one thread, in the order given: the same parts give
+    the same bits."""
+    import pyarrow as pa
+
+    tables = [p if isinstance(p, pa.Table) else pa.Table.from_pandas(p, preserve_index=False) for p in parts]
+    tables = [t.select([*VECTOR_KEYS, *PARTIAL_SUMS]) for t in tables]
+    summed = (
+        pa.concat_tables(tables, promote_options="permissive")
+        .group_by(VECTOR_KEYS, use_threads=False)
+        .aggregate([(name, "sum") for name in PARTIAL_SUMS])
+        .to_pandas()
+        .rename(columns={f"{name}_sum": name for name in PARTIAL_SUMS})
+    )
+    return summed.sort_values(VECTOR_KEYS, kind="stable").reset_index(drop=True)[[*VECTOR_KEYS, *PARTIAL_SUMS]]
 
 
 def per_vector_from_partials(partials: pd.DataFrame) -> pd.DataFrame:
