@@ -271,9 +271,7 @@ class Run:
         _, picture = load_image(str(self.image(image)["path"]))
         prep = self.model.preprocessing if self.model else {}
         if prep:
-            picture = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()}).geometry(
-                picture
-            )
+            picture = Preprocessing.from_dict(prep).geometry(picture)
         return np.asarray(picture)
 
     def class_index(self, class_: str | int) -> int:

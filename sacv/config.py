@@ -27,6 +27,7 @@ class PreprocessingConfig(Section):
     crop: int = Field(224, ge=0)  # square centre crop; 0 keeps the resized image whole
     mean: list[float] = [0.485, 0.456, 0.406]  # per RGB channel, on [0, 1]
     std: list[float] = [0.229, 0.224, 0.225]  # per RGB channel, on [0, 1]
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"  # of the resize
 
     @field_validator("mean", "std")
     @classmethod

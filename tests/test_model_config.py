@@ -67,6 +67,25 @@ def test_the_configured_pixels_are_normalised_with_the_configured_mean_and_std()
     np.testing.assert_allclose(x[:, 0, 0].numpy(), expected, rtol=0, atol=1e-6)  # float32
 
 
+def test_the_configured_interpolation_resizes_as_pil_does_and_joins_the_store_identity(tmp_path):
+    root = fruit_dataset(tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 80, 3), dtype=np.uint8))  # sharp edges
+    pixels = {}
+    for name, pil in (("bilinear", Image.Resampling.BILINEAR), ("bicubic", Image.Resampling.BICUBIC)):
+        config = parse_config(
+            {**fruit_config(root), "model": {"preprocessing": {**PREPROCESSING, "interpolation": name}}}
+        )
+        model = configure_model(
+            load_model("tests.models:bare_small"), config.model.loader_options()["preprocessing"], None
+        )
+        pixels[name] = model.preprocessing.pixels(image)  # (32, 32, 3) uint8
+        resized = np.asarray(image.resize((64, 40), pil))[4:36, 16:48]  # shorter side 40, centre crop 32
+        np.testing.assert_array_equal(pixels[name], resized)
+        identity = model.preprocessing.to_dict()
+        assert identity == (PREPROCESSING if name == "bilinear" else {**PREPROCESSING, "interpolation": name})
+    assert np.abs(pixels["bicubic"].astype(int) - pixels["bilinear"]).max() > 10
+
+
 def test_a_class_list_of_the_wrong_length_is_refused_naming_the_key():
     with pytest.raises(ValueError, match=r"model.class_names has 3 names but .* has 4 outputs"):
         cached_model("tests.models:bare_small", None, "cpu", None, tuple(FRUIT[:3]))
@@ -77,6 +96,7 @@ def test_a_class_list_of_the_wrong_length_is_refused_naming_the_key():
     [
         ({"preprocessing": {"mean": [0.5, 0.5, 0.5, 0.5]}}, r"model.preprocessing.mean.*4 values; give one per RGB"),
         ({"preprocessing": {"std": [0.5, 0.0, 0.5]}}, r"model.preprocessing.std.*must be positive"),
+        ({"preprocessing": {"interpolation": "cubic"}}, r"model.preprocessing.interpolation.*'bicubic'"),
         ({"class_names": "missing.txt"}, r"model.class_names.*does not exist"),
         ({"class_names": ["a", "b", "a"]}, r"model.class_names.*names appear twice: \['a'\]"),
     ],

@@ -52,8 +52,8 @@ def read_for_device(path: str, max_pixels: int, min_size: int) -> tuple[str, Enc
 
 def preprocess_tensor(preprocessing: Preprocessing, image: torch.Tensor) -> torch.Tensor:
     """:meth:`Preprocessing.__call__` on a decoded (3, h, w) uint8 tensor, on its device: the same
-    sizes (shorter side to ``resize``, centre crop), bilinear with antialiasing, rounded to uint8
-    after the resize as PIL does; returns (3, S, S) float32, normalised."""
+    sizes (shorter side to ``resize``, centre crop), with ``preprocessing.interpolation`` and
+    antialiasing, rounded to uint8 after the resize as PIL does; returns (3, S, S) float32, normalised."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
@@ -63,7 +63,7 @@ def preprocess_tensor(preprocessing: Preprocessing, image: torch.Tensor) -> torc
         image = F.resize(
             image,
             [max(1, round(h * scale)), max(1, round(w * scale))],
-            interpolation=InterpolationMode.BILINEAR,
+            interpolation=InterpolationMode(preprocessing.interpolation),
             antialias=True,
         )
     if preprocessing.crop:
@@ -72,7 +72,7 @@ def preprocess_tensor(preprocessing: Preprocessing, image: torch.Tensor) -> torc
             image = F.resize(
                 image,
                 [max(h, preprocessing.crop), max(w, preprocessing.crop)],
-                interpolation=InterpolationMode.BILINEAR,
+                interpolation=InterpolationMode(preprocessing.interpolation),
                 antialias=True,
             )
             h, w = image.shape[1:]

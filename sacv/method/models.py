@@ -33,23 +33,45 @@ from torch import nn
 KNOWN_BUILTINS = ("efficientnet_lite0",)
 
 
+INTERPOLATIONS = {  # name -> PIL filter; the device decoder uses torchvision's mode of the same name
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize the shorter side to ``resize``, centre-crop ``crop`` (0 = no crop), scale to [0, 1],
-    then ``(x - mean) / std`` per channel. ``resize = 0`` keeps the image's own size (maps of any
-    input size)."""
+    """Resize the shorter side to ``resize`` (with ``interpolation``), centre-crop ``crop`` (0 = no
+    crop), scale to [0, 1], then ``(x - mean) / std`` per channel. ``resize = 0`` keeps the image's
+    own size (maps of any input size)."""
 
     resize: int = 256  # shorter side in pixels before the crop
     crop: int = 224  # square centre crop; 0 keeps the resized image whole
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet channel means on [0, 1]
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet channel stds on [0, 1]
+    interpolation: str = "bilinear"  # a key of INTERPOLATIONS
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The store's record of it. ``bilinear``, the only interpolation before the key existed, is
+        left out, so stores made then keep their identity."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return out if out["interpolation"] != "bilinear" else {k: v for k, v in out.items() if k != "interpolation"}
 
-    def geometry(self, image: Image.Image, resample: int = Image.Resampling.BILINEAR) -> Image.Image:
-        """The resize and centre crop alone (use ``Image.Resampling.NEAREST`` for masks), so maps
-        and masks line up with what the network saw."""
+    @classmethod
+    def from_dict(cls, values: dict) -> Preprocessing:
+        """The inverse of :meth:`to_dict` (also a config's ``model.preprocessing``)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def geometry(self, image: Image.Image, resample: int | None = None) -> Image.Image:
+        """The resize and centre crop alone (``resample``: a PIL filter in place of
+        ``interpolation``, e.g. ``Image.Resampling.NEAREST`` for masks), so maps and masks line up
+        with what the network saw."""
+        resample = INTERPOLATIONS[self.interpolation] if resample is None else resample
         if self.resize:
             w, h = image.size
             scale = self.resize / min(w, h)
@@ -187,6 +209,9 @@ def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
             crop=int(transforms.crop_size[0]),
             mean=tuple(transforms.mean),
             std=tuple(transforms.std),
+            interpolation=transforms.interpolation.value
+            if transforms.interpolation.value in INTERPOLATIONS
+            else "bilinear",
         )
         return LoadedModel(spec, module, preprocessing, list(weight_enum.meta["categories"]), weights)
     module = torchvision.models.get_model(name, weights=None)
@@ -298,12 +323,7 @@ def configure_model(
     """``model`` with the configured ``preprocessing`` (resize, crop, mean, std) and ``class_names``
     (one per output, in output order) in place of the spec's own; each None keeps the spec's."""
     if preprocessing is not None:
-        model.preprocessing = Preprocessing(
-            resize=preprocessing["resize"],
-            crop=preprocessing["crop"],
-            mean=tuple(preprocessing["mean"]),
-            std=tuple(preprocessing["std"]),
-        )
+        model.preprocessing = Preprocessing.from_dict(preprocessing)
     if class_names is not None:
         outputs = n_outputs(model)
         if len(class_names) != outputs:

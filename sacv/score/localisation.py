@@ -188,9 +188,7 @@ def evaluate_run(run_uri: str, n_random: int = 20, seed: int = 0) -> pd.DataFram
     config = parse_config(run.read_run_record()["config"])
     catalog = ImageCatalog.read(run)
     store = run.open_zarr("r")
-    preprocessing = Preprocessing(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in store.attrs["preprocessing"].items()}
-    )
+    preprocessing = Preprocessing.from_dict(store.attrs["preprocessing"])
     vectors = run.read_table("vectors")
     vectors = vectors[vectors["kind"] == "concept"]
     images = masked_images(catalog, config.dataset.manifest if config.dataset else None, set(vectors["concept"]))
