@@ -3,7 +3,7 @@
 Layout (docs/store.md, docs/architecture.md)::
 
     RUN/store.zarr/                  activations, gradients, vectors, maps (``store_uri``)
-    RUN/tables/<name>.parquet        result tables (``read_table`` / ``write_table``)
+    RUN/tables/<name>.parquet        result tables (``read_table`` / ``write_table``; ``read_table_rows``: some rows)
     RUN/tables/audits.parquet        one row per audit (``read_audits`` / ``write_audits``)
     RUN/tables/history/<name>.parquet  tables of every audit, with audit_id (``read_history``)
     RUN/shards/<group>/<shard>.json  extraction done-markers (``read_shard_marker``, ``marked_shards``)
@@ -27,12 +27,43 @@ import io
 import json
 import os
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import zarr
 
 from sacv.io import storage
 
 _TABLE_WRITES: dict[tuple[str, str], int] = {}  # (run uri, table) -> writes by this process (RunDir.table_stamp)
+
+
+def _row_groups_parquet(table: pd.DataFrame, size: int, split_by: str | None, statistics: list[str] | None) -> bytes:
+    """``table`` as Parquet bytes (what ``to_parquet(index=False)`` writes) in row groups of at
+    most ``size`` rows, cut also where ``split_by`` changes; statistics of ``statistics`` columns."""
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    cuts = [0, len(table)]
+    if split_by is not None and len(table):
+        values = table[split_by].to_numpy()
+        cuts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist(), len(table)]
+    buffer = io.BytesIO()
+    with pq.ParquetWriter(buffer, arrow.schema, write_statistics=statistics or True) as writer:
+        for start, stop in zip(cuts[:-1], cuts[1:]):
+            writer.write_table(arrow.slice(start, stop - start), row_group_size=size)
+    return buffer.getvalue()
+
+
+def _admits(row_group: pq.RowGroupMetaData, where: dict[str, list]) -> bool:
+    """Whether the row group's min/max statistics admit one of the listed values of every column
+    of ``where`` (a column without statistics admits all)."""
+    for j in range(row_group.num_columns):
+        chunk = row_group.column(j)
+        values, stats = where.get(chunk.path_in_schema), chunk.statistics
+        if values is None or stats is None or not stats.has_min_max:
+            continue
+        if not any(stats.min <= value <= stats.max for value in values):
+            return False
+    return True
 
 
 class RunDir:
@@ -133,14 +164,53 @@ class RunDir:
             return None
         return f"{info.get('size')}:{modified}:{etag}:{_TABLE_WRITES.get((self.uri, name), 0)}"
 
-    def write_table(self, name: str, table: pd.DataFrame) -> str:
-        """Write ``tables/<name>.parquet`` whole; return its URI."""
-        self._write_parquet(f"tables/{name}.parquet", table)
+    def write_table(
+        self,
+        name: str,
+        table: pd.DataFrame,
+        row_group_size: int | None = None,
+        split_by: str | None = None,
+        statistics: list[str] | None = None,
+    ) -> str:
+        """Write ``tables/<name>.parquet`` whole; return its URI. With ``row_group_size``: row
+        groups of at most that many rows, a new one wherever the value of ``split_by`` changes (the
+        table sorted by it), min/max statistics of the ``statistics`` columns only (for
+        :meth:`read_table_rows`)."""
+        relpath = f"tables/{name}.parquet"
+        if row_group_size is None:
+            self._write_parquet(relpath, table)
+        else:
+            self._write_bytes(relpath, _row_groups_parquet(table, row_group_size, split_by, statistics))
         _TABLE_WRITES[self.uri, name] = _TABLE_WRITES.get((self.uri, name), 0) + 1
         return self.table_uri(name)
 
     def read_table(self, name: str) -> pd.DataFrame | None:
         return self._read_parquet(f"tables/{name}.parquet")
+
+    def read_table_rows(self, name: str, where: dict[str, list]) -> pd.DataFrame | None:
+        """The rows of ``tables/<name>.parquet`` whose value in each column of ``where`` is one of
+        the values listed, as :meth:`read_table` gives them (same columns and dtypes; index = the
+        row's position in the file); None when the file is missing.
+
+        Only the footer and the row groups whose min/max statistics admit a listed value in every
+        column of ``where`` are fetched (ranged reads, no read-ahead; a row group without statistics
+        for a column is read): a table sorted by those columns in bounded row groups is read in part.
+        """
+        try:
+            file = self.fs.open(self._path(f"tables/{name}.parquet"), "rb", cache_type="none")
+        except FileNotFoundError:
+            return None
+        with file:
+            parquet = pq.ParquetFile(file, pre_buffer=True)  # one coalesced read per row group
+            meta = parquet.metadata
+            starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+            chosen = [i for i in range(meta.num_row_groups) if _admits(meta.row_group(i), where)]
+            frame = parquet.read_row_groups(chosen).to_pandas()
+        frame.index = pd.RangeIndex(0).append([pd.RangeIndex(starts[i], starts[i + 1]) for i in chosen])
+        keep = np.ones(len(frame), dtype=bool)
+        for column, values in where.items():
+            keep &= frame[column].isin(values).to_numpy(dtype=bool)
+        return frame[keep]
 
     def read_table_bytes(self, name: str) -> bytes | None:
         """The Parquet file's bytes (for readers other than pandas)."""
