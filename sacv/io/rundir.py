@@ -27,43 +27,12 @@ import io
 import json
 import os
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 
-from sacv.io import storage
+from sacv.io import parquet_parts, storage
 
 _TABLE_WRITES: dict[tuple[str, str], int] = {}  # (run uri, table) -> writes by this process (RunDir.table_stamp)
-
-
-def _row_groups_parquet(table: pd.DataFrame, size: int, split_by: str | None, statistics: list[str] | None) -> bytes:
-    """``table`` as Parquet bytes (what ``to_parquet(index=False)`` writes) in row groups of at
-    most ``size`` rows, cut also where ``split_by`` changes; statistics of ``statistics`` columns."""
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    cuts = [0, len(table)]
-    if split_by is not None and len(table):
-        values = table[split_by].to_numpy()
-        cuts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist(), len(table)]
-    buffer = io.BytesIO()
-    with pq.ParquetWriter(buffer, arrow.schema, write_statistics=statistics or True) as writer:
-        for start, stop in zip(cuts[:-1], cuts[1:]):
-            writer.write_table(arrow.slice(start, stop - start), row_group_size=size)
-    return buffer.getvalue()
-
-
-def _admits(row_group: pq.RowGroupMetaData, where: dict[str, list]) -> bool:
-    """Whether the row group's min/max statistics admit one of the listed values of every column
-    of ``where`` (a column without statistics admits all)."""
-    for j in range(row_group.num_columns):
-        chunk = row_group.column(j)
-        values, stats = where.get(chunk.path_in_schema), chunk.statistics
-        if values is None or stats is None or not stats.has_min_max:
-            continue
-        if not any(stats.min <= value <= stats.max for value in values):
-            return False
-    return True
 
 
 class RunDir:
@@ -180,7 +149,7 @@ class RunDir:
         if row_group_size is None:
             self._write_parquet(relpath, table)
         else:
-            self._write_bytes(relpath, _row_groups_parquet(table, row_group_size, split_by, statistics))
+            self._write_bytes(relpath, parquet_parts.in_row_groups(table, row_group_size, split_by, statistics))
         _TABLE_WRITES[self.uri, name] = _TABLE_WRITES.get((self.uri, name), 0) + 1
         return self.table_uri(name)
 
@@ -201,16 +170,7 @@ class RunDir:
         except FileNotFoundError:
             return None
         with file:
-            parquet = pq.ParquetFile(file, pre_buffer=True)  # one coalesced read per row group
-            meta = parquet.metadata
-            starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
-            chosen = [i for i in range(meta.num_row_groups) if _admits(meta.row_group(i), where)]
-            frame = parquet.read_row_groups(chosen).to_pandas()
-        frame.index = pd.RangeIndex(0).append([pd.RangeIndex(starts[i], starts[i + 1]) for i in chosen])
-        keep = np.ones(len(frame), dtype=bool)
-        for column, values in where.items():
-            keep &= frame[column].isin(values).to_numpy(dtype=bool)
-        return frame[keep]
+            return parquet_parts.read_matching(file, where)
 
     def read_table_bytes(self, name: str) -> bytes | None:
         """The Parquet file's bytes (for readers other than pandas)."""
