@@ -26,6 +26,7 @@ that gain rows change.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -224,29 +225,58 @@ def assign_rows(
     return images[IMAGE_COLUMNS].reset_index(drop=True)
 
 
-SHARED_CATALOGS = 2  # images tables ImageCatalog.shared keeps per process (the most recent runs)
-_SHARED: dict[str, tuple[str, ImageCatalog]] = {}  # run uri -> (table stamp, catalog)
+IMAGES_ROW_GROUP = 32_768  # rows per row group of images.parquet: a shard task reads the one or two holding its rows
+IMAGES_STATISTICS = ["group", "row", "shard"]  # columns with row-group min/max statistics (the rest: a smaller footer)
+SHARED_CATALOGS = 2  # catalogs ImageCatalog.shared keeps per process (the most recent (run, group) pairs)
+_SHARED: dict[tuple[str, str | None], tuple[str, ImageCatalog]] = {}  # (run uri, group) -> (table stamp, catalog)
+
+
+def write_images(run: RunDir, images: pd.DataFrame) -> None:
+    """Write ``tables/images.parquet`` (columns ``IMAGE_COLUMNS``) sorted by (group, row), so each
+    shard's rows are contiguous, in row groups of at most ``IMAGES_ROW_GROUP`` rows of one group,
+    with min/max statistics of ``IMAGES_STATISTICS``: :meth:`ImageCatalog.for_shards` reads only
+    the row groups of its shards."""
+    ordered = images.sort_values(["group", "row"], kind="stable").reset_index(drop=True)
+    run.write_table("images", ordered, IMAGES_ROW_GROUP, split_by="group", statistics=IMAGES_STATISTICS)
 
 
 class ImageCatalog:
-    """``tables/images.parquet``, read once per task (once per process with :meth:`shared`): which
-    store rows hold which images.
+    """``tables/images.parquet``, or the part of it a task needs: which store rows hold which images.
 
-    ``frame`` is the table as written (columns ``IMAGE_COLUMNS``); duplicates point to the row of
-    their first copy and are skipped by every lookup below, as are removed and quarantined images
-    (except in ``stored_rows``, the extraction stage's view of a shard's region).
+    ``frame``: the rows read (columns ``IMAGE_COLUMNS``): the whole table (:meth:`read`,
+    ``ImageCatalog(table)``), or one group's rows, or some of its shards' (:meth:`for_shards`),
+    whose lookups outside that ``scope`` raise. Duplicates point to the row of their first copy and
+    are skipped by every lookup below, as are removed and quarantined images (except in
+    ``stored_rows``, the extraction stage's view of a shard's region).
     """
 
-    def __init__(self, frame: pd.DataFrame):
-        self.frame = frame
+    def __init__(self, frame: pd.DataFrame, scope: tuple[str, frozenset[int] | None] | None = None):
+        """``scope``: None (the whole table), or (group, shards) that ``frame`` holds every row of
+        (shards None: the whole group)."""
+        self.frame, self.scope = frame, scope
         self._ok = frame[frame["status"] == "ok"]
         self._stored = frame[frame["status"].isin(STORED)]
         self._index: dict[bool, tuple[pd.DataFrame, dict[tuple[str, int], slice]]] = {}  # stored? -> (rows, slices)
 
+    def _require(self, group: str | None, shard: int | None = None) -> None:
+        """Raise unless ``frame`` holds every row of ``group`` (of ``shard`` when given; group None:
+        of the whole table)."""
+        if self.scope is None:
+            return
+        held_group, held = self.scope
+        if group == held_group and (held is None or shard in held):
+            return
+        what = f"the {held_group} rows" if held is None else f"{held_group} shards {sorted(held)}"
+        raise ValueError(
+            f"this catalog holds only {what} of images.parquet; read the rows a lookup needs with "
+            "ImageCatalog.for_shards(run, group, shards), or the whole table with ImageCatalog.read(run)"
+        )
+
     def _shard(self, stored: bool, group: str, shard: int) -> pd.DataFrame:
-        """One shard's rows in row order. The first call sorts the table once by (group, row) and
+        """One shard's rows in row order. The first call sorts the rows once by (group, row) and
         finds where each (group, shard) starts and stops; each call then slices (no per-shard frames
         are built for shards nobody asks for: a task asks for a few of a million images' shards)."""
+        self._require(group, shard)
         if stored not in self._index:
             rows = (self._stored if stored else self._ok).sort_values(["group", "row"], kind="stable")
             groups, shards = rows["group"].to_numpy(), rows["shard"].to_numpy(dtype=np.int64)
@@ -264,20 +294,35 @@ class ImageCatalog:
 
     @classmethod
     def read(cls, run: RunDir) -> ImageCatalog:
+        """The whole table (planning, the API; a per-shard task reads :meth:`for_shards`)."""
         frame = run.read_table("images")
         if frame is None:
             raise RuntimeError(f"{run.uri} has no images table; run the extract stage first")
         return cls(frame)
 
     @classmethod
-    def shared(cls, run: RunDir) -> ImageCatalog:
-        """:meth:`read`, kept for the process while ``images.parquet`` is unchanged (same size,
-        modification time and ETag): the per-shard tasks of a stage each need a few rows of one
-        table, which for a million images takes seconds to read and index. Read-only: never modify it."""
+    def for_shards(cls, run: RunDir, group: str, shards: Iterable[int] | None = None) -> ImageCatalog:
+        """The rows of ``group`` (of ``shards`` only, when given), read from just the row groups of
+        ``images.parquet`` that hold them (:func:`write_images`, ``RunDir.read_table_rows``): what a
+        per-shard task needs, at any table size. Its lookups of those rows answer as :meth:`read`'s."""
+        held = None if shards is None else frozenset(int(s) for s in shards)
+        where = {"group": [group]} | ({} if held is None else {"shard": sorted(held)})
+        frame = run.read_table_rows("images", where)
+        if frame is None:
+            raise RuntimeError(f"{run.uri} has no images table; run the extract stage first")
+        return cls(frame, (group, held))
+
+    @classmethod
+    def shared(cls, run: RunDir, group: str | None = None) -> ImageCatalog:
+        """:meth:`read` (with ``group``: :meth:`for_shards` of the whole group), kept for the process
+        while ``images.parquet`` is unchanged (same size, modification time and ETag): tasks of a stage
+        that each look up a few images by id share one read. Read-only: never modify it."""
         stamp = run.table_stamp("images")
-        cached = _SHARED.get(run.uri)
+        key = run.uri, group
+        cached = _SHARED.get(key)
         if cached is None or stamp is None or cached[0] != stamp:
-            cached = _SHARED[run.uri] = stamp, cls.read(run)
+            catalog = cls.read(run) if group is None else cls.for_shards(run, group)
+            cached = _SHARED[key] = stamp, catalog
             while len(_SHARED) > SHARED_CATALOGS:
                 _SHARED.pop(next(iter(_SHARED)))
         return cached[1]
@@ -286,10 +331,12 @@ class ImageCatalog:
         """The distinct images of ``group`` (of one shard when given), in store-row order."""
         if shard is not None:
             return self._shard(False, group, shard)
+        self._require(group)
         return self._ok[self._ok["group"] == group].sort_values("row")
 
     def current(self) -> pd.DataFrame:
         """The usable images found by the last scan, duplicates included (no removed or quarantined ones)."""
+        self._require(None)
         frame = self.frame
         return frame[frame["status"].isin(("ok", "duplicate")) & frame["image_id"].isin(self._ok["image_id"])]
 
@@ -300,10 +347,12 @@ class ImageCatalog:
 
     def shards(self, group: str) -> list[int]:
         """The shard numbers of ``group`` that hold current images, ascending (empty when none)."""
+        self._require(group)
         return sorted(int(s) for s in self._ok.loc[self._ok["group"] == group, "shard"].unique())
 
     def row_of(self, image_ids, group: str = "guidance") -> np.ndarray:
         """Store rows (int64) of the given content ids within ``group``, in the order given."""
+        self._require(group)
         part = self._ok[self._ok["group"] == group]
         lookup = pd.Series(part["row"].to_numpy(dtype=np.int64), index=part["image_id"].to_numpy())
         ids = list(image_ids)

@@ -37,7 +37,7 @@ import pandas as pd
 
 from sacv.config import RunConfig, parse_config
 from sacv.extract import position_stats
-from sacv.extract.catalog import LIVE, ImageCatalog
+from sacv.extract.catalog import LIVE, ImageCatalog, write_images
 from sacv.extract.extraction import record_shard_rejects
 from sacv.extract.extraction_plan import shard_digest
 from sacv.io import runlock
@@ -157,7 +157,7 @@ def compact(run_uri: str, wait_s: float = 0, ttl_s: float = 120) -> CompactSumma
                 for shard in run.scored_shards():
                     if shard >= plan.first:
                         run.remove_shard_scores(shard)
-        run.write_table("images", table)  # 3.
+        write_images(run, table)  # 3.
         catalog, root = ImageCatalog(table), run.open_zarr("r+")
         rewritten = {}
         for group, plan in plans.items():  # 4. and 5.

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from sacv.config import RunConfig
-from sacv.extract.catalog import REJECT_COLUMNS, ImageCatalog
+from sacv.extract.catalog import REJECT_COLUMNS, ImageCatalog, write_images
 from sacv.extract.decode_pool import ShardImages, decoded_shards
 from sacv.extract.extraction_plan import shard_digest, store_layout
 from sacv.extract.image_sources import match_class
@@ -321,7 +321,7 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
     the jobs run side by side).
     """
     run = RunDir(run_uri)
-    catalog = ImageCatalog.shared(run)  # read once per process, not per task
+    catalog = ImageCatalog.for_shards(run, group, shards)  # only the row groups of these shards
     model = cached_model(
         config.model.spec, config.model.weights, config.execution.device, **config.model.loader_options()
     )
@@ -379,6 +379,6 @@ def record_shard_rejects(run_uri: str) -> int:
         )
         if (bad & (images["status"] == "ok")).any():
             images.loc[bad & (images["status"] == "ok"), "status"] = "rejected"
-            run.write_table("images", images)
+            write_images(run, images)
         run.write_table("rejects", rejects.reset_index(drop=True))
     return len(rejects)

@@ -25,6 +25,7 @@ from sacv.extract.catalog import (
     candidate_frame,
     catalog_from_checks,
     check_files,
+    write_images,
 )
 from sacv.extract.decode_pool import scan_processes
 from sacv.extract.image_sources import concept_candidates, dataset_candidates
@@ -188,7 +189,7 @@ def plan_extraction(
         raise ValueError(f"none of the {len(frame)} files is a usable image; see tables/rejects.parquet")
     shards = prepare_store(run, config, model, images)
     run.write_table("rejects", rejects)
-    run.write_table("images", images)  # written last: a shard task reads its rows from it
+    write_images(run, images)  # written last: a shard task reads its rows from it
     catalog = ImageCatalog(images)
     todo = [(g, s) for g, n in shards.items() for s in range(n) if not shard_is_done(run, catalog, g, s, config)]
     return ExtractPlan(

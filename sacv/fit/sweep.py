@@ -299,7 +299,7 @@ def fit_block(run_uri: str, config: RunConfig, layer: str, keys: list[str]) -> l
         raise KeyError(f"fit jobs {missing[:3]} of layer {layer!r} are not in fits/plan.json; plan the fits again")
     jobs = [plan[k] for k in dict.fromkeys(keys)]
     ids = sorted({i for job in jobs for i in job["pos"] + job["neg"]})
-    row_of = dict(zip(ids, ImageCatalog.shared(run).row_of(ids).tolist()))
+    row_of = dict(zip(ids, ImageCatalog.shared(run, "guidance").row_of(ids, "guidance").tolist()))
     rows = np.array(sorted(set(row_of.values())), np.int64)
     root = run.open_zarr("r")
     array = root[f"guidance/{layer}/act"]

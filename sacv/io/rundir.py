@@ -3,7 +3,7 @@
 Layout (docs/store.md, docs/architecture.md)::
 
     RUN/store.zarr/                  activations, gradients, vectors, maps (``store_uri``)
-    RUN/tables/<name>.parquet        result tables (``read_table`` / ``write_table``)
+    RUN/tables/<name>.parquet        result tables (``read_table`` / ``write_table``; ``read_table_rows``: some rows)
     RUN/tables/audits.parquet        one row per audit (``read_audits`` / ``write_audits``)
     RUN/tables/history/<name>.parquet  tables of every audit, with audit_id (``read_history``)
     RUN/shards/<group>/<shard>.json  extraction done-markers (``read_shard_marker``, ``marked_shards``)
@@ -33,7 +33,7 @@ import os
 import pandas as pd
 import zarr
 
-from sacv.io import storage
+from sacv.io import parquet_parts, storage
 
 DATASET_TABLES = {"image_scores": "scores"}  # tables kept as Parquet datasets: name -> folder of shard files
 _TABLE_WRITES: dict[tuple[str, str], int] = {}  # (run uri, table) -> writes by this process (RunDir.table_stamp)
@@ -144,9 +144,23 @@ class RunDir:
             return None
         return f"{info.get('size')}:{modified}:{etag}:{_TABLE_WRITES.get((self.uri, name), 0)}"
 
-    def write_table(self, name: str, table: pd.DataFrame) -> str:
-        """Write ``tables/<name>.parquet`` whole; return its URI."""
-        self._write_parquet(f"tables/{name}.parquet", table)
+    def write_table(
+        self,
+        name: str,
+        table: pd.DataFrame,
+        row_group_size: int | None = None,
+        split_by: str | None = None,
+        statistics: list[str] | None = None,
+    ) -> str:
+        """Write ``tables/<name>.parquet`` whole; return its URI. With ``row_group_size``: row
+        groups of at most that many rows, a new one wherever the value of ``split_by`` changes (the
+        table sorted by it), min/max statistics of the ``statistics`` columns only (for
+        :meth:`read_table_rows`)."""
+        relpath = f"tables/{name}.parquet"
+        if row_group_size is None:
+            self._write_parquet(relpath, table)
+        else:
+            self._write_bytes(relpath, parquet_parts.in_row_groups(table, row_group_size, split_by, statistics))
         _TABLE_WRITES[self.uri, name] = _TABLE_WRITES.get((self.uri, name), 0) + 1
         return self.table_uri(name)
 
@@ -180,6 +194,22 @@ class RunDir:
         self._write_json(self._table_file("image_scores"), {"files": files, "rows": rows})
         _TABLE_WRITES[self.uri, "image_scores"] = _TABLE_WRITES.get((self.uri, "image_scores"), 0) + 1
         return self.table_uri("image_scores")
+
+    def read_table_rows(self, name: str, where: dict[str, list]) -> pd.DataFrame | None:
+        """The rows of ``tables/<name>.parquet`` whose value in each column of ``where`` is one of
+        the values listed, as :meth:`read_table` gives them (same columns and dtypes; index = the
+        row's position in the file); None when the file is missing.
+
+        Only the footer and the row groups whose min/max statistics admit a listed value in every
+        column of ``where`` are fetched (ranged reads, no read-ahead; a row group without statistics
+        for a column is read): a table sorted by those columns in bounded row groups is read in part.
+        """
+        try:
+            file = self.fs.open(self._path(f"tables/{name}.parquet"), "rb", cache_type="none")
+        except FileNotFoundError:
+            return None
+        with file:
+            return parquet_parts.read_matching(file, where)
 
     def table_names(self) -> list[str]:
         """Names of the tables under ``tables/`` (datasets included), sorted."""

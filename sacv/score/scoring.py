@@ -202,7 +202,7 @@ def plan_scoring(run_uri: str, config: RunConfig) -> ScorePlan:
 def write_shard_scores(run_uri: str, config: RunConfig, shard: int) -> int:
     """Score one shard; write its scores, then its marker with the content key. Returns the rows written."""
     run = RunDir(run_uri)
-    rows, vectors = ImageCatalog.shared(run).rows("dataset", shard), _read_vectors(run)
+    rows, vectors = ImageCatalog.for_shards(run, "dataset", [shard]).rows("dataset", shard), _read_vectors(run)
     table = score_shard(run, config, rows, vectors, config.score.mode)
     run.write_shard_scores(shard, table, shard_score_key(rows, vectors, config), *shard_aggregates(table))
     return len(table)
