@@ -8,19 +8,21 @@ from prefect import flow
 from prefect.futures import as_completed
 from tqdm import tqdm
 
-from flows.runners import call_flow, finish_stage
+from flows.runners import call_flow, finish_stage, known_failures
 from sacv.config import RunConfig
+from sacv.errors import InputError
 from sacv.io.handoffs import FitSummary
 from tasks.fit import collect_vectors, fit_block, plan_fits
 
 
 @flow(name="sacv-fit")
+@known_failures
 def fit_flow(config: RunConfig) -> FitSummary:
     """Fit every planned concept and pseudo-concept vector that has no cached result, then collect them."""
     started = time.perf_counter()
     run_uri = config.run_dir
     if config.concepts is None:
-        raise ValueError("the fit stage needs a `concepts` section in the config")
+        raise InputError("the fit stage needs a `concepts` section in the config")
     plan = plan_fits(run_uri, config)
     futures = [fit_block.submit(run_uri, config, layer, keys) for layer, keys in plan.blocks]
     per_layer: dict[str, int] = {}

@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.extract import extract_flow, run_extract
 from flows.fit import fit_flow, run_fit
 from flows.process import configure_process
-from flows.runners import call_flow, task_runner
+from flows.runners import call_flow, known_failures, task_runner
 from flows.score import run_score, score_flow
 from sacv.audit.audits import new_audit_id, record_audit
 from sacv.audit.policy import ChecksFailed, failure_message
@@ -27,6 +27,7 @@ STAGES = ("extract", "fit", "score", "run")
 
 
 @flow(name="sacv-run")
+@known_failures
 def run_flow(config: RunConfig) -> RunSummary:
     """Run every stage as one audit; a rerun resumes (done shards, cached vectors and scored shards
     are skipped). The audit is recorded last (``sacv.audit.audits.record_audit``), also when a stage fails;
@@ -88,6 +89,7 @@ def audit_run_name() -> str:
 
 
 @flow(name="sacv-audit", flow_run_name=audit_run_name)
+@known_failures
 def audit_flow(config_path: str) -> RunSummary:
     """Deployment entry point: the whole pipeline (extract, fit, score; one audit) from a config file.
 

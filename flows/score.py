@@ -6,13 +6,14 @@ import time
 
 from prefect import flow
 
-from flows.runners import call_flow, finish_stage
+from flows.runners import call_flow, finish_stage, known_failures
 from sacv.config import RunConfig
 from sacv.io.handoffs import ScoreSummary
 from tasks.score import build_tables, plan_scoring, score_shard
 
 
 @flow(name="sacv-score")
+@known_failures
 def score_flow(config: RunConfig) -> ScoreSummary:
     started = time.perf_counter()
     run_uri = config.run_dir

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
+from sacv.errors import NotYetRun
 from sacv.extract.image_sources import Candidate
 from sacv.io.images import ImageRejected, check_supported, file_stamp, image_id, probe_image, read_bytes
 from sacv.io.rundir import RunDir
@@ -266,7 +267,7 @@ class ImageCatalog:
     def read(cls, run: RunDir) -> ImageCatalog:
         frame = run.read_table("images")
         if frame is None:
-            raise RuntimeError(f"{run.uri} has no images table; run the extract stage first")
+            raise NotYetRun(f"{run.uri} has no images table; run the extract stage first")
         return cls(frame)
 
     @classmethod
