@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import time
 
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -25,6 +26,21 @@ def task_runner(execution: ExecutionConfig):
 
         return DaskTaskRunner(address=execution.dask_address)
     return ThreadPoolTaskRunner(max_workers=execution.workers)
+
+
+class Progress:
+    """A progress artifact of the running flow run (per cent), updated as shards or jobs complete."""
+
+    def __init__(self, total: int, description: str) -> None:
+        self.total, self.done, self.shown = total, 0, 0 if total else 100
+        self.artifact = create_progress_artifact(float(self.shown), description=description)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        percent = 100 * self.done // max(self.total, 1)
+        if percent > self.shown:  # at most one update per whole per cent
+            self.shown = percent
+            update_progress_artifact(self.artifact, float(percent))
 
 
 def known_failures(fn):
