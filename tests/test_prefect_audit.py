@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -77,3 +78,14 @@ def test_the_sacv_logger_reaches_prefect_handlers():
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # not this session's settings
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert "APILogHandler" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_alert_automation_recipe_is_a_valid_automation():
+    from prefect.events.schemas.automations import AutomationCore
+
+    from tasks.publish import ALERT_EVENT
+
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "deployments" / "alert-automation.yaml").read_text())
+    automation = AutomationCore.model_validate(recipe)
+    assert automation.trigger.expect == {ALERT_EVENT}
+    assert automation.trigger.match.model_dump()["prefect.resource.id"] == "sacv.run-dir.*"
