@@ -10,7 +10,7 @@ from prefect import flow
 from prefect.futures import as_completed
 from tqdm import tqdm
 
-from flows.runners import call_flow, finish_stage
+from flows.runners import Progress, call_flow, finish_stage, known_failures
 from sacv.config import RunConfig, config_record
 from sacv.io.handoffs import ExtractSummary
 from sacv.io.provenance import versions
@@ -43,6 +43,7 @@ def block_markers(run_uri: str, config: RunConfig, blocks: list[tuple[str, list[
 
 
 @flow(name="sacv-extract")
+@known_failures
 def extract_flow(config: RunConfig, audit_id: str | None = None) -> ExtractSummary:
     """Extract activations (and dataset gradients) of every layer into the run's store; ``audit_id``
     marks the images this scan adds or removes (a new id when not given)."""
@@ -63,10 +64,12 @@ def extract_flow(config: RunConfig, audit_id: str | None = None) -> ExtractSumma
     phase_done("plan")
     blocks = shard_blocks(plan.todo, config.extract.shards_per_task)
     n_images = 0
+    progress = Progress(len(plan.todo), f"extraction shards of {run_uri}")
     with tqdm(total=len(plan.todo), unit="shard", desc="extract", disable=None) as bar:
         for markers in block_markers(run_uri, config, blocks):
             n_images += sum(marker["images"] for marker in markers)
             bar.update(len(markers))
+            progress.advance(len(markers))
             bar.set_postfix(images=n_images)
     phase_done("shards")
     rejects = record_rejects(run_uri, config)  # after every shard: one writer of the two tables

@@ -6,14 +6,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pandas as pd
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.extract import extract_flow, run_extract
 from flows.fit import fit_flow, run_fit
 from flows.process import configure_process
-from flows.runners import call_flow, task_runner
+from flows.runners import call_flow, known_failures, task_runner
 from flows.score import run_score, score_flow
 from sacv.audit.audits import new_audit_id, record_audit
 from sacv.audit.policy import ChecksFailed, failure_message
@@ -21,12 +19,13 @@ from sacv.config import RunConfig, load_config
 from sacv.io import runlock, storage
 from sacv.io.handoffs import RunSummary
 from sacv.io.rundir import RunDir
+from tasks.publish import build_report, publish_audit
 
-TOP_ROWS = 20
 STAGES = ("extract", "fit", "score", "run")
 
 
 @flow(name="sacv-run")
+@known_failures
 def run_flow(config: RunConfig) -> RunSummary:
     """Run every stage as one audit; a rerun resumes (done shards, cached vectors and scored shards
     are skipped). The audit is recorded last (``sacv.audit.audits.record_audit``), also when a stage fails;
@@ -40,7 +39,6 @@ def run_flow(config: RunConfig) -> RunSummary:
             fit = fit_flow.with_options(task_runner=runner)(config)
         if config.concepts is not None and config.dataset is not None:
             score = score_flow.with_options(task_runner=runner)(config)
-            _publish(config.run_dir)
     except BaseException as err:
         try:  # the stage's error is what the caller must see, even if the record cannot be written
             record_audit(
@@ -61,24 +59,6 @@ def run_flow(config: RunConfig) -> RunSummary:
     return RunSummary(extract=extract, fit=fit, score=score, audit_id=audit_id)
 
 
-def _publish(run_uri: str) -> None:
-    """A table artifact with the top contributions and a markdown artifact linking the tables."""
-    run = RunDir(run_uri)
-    table = run.read_table("contributions")
-    top = table.assign(_z=table["z"].abs()).sort_values(["significant", "_z"], ascending=False).head(TOP_ROWS)
-    columns = ["layer", "concept", "class_name", "n_images", "spatial_score", "tcav_score", "p_adjusted", "significant"]
-    records = top[columns].astype(object).where(pd.notna(top[columns]), None).to_dict("records")
-    create_table_artifact(records, key="sacv-top-contributions", description=f"Top contributions in {run_uri}")
-    links = "\n".join(
-        f"- `{run.table_uri(name)}`" for name in ("contributions", "image_scores", "vectors", "images", "rejects")
-    )
-    create_markdown_artifact(
-        f"# SACV run\n\n{int(table['significant'].sum())} significant of {len(table)} "
-        f"(layer, concept, class) rows.\n\n{links}\n",
-        key="sacv-run-tables",
-    )
-
-
 def audit_run_name() -> str:
     """A flow run's name: ``audit-<config file name>-<UTC date and time>``, e.g. ``audit-nightly-20261204-0200``."""
     from prefect.runtime import flow_run
@@ -88,8 +68,11 @@ def audit_run_name() -> str:
 
 
 @flow(name="sacv-audit", flow_run_name=audit_run_name)
+@known_failures
 def audit_flow(config_path: str) -> RunSummary:
-    """Deployment entry point: the whole pipeline (extract, fit, score; one audit) from a config file.
+    """Deployment entry point: the whole pipeline (extract, fit, score; one audit) from a config
+    file, then, once the audit is recorded (also when its policy checks failed), the report and the
+    audit's artifacts, and the ``sacv.audit.alert`` event when checks failed or drift is significant.
 
     Args:
         config_path: the run's YAML config (docs/config.md), absolute or relative to the project
@@ -99,7 +82,10 @@ def audit_flow(config_path: str) -> RunSummary:
     config = load_config(config_path)
     storage.use(config.storage_options)
     with run_lock(config):
-        return run_flow(config)
+        state = run_flow(config, return_state=True)
+        if state.is_completed() or isinstance(state.result(raise_on_failure=False), ChecksFailed):
+            publish_audit(config.run_dir, config, build_report(config.run_dir, config))
+    return state.result()  # the pipeline's error, if any, is raised again: the flow run ends with its message
 
 
 def run_pipeline(config: RunConfig) -> RunSummary:

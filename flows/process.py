@@ -12,9 +12,12 @@ This module imports no Prefect at the top: the commands import it before anythin
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 import threading
+
+from sacv.errors import UserError
 
 # Embedded default: a local ephemeral API without telemetry or the slow background services.
 EMBEDDED_SETTINGS = {
@@ -22,20 +25,40 @@ EMBEDDED_SETTINGS = {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
 }
+# For every flow run process: the library's ``sacv`` logger goes to the run's logs too (read when
+# Prefect sets up its logging; a worker's flow runs get it from the deployment's job variables).
+LOGGING_SETTINGS = {"PREFECT_LOGGING_EXTRA_LOGGERS": "sacv"}
+RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")  # Prefect's task and flow run loggers
+
+
+class OneLineUserErrors(logging.Filter):
+    """Drop the traceback of a ``sacv.errors.UserError`` from a run log record: the message (what
+    to fix) is the record's own line and the failed state's message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_ONE_LINE = OneLineUserErrors()
 
 
 def configure_process() -> None:
     """Set up this process for flow runs; idempotent, call before the first flow run starts.
 
-    - Embedded-mode defaults (``EMBEDDED_SETTINGS``) unless the environment sets them: the temporary
-      local API is started as a subprocess that reads them from the environment.
+    - Embedded-mode defaults (``EMBEDDED_SETTINGS``) and ``LOGGING_SETTINGS`` unless the environment
+      sets them: the temporary local API is started as a subprocess that reads them from the environment.
+    - User errors logged by Prefect's task and flow run loggers lose their traceback (``OneLineUserErrors``).
     - One glibc malloc arena: torch runs in task-runner threads, and glibc gives each thread its own
       arena, which maps and unmaps large tensors anew (measured: CPU extraction 20-25 % slower in a
       worker thread than in the main thread). It must be set before those threads allocate. Dask
       worker processes need ``MALLOC_ARENA_MAX=1`` in their environment instead.
     """
-    for key, value in EMBEDDED_SETTINGS.items():
+    for key, value in {**EMBEDDED_SETTINGS, **LOGGING_SETTINGS}.items():
         os.environ.setdefault(key, value)
+    for name in RUN_LOGGERS:
+        logging.getLogger(name).addFilter(_ONE_LINE)  # once: a filter already there is not added again
     if sys.platform == "linux":
         try:
             ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX = 1

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.process import configure_process, wait_for_temporary_api
+from sacv.audit.policy import ChecksFailed
 from sacv.config import ExecutionConfig, RunConfig
+from sacv.errors import UserError
 from sacv.io import storage
 from sacv.io.rundir import RunDir
 
@@ -21,6 +26,36 @@ def task_runner(execution: ExecutionConfig):
 
         return DaskTaskRunner(address=execution.dask_address)
     return ThreadPoolTaskRunner(max_workers=execution.workers)
+
+
+class Progress:
+    """A progress artifact of the running flow run (per cent), updated as shards or jobs complete."""
+
+    def __init__(self, total: int, description: str) -> None:
+        self.total, self.done, self.shown = total, 0, 0 if total else 100
+        self.artifact = create_progress_artifact(float(self.shown), description=description)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        percent = 100 * self.done // max(self.total, 1)
+        if percent > self.shown:  # at most one update per whole per cent
+            self.shown = percent
+            update_progress_artifact(self.artifact, float(percent))
+
+
+def known_failures(fn):
+    """For a flow function: a ``UserError`` or ``ChecksFailed`` ends the flow run Failed with the
+    error's message as the state's message, not logged with a traceback; a caller of the flow gets
+    the error raised, as before."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, ChecksFailed) as err:
+            return Failed(message=str(err), data=err)
+
+    return run
 
 
 def call_flow(flow, config: RunConfig):

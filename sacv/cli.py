@@ -18,12 +18,26 @@ from sacv.io.handoffs import ExtractSummary, FitSummary, ScoreSummary
 JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable keys) instead of text.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """A user error (``sacv.errors.UserError``) from any command: ``error: <message>`` on stderr and
+    exit status 1, no traceback; other exceptions keep theirs."""
+
+    def invoke(self, ctx: click.Context):
+        from sacv.errors import UserError
+
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sacv", message="sacv %(version)s")
 def main() -> None:
     """Spatial Activation Concept Vectors at dataset scale.
 
-    Exit status: 0 done; 1 an error (one line saying what to fix); 2 a wrong command line;
+    Exit status: 0 done; 1 an error (``error: ...``, one line saying what to fix); 2 a wrong command line;
     3 inputs rejected with --strict; 4 policy checks failed (the tables are written)."""
 
 
@@ -93,17 +107,10 @@ def _flow_start_up() -> Iterator[None]:
             gc.enable()
 
 
-def _load_config(path: str):
-    from sacv.config import ConfigError, load_config
-
-    try:
-        return load_config(path)
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from None
-
-
 def _run_stage(stage: str, config_path: str):
-    config = _load_config(config_path)
+    from sacv.config import load_config
+
+    config = load_config(config_path)
     with _flow_start_up():
         from flows.pipeline import run_stage
         from sacv.audit.policy import ChecksFailed
@@ -112,8 +119,6 @@ def _run_stage(stage: str, config_path: str):
     except ChecksFailed as err:
         click.echo(str(err), err=True)
         sys.exit(4)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        raise click.ClickException(f"{stage} failed: {err}") from None
 
 
 def _report_extract(summary: ExtractSummary, strict: bool) -> None:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sacv.errors import InputError
 from sacv.io.storage import redact
 
 
@@ -297,11 +298,11 @@ def config_record(config: RunConfig) -> dict:
 
 
 def unknown_name(key: str, name: str, known: list[str]) -> None:
-    """Raise ValueError naming ``key`` and the close known names when ``name`` is not in ``known``."""
+    """Raise InputError naming ``key`` and the close known names when ``name`` is not in ``known``."""
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-        raise ValueError(f"{key} {name!r} is unknown: {hint}known: {sorted(known)[:20]}")
+        raise InputError(f"{key} {name!r} is unknown: {hint}known: {sorted(known)[:20]}")
 
 
 def numeric_mode(config: RunConfig) -> dict:
@@ -337,7 +338,7 @@ def numeric_warnings(config: RunConfig) -> list[str]:
     return warnings
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file that cannot be used; the message names the key and the fix."""
 
 

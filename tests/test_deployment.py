@@ -2,8 +2,11 @@
 
 Starts `prefect server start`, creates the `sacv-process` work pool, runs `prefect deploy --all`
 from the repository root, starts a worker, triggers `sacv-audit/audit` on a tiny config and waits
-for the flow run to complete; then adds images and triggers it again: the second audit extracts
-only the new shard and each audit leaves one audits row and its history. Everything runs under a temporary
+for the flow run to complete: the tables, the report and the audit's artifacts under the run
+directory's keys are there. Then it adds images and a policy check that fails, and triggers it
+again: the second audit extracts only the new shard, each audit leaves one audits row and its
+history, the flow run ends Failed with the failing check as its message, and the alert event is
+read back from the server. Everything runs under a temporary
 PREFECT_HOME (the developer's
 ~/.prefect is never read). Every process started here, and every descendant (the worker starts flow
 runs in their own sessions), carries a marker variable in its environment; the test stops them all
@@ -31,8 +34,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from sacv.audit.digest import run_slug
 from sacv.config import parse_config
 from sacv.io.rundir import RunDir
+from tasks.publish import ALERT_EVENT, resource_id
 from tests.flow_helpers import SMALL_TEST, write_collection
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,8 +112,13 @@ def _add_images(folder: Path, count: int) -> None:
         Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(folder / f"new_{i}.png")
 
 
-def _write_config(tmp_path: Path) -> Path:
-    root = write_collection(tmp_path / "collection")
+FAILING_CHECK = {"kind": "min_spatial_score", "concept": "striped", "class_name": "cat", "layer": "features.2"}
+
+
+def _write_config(tmp_path: Path, checks: list[dict] | None = None) -> Path:
+    root = tmp_path / "collection"
+    if not root.is_dir():
+        write_collection(root)
     raw = {
         "run_dir": str(tmp_path / "run"),
         "model": {"spec": "tests.models:small"},
@@ -119,6 +129,7 @@ def _write_config(tmp_path: Path) -> Path:
         "fit": {"solver": "lbfgs"},
         "score": {"min_images": 1},
         "execution": {"device": "cpu", "workers": 1},
+        "checks": checks or [],
     }
     parse_config(raw)  # fail here, not in the worker, if the config is invalid
     path = tmp_path / "audit.yaml"
@@ -198,11 +209,12 @@ def test_audit_deployment_runs_on_a_process_worker(tmp_path):
         described = audit["parameter_openapi_schema"]["properties"]["config_path"]
         assert described["type"] == "string" and "YAML config" in described["description"]
         assert _api(f"{api}/deployments/name/sacv-audit/concept-sweep")["schedules"] == []
+        assert audit["job_variables"]["env"] == {"PREFECT_LOGGING_EXTRA_LOGGERS": "sacv"}  # the sacv logger
 
         spawn("worker", "worker", "start", "--pool", "sacv-process", first=signal.SIGINT, grace=30)
 
-        def audit_run() -> dict:
-            """Trigger the nightly deployment once and wait for its flow run to complete."""
+        def audit_run(expected: str = "COMPLETED") -> dict:
+            """Trigger the nightly deployment once and wait for its flow run to end ``expected``."""
             out = run("trigger", "deployment", "run", "sacv-audit/audit", "--param", f"config_path={config_path}")
             match = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
             assert match, f"no flow run id in:\n{out}"
@@ -214,7 +226,7 @@ def test_audit_deployment_runs_on_a_process_worker(tmp_path):
                     break
                 assert time.monotonic() < deadline, f"flow run still {state} after 300 s\n{debug()}"
                 time.sleep(1)
-            assert state == "COMPLETED", f"flow run ended {state}: {flow_run['state'].get('message')}\n{debug()}"
+            assert state == expected, f"flow run ended {state}: {flow_run['state'].get('message')}\n{debug()}"
             return flow_run
 
         flow_run = audit_run()
@@ -232,13 +244,36 @@ def test_audit_deployment_runs_on_a_process_worker(tmp_path):
         while not _api(f"{api}/task_runs/count", {}) and time.monotonic() < deadline:
             time.sleep(1)
         assert _api(f"{api}/task_runs/count", {}) > 0, f"no task runs recorded\n{debug()}"
+        assert (tmp_path / "run" / "report" / "index.html").is_file(), f"no report\n{debug()}"
+        slug = run_slug(str(tmp_path / "run"))
+        keys = [f"{slug}-{part}" for part in ("report", "contributions", "drift", "checks", "summary")]
+        artifacts = _api(f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": keys}}})
+        assert sorted(a["key"] for a in artifacts) == sorted(keys), artifacts
+        assert all(a["flow_run_id"] == flow_run["id"] for a in artifacts)
+        by_key = {a["key"]: a for a in artifacts}
+        assert "report/index.html" in by_key[f"{slug}-report"]["data"]
+        assert by_key[f"{slug}-contributions"]["type"] == "table" and by_key[f"{slug}-checks"]["data"] == "[]"
+        assert "## Time per stage" in by_key[f"{slug}-summary"]["data"]
 
-        # The next night: two new images arrive; the same run_dir is audited incrementally.
+        # The next night: two new images arrive, and a policy check no row can pass (a spatial
+        # score of at least 1); the same run_dir is audited incrementally.
         _add_images(tmp_path / "collection" / "data" / "cat", 2)
-        audit_run()
+        _write_config(tmp_path, checks=[{**FAILING_CHECK, "value": 1.0}])
+        failed = audit_run(expected="FAILED")
         timings["second run"] = time.monotonic() - t0
+        message = failed["state"]["message"]
+        assert message.startswith("1 of 1 policy check rows failed") and "Traceback" not in message, message
+        filter_ = {"event": {"name": [ALERT_EVENT]}, "resource": {"id": [resource_id(slug)]}}
+        deadline = time.monotonic() + 30  # the server persists events in batches
+        while not (events := _api(f"{api}/events/filter", {"filter": filter_, "limit": 5})["events"]):
+            assert time.monotonic() < deadline, f"no {ALERT_EVENT} event after 30 s\n{debug()}"
+            time.sleep(1)
+        assert len(events) == 1 and events[0]["payload"]["run_dir"] == str(tmp_path / "run"), events
+        assert [row["row"] for row in events[0]["payload"]["failed_checks"]] == ["features.2 / striped -> cat"]
+        checks = _api(f"{api}/artifacts/latest/filter", {"artifacts": {"key": {"any_": [f"{slug}-checks"]}}})
+        assert checks[0]["flow_run_id"] == failed["id"] and "striped" in checks[0]["data"], checks
         audits = pd.read_parquet(tmp_path / "run" / "tables" / "audits.parquet")
-        assert audits["status"].tolist() == ["done", "done"], audits
+        assert audits["status"].tolist() == ["done", "done"] and audits["checks_failed"].tolist()[1] == 1, audits
         # 8 dataset images filled shards 0-1 (shard_size 4): the 2 new ones are one new shard, nothing else
         assert audits["images_added"].tolist() == [23, 2] and audits["shards_run"].tolist()[1] == 1, audits
         assert audits["images_extracted"].tolist()[1] == 2

@@ -23,6 +23,7 @@ CORE = [p for p in MODULES if p.relative_to(PACKAGE).as_posix() not in EDGE]
 # Rank of each unit (a subpackage, or a module at the top): a unit may import units of lower rank,
 # and itself. Units of one rank are independent of each other. docs/architecture.md draws this.
 LAYERS = {
+    "errors": -1,
     "method": 0,
     "stats": 0,
     "io": 1,

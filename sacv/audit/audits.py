@@ -23,6 +23,7 @@ import pandas as pd
 
 from sacv.audit.drift import drift_table
 from sacv.config import RunConfig
+from sacv.errors import InputError
 from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import class_names_of
 
@@ -140,7 +141,7 @@ def baseline_audit(run: RunDir, baseline: str | None) -> str | None:
         return known[-1] if known else None
     if baseline not in known:
         close = difflib.get_close_matches(baseline, known, n=3, cutoff=0.3)
-        raise ValueError(
+        raise InputError(
             f"audit.baseline {baseline!r} is not a finished audit with scores in {run.uri}; "
             f"close audit ids: {close} (see `sacv history {run.uri}`)"
         )

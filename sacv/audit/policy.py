@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from sacv.config import RunConfig, unknown_name
+from sacv.errors import NotYetRun
 from sacv.io.rundir import RunDir
 
 CHECK_COLUMNS = ["check", "kind", "row", "value", "threshold", "passed"]
@@ -118,7 +119,7 @@ def run_checks(run_uri: str, config: RunConfig) -> pd.DataFrame:
     run = RunDir(run_uri)
     contributions = run.read_table("contributions")
     if contributions is None:
-        raise RuntimeError(f"{run.uri} has no contributions table; checks need the score stage")
+        raise NotYetRun(f"{run.uri} has no contributions table; checks need the score stage")
     table = evaluate_checks(config, contributions, run.read_table("drift"))
     run.write_table("checks", table)
     return table

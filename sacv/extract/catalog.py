@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
+from sacv.errors import NotYetRun
 from sacv.extract.image_sources import Candidate
 from sacv.io.images import ImageRejected, check_supported, file_stamp, image_id, probe_image, read_bytes
 from sacv.io.rundir import RunDir
@@ -297,7 +298,7 @@ class ImageCatalog:
         """The whole table (planning, the API; a per-shard task reads :meth:`for_shards`)."""
         frame = run.read_table("images")
         if frame is None:
-            raise RuntimeError(f"{run.uri} has no images table; run the extract stage first")
+            raise NotYetRun(f"{run.uri} has no images table; run the extract stage first")
         return cls(frame)
 
     @classmethod

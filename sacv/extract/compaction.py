@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from sacv.config import RunConfig, parse_config
+from sacv.errors import NotYetRun
 from sacv.extract import position_stats
 from sacv.extract.catalog import LIVE, ImageCatalog, write_images
 from sacv.extract.extraction import record_shard_rejects
@@ -123,7 +124,7 @@ def run_config(run: RunDir) -> RunConfig:
     """The config of the run directory's last run (run.json): what its shard markers depend on."""
     record = run.read_run_record() or {}
     if "config" not in record:
-        raise ValueError(f"{run.uri} has no run.json with a config; run `sacv run` on it first")
+        raise NotYetRun(f"{run.uri} has no run.json with a config; run `sacv run` on it first")
     return parse_config(record["config"], source=f"{run.uri}/run.json config")
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from sacv.config import RunConfig
+from sacv.errors import InputError
 from sacv.extract.catalog import REJECT_COLUMNS, ImageCatalog, write_images
 from sacv.extract.decode_pool import ShardImages, decoded_shards
 from sacv.extract.extraction_plan import shard_digest, store_layout
@@ -46,7 +47,7 @@ def shard_targets(config: RunConfig, rows: pd.DataFrame, class_names: list[str])
         return None
     if target == "label":
         if rows["label"].isna().any():
-            raise ValueError("dataset.target is 'label' but some images have no label; give labels or use 'predicted'")
+            raise InputError("dataset.target is 'label' but some images have no label; give labels or use 'predicted'")
         return torch.tensor(rows["label"].astype("int64").to_numpy())
     return match_class(target, class_names)
 

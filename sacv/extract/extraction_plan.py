@@ -19,6 +19,7 @@ import pandas as pd
 from sacv.audit.audits import baseline_audit, new_audit_id
 from sacv.audit.policy import validate_checks
 from sacv.config import RunConfig, require_concept_images
+from sacv.errors import InputError
 from sacv.extract.catalog import (
     CHECK_COLUMNS,
     ImageCatalog,
@@ -104,7 +105,7 @@ def shard_is_done(run: RunDir, catalog: ImageCatalog, group: str, shard: int, co
 def _candidates(run: RunDir, config: RunConfig, model: LoadedModel) -> list:
     """Every file of the configured collections, after the names the config uses are validated."""
     if config.concepts is None and config.dataset is None:
-        raise ValueError("the config names no images: add a `concepts` or a `dataset` section")
+        raise InputError("the config names no images: add a `concepts` or a `dataset` section")
     candidates = concept_candidates(config.concepts) if config.concepts else []
     if config.audit.baseline is not None:  # an unknown baseline audit: an error before any work
         baseline_audit(run, config.audit.baseline)
@@ -186,7 +187,7 @@ def plan_extraction(
     )
     if not (images["status"] == "ok").any():
         run.write_table("rejects", rejects)
-        raise ValueError(f"none of the {len(frame)} files is a usable image; see tables/rejects.parquet")
+        raise InputError(f"none of the {len(frame)} files is a usable image; see tables/rejects.parquet")
     shards = prepare_store(run, config, model, images)
     run.write_table("rejects", rejects)
     write_images(run, images)  # written last: a shard task reads its rows from it

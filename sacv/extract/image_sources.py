@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from sacv.config import ConceptsConfig, DatasetConfig
+from sacv.errors import InputError, MissingInput
 from sacv.io import storage
 from sacv.io.images import IMAGE_EXTENSIONS, list_files
 
@@ -28,7 +29,7 @@ class Candidate:
 def subfolders(root: str) -> list[str]:
     fs, base = storage.url_to_fs(root)
     if not fs.isdir(base):
-        raise FileNotFoundError(f"folder {root} does not exist; check the path in the config")
+        raise MissingInput(f"folder {root} does not exist; check the path in the config")
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False) if fs.isdir(p))
 
 
@@ -39,16 +40,16 @@ def concept_candidates(cfg: ConceptsConfig) -> list[Candidate]:
     missing = [n for n in names if n not in folders]
     if missing:
         close = {n: difflib.get_close_matches(n, folders, n=3) for n in missing}
-        raise ValueError(f"concept folders not found under {cfg.root}: {close} (name: close folder names)")
+        raise InputError(f"concept folders not found under {cfg.root}: {close} (name: close folder names)")
     if cfg.random_pool is None and len(folders) < 2:
-        raise ValueError("random sets need other concept folders or a `concepts.random_pool` folder")
+        raise InputError("random sets need other concept folders or a `concepts.random_pool` folder")
     root = cfg.root.rstrip("/")
     out = [Candidate(p, "guidance", "concept", concept=f) for f in folders for p in list_files(f"{root}/{f}")]
     if cfg.random_pool is not None:
         out += [Candidate(p, "guidance", "random", concept="random") for p in list_files(cfg.random_pool)]
     empty = [n for n in names if not any(c.concept == n and c.path.lower().endswith(IMAGE_EXTENSIONS) for c in out)]
     if empty:
-        raise ValueError(f"concept folders with no images: {empty}; add images or remove them from concepts.names")
+        raise InputError(f"concept folders with no images: {empty}; add images or remove them from concepts.names")
     return out
 
 
@@ -74,7 +75,7 @@ def match_class(folder: str, class_names: list[str]) -> int:
         _normalise(folder), names, n=5, cutoff=0.3
     )
     shown = f"close class names: {close}" if close else f"no class name is close; the first are {names[:5]}"
-    raise ValueError(
+    raise InputError(
         f"class folder {folder!r} matches no class of the model; {shown}. "
         "Rename the folder to a class name or its index, or move it out of dataset.root."
     )
@@ -82,7 +83,7 @@ def match_class(folder: str, class_names: list[str]) -> int:
 
 def dataset_candidates(cfg: DatasetConfig, class_names: list[str]) -> list[Candidate]:
     if (cfg.root is None) == (cfg.manifest is None):
-        raise ValueError("give exactly one of dataset.root (class folders) or dataset.manifest (CSV/Parquet)")
+        raise InputError("give exactly one of dataset.root (class folders) or dataset.manifest (CSV/Parquet)")
     if cfg.root is not None:
         root = cfg.root.rstrip("/")
         out = []
@@ -95,7 +96,7 @@ def dataset_candidates(cfg: DatasetConfig, class_names: list[str]) -> list[Candi
     reader = pd.read_parquet if cfg.manifest.endswith(".parquet") else pd.read_csv
     table = reader(cfg.manifest, storage_options=storage.options_for(cfg.manifest) or None)
     if "path" not in table.columns:
-        raise ValueError(f"manifest {cfg.manifest} has no 'path' column (columns: {list(table.columns)})")
+        raise InputError(f"manifest {cfg.manifest} has no 'path' column (columns: {list(table.columns)})")
     base = cfg.manifest.rsplit("/", 1)[0] if "/" in cfg.manifest else "."
 
     def resolve(p):

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from sacv.config import RunConfig, numeric_mode, require_concept_images
+from sacv.errors import InputError
 from sacv.extract.catalog import ImageCatalog
 from sacv.fit.sweep import plan_blocks
 from sacv.io.handoffs import FitPlan
@@ -69,7 +70,7 @@ def draw_random_sets(pool: list[str], exclude: set[str], n_sets: int, per_set: i
     slices of one permutation when the pool is large enough, else independent draws."""
     candidates = sorted(set(pool) - exclude)
     if len(candidates) < 2:
-        raise ValueError(f"the random pool has {len(candidates)} usable images; add images or set concepts.random_pool")
+        raise InputError(f"the random pool has {len(candidates)} usable images; add images or set concepts.random_pool")
     per_set = min(per_set, len(candidates))
     if len(candidates) >= n_sets * per_set:
         order = np.random.default_rng(seed).permutation(candidates)
@@ -137,7 +138,7 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
     names = cfg.names or sorted(by_concept.index)
     empty = [k for k in names if k not in by_concept.index]
     if empty:
-        raise ValueError(f"concepts {empty} have no usable images (all rejected?); see tables/rejects.parquet")
+        raise InputError(f"concepts {empty} have no usable images (all rejected?); see tables/rejects.parquet")
     random_role = guidance[guidance["role"] == "random"]
     shared = len(random_role) > 0  # a separate pool: every concept gets the same random sets and pseudo-concepts
     pool = (random_role if shared else guidance)["image_id"].tolist()

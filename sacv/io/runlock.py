@@ -25,12 +25,13 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+from sacv.errors import UserError
 from sacv.io.rundir import RunDir
 
 SETTLE_S = 1.0
 
 
-class RunLocked(RuntimeError):
+class RunLocked(UserError, RuntimeError):
     """The run directory is in use by another run (the message names it)."""
 
 

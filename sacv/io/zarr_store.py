@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
+from sacv.errors import InputError
 from sacv.io import storage
 
 STORE_FORMAT = 1
@@ -38,7 +39,7 @@ def all_finite(values: np.ndarray) -> bool:
     return not bool(((values.view(bits) & mask) == mask).any())
 
 
-class StoreMismatch(ValueError):
+class StoreMismatch(InputError):
     """The store on disk was written with another model, weights, preprocessing or layers."""
 
 

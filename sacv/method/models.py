@@ -30,6 +30,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from sacv.errors import InputError, MissingInput
+
 KNOWN_BUILTINS = ("efficientnet_lite0",)
 
 
@@ -150,7 +152,7 @@ def load_state_dict_checked(module: nn.Module, path: str | Path) -> None:
     """Load a state dict with ``weights_only=True``; a mismatch is a ValueError listing keys."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist; pass the path of a saved state dict")
+        raise MissingInput(f"weights file {path} does not exist; pass the path of a saved state dict")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -192,7 +194,7 @@ def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         close = difflib.get_close_matches(name, available, n=5)
-        raise ValueError(f"unknown torchvision model {name!r}; close names: {close or available[:10]}")
+        raise InputError(f"unknown torchvision model {name!r}; close names: {close or available[:10]}")
     spec = f"torchvision/{name}"
     if weights and not Path(weights).exists() and not weights.endswith((".pt", ".pth")):
         enum = torchvision.models.get_model_weights(name)
@@ -227,7 +229,7 @@ def _load_callable(spec: str, weights: str | None) -> LoadedModel:
     try:
         factory = getattr(importlib.import_module(module_path), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import {spec!r} ({err}); a callable spec is 'package.module:function'") from None
+        raise InputError(f"cannot import {spec!r} ({err}); a callable spec is 'package.module:function'") from None
     built = factory()
     if isinstance(built, LoadedModel):
         if weights:
@@ -257,7 +259,7 @@ def load_model(spec: str, weights: str | None = None) -> LoadedModel:
     if ":" in spec:
         return _load_callable(spec, weights)
     close = difflib.get_close_matches(spec, KNOWN_BUILTINS, n=3)
-    raise ValueError(
+    raise InputError(
         f"unknown model spec {spec!r}"
         + (f" (did you mean {close}?)" if close else "")
         + "; use 'efficientnet_lite0', 'torchvision/<name>' or 'package.module:callable'"
@@ -271,7 +273,7 @@ def resolve_layers(module: nn.Module, names: list[str] | tuple[str, ...]) -> dic
     for name in names:
         if name not in modules or name == "":
             close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
-            raise ValueError(
+            raise InputError(
                 f"unknown layer {name!r}; closest layer names: {close}. "
                 "Run `sacv layers MODEL` to list the addressable layers."
             )
@@ -309,7 +311,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"execution.device is {device!r} but CUDA is not available here; use 'auto' or 'cpu'")
+        raise InputError(f"execution.device is {device!r} but CUDA is not available here; use 'auto' or 'cpu'")
     return torch.device(device)
 
 
@@ -327,7 +329,7 @@ def configure_model(
     if class_names is not None:
         outputs = n_outputs(model)
         if len(class_names) != outputs:
-            raise ValueError(
+            raise InputError(
                 f"model.class_names has {len(class_names)} names but {model.spec} has {outputs} outputs; "
                 "give one name per output, in output order"
             )

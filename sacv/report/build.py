@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from sacv.api import Run
+from sacv.errors import MissingInput
 from sacv.io.images import ImageRejected
 from sacv.io.rundir import RunDir
 from sacv.report import figures as plots
@@ -330,7 +331,7 @@ def build_report(run_uri: str, top_images: int = 3) -> str:
     run = RunDir(run_uri)
     record = run.read_run_record() or {}
     if not run.is_run():
-        raise FileNotFoundError(f"{run_uri} is not a run directory (no run.json or tables/)")
+        raise MissingInput(f"{run_uri} is not a run directory (no run.json or tables/)")
     images, rejects, vectors = run.read_table("images"), run.read_table("rejects"), run.read_table("vectors")
     table = run.read_table("contributions")
     layers = record.get("config", {}).get("layers") or (

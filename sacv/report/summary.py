@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from sacv.errors import MissingInput
 from sacv.io.rundir import RunDir
 
 CONTRIBUTION_COLUMNS = [
@@ -143,7 +144,7 @@ def describe_run(
     (names; a class also by index) keep only those rows of the vectors and contributions."""
     run = RunDir(run_uri)
     if not run.is_run():
-        raise FileNotFoundError(f"{run_uri} is not a run directory (no run.json or tables/)")
+        raise MissingInput(f"{run_uri} is not a run directory (no run.json or tables/)")
     record = run.read_run_record() or {}
     lines = [f"run {run.uri}"]
     if "model" in record:
@@ -204,7 +205,7 @@ def run_facts(
     significant first by |z|), after the same filters as the text."""
     run = RunDir(run_uri)
     if not run.is_run():
-        raise FileNotFoundError(f"{run_uri} is not a run directory (no run.json or tables/)")
+        raise MissingInput(f"{run_uri} is not a run directory (no run.json or tables/)")
     record = run.read_run_record() or {}
     timings = record.get("timings", {})
     facts: dict = {
