@@ -12,6 +12,7 @@ import fsspec
 import pandas as pd
 
 from sacv.audit.drift import drift_table
+from sacv.errors import NotYetRun
 from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import class_names_of
 
@@ -21,7 +22,7 @@ def _side(run_uri: str) -> tuple[RunDir, pd.DataFrame, pd.Series, dict]:
     run = RunDir(run_uri)
     per_set, images = run.read_table("per_set"), run.read_table("images")
     if per_set is None or images is None:
-        raise FileNotFoundError(f"{run_uri} has no per_set table; run `sacv run` (or score) there first")
+        raise NotYetRun(f"{run_uri} has no per_set table; run `sacv run` (or score) there first")
     scored = images[(images["status"] == "ok") & (images["group"] == "dataset")]["image_id"]
     return run, per_set, scored, run.read_run_record() or {}
 

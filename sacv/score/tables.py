@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from sacv.config import RunConfig
+from sacv.errors import NotYetRun
 from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import class_names_of
 from sacv.stats.contributions import add_partials, contribution_table, per_vector_from_partials, vector_partials
@@ -77,7 +78,7 @@ def _shard_aggregates(run: RunDir, shard: int) -> tuple:
         return stored
     scores = run.read_shard_scores(shard)
     if scores is None:
-        raise RuntimeError(f"dataset shard {shard} of {run.uri} has no scores; run the score stage again")
+        raise NotYetRun(f"dataset shard {shard} of {run.uri} has no scores; run the score stage again")
     partials, top = shard_aggregates(scores)
     run.write_shard_aggregates(shard, partials, top)
     return partials, top
@@ -100,7 +101,7 @@ def reduce_shards(run: RunDir, shards: list[int], progress=None) -> tuple[pd.Dat
             if progress is not None:
                 progress(min(start + BATCH, len(shards)), len(shards))
     if partials is None:
-        raise RuntimeError(f"{run.uri} has no scored dataset shards; run the score stage")
+        raise NotYetRun(f"{run.uri} has no scored dataset shards; run the score stage")
     return partials, top
 
 
