@@ -296,7 +296,7 @@ def test_the_example_notebook_runs_end_to_end(runs, monkeypatch):
 
 def test_the_report_shows_the_notebook_figure(runs):
     from sacv.report.build import _chosen_rows, build_report
-    from sacv.report.figures import png_uri
+    from sacv.report.figures import figure_uri
 
     run_dir, _ = runs
     page = Path(build_report(str(run_dir))).read_text(encoding="utf-8")
@@ -311,4 +311,4 @@ def test_the_report_shows_the_notebook_figure(runs):
     fig = sacv.plot.overlay(
         [run.maps(r, row["layer"], row["concept"]) for r in rows], [run.picture(r) for r in rows], labels
     )
-    assert png_uri(fig) in page  # byte for byte the same PNG
+    assert figure_uri(fig, photo=True) in page  # byte for byte the same image

@@ -101,6 +101,14 @@ def test_text_from_files_is_escaped(report):
     assert str(run) in page
 
 
+def embedded(uri: str) -> Image.Image:
+    """The image of a ``data:image/(webp|png);base64,`` URI, checked to be of the format it says."""
+    kind, data = re.fullmatch(r"data:image/(webp|png);base64,(.*)", uri).groups()
+    image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+    assert image.format == kind.upper() and image.width > 0
+    return image
+
+
 def test_the_page_is_self_contained(report):
     _, _, page = report
     assert "http://" not in page and "https://" not in page
@@ -108,12 +116,35 @@ def test_the_page_is_self_contained(report):
     sources = re.findall(r"<img\b[^>]*?\bsrc=\"([^\"]*)\"", page)
     assert sources and len(sources) == page.count("<img")
     for source in sources:
-        assert source.startswith("data:image/png;base64,")
-        with Image.open(
-            io.BytesIO(base64.b64decode(source.removeprefix("data:image/png;base64,"), validate=True))
-        ) as image:
-            assert image.format == "PNG" and image.width > 0
+        with embedded(source) as image:
             image.verify()
+
+
+def test_the_page_stays_small(report):
+    """Figures in compact formats, no wider than shown, within a byte budget each; a bounded number
+    of them; every section still there."""
+    from sacv.report.build import MAX_SECTIONS
+    from sacv.report.figures import FIGURE_WIDTH
+
+    _, _, page = report
+    figures = re.findall(r'<img src="(data:[^"]*)" alt="([^"]*)"', page)
+    photos = [uri for uri, alt in figures if alt in ("concept maps", "receptive-field patches")]
+    assert photos and len(figures) <= 2 * MAX_SECTIONS + 3
+    for uri, _ in figures:
+        with embedded(uri) as image:
+            assert image.width <= FIGURE_WIDTH
+            assert len(uri) < 2000 + 0.5 * image.width * image.height  # a PNG of a photograph takes ~3 bytes a pixel
+    assert all(uri.startswith("data:image/webp;") for uri in photos)  # lossy: photographs under the maps
+    assert re.findall(r"<h2>([^<(]*)", page) == [
+        "Stage timings",
+        "Contributions",
+        "Sweep: spatial score per concept and layer",
+        "Where the concepts are",
+        "Per-layer profile: where does a concept emerge?",
+        "History ",
+        "Localisation",
+        "Rejects ",
+    ]
 
 
 def test_tables_match_the_run(report):
@@ -159,6 +190,8 @@ def test_the_page_works_in_headless_chromium(report, tmp_path):
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
             widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
             assert widths and all(w > 0 for w in widths), widths
+            shown = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.clientWidth)")
+            assert all(w <= s for w, s in zip(widths, shown, strict=True)), (widths, shown)  # none scaled down
 
             def column(index):
                 return page.eval_on_selector_all(
@@ -225,11 +258,11 @@ def test_the_sweep_heatmap_has_one_panel_per_class_up_to_the_cap():
     from sacv.report.figures import sweep_heatmap
 
     def size(uri):
-        with Image.open(io.BytesIO(base64.b64decode(uri.removeprefix("data:image/png;base64,")))) as image:
+        with embedded(uri) as image:
             return image.size
 
     layers = ["l0", "l1", "l2", "l3"]
     few, many = sweep_heatmap(sweep_table(classes=2), layers), sweep_heatmap(sweep_table(classes=30), layers)
-    assert few.startswith("data:image/png;base64,") and size(few)[0] < size(many)[0]  # 2 panels vs a row of 4
+    assert size(few)[0] < size(many)[0]  # 2 panels vs a row of 4
     assert size(sweep_heatmap(sweep_table(classes=12), layers)) == size(many)  # capped at 12 classes
     assert sweep_heatmap(sweep_table().head(0), layers) is None

@@ -5,9 +5,11 @@ contributions table (sortable by clicking a header, filtered by a search box, at
 ``CONTRIBUTION_ROWS`` rows), a concept × layer heat map of spatial scores per class, spatial maps
 and receptive-field patches of the strongest (class, concept, layer) rows, a per-layer profile, the
 audit history with the drift table and the drifting rows' scores over audits, the policy checks, the
-localisation table when there is one, and the rejects. Plots are embedded PNG data URIs; no server,
-network, font or script outside the file is needed (``sacv.report.html``). Every text from files,
-folders, configs and tables is HTML-escaped.
+localisation table when there is one, and the rejects. The page stays small at any run size: at
+most ``MAX_SECTIONS`` sections of two figures each and three more figures, each embedded as a
+compact data URI no wider than it is shown (``sacv.report.figures``), and at most ``TABLE_ROWS``
+rows of the drift, checks and rejects tables. No server, network, font or script outside the file
+is needed (``sacv.report.html``). Every text from files, folders, configs and tables is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from sacv.errors import MissingInput
 from sacv.io.images import ImageRejected
 from sacv.io.rundir import RunDir
 from sacv.report import figures as plots
-from sacv.report.html import esc, fmt, html_page, missing, sort_key, table_html
+from sacv.report.html import cut_note, esc, fmt, html_page, missing, sort_key, table_html
 from sacv.stats.contributions import SCORE_COLUMN
 
 MAX_SECTIONS = 12
 CONTRIBUTION_ROWS = 300  # rows of the contributions table shown (significant first); the rest stay in the Parquet file
+TABLE_ROWS = 300  # rows shown of the drift, checks and rejects tables; all of them stay in the Parquet files
 GALLERY_PATCHES = 12
 HISTORY_PANELS = 6
 CONTRIBUTION_VIEW = [  # (header, column, formatter); the first column of a cell is its sort key
@@ -318,11 +321,9 @@ def _history_html(run: RunDir) -> list[str]:
             f'<figure><img src="{figure}" alt="scores over audits"><figcaption>Spatial and TCAV score of '
             "each shown row in every audit (1 = the oldest).</figcaption></figure>"
         )
-    parts.append(
-        table_html(
-            drift.drop(columns=["before", "after"]), "drift", row_class=lambda r: "sig" if r["significant"] else ""
-        )
-    )
+    shown = drift.drop(columns=["before", "after"]).head(TABLE_ROWS)
+    parts.append(cut_note(len(shown), len(drift), "drift", "largest change first"))
+    parts.append(table_html(shown, "drift", row_class=lambda r: "sig" if r["significant"] else ""))
     return parts
 
 
@@ -391,18 +392,19 @@ def build_report(run_uri: str, top_images: int = 3) -> str:
     checks = run.read_table("checks")
     if checks is not None and len(checks):
         failed = int((~checks["passed"]).sum())
+        shown = checks.sort_values("passed", kind="stable").head(TABLE_ROWS)  # the failed rows first
         body.append(
             f"<h2>Policy checks ({failed} of {len(checks)} rows failed)</h2>"
-            + table_html(checks, "checks", row_class=lambda r: "" if r["passed"] else "fail")
+            + cut_note(len(shown), len(checks), "checks", "the failed rows first")
+            + table_html(shown, "checks", row_class=lambda r: "" if r["passed"] else "fail")
         )
     localisation = run.read_table("localisation")
     if localisation is not None:
         body.append("<h2>Localisation</h2>" + table_html(localisation, "localisation"))
     body.append(f"<h2>Rejects ({0 if rejects is None else len(rejects)})</h2>")
     if rejects is not None and len(rejects):
-        body.append(
-            table_html(rejects[[c for c in ("path", "group", "stage", "reason") if c in rejects.columns]], "rejects")
-        )
+        shown = rejects[[c for c in ("path", "group", "stage", "reason") if c in rejects.columns]].head(TABLE_ROWS)
+        body.append(cut_note(len(shown), len(rejects), "rejects") + table_html(shown, "rejects"))
     else:
         body.append("<p>None.</p>")
     return run.write_report(html_page(f"SACV report: {run.uri}", "\n".join(body)))

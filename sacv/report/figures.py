@@ -1,8 +1,11 @@
-"""Figures of the run report (``sacv.report.build``), each returned as a ``data:image/png;base64`` URI.
+"""Figures of the run report (``sacv.report.build``), each returned as a base64 data URI.
 
+Every figure is rendered no wider than ``FIGURE_WIDTH`` pixels, the widest the page shows it, so a
+figure's bytes do not depend on the run's size: map overlays and patch galleries (photographs) as
+lossy WebP, plots as a 256-colour PNG or lossless WebP, whichever is smaller (:func:`figure_uri`).
 Matplotlib runs on the Agg backend; text that comes from folders or configs is passed through
 ``plain`` so that a ``$`` in a concept name is not read as mathtext. The map overlay is the
-notebook's figure (``sacv.plot``), rendered to PNG here.
+notebook's figure (``sacv.plot``).
 """
 
 from __future__ import annotations
@@ -17,23 +20,40 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from sacv.plot import CMAP, STYLE, overlay, plain  # noqa: E402
 
 plt.rcParams.update(STYLE)
 
+FIGURE_WIDTH = 1146  # px: a section box's inner width on the widest page (sacv.report.html: 1180 less 34)
+PHOTO_QUALITY = 80  # WebP quality of the photographic figures: the maps' colours stay clear over the pictures
 
-def png_uri(fig) -> str:
-    """Render a figure to a PNG data URI and close it."""
+
+def figure_uri(fig, photo: bool = False) -> str:
+    """Render a figure (at 100 dpi, less where that is wider than ``FIGURE_WIDTH``) to a data URI
+    and close it: lossy WebP for a ``photo``, else the smaller of a 256-colour PNG and lossless WebP."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    dpi = min(STYLE["figure.dpi"], FIGURE_WIDTH / fig.get_size_inches()[0])
+    fig.savefig(buffer, format="png", dpi=dpi, pil_kwargs={"compress_level": 1})
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    with Image.open(buffer) as rendered:
+        image = rendered.convert("RGB")
+    if photo:
+        return _uri(image, "webp", quality=PHOTO_QUALITY, method=6)
+    few = image.quantize(256, dither=Image.Dither.NONE)
+    return min(_uri(few, "png", optimize=True), _uri(few, "webp", lossless=True, method=6), key=len)
+
+
+def _uri(image: Image.Image, kind: str, **options) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind.upper(), **options)
+    return f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def overlay_figure(maps: list, pictures: list[np.ndarray], labels: list[str]) -> str:
     """The notebook's overlay figure (:func:`sacv.plot.overlay`) of maps from ``Run.maps``."""
-    return png_uri(overlay(maps, pictures, labels))
+    return figure_uri(overlay(maps, pictures, labels), photo=True)
 
 
 def patch_gallery(patches: list[np.ndarray], labels: list[str], per_row: int = 6) -> str:
@@ -46,7 +66,7 @@ def patch_gallery(patches: list[np.ndarray], labels: list[str], per_row: int = 6
     for ax, patch, label in zip(axes.flat, patches, labels):
         ax.imshow(patch, interpolation="nearest")
         ax.set_title(plain(label), fontsize=7.5)
-    return png_uri(fig)
+    return figure_uri(fig, photo=True)
 
 
 def profile_figure(vectors: pd.DataFrame | None, table: pd.DataFrame | None, layers: list[str]) -> str | None:
@@ -101,7 +121,7 @@ def profile_figure(vectors: pd.DataFrame | None, table: pd.DataFrame | None, lay
         ax.set_ylim(0, 1.02)
         ax.grid(axis="y", alpha=0.3)
     axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    return png_uri(fig)
+    return figure_uri(fig)
 
 
 def history_figure(history: pd.DataFrame, rows: pd.DataFrame, order: list[str]) -> str | None:
@@ -129,7 +149,7 @@ def history_figure(history: pd.DataFrame, rows: pd.DataFrame, order: list[str]) 
         ax.set_ylim(0, 1.02)
         ax.grid(axis="y", alpha=0.3)
     axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    return png_uri(fig)
+    return figure_uri(fig)
 
 
 def sweep_heatmap(table: pd.DataFrame, layers: list[str], max_classes: int = 12) -> str | None:
@@ -166,4 +186,4 @@ def sweep_heatmap(table: pd.DataFrame, layers: list[str], max_classes: int = 12)
         ax.set_xticks(range(len(order)), [plain(layer) for layer in order], rotation=30, ha="right", fontsize=7)
         ax.set_yticks(range(len(concepts)), [plain(c) for c in concepts] if ax in axes[:, 0] else [], fontsize=7)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=CMAP), ax=axes, fraction=0.02, pad=0.01, label="spatial score")
-    return png_uri(fig)
+    return figure_uri(fig)

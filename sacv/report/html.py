@@ -53,6 +53,13 @@ def table_html(frame: pd.DataFrame, table_id: str, cells=None, row_class=None, h
     )
 
 
+def cut_note(shown: int, rows: int, table: str, order: str = "in the table's order") -> str:
+    """The note above a table that shows only ``shown`` of its ``rows`` ("" when it is whole)."""
+    if shown >= rows:
+        return ""
+    return f'<p class="note">Shown: {shown} of {rows} rows, {esc(order)}; all of them are in tables/{esc(table)}.parquet.</p>'
+
+
 def html_page(title: str, body: str) -> str:
     """A whole self-contained page around ``body`` (HTML, already escaped); ``title`` is escaped here."""
     head, tail = PAGE.split("{body}")
