@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from sacv.errors import NotYetRun
 from sacv.extract.catalog import ImageCatalog
 from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import check_readable
@@ -165,6 +166,17 @@ class Run:
             self._catalog = ImageCatalog.read(self.dir)
         return self._catalog.rows(group)
 
+    def _dataset_rows(self, rows) -> pd.DataFrame:
+        """The current dataset images at these store rows: from the catalog when it is loaded, else
+        from the row groups of ``images.parquet`` that hold them (a few of millions of rows)."""
+        if self._catalog is not None:
+            part = self._catalog.rows("dataset")
+            return part[part["row"].isin(list(rows))]
+        part = self.dir.read_table_rows("images", {"group": ["dataset"], "row": [int(r) for r in rows]})
+        if part is None:
+            raise NotYetRun(f"{self.uri} has no images table; run the extract stage first")
+        return part[part["status"] == "ok"]
+
     def _image_array(self, path: str, group: str) -> xr.DataArray:
         store = self._require_store()
         if path not in store:
@@ -248,10 +260,10 @@ class Run:
 
     def image(self, image: str | int) -> pd.Series:
         """The dataset image named by its image_id, its path (or file name, when unique) or its store row."""
-        rows = self._catalog_rows("dataset")
         if isinstance(image, (int, np.integer)):
-            found = rows[rows["row"] == int(image)]
+            rows = found = self._dataset_rows([image])
         else:
+            rows = self._catalog_rows("dataset")
             found = rows[(rows["image_id"] == image) | (rows["path"] == image)]
             if not len(found):
                 found = rows[rows["path"].str.rsplit("/", n=1).str[-1] == image]
@@ -404,7 +416,7 @@ class Run:
             ranked = rank_images(image_means(scores))
         ranked = ranked.iloc[::-1] if lowest else ranked
         ranked = ranked if n is None else ranked.head(n)
-        images = self._catalog_rows("dataset").set_index("row")[["path", "label"]]
+        images = self._dataset_rows(ranked["row"]).set_index("row")[["path", "label"]]
         return ranked.join(images, on="row").reset_index(drop=True)[["row", "image_id", "path", "label", *TOP_MEANS]]
 
     # --- display --------------------------------------------------------------------------------

@@ -114,9 +114,13 @@ class RunDir:
         table.to_parquet(buffer, index=False)
         self._write_bytes(relpath, buffer.getvalue())
 
-    def _read_parquet(self, relpath: str) -> pd.DataFrame | None:
+    def _read_parquet(self, relpath: str, columns: list[str] | None = None) -> pd.DataFrame | None:
         if not self._exists(relpath):
             return None
+        if columns is not None:  # ranged reads of those column chunks alone
+            import pyarrow.parquet as pq
+
+            return pq.read_table(self._path(relpath), filesystem=self.fs, columns=columns).to_pandas()
         return pd.read_parquet(io.BytesIO(self.fs.cat_file(self._path(relpath))))
 
     # --- tables ----------------------------------------------------------------------------------
@@ -181,12 +185,13 @@ class RunDir:
         files = self.table_files(name)
         return ds.dataset(files, format="parquet", filesystem=PyFileSystem(FSSpecHandler(self.fs))) if files else None
 
-    def read_table(self, name: str) -> pd.DataFrame | None:
-        """Table ``name`` whole, in memory (a dataset's files concatenated: see ``dataset`` for a scan)."""
+    def read_table(self, name: str, columns: list[str] | None = None) -> pd.DataFrame | None:
+        """Table ``name`` in memory, every row (a dataset's files concatenated: see ``dataset`` for a
+        scan), with only ``columns`` when given (None: all)."""
         if name in DATASET_TABLES:
             dataset = self.dataset(name)
-            return None if dataset is None else dataset.to_table().to_pandas()
-        return self._read_parquet(self._table_file(name))
+            return None if dataset is None else dataset.to_table(columns=columns).to_pandas()
+        return self._read_parquet(self._table_file(name), columns)
 
     def write_score_dataset(self, shards: list[int], rows: int) -> str:
         """List the ``image_scores`` dataset's files (``shards``' score files, ``rows`` rows in all)."""

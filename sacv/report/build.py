@@ -333,7 +333,8 @@ def build_report(run_uri: str, top_images: int = 3) -> str:
     record = run.read_run_record() or {}
     if not run.is_run():
         raise MissingInput(f"{run_uri} is not a run directory (no run.json or tables/)")
-    images, rejects, vectors = run.read_table("images"), run.read_table("rejects"), run.read_table("vectors")
+    images, rejects = run.read_table("images", columns=["group", "status"]), run.read_table("rejects")
+    vectors = run.read_table("vectors")
     table = run.read_table("contributions")
     layers = record.get("config", {}).get("layers") or (
         [] if vectors is None else list(dict.fromkeys(vectors["layer"]))

@@ -162,7 +162,7 @@ def describe_run(
             f"(+{last['images_added']} -{last['images_removed']} images, {last['images_total']} in all; "
             f"{len(audits)} audits, see `sacv history`)"
         )
-    images = run.read_table("images")
+    images = run.read_table("images", columns=["group", "status"])
     if images is not None:
         ok = images[images["status"] == "ok"]
         counts = ", ".join(f"{g}: {n}" for g, n in ok.groupby("group").size().items())
@@ -216,7 +216,7 @@ def run_facts(
     audits = run.read_audits()
     facts["audits"] = 0 if audits is None else len(audits)
     facts["last_audit"] = None if audits is None or not len(audits) else _records(audits.tail(1))[0]
-    images = run.read_table("images")
+    images = run.read_table("images", columns=["group", "status"])
     facts["images"] = (
         {} if images is None else {s: g.groupby("group").size().to_dict() for s, g in images.groupby("status")}
     )
