@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,9 +21,10 @@ from flows.pipeline import run_pipeline
 from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import StoreMismatch
 from sacv.method.maps import upsample_map
+from scripts import example_notebook
 from tests.flow_helpers import pipeline_config, write_collection
 
-NOTEBOOK = Path(__file__).parents[1] / "docs" / "example.ipynb"
+NOTEBOOK = example_notebook.NOTEBOOK
 
 
 @pytest.fixture(scope="module")
@@ -273,25 +276,37 @@ def test_import_sacv_stays_light():
     assert sacv.open_run is sacv.api.open_run and sacv.plot.overlay.__module__ == "sacv.plot"
 
 
-def test_the_example_notebook_runs_end_to_end(runs, monkeypatch):
+def test_the_example_notebook_runs_end_to_end(runs, tmp_path):
+    """The notebook runs in a Jupyter kernel on the small run as scripts/example_notebook.py runs it on
+    the demo's; the outputs committed with it come from the code committed with it."""
     run_dir, _ = runs
-    monkeypatch.setenv("SACV_RUN", str(run_dir))
-    cells = [c for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code"]
-    assert all(not c["outputs"] for c in cells)  # stored without outputs
-    namespace: dict = {}
-    for cell in cells:
-        exec(compile("".join(cell["source"]), f"{NOTEBOOK.name} cell", "exec"), namespace)
+    stored = nbformat.read(NOTEBOOK, as_version=4)
+    code = [cell for cell in stored.cells if cell.cell_type == "code"]
+    assert stored.metadata["sacv"]["code_sha256"] == example_notebook.code_hash(stored), (
+        "the notebook's code changed since its outputs were made: run scripts/example_notebook.py"
+    )
+    assert all(cell.outputs for cell in code) and NOTEBOOK.stat().st_size < 1_000_000
+    nb = copy.deepcopy(stored)
+    facts = "strongest=(layer, concept, cls), top=top, lowest=lowest, panels=len([a for a in fig.axes if a.images])"
+    nb.cells.append(nbformat.v4.new_code_cell(f"pd.to_pickle(dict({facts}), {str(tmp_path / 'ns.pkl')!r})"))
+    example_notebook.execute(nb, str(run_dir), timeout=300)
+    assert [cell.source for cell in nb.cells[:-1]] == [cell.source for cell in stored.cells]
+    for ran, kept in zip([cell for cell in nb.cells if cell.cell_type == "code"], code):
+        # the same kinds of outputs as the stored ones: tables as HTML, the figure as a PNG
+        kinds = [
+            [(o.output_type, sorted(o.get("data", {}))) for o in c.outputs if o.output_type != "stream"]
+            for c in (ran, kept)
+        ]
+        assert kinds[0] == kinds[1]
+    assert any("image/png" in o.get("data", {}) for cell in code for o in cell.outputs)
+    namespace = pd.read_pickle(tmp_path / "ns.pkl")
     run = sacv.open_run(str(run_dir))
     strongest = run.contributions().sort_values("z", key=abs, ascending=False).iloc[0]
-    assert (namespace["layer"], namespace["concept"], namespace["cls"]) == (
-        strongest["layer"],
-        strongest["concept"],
-        strongest["class_name"],
-    )
-    pd.testing.assert_frame_equal(
-        namespace["top"], run.top_images(strongest["layer"], strongest["concept"], strongest["class_name"], n=3)
-    )
-    assert len([ax for ax in namespace["fig"].axes if ax.images]) == 3 * 3
+    layer, concept, cls = strongest["layer"], strongest["concept"], strongest["class_name"]
+    assert namespace["strongest"] == (layer, concept, cls)
+    pd.testing.assert_frame_equal(namespace["top"], run.top_images(layer, concept, cls, n=3))
+    pd.testing.assert_frame_equal(namespace["lowest"], run.top_images(layer, concept, cls, n=3, lowest=True))
+    assert namespace["panels"] == 3 * 6
 
 
 def test_the_report_shows_the_notebook_figure(runs):
