@@ -311,6 +311,10 @@ def evaluate_command(run_dir: str) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the generated images.")
 def demo(out: str, small: bool, seed: int) -> None:
     """Offline demo: generated concepts and masked scenes -> the full pipeline on EfficientNet-Lite0 -> report."""
+    import importlib.util
+
+    if importlib.util.find_spec("skimage") is None:
+        raise click.ClickException("sacv demo draws its images with scikit-image: pip install 'sacv[demo]'")
     with _flow_start_up():
         from flows.demo import run_demo
 

@@ -70,3 +70,13 @@ def test_version_and_exit_codes(tmp_path):
     failed = runner.invoke(main, ["run", str(bad)])
     assert failed.exit_code == 1 and "Traceback" not in failed.output and "layers" in failed.output
     assert runner.invoke(main, ["run"]).exit_code == 2  # a wrong command line
+
+
+def test_the_demo_without_its_extra_names_the_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real(name, *a))
+    result = CliRunner().invoke(main, ["demo", "--out", "unused"])
+    assert result.exit_code == 1
+    assert "pip install 'sacv[demo]'" in result.output and "Traceback" not in result.output
