@@ -202,7 +202,7 @@ def plan_scoring(run_uri: str, config: RunConfig) -> ScorePlan:
 
 def write_shard_scores(run_uri: str, config: RunConfig, shard: int) -> int:
     """Score one shard; write its scores, then its marker with the content key. Returns the rows written."""
-    use_torch_threads(config.execution.torch_threads)  # the maps (and a streamed shard's model) are computed in this thread
+    use_torch_threads(config.execution.torch_threads)  # maps (and a streamed model) computed in this thread
     run = RunDir(run_uri)
     rows, vectors = ImageCatalog.for_shards(run, "dataset", [shard]).rows("dataset", shard), _read_vectors(run)
     table = score_shard(run, config, rows, vectors, config.score.mode)
