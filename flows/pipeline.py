@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from flows.extract import extract_flow, run_extract
 from flows.fit import fit_flow, run_fit
 from flows.process import configure_process
-from flows.runners import call_flow, known_failures, task_runner
+from flows.runners import call_flow, known_failures, task_runner, with_torch_threads
 from flows.score import run_score, score_flow
 from sacv.audit.audits import new_audit_id, record_audit
 from sacv.audit.policy import ChecksFailed, failure_message
@@ -79,7 +79,7 @@ def audit_flow(config_path: str) -> RunSummary:
             root on the worker. A rerun on the same run_dir resumes and audits only what changed.
     """
     configure_process()
-    config = load_config(config_path)
+    config = with_torch_threads(load_config(config_path))
     storage.use(config.storage_options)
     with run_lock(config):
         state = run_flow(config, return_state=True)

@@ -28,6 +28,18 @@ def task_runner(execution: ExecutionConfig):
     return ThreadPoolTaskRunner(max_workers=execution.workers)
 
 
+def with_torch_threads(config: RunConfig) -> RunConfig:
+    """``config`` with ``execution.torch_threads`` resolved: None becomes this (the flow) process's torch
+    thread count, so every task, here or on a Dask worker, computes with the same count and the CPU
+    numbers do not depend on where a task ran (docs/deploy.md)."""
+    if config.execution.torch_threads is not None:
+        return config
+    import torch
+
+    execution = config.execution.model_copy(update={"torch_threads": torch.get_num_threads()})
+    return config.model_copy(update={"execution": execution})
+
+
 class Progress:
     """A progress artifact of the running flow run (per cent), updated as shards or jobs complete."""
 
@@ -62,9 +74,10 @@ def call_flow(flow, config: RunConfig):
     """Run ``flow(config)`` with the config's task runner. In the embedded mode (no Prefect API
     configured) flow-run heartbeats are off: they let a server detect crashed runs, and cost about
     a second per flow run (measured). A temporary API started early (``flows.process``) is waited
-    for first."""
+    for first. ``execution.torch_threads`` is resolved here (:func:`with_torch_threads`)."""
     configure_process()
     wait_for_temporary_api()
+    config = with_torch_threads(config)
     storage.use(config.storage_options)
     configured = flow.with_options(task_runner=task_runner(config.execution))
     if PREFECT_API_URL.value():

@@ -221,6 +221,9 @@ class ExecutionConfig(Section):
         120, gt=0
     )  # a lock without heartbeat this long is stale (its holder died on another host)
     allow_tf32: bool = False  # let CUDA use TF32 (gradients off by several %, docs/numerics.md); CPU unaffected
+    torch_threads: int | None = Field(
+        None, ge=1
+    )  # torch CPU threads of every process that runs the model; None: the flow process's count (docs/deploy.md)
 
 
 def require_concept_images(concept: str, count: int, wanted: int) -> None:

@@ -38,6 +38,21 @@ def small(seed: int = 0, delay: float | None = None) -> LoadedModel:
     return LoadedModel("tests.models:small", SmallNet(delay), SMALL, names)
 
 
+def pointwise() -> LoadedModel:
+    """The tiny classifier with a 1×1 convolution (8 -> 8) as ``features.2``: on the CPU, oneDNN sums
+    it in an order that depends on torch's thread count. ``SACV_TEST_DELAY`` as for :func:`small`.
+    Each load appends a line with this process's ``CUDA_VISIBLE_DEVICES`` to
+    ``$SACV_TEST_LOADS/<pid>.txt`` when that folder is set."""
+    loads = os.environ.get("SACV_TEST_LOADS")
+    if loads:
+        with open(os.path.join(loads, f"{os.getpid()}.txt"), "a") as record:
+            record.write(os.environ.get("CUDA_VISIBLE_DEVICES", "") + "\n")
+    torch.manual_seed(0)
+    net = SmallNet(float(os.environ.get("SACV_TEST_DELAY", "0")))
+    net.features[2] = nn.Conv2d(8, 8, 1)
+    return LoadedModel("tests.models:pointwise", net, SMALL, ["cat", "dog", "zebra", "horse"])
+
+
 def small_other() -> LoadedModel:
     return small(seed=1)
 

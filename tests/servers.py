@@ -110,19 +110,26 @@ class DaskCluster:
             stop(process)
 
 
-def start_dask(n_workers: int, log_dir: Path, env: dict, timeout: float = 90) -> DaskCluster:
+def start_dask(
+    n_workers: int, log_dir: Path, env: dict, timeout: float = 90, per_worker: list[dict] | None = None
+) -> DaskCluster:
     """``dask scheduler`` and ``n_workers`` × ``dask worker --nthreads 1`` on loopback, each its own
-    process group started from the command line with ``env``; returns when every worker has joined."""
+    process group started from the command line with ``env`` (worker i's updated with ``per_worker[i]``);
+    returns when every worker has joined."""
     from distributed import Client
 
     dask = [str(Path(sys.executable).parent / "dask")]  # the console script of this environment
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
 
-    def spawn(args: list[str], name: str) -> subprocess.Popen:
+    def spawn(args: list[str], name: str, extra: dict | None = None) -> subprocess.Popen:
         log = log_dir / f"{name}.log"
         return subprocess.Popen(
-            dask + args, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env
+            dask + args,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**env, **(extra or {})},
         )
 
     scheduler = spawn(["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], "scheduler")
@@ -142,6 +149,7 @@ def start_dask(n_workers: int, log_dir: Path, env: dict, timeout: float = 90) ->
                 f"w{i}",
             ],
             f"worker{i}",
+            per_worker[i] if per_worker else None,
         )
         for i in range(n_workers)
     ]

@@ -1,10 +1,11 @@
 """The pipeline on an external Dask cluster: ``dask scheduler`` and two ``dask worker --nthreads 1``
 processes started from the command line on loopback; tables equal to a thread-pool run, also when
-a worker is SIGKILLed in the middle of extraction."""
+a worker is SIGKILLed in the middle of extraction, and with one worker per (fake) GPU."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -113,3 +114,37 @@ def test_a_worker_killed_mid_stage_costs_only_its_tasks(reference, tmp_path, sta
     assert any(task in str(key) for key in lost) and cluster.workers[victim[0]].poll() is not None  # died mid-task
     assert summary.extract.shards_run == 6 and all(m is not None for m in markers())
     assert_same_tables(run_tables(run, str(collection)), expected)
+
+
+def test_one_worker_per_gpu_gives_the_one_process_tables(tmp_path, prefect):
+    """docs/deploy.md's one worker per GPU, on the CPU: each worker started with its own
+    ``CUDA_VISIBLE_DEVICES`` (fake values, ``execution.device: cpu``), a model whose CPU numbers
+    depend on torch's thread count (``tests.models:pointwise``), one shard per task. Each worker
+    loads the model once, seeing its own value; both extract shards; the tables are those of a
+    one-process run, value for value (every process computes with the flow process's thread count)."""
+    collection = write_collection(tmp_path / "collection")
+    gpus = ("0", "1")
+
+    def config(run: str, **execution):
+        raw = pipeline_raw(str(collection), str(collection / run), spec="tests.models:pointwise")
+        extract = raw["extract"] | {"shards_per_task": 1}
+        return parse_config(raw | {"extract": extract, "execution": {"device": "cpu", **execution}})
+
+    local = config("local")
+    run_pipeline(local)
+    loads = tmp_path / "loads"
+    loads.mkdir()
+    env = worker_env(SACV_TEST_LOADS=str(loads), SACV_TEST_DELAY="0.1")
+    cluster = start_dask(2, tmp_path, env, per_worker=[{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus])
+    try:
+        gpu_run = config("gpus", dask_address=cluster.address)
+        summary = run_pipeline(gpu_run)
+    finally:
+        cluster.stop()
+    assert summary.extract.shards_run == 6
+    assert sorted(p.read_text() for p in loads.iterdir()) == [f"{gpu}\n" for gpu in gpus]  # per process: one load
+    logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
+    shards = [set(re.findall(r"'extract-shards-\w+' - shard (\w+/\d+):", log)) for log in logs]
+    assert all(shards) and len(shards[0] | shards[1]) == 6, shards  # spread over both workers
+    expected = run_tables(RunDir(local.run_dir), str(collection))
+    assert_same_tables(run_tables(RunDir(gpu_run.run_dir), str(collection)), expected)

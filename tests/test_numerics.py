@@ -109,3 +109,29 @@ def test_streamed_scoring_uses_the_autocast_of_the_extraction(extracted):
     run_score(streamed)
     again = RunDir(extracted.run_dir).read_table("image_scores")
     pd.testing.assert_frame_equal(again, blockwise, check_exact=False, rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_numbers_follow_torch_threads_which_use_torch_threads_pins():
+    """The test model of the multi-worker test sums its 1×1 convolution by thread on the CPU (oneDNN):
+    the same count gives the same numbers, another count other numbers; the setting is per process."""
+    import os
+
+    from sacv.method.activations import use_torch_threads
+    from tests.models import pointwise
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: torch's thread count cannot differ")
+    model = pointwise().module
+    torch.manual_seed(1)
+    images = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    before, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 1):
+            use_torch_threads(threads)
+            assert torch.get_num_threads() == threads
+            results.append(extract(model, images, ["features.2"], 0).activations["features.2"])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[2])
+    if torch.equal(results[0], results[1]):
+        pytest.skip("oneDNN sums this 1×1 convolution the same at 1 and 2 threads on this CPU")

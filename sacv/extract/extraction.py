@@ -36,7 +36,7 @@ from sacv.io.device_decode import EncodedJpeg, decode_batch
 from sacv.io.images import ImageRejected
 from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import open_store, write_region
-from sacv.method.activations import Extraction, extract, halving_on_oom
+from sacv.method.activations import Extraction, extract, halving_on_oom, use_torch_threads
 from sacv.method.models import LoadedModel, cached_model
 
 
@@ -321,6 +321,7 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
     the start of the shard's first write job to its marker (statistics, regions, rejects, marker;
     the jobs run side by side).
     """
+    use_torch_threads(config.execution.torch_threads)  # the model runs in this thread
     run = RunDir(run_uri)
     catalog = ImageCatalog.for_shards(run, group, shards)  # only the row groups of these shards
     model = cached_model(

@@ -14,6 +14,7 @@ Numerics: exact float32 by default on every device. PyTorch leaves cuDNN's TF32 
 convolutions, which changes gradients on CUDA by several per cent (docs/numerics.md); ``extract``
 turns TF32 off for convolutions and matmuls while the model runs (``allow_tf32=True`` keeps it on)
 and restores the previous settings after. ``autocast`` runs the forward pass in half precision.
+On the CPU the numbers also depend on torch's thread count (:func:`use_torch_threads`).
 """
 
 from __future__ import annotations
@@ -100,6 +101,15 @@ def tf32_mode(allow_tf32: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def use_torch_threads(threads: int | None) -> None:
+    """Run torch's CPU work on ``threads`` intra-op threads from here on (None: leave it). Set in the
+    thread that computes: OpenMP keeps the count per thread, threads started later take torch's
+    process-wide value. oneDNN's 1×1 convolutions (forward and backward) split their sums by thread,
+    so the CPU numbers depend on this count (docs/deploy.md); process-wide, never restored."""
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def input_memory_format(device: torch.device) -> torch.memory_format:

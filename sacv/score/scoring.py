@@ -24,6 +24,7 @@ from sacv.extract.extraction import shard_extractions
 from sacv.io.handoffs import ScorePlan
 from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import ensure_array, write_region
+from sacv.method.activations import use_torch_threads
 from sacv.method.maps import ConceptMaps, concept_maps
 from sacv.method.models import cached_model
 from sacv.score.tables import shard_aggregates
@@ -201,6 +202,7 @@ def plan_scoring(run_uri: str, config: RunConfig) -> ScorePlan:
 
 def write_shard_scores(run_uri: str, config: RunConfig, shard: int) -> int:
     """Score one shard; write its scores, then its marker with the content key. Returns the rows written."""
+    use_torch_threads(config.execution.torch_threads)  # maps (and a streamed model) computed in this thread
     run = RunDir(run_uri)
     rows, vectors = ImageCatalog.for_shards(run, "dataset", [shard]).rows("dataset", shard), _read_vectors(run)
     table = score_shard(run, config, rows, vectors, config.score.mode)
