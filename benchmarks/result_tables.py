@@ -12,7 +12,8 @@ the class names. Then a fresh process per size runs, and times:
 - ``build``: ``sacv.score.tables.build_tables`` (adds every shard's partial sums and merges their
   extreme images, a batch at a time; writes per_set, contributions, top_images and the dataset list);
 - ``top_images``: ``Run.top_images(n=3)`` and ``(n=3, lowest=True)`` for every contributions row
-  (what the report and ``sacv inspect`` read);
+  (what the report reads: the top_images table, and the images table's row groups that hold the
+  images shown);
 - peak RSS: the child's ``VmHWM`` over those steps, reset after its imports (``clear_refs``).
 
     python benchmarks/result_tables.py --sizes 10000 100000 1000000 --out benchmarks/results/result_tables_cpu.json
@@ -133,7 +134,7 @@ def make_run(folder: Path, templates: Path, shards: int, args) -> None:
     images table of the dataset (one row per image, as extraction writes it)."""
     import zarr
 
-    from sacv.extract.catalog import IMAGE_COLUMNS
+    from sacv.extract.catalog import IMAGE_COLUMNS, write_images
     from sacv.io.rundir import RunDir
     from sacv.io.zarr_store import READABLE_FORMATS
 
@@ -151,7 +152,7 @@ def make_run(folder: Path, templates: Path, shards: int, args) -> None:
             "status": "ok",
         }
     ).reindex(columns=IMAGE_COLUMNS)
-    RunDir(str(folder)).write_table("images", images)
+    write_images(RunDir(str(folder)), images)  # as extraction writes it
 
     for sub in ("scores", "score_sums", "score_top"):
         (folder / sub).mkdir(parents=True)
