@@ -31,11 +31,14 @@ def shard_blocks(todo: list[tuple[str, int]], per_task: int) -> list[tuple[str, 
 
 def block_markers(run_uri: str, config: RunConfig, blocks: list[tuple[str, list[int]]]) -> Iterator[list[dict]]:
     """Each block's markers as its task finishes. With one task worker and no Dask cluster the
-    tasks run one after another in the flow's own thread: the model runs measurably slower in a
-    task-runner thread (docs/benchmarks.md, extraction); otherwise they are submitted and fan out."""
+    tasks run one after another in the flow's own thread (the model runs measurably slower in a
+    task-runner thread: docs/benchmarks.md, extraction), each told the next block's first shard, which
+    it decodes ahead while its own last shard is computed and written; otherwise they are submitted
+    and fan out."""
     if config.execution.workers == 1 and not config.execution.dask_address:
-        for group, shards in blocks:
-            yield extract_shards(run_uri, config, group, shards)
+        for k, (group, shards) in enumerate(blocks):
+            then = (blocks[k + 1][0], blocks[k + 1][1][0]) if k + 1 < len(blocks) else None
+            yield extract_shards(run_uri, config, group, shards, then)
         return
     futures = [extract_shards.submit(run_uri, config, group, shards) for group, shards in blocks]
     for future in as_completed(futures):

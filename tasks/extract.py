@@ -45,11 +45,14 @@ def plan_extraction(run_uri: str, config: RunConfig, audit_id: str | None, batch
 
 
 @task(name="extract-shards", retries=1, retry_delay_seconds=2)
-def extract_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -> list[dict]:
-    """Extract a block of shards (each = one Zarr chunk, marker written last); return the markers."""
+def extract_shards(
+    run_uri: str, config: RunConfig, group: str, shards: list[int], then: tuple[str, int] | None = None
+) -> list[dict]:
+    """Extract a block of shards (each = one Zarr chunk, marker written last); return the markers.
+    ``then``: the (group, shard) this process extracts next, decoded ahead at the end of this block."""
     storage.use(config.storage_options)  # this process may be a Dask worker
     try:
-        markers = extraction.run_shards(run_uri, config, group, shards)
+        markers = extraction.run_shards(run_uri, config, group, shards, then)
     except Exception as err:
         raise RuntimeError(f"shards {group}/{shards[0]}..{shards[-1]} failed: {err}") from err
     logger = get_run_logger()

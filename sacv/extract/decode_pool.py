@@ -12,6 +12,11 @@ the model is fast (a GPU) and many decoders run. Process workers are forked once
 kept; they return uint8 arrays (a quarter of the float tensor's bytes) through a pipe, and exit
 when the process that made them dies. A worker that dies fails the shard (its task's retry starts
 a new pool).
+
+Decoding also runs ahead across tasks: a task told which shard this process extracts next
+(``decoded_shards(..., then=...)``) starts decoding it while its own last shard is computed and
+written, and the next task's :func:`decoded_shards` takes those items instead of starting anew. At
+most one such shard is held per process, in memory only (a crash loses nothing written).
 """
 
 from __future__ import annotations
@@ -89,6 +94,10 @@ class ShardImages:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def key(self) -> tuple:
+        """What its items depend on: the files with their content ids, and how they are decoded."""
+        return tuple(self._files), self.preprocessing, tuple(self.limits.items()), self.on_device
 
     def files(self) -> list[tuple[str, str] | None]:
         """(path, image_id) of each row to read; ``None`` for a removed or quarantined image."""
@@ -191,25 +200,54 @@ def map_in_processes(fn: Callable, chunks: list, workers: int) -> list:
     return [_process_result(future, workers, "file-checking") for future in futures]
 
 
-def decoded_shards(shards: list[ShardImages], workers: int, kind: str = "auto") -> Iterator[Iterator]:
+_AHEAD: dict[tuple, Iterator] = {}  # the shard decoded ahead for this process's next task: key -> its items
+_AHEAD_LOCK = threading.Lock()
+
+
+def _keep_ahead(images: ShardImages, items: Iterator) -> None:
+    """Hold ``items`` for the :func:`decoded_shards` call that starts with ``images`` (replacing any other)."""
+    with _AHEAD_LOCK:
+        _AHEAD.clear()
+        _AHEAD[images.key()] = items
+
+
+def _take_ahead(images: ShardImages) -> Iterator | None:
+    """The items decoded ahead for ``images``, if any; whatever else was held is dropped."""
+    with _AHEAD_LOCK:
+        items = _AHEAD.pop(images.key(), None)
+        _AHEAD.clear()
+        return items
+
+
+def decoded_shards(
+    shards: list[ShardImages], workers: int, kind: str = "auto", then: ShardImages | None = None
+) -> Iterator[Iterator]:
     """For each shard in order, an iterator over its items in row order.
 
     With ``workers`` > 0 a pool of ``kind`` ("threads", "processes" or "auto": :func:`loader_kind`;
     one pool per process, kept across tasks) works ahead of the model: when shard k starts, shard
     k+1's images are submitted, so at most two shards of decoded images are held, and decoding
-    overlaps the model's work. With 0, images decode in the caller. Processes decode with PIL."""
+    overlaps the model's work. With 0, images decode in the caller. Processes decode with PIL.
+
+    ``then``: the shard this process extracts next (the next task's first), decoded ahead as if it
+    followed ``shards``: submitted when the last shard starts, or, without a pool, decoded in the
+    caller's thread when it asks for one more item after the last shard (while that shard's writes
+    run), and held for the call whose first shard it is."""
+    held = _take_ahead(shards[0]) if shards else None
     if not workers:
-        for images in shards:
-            yield (images[i] for i in range(len(images)))
+        for k, images in enumerate(shards):
+            yield held if k == 0 and held is not None else (images[i] for i in range(len(images)))
+        if then is not None:
+            _keep_ahead(then, iter([then[i] for i in range(len(then))]))
         return
-    kind = loader_kind(kind, shards)
+    kind = loader_kind(kind, shards + ([then] if then is not None else []))
     pool = _pool(kind, workers)
 
-    def submit(images: ShardImages) -> list:
+    def submit(images: ShardImages) -> Iterator:
         if kind == "threads":
-            return [pool.submit(images.__getitem__, i) for i in range(len(images))]
+            return (future.result() for future in [pool.submit(images.__getitem__, i) for i in range(len(images))])
         files = images.files()
-        return _submit_to_processes(
+        futures = _submit_to_processes(
             pool,
             _read_chunk,
             [
@@ -217,16 +255,16 @@ def decoded_shards(shards: list[ShardImages], workers: int, kind: str = "auto") 
                 for i in range(0, len(files), ITEMS_PER_PROCESS_CALL)
             ],
         )
+        return (
+            torch.from_numpy(item) if isinstance(item, np.ndarray) else item
+            for future in futures
+            for item in _process_result(future, workers, "decode")
+        )
 
-    def items(futures: list) -> Iterator:
-        if kind == "threads":
-            yield from (future.result() for future in futures)
-            return
-        for future in futures:
-            chunk = _process_result(future, workers, "decode")
-            yield from (torch.from_numpy(item) if isinstance(item, np.ndarray) else item for item in chunk)
-
-    ahead = submit(shards[0]) if shards else []
+    following = shards[1:] + ([then] if then is not None else [])
+    ahead = (held if held is not None else submit(shards[0])) if shards else None
     for k in range(len(shards)):
-        current, ahead = ahead, submit(shards[k + 1]) if k + 1 < len(shards) else []
-        yield items(current)
+        current, ahead = ahead, submit(following[k]) if k < len(following) else None
+        if k == len(shards) - 1 and ahead is not None:
+            _keep_ahead(then, ahead)
+        yield current

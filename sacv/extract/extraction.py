@@ -299,18 +299,21 @@ def _shard_rejects(rows: pd.DataFrame, missing: dict[int, ImageRejected | None],
     ]
 
 
-def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -> list[dict]:
+def run_shards(
+    run_uri: str, config: RunConfig, group: str, shards: list[int], then: tuple[str, int] | None = None
+) -> list[dict]:
     """Extract a block of shards of ``group`` with decode, compute and writes overlapping.
 
-    Decoding runs ahead in a pool (``execution.loader_workers``, ``sacv.extract.decode_pool``; at most two
-    shards ahead),
-    the model runs in this thread, and each finished shard's arrays go to a pool of
-    ``execution.write_workers`` writer threads, one job per array (at most that many shards
-    waiting). Each chunk has exactly one writer, and a shard's marker is written after all of its
-    arrays (``_ShardWrite``). An image that fails to decode (or changed
-    since planning) is quarantined: its row is written as zeros (target -1) and it is listed in the
-    shard's rejects file; rows of removed or earlier quarantined images are written as zeros too
-    (their files may be gone; nothing reads those rows). A guidance shard's writers also write the
+    Decoding runs ahead in a pool (``execution.loader_workers``, ``sacv.extract.decode_pool``; at
+    most two shards ahead); ``then`` = (group, shard), the shard this process extracts next (the next
+    task's first), is decoded ahead too, while this block's last shard is computed and written (in
+    this thread without a pool), and held for that task. The model runs in this thread, and each
+    finished shard's arrays go to a pool of ``execution.write_workers`` writer threads, one job per
+    array (at most that many shards waiting). Each chunk has exactly one writer, and a shard's
+    marker is written after all of its arrays (``_ShardWrite``). An image that fails to decode (or
+    changed since planning) is quarantined: its row is written as zeros (target -1) and it is listed
+    in the shard's rejects file; rows of removed or earlier quarantined images are written as zeros
+    too (their files may be gone; nothing reads those rows). A guidance shard's writers also write the
     per-image position statistics of each layer (``sacv.extract.position_stats``: sums, sums of squares, counts
     of the stored values) and marks them in the marker (``pos_stats``). Returns the markers, in
     shard order.
@@ -323,18 +326,23 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
     """
     use_torch_threads(config.execution.torch_threads)  # the model runs in this thread
     run = RunDir(run_uri)
-    catalog = ImageCatalog.for_shards(run, group, shards)  # only the row groups of these shards
+    ahead = [then[1]] if then is not None and then[0] == group else []
+    catalog = ImageCatalog.for_shards(run, group, shards + ahead)  # only the row groups of these shards
     model = cached_model(
         config.model.spec, config.model.weights, config.execution.device, **config.model.loader_options()
     )
     root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype), run.storage_options)
     gradients = group == "dataset"
     blocks = [ShardImages(catalog.stored_rows(group, shard), model.preprocessing, config) for shard in shards]
+    following = None
+    if then is not None:
+        rows = (catalog if ahead else ImageCatalog.for_shards(run, then[0], [then[1]])).stored_rows(*then)
+        following = ShardImages(rows, model.preprocessing, config)
+    decoded = decoded_shards(blocks, config.execution.loader_workers, config.execution.loader, following)
     markers, pending, blocked = [], deque(), 0.0  # blocked: seconds the model thread waited for a free writer
     with ThreadPoolExecutor(config.execution.write_workers, thread_name_prefix="sacv-write") as writers:
-        for shard, images, items in zip(
-            shards, blocks, decoded_shards(blocks, config.execution.loader_workers, config.execution.loader)
-        ):
+        for shard, images in zip(shards, blocks):
+            items = next(decoded)
             started, started_at = time.perf_counter(), time.time()
             rows = images.rows
             targets = shard_targets(config, rows, model.class_names) if gradients else None
@@ -361,6 +369,7 @@ def run_shards(run_uri: str, config: RunConfig, group: str, shards: list[int]) -
             while len(pending) > config.execution.write_workers:
                 markers.append(pending.popleft().result())
             blocked = time.perf_counter() - waited  # counted in the next shard's timing
+        next(decoded, None)  # the next task's first shard, decoded ahead while the last writes run
         markers += [future.result() for future in pending]
     return markers
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 
 from sacv.errors import InputError
 from sacv.io import storage
@@ -18,6 +19,12 @@ from sacv.io import storage
 STORE_FORMAT = 1
 READABLE_FORMATS = (1,)  # format 1 before class names were recorded is read too (no `class_names`)
 IDENTITY_KEYS = ("format", "model_spec", "weight_hash", "preprocessing", "layers", "dtype")
+# zstd level 1 compresses float16 activations about as well as zarr's default (level 3: 0.8 % more
+# bytes, measured) in half the CPU time; arrays made before keep their codec (readers need nothing).
+COMPRESSOR = ZstdCodec(level=1)
+# Chunks are written whole (one shard each), so zarr's check for an all-fill-value chunk, which it
+# then leaves out, is only cost: a third of a float16 chunk's write (measured).
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 # IEEE floats: a value is inf or NaN exactly when all its exponent bits are set.
@@ -153,7 +160,13 @@ def ensure_array(
     if dimension_names is None and len(shape) == 4:
         dimension_names = ["image", "row", "col", "channel"]
     return group.create_array(
-        name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, dimension_names=dimension_names
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=0,
+        compressors=COMPRESSOR,
+        dimension_names=dimension_names,
     )
 
 
@@ -173,4 +186,4 @@ def write_region(array: zarr.Array, start: int, data: np.ndarray) -> None:
             f"{array.path}: values overflow {array.dtype} (largest magnitude {np.abs(data).max():.3g}); "
             "set extract.dtype: float32 in the config"
         )
-    array[start:stop] = values
+    array.with_config(WRITE_CONFIG)[start:stop] = values
