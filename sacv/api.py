@@ -146,6 +146,8 @@ class Run:
             cached = self._table(name)
             return cached.copy()
         dataset = self.dir.dataset(name)
+        if dataset is None:
+            raise NotYetRun(f"{self.uri} lists no files of {name}; run the score stage again")
         if "class_" in where:
             column = "target" if "target" in dataset.schema.names else "class_index"
             where[column] = self.class_index(where.pop("class_"))
@@ -400,7 +402,7 @@ class Run:
         self, layer: str, concept: str, class_: str | int, n: int | None = 6, lowest: bool = False
     ) -> pd.DataFrame:
         """Dataset images with target ``class_``, ranked by Σ S_{k→c} (``s_kc_sum``, mean over the
-        concept's random sets), highest first (``lowest``: lowest first; ties by row); ``n=None``
+        concept's random sets), highest first, ties by row (``lowest``: the same ranking from its end); ``n=None``
         gives the whole ranking. Up to ``TOP_K`` images come from the ``top_images`` table, more from
         a scan of ``image_scores``. Columns: row, image_id, path, label, and the means of s_kc_sum,
         s_k_max, relevant_frac, positive_frac."""
@@ -411,7 +413,8 @@ class Run:
             top = self._scores_table("top_images")
             ranked = top[(top["layer"] == layer) & (top["concept"] == concept) & (top["target"] == target)]
         else:
-            self._scores_table("image_scores")
+            if "image_scores" not in self.table_names():
+                raise NotYetRun(f"{self.uri} has no image_scores table; run the score stage")
             scores = self.table("image_scores", layer=layer, concept=concept, kind="concept", target=target)
             ranked = rank_images(image_means(scores))
         ranked = ranked.iloc[::-1] if lowest else ranked

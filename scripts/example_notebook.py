@@ -2,7 +2,7 @@
 
 Regenerate, offline, from the repository root:
 
-    make demo                                         # writes demo-out/run (minutes on a CPU)
+    make install && .venv/bin/sacv demo --out demo-out  # the library with the demo and the kernel; demo-out/run
     .venv/bin/python scripts/example_notebook.py      # reads demo-out/run, rewrites docs/example.ipynb
 
 The notebook runs in a Jupyter kernel (nbclient, ipykernel) started in the repository root, with

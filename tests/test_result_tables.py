@@ -5,6 +5,7 @@ missing aggregates and drops the scores of shards that left the dataset."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,9 @@ import pytest
 
 import sacv
 from flows.pipeline import run_pipeline
+from sacv.audit.digest import audit_digest
+from sacv.audit.drift import DRIFT_COLUMNS
+from sacv.errors import NotYetRun
 from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import class_names_of
 from sacv.score.scoring import SCORE_COLUMNS
@@ -223,3 +227,43 @@ def test_a_rebuild_repairs_missing_aggregates_and_drops_shards_that_left(scored)
     assert len(run.read_table("image_scores")) == sum(len(run.read_shard_scores(s)) for s in shards)
     assert list(run.read_table("top_images").columns[-len(TOP_MEANS) :]) == TOP_MEANS
     assert rank_images(run.read_table("top_images")).equals(run.read_table("top_images"))
+
+
+def test_a_run_scored_before_the_dataset_listing_reads_its_single_file(scored, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(scored.run_dir, old)
+    whole = RunDir(str(old)).read_table("image_scores")
+    (old / "tables/image_scores.json").unlink()
+    (old / "tables/top_images.parquet").unlink()
+    whole.to_parquet(old / "tables/image_scores.parquet", index=False)  # as earlier versions wrote it
+    run = sacv.open_run(str(old))
+    assert "image_scores" in run.table_names()
+    pd.testing.assert_frame_equal(run.table("image_scores"), whole)
+    row = run.table("contributions").iloc[0]
+    key = (row["layer"], row["concept"], int(row["class_index"]))
+    assert len(run.top_images(*key, n=3)) == min(3, row["n_images"])  # a scan: no top_images table
+    RunDir(str(old)).forget_score_tables()  # what compaction does: both name old store rows
+    (old / "tables/image_scores.parquet").unlink()
+    with pytest.raises(NotYetRun, match="run the score stage"):
+        sacv.open_run(str(old)).top_images(*key, n=3)
+
+
+def test_the_digest_leaves_out_checks_and_drift_of_an_older_audit(scored):
+    run = RunDir(scored.run_dir)
+    latest = run.read_audits().iloc[-1]
+    assert pd.isna(latest["checks_failed"])  # this audit evaluated no checks
+    run.write_table(
+        "checks",
+        pd.DataFrame([{"check": "c", "kind": "min", "row": "r", "value": 0.0, "threshold": 1.0, "passed": False}]),
+    )
+    drift = run.read_table("contributions").head(1)[["layer", "concept", "class_index", "class_name"]]
+    drift = drift.reindex(columns=DRIFT_COLUMNS).assign(change=0.5, z=4.0, p_adjusted=0.001)
+    run.write_table("drift", drift.assign(before="older", after="old-audit", significant=True))
+    stale = audit_digest(scored.run_dir)
+    assert stale.failed_checks == [] and stale.drift == [] and not stale.alert
+    audits = run.read_audits()
+    audits.loc[audits.index[-1], "checks_failed"] = 1  # now the checks are this audit's
+    run.write_audits(audits)
+    run.write_table("drift", drift.assign(before="older", after=latest["audit_id"], significant=True))
+    current = audit_digest(scored.run_dir)
+    assert len(current.failed_checks) == 1 and len(current.drift) == 1 and current.alert

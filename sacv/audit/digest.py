@@ -91,6 +91,11 @@ def audit_digest(run_uri: str, report_uri: str | None = None) -> AuditDigest:
     top = None
     if contributions is not None:
         top = contributions.assign(_z=contributions["z"].abs()).sort_values(["significant", "_z"], ascending=False)
+    latest = None if audits.empty else audits.iloc[-1]
+    if drift is not None and (latest is None or not (drift["after"] == latest["audit_id"]).all()):
+        drift = None  # an older audit's drift: this audit was not scored
+    if latest is None or pd.isna(latest["checks_failed"]):
+        checks = None  # this audit evaluated no checks: the table on disk is an older audit's
     drifting = None if drift is None else drift[drift["significant"]]
     failed = None if checks is None else checks[~checks["passed"]]
     return AuditDigest(

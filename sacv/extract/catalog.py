@@ -26,6 +26,7 @@ that gain rows change.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -233,6 +234,7 @@ def assign_rows(
 IMAGES_ROW_GROUP = 32_768  # rows per row group of images.parquet: a shard task reads the one or two holding its rows
 IMAGES_STATISTICS = ["group", "row", "shard"]  # columns with row-group min/max statistics (the rest: a smaller footer)
 SHARED_CATALOGS = 2  # catalogs ImageCatalog.shared keeps per process (the most recent (run, group) pairs)
+_SHARED_LOCK = threading.Lock()
 _SHARED: dict[tuple[str, str | None], tuple[str, ImageCatalog]] = {}  # (run uri, group) -> (table stamp, catalog)
 
 
@@ -314,7 +316,7 @@ class ImageCatalog:
         where = {"group": [group]} | ({} if held is None else {"shard": sorted(held)})
         frame = run.read_table_rows("images", where)
         if frame is None:
-            raise RuntimeError(f"{run.uri} has no images table; run the extract stage first")
+            raise NotYetRun(f"{run.uri} has no images table; run the extract stage first")
         return cls(frame, (group, held))
 
     @classmethod
@@ -324,13 +326,14 @@ class ImageCatalog:
         that each look up a few images by id share one read. Read-only: never modify it."""
         stamp = run.table_stamp("images")
         key = run.uri, group
-        cached = _SHARED.get(key)
-        if cached is None or stamp is None or cached[0] != stamp:
-            catalog = cls.read(run) if group is None else cls.for_shards(run, group)
-            cached = _SHARED[key] = stamp, catalog
-            while len(_SHARED) > SHARED_CATALOGS:
-                _SHARED.pop(next(iter(_SHARED)))
-        return cached[1]
+        with _SHARED_LOCK:  # tasks of one process run in threads
+            cached = _SHARED.get(key)
+            if cached is None or stamp is None or cached[0] != stamp:
+                catalog = cls.read(run) if group is None else cls.for_shards(run, group)
+                cached = _SHARED[key] = stamp, catalog
+                while len(_SHARED) > SHARED_CATALOGS:
+                    _SHARED.pop(next(iter(_SHARED)))
+            return cached[1]
 
     def rows(self, group: str, shard: int | None = None) -> pd.DataFrame:
         """The distinct images of ``group`` (of one shard when given), in store-row order."""

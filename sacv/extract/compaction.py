@@ -138,7 +138,7 @@ def compact(run_uri: str, wait_s: float = 0, ttl_s: float = 120) -> CompactSumma
         record_shard_rejects(run.uri)
         images = run.read_table("images")
         if images is None:
-            raise RuntimeError(f"{run.uri} has no images table; nothing to compact")
+            raise NotYetRun(f"{run.uri} has no images table; nothing to compact")
         bytes_before = run.store_bytes()
         table, plans = plan_rows(images, size)
         # statistics move with the rows: rewritten shards keep the flag if every old shard had them
@@ -155,6 +155,7 @@ def compact(run_uri: str, wait_s: float = 0, ttl_s: float = 120) -> CompactSumma
                 if shard >= plan.first:
                     run.remove_shard_marker(group, shard)
             if group == "dataset":
+                run.forget_score_tables()  # they name the old rows
                 for shard in run.scored_shards():
                     if shard >= plan.first:
                         run.remove_shard_scores(shard)

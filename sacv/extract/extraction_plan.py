@@ -49,7 +49,7 @@ def store_layout(model: LoadedModel, layers: list[str], dtype: str) -> dict:
 
 def _store_layout(model: LoadedModel, layers: list[str], dtype: str) -> dict:
     if not model.preprocessing.crop:
-        raise ValueError("a store needs a fixed input size: set a crop size in the model's preprocessing")
+        raise InputError("a store needs a fixed input size: set a crop size in the model's preprocessing")
     resolve_layers(model.module, layers)  # unknown layers: a clear error before any work
     shapes = layer_shapes(model)
     layout = {layer: [shapes[layer][1], shapes[layer][2], shapes[layer][0]] for layer in layers}  # H, W, C
@@ -172,7 +172,7 @@ def plan_extraction(
         and len(previous)
         and (previous["shard"] != previous["row"] // config.extract.shard_size).any()
     ):
-        raise ValueError(
+        raise InputError(
             f"the store in {run.uri} was built with another extract.shard_size; keep it or use a new run_dir"
         )
     if batches is None:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from sacv.config import RunConfig, numeric_mode, require_concept_images
-from sacv.errors import InputError
+from sacv.errors import InputError, NotYetRun
 from sacv.extract.catalog import ImageCatalog
 from sacv.fit.sweep import plan_blocks
 from sacv.io.handoffs import FitPlan
@@ -99,7 +99,7 @@ def draw_pseudo_concepts(
     of that fit; see the module docstring)."""
     candidates = sorted(set(pool) - exclude)
     if len(candidates) < size:
-        raise ValueError(
+        raise InputError(
             f"the random pool has {len(candidates)} usable images for pseudo-concepts of {size} images "
             "(concepts.images_per_concept): add random images (concepts.random_pool) or lower it"
         )
@@ -159,7 +159,7 @@ def plan_jobs(images: pd.DataFrame, config: RunConfig, identity: dict) -> list[d
                 pairs.append((name, "pseudo", pos, f"random_{r}", neg_only))
     for concept, _, positives, random_set, negative_ids in pairs:
         if len(positives) < 2 or len(negative_ids) < 2:
-            raise ValueError(
+            raise InputError(
                 f"{concept} vs {random_set} would have {len(positives)} and {len(negative_ids)} images; each side "
                 "needs at least 2: add random images (concepts.random_pool), or lower concepts.images_per_set "
                 "or concepts.images_per_concept"
@@ -212,7 +212,7 @@ def collect_vectors(run_uri: str) -> pd.DataFrame:
         results = [run.read_fit_result(layer, job["key"]) for job in layer_jobs]
         missing = sum(r is None for r in results)
         if missing:
-            raise RuntimeError(f"{missing} fits of layer {layer!r} have no result yet; run the fit stage again")
+            raise NotYetRun(f"{missing} fits of layer {layer!r} have no result yet; run the fit stage again")
         # identical content shares one cached result: labels come from the job, not the result
         results = [
             {**r, **{k: job[k] for k in ("concept", "random_set", "kind")}} for job, r in zip(layer_jobs, results)

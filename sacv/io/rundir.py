@@ -173,7 +173,10 @@ class RunDir:
         files as its last build listed them; empty when the table does not exist."""
         if name in DATASET_TABLES:
             listing = self._read_json(self._table_file(name))
-            return [] if listing is None else [self._path(f) for f in listing["files"]]
+            if listing is not None:
+                return [self._path(f) for f in listing["files"]]
+            legacy = f"tables/{name}.parquet"  # one file, as runs scored by earlier versions wrote it
+            return [self._path(legacy)] if self._exists(legacy) else []
         return [self._path(self._table_file(name))] if self._exists(self._table_file(name)) else []
 
     def dataset(self, name: str):
@@ -194,11 +197,19 @@ class RunDir:
         return self._read_parquet(self._table_file(name), columns)
 
     def write_score_dataset(self, shards: list[int], rows: int) -> str:
-        """List the ``image_scores`` dataset's files (``shards``' score files, ``rows`` rows in all)."""
+        """List the ``image_scores`` dataset's files (``shards``' score files, ``rows`` rows in all),
+        then remove the single file earlier versions wrote."""
         files = [f"scores/{shard:06d}.parquet" for shard in shards]
         self._write_json(self._table_file("image_scores"), {"files": files, "rows": rows})
+        self._remove("tables/image_scores.parquet")
         _TABLE_WRITES[self.uri, "image_scores"] = _TABLE_WRITES.get((self.uri, "image_scores"), 0) + 1
         return self.table_uri("image_scores")
+
+    def forget_score_tables(self) -> None:
+        """Remove the tables that name store rows of scored images (the dataset listing and the
+        extreme images), e.g. once compaction moves rows: the next score stage writes them again."""
+        self._remove(self._table_file("image_scores"))
+        self._remove("tables/top_images.parquet")
 
     def read_table_rows(self, name: str, where: dict[str, list]) -> pd.DataFrame | None:
         """The rows of ``tables/<name>.parquet`` whose value in each column of ``where`` is one of

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import logging
 import threading
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -33,6 +34,7 @@ from torch import nn
 from sacv.errors import InputError, MissingInput
 
 KNOWN_BUILTINS = ("efficientnet_lite0",)
+log = logging.getLogger(__name__)
 
 
 INTERPOLATIONS = {  # name -> PIL filter; the device decoder uses torchvision's mode of the same name
@@ -188,6 +190,14 @@ def _load_efficientnet_lite0(weights: str | None) -> LoadedModel:
     return LoadedModel("efficientnet_lite0", module, preprocessing, imagenet_class_names(), weights)
 
 
+def _interpolation_of(mode: str, spec: str) -> str:
+    """A torchvision weights' interpolation as one of ``INTERPOLATIONS`` (bilinear, with a warning, for others)."""
+    if mode in INTERPOLATIONS:
+        return mode
+    log.warning("%s resizes with %r, which sacv does not offer; bilinear is used", spec, mode)
+    return "bilinear"
+
+
 def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
     import torchvision
 
@@ -211,9 +221,7 @@ def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
             crop=int(transforms.crop_size[0]),
             mean=tuple(transforms.mean),
             std=tuple(transforms.std),
-            interpolation=transforms.interpolation.value
-            if transforms.interpolation.value in INTERPOLATIONS
-            else "bilinear",
+            interpolation=_interpolation_of(transforms.interpolation.value, spec),
         )
         return LoadedModel(spec, module, preprocessing, list(weight_enum.meta["categories"]), weights)
     module = torchvision.models.get_model(name, weights=None)

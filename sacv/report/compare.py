@@ -20,7 +20,7 @@ from sacv.io.zarr_store import class_names_of
 def _side(run_uri: str) -> tuple[RunDir, pd.DataFrame, pd.Series, dict]:
     """A run's per-set table, its scored images' ids and its run record."""
     run = RunDir(run_uri)
-    per_set, images = run.read_table("per_set"), run.read_table("images")
+    per_set, images = run.read_table("per_set"), run.read_table("images", columns=["group", "status", "image_id"])
     if per_set is None or images is None:
         raise NotYetRun(f"{run_uri} has no per_set table; run `sacv run` (or score) there first")
     scored = images[(images["status"] == "ok") & (images["group"] == "dataset")]["image_id"]

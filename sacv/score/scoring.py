@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from sacv.config import RunConfig, numeric_mode
+from sacv.errors import InputError
 from sacv.extract.catalog import ImageCatalog
 from sacv.extract.extraction import shard_extractions
 from sacv.io.handoffs import ScorePlan
@@ -191,7 +192,7 @@ def plan_scoring(run_uri: str, config: RunConfig) -> ScorePlan:
     catalog, vectors = ImageCatalog.read(run), _read_vectors(run)
     shards = catalog.shards("dataset")
     if not shards:
-        raise RuntimeError(f"{run.uri} has no dataset images; add a `dataset` section and run the extract stage")
+        raise InputError(f"{run.uri} has no dataset images; add a `dataset` section and run the extract stage")
     if config.score.store_maps:
         prepare_map_arrays(run, config, vectors)  # the template, once, before the shard writers
     todo = [

@@ -115,7 +115,6 @@ def build_tables(run_uri: str, config: RunConfig, shards: list[int]) -> dict:
     """``per_set``, ``contributions`` and ``top_images`` tables from the shards' aggregates, and the
     ``image_scores`` dataset's file list. Returns the URIs and the contributions' counts."""
     run = RunDir(run_uri)
-    _remove_stale_scores(run, shards)
 
     def progress(done: int, total: int) -> None:
         log.info("tables: %d of %d score shards added", done, total)
@@ -131,11 +130,13 @@ def build_tables(run_uri: str, config: RunConfig, shards: list[int]) -> dict:
         config.score.statistic,
     )
     rows = int(np.sum(partials["n_images"].to_numpy()))
-    return {
-        "image_scores": run.write_score_dataset(shards, rows),
+    built = {
+        "image_scores": run.write_score_dataset(shards, rows),  # listed before stale files go
         "per_set": run.write_table("per_set", per_set),
         "top_images": run.write_table("top_images", top),
         "contributions": run.write_table("contributions", table),
         "rows": len(table),
         "significant": int(table["significant"].sum()),
     }
+    _remove_stale_scores(run, shards)
+    return built
