@@ -165,6 +165,10 @@ class RunDir:
             self._write_parquet(relpath, table)
         else:
             self._write_bytes(relpath, parquet_parts.in_row_groups(table, row_group_size, split_by, statistics))
+        return self._wrote_table(name)
+
+    def _wrote_table(self, name: str) -> str:
+        """Count a write of table ``name`` by this process (``table_stamp``); return its URI."""
         _TABLE_WRITES[self.uri, name] = _TABLE_WRITES.get((self.uri, name), 0) + 1
         return self.table_uri(name)
 
@@ -202,8 +206,7 @@ class RunDir:
         files = [f"scores/{shard:06d}.parquet" for shard in shards]
         self._write_json(self._table_file("image_scores"), {"files": files, "rows": rows})
         self._remove("tables/image_scores.parquet")
-        _TABLE_WRITES[self.uri, "image_scores"] = _TABLE_WRITES.get((self.uri, "image_scores"), 0) + 1
-        return self.table_uri("image_scores")
+        return self._wrote_table("image_scores")
 
     def forget_score_tables(self) -> None:
         """Remove the tables that name store rows of scored images (the dataset listing and the

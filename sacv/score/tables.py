@@ -71,17 +71,16 @@ def shard_aggregates(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _shard_aggregates(run: RunDir, shard: int) -> tuple:
-    """The stored aggregates of one shard (pyarrow tables, or frames); computed from its scores (and
-    stored) when a shard was scored before they were kept."""
+    """The stored aggregates of one shard, as pyarrow tables; computed from its scores (and stored)
+    first when the shard was scored before they were kept."""
     stored = run.read_shard_aggregates(shard)
-    if stored is not None:
-        return stored
-    scores = run.read_shard_scores(shard)
-    if scores is None:
-        raise NotYetRun(f"dataset shard {shard} of {run.uri} has no scores; run the score stage again")
-    partials, top = shard_aggregates(scores)
-    run.write_shard_aggregates(shard, partials, top)
-    return partials, top
+    if stored is None:
+        scores = run.read_shard_scores(shard)
+        if scores is None:
+            raise NotYetRun(f"dataset shard {shard} of {run.uri} has no scores; run the score stage again")
+        run.write_shard_aggregates(shard, *shard_aggregates(scores))
+        stored = run.read_shard_aggregates(shard)
+    return stored
 
 
 def reduce_shards(run: RunDir, shards: list[int], progress=None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -92,12 +91,8 @@ def reduce_shards(run: RunDir, shards: list[int], progress=None) -> tuple[pd.Dat
         for start in range(0, len(shards), BATCH):
             batch = list(pool.map(lambda s: _shard_aggregates(run, s), shards[start : start + BATCH]))
             partials = add_partials([p for p in (partials, *(b[0] for b in batch)) if p is not None])
-            tops = [
-                t if isinstance(t, pd.DataFrame) else t.to_pandas()
-                for t in (top, *(b[1] for b in batch))
-                if t is not None
-            ]
-            top = extreme_images(pd.concat(tops, ignore_index=True))
+            tops = [top] if top is not None else []
+            top = extreme_images(pd.concat([*tops, *(b[1].to_pandas() for b in batch)], ignore_index=True))
             if progress is not None:
                 progress(min(start + BATCH, len(shards)), len(shards))
     if partials is None:

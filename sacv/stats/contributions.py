@@ -212,16 +212,9 @@ def reference_test(value: float, reference: np.ndarray) -> dict:
     return {**out, "z": (value - mean) / sd, "p_value": float(2 * stats.t.sf(t, n - 1))}
 
 
-def contributions(
-    scores: pd.DataFrame,
-    class_names: list[str],
-    alpha: float = 0.05,
-    correction: str = "holm",
-    min_images: int = 3,
-    statistic: str = "contribution",
-) -> pd.DataFrame:
-    """The contributions table from an ``image_scores`` frame in memory (see module docstring)."""
-    return contribution_table(per_vector(scores), class_names, alpha, correction, min_images, statistic)
+def contributions(scores: pd.DataFrame, class_names: list[str], *settings, **named_settings) -> pd.DataFrame:
+    """:func:`contribution_table` (same settings) of an ``image_scores`` frame held in memory."""
+    return contribution_table(per_vector(scores), class_names, *settings, **named_settings)
 
 
 def contribution_table(
