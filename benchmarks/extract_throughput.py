@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default="benchmarks/results/extract_throughput.json", help="JSON result path")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
+    parser.add_argument(
+        "--flow-torch-threads", type=int, default=None, help="execution.torch_threads of the flow (default: unset)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated images")
     parser.add_argument(
         "--engine",
@@ -173,6 +176,7 @@ def flow_config(root: Path, run: str, data: str, args, device: str, shards_per_t
                 "loader_workers": args.loader_workers,
                 "loader": args.loader,
                 "workers": workers,
+                "torch_threads": args.flow_torch_threads,
             },
         }
     )

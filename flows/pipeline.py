@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from flows.extract import extract_flow, run_extract
 from flows.fit import fit_flow, run_fit
 from flows.process import configure_process
-from flows.runners import call_flow, known_failures, task_runner, with_torch_threads
+from flows.runners import call_flow, known_failures, with_task_runner, with_torch_threads
 from flows.score import run_score, score_flow
 from sacv.audit.audits import new_audit_id, record_audit
 from sacv.audit.policy import ChecksFailed, failure_message
@@ -30,15 +30,14 @@ def run_flow(config: RunConfig) -> RunSummary:
     """Run every stage as one audit; a rerun resumes (done shards, cached vectors and scored shards
     are skipped). The audit is recorded last (``sacv.audit.audits.record_audit``), also when a stage fails;
     failing policy checks (config ``checks``) then fail the flow run with ``ChecksFailed``."""
-    runner = task_runner(config.execution)
     audit_id, started = new_audit_id(), time.time()
     extract = fit = score = None
     try:
-        extract = extract_flow.with_options(task_runner=runner)(config, audit_id)
+        extract = with_task_runner(extract_flow, config.execution)(config, audit_id)
         if config.concepts is not None:
-            fit = fit_flow.with_options(task_runner=runner)(config)
+            fit = with_task_runner(fit_flow, config.execution)(config)
         if config.concepts is not None and config.dataset is not None:
-            score = score_flow.with_options(task_runner=runner)(config)
+            score = with_task_runner(score_flow, config.execution)(config)
     except BaseException as err:
         try:  # the stage's error is what the caller must see, even if the record cannot be written
             record_audit(

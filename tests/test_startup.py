@@ -162,3 +162,33 @@ def test_prefect_uses_the_server_started_early(tmp_path):
     assert result.stderr.count("Starting temporary server") == 1
     assert "Stopping temporary server" in result.stderr
     assert not Path(f"/proc/{pid}").exists()  # stopped at exit
+
+
+def test_a_flow_gets_its_task_runner_once_per_setting():
+    from flows.extract import extract_flow
+    from flows.runners import with_task_runner
+    from sacv.config import ExecutionConfig
+
+    one, two = ExecutionConfig(workers=1), ExecutionConfig(workers=2)
+    configured = with_task_runner(extract_flow, one)
+    assert with_task_runner(extract_flow, ExecutionConfig(workers=1)) is configured  # built once
+    assert configured.task_runner._max_workers == 1 and configured.fn is extract_flow.fn
+    assert with_task_runner(extract_flow, two).task_runner._max_workers == 2
+
+
+def test_heartbeats_are_off_in_a_copy_of_the_current_settings():
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings
+
+    from flows.runners import heartbeats_off
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}):
+        with heartbeats_off():
+            first = get_current_settings()
+            assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None
+        with heartbeats_off():
+            assert get_current_settings() is first  # made once for these settings
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 30  # restored on exit
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        with heartbeats_off():  # other settings: a copy of these, not the one made before
+            assert PREFECT_API_URL.value() == "http://127.0.0.1:9/api"
+            assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None
