@@ -4,9 +4,11 @@ a worker is SIGKILLed in the middle of extraction, and with one worker per (fake
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -146,5 +148,10 @@ def test_one_worker_per_gpu_gives_the_one_process_tables(tmp_path, prefect):
     logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
     shards = [set(re.findall(r"'extract-shards-\w+' - shard (\w+/\d+):", log)) for log in logs]
     assert all(shards) and len(shards[0] | shards[1]) == 6, shards  # spread over both workers
+    markers = [
+        json.loads(p.read_text()) for p in Path(gpu_run.run_dir).glob("shards/*/*.json") if ".rejects" not in p.name
+    ]
+    processes = {marker["process"] for marker in markers}  # each marker names the worker that extracted it
+    assert len(markers) == 6 and len(processes) == 2 and f"{socket.gethostname()}:{os.getpid()}" not in processes
     expected = run_tables(RunDir(local.run_dir), str(collection))
     assert_same_tables(run_tables(RunDir(gpu_run.run_dir), str(collection)), expected)

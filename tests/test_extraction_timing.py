@@ -3,6 +3,8 @@ writes) and the flow's summary times its steps (scan, plan, shards, record)."""
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 
 import pytest
@@ -44,6 +46,7 @@ def test_each_marker_splits_the_shard_time_into_decode_wait_compute_and_write(tm
         assert timing["compute_s"] > 0 and timing["writer_wait_s"] >= 0
         assert timing["decode_wait_s"] + timing["compute_s"] + timing["write_s"] <= marker["seconds"] + 0.01
         assert marker["finished_at"] - marker["started_at"] == pytest.approx(marker["seconds"], abs=0.05)
+        assert marker["process"] == f"{socket.gethostname()}:{os.getpid()}"  # extracted in this process
 
 
 def test_the_summary_times_each_step_of_the_flow(tmp_path, prefect, monkeypatch):

@@ -14,6 +14,8 @@ batch loop, also behind ``shard_extractions`` (streamed scoring). The per-batch 
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -358,6 +360,7 @@ def run_shards(
                 "images": len(rows) - len(missing),
                 "rejected": len(rejects),
                 "started_at": started_at,
+                "process": f"{socket.gethostname()}:{os.getpid()}",  # on a cluster: the worker
                 "timing": {key: round(value, 4) for key, value in timing.items()},
             }
             pending.append(
