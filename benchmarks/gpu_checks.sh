@@ -3,7 +3,8 @@
 # mode) and extraction throughput (the Prefect flow against the bare loop and the card's raw rate,
 # per decoder). Python packages the machine lacks may be given as wheels
 # in .whl/ (installed into /tmp/site; `bash benchmarks/gpu_wheels.sh` fetches them). Results go to
-# ${OUT:-benchmarks/results}. One run of the defaults takes about 6.5 minutes on an H200.
+# ${OUT:-benchmarks/results}. One run of the defaults took about 6.5 minutes on an H200 before the Dask step
+# (about 1 more minute, not yet measured).
 set -u
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -34,3 +35,13 @@ for run in ${RUNS:-torchvision:threads pil:processes torchvision:threads:_blocks
     --images "$images" --batch-size 64 --shard-size 128 --loader-workers "$workers" --decoder "$decoder" \
     --loader "$loader" "${layer_args[@]}" --variants ${VARIANTS:-} --out "$out/extract_throughput_cuda_${engine}_$name.json"
 done
+# One worker per GPU on an external Dask cluster against the one-process flow; with one card, two
+# workers share it (the contention of one card). SKIP_DASK=1 leaves it out.
+if [ -z "${SKIP_DASK:-}" ] && [ "$engine" = prefect ]; then
+  gpus=$(nvidia-smi -L | wc -l)
+  [ "$gpus" -ge 2 ] && pair=0,1 || pair=0,0
+  name=$(echo "${DASK_GPUS:-$pair}" | tr , -)
+  timeout "${DASK_TIMEOUT:-150}" python3 benchmarks/dask_workers.py --device cuda --gpus "${DASK_GPUS:-$pair}" \
+    --model efficientnet_lite0 --images "${DASK_IMAGES:-2048}" --loader-workers 6 --decoder torchvision --repeats 2 \
+    --out "$out/dask_workers_cuda_$name.json"
+fi

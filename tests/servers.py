@@ -118,7 +118,7 @@ def start_dask(
     returns when every worker has joined."""
     from distributed import Client
 
-    dask = [str(Path(sys.executable).parent / "dask")]  # the console script of this environment
+    dask = [sys.executable, "-m", "dask"]  # the `dask` command of this interpreter (also where no script is on PATH)
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
 
