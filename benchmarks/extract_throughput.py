@@ -408,7 +408,7 @@ def main(argv=None) -> dict:
             "bytes_stored": stored_bytes,
             "bytes_per_image": round(stored_bytes / n),
             "what": "sum of file sizes under store.zarr (chunks + zarr.json, float16 act+grad of each layer, "
-            "float32 logits, int64 targets, zstd) / images",
+            "float32 logits, int64 targets, the store's codec) / images",
             "write_mb_per_s_effective": round(stored_bytes / mb / shard_seconds, 2),
             "write_mb_per_s_effective_what": "bytes stored / summed shard seconds; the shard seconds include decode "
             "and forward/backward, so this is the rate the flow produced stored bytes, a lower bound on the disk rate",
