@@ -4,7 +4,8 @@ One shard (``--images`` generated scenes) through EfficientNet-Lite0 (and the fa
 ``benchmarks/fast_proxy.py``) with gradients of the predicted class, float16 as the store keeps them:
 activations and gradients at ``_blocks.8 _blocks.12`` and the float32 logits. Each codec writes the
 shard ``--shards`` times into a fresh Zarr array per store path with ``sacv.io.zarr_store.ensure_array``
-and ``write_region`` (one thread, as one writer job), then reads it back. Rates are of the
+and ``write_region`` (one thread, as one writer job), then reads it back (each read compared with
+what was written, which the read time includes). Rates are of the
 uncompressed bytes; codecs take turns ``--repeats`` times and the medians are reported.
 
     python benchmarks/store_codecs.py --out benchmarks/results/store_codecs_cpu.json
@@ -129,7 +130,8 @@ def main(argv=None) -> dict:
             result["models"][spec] = {"raw_bytes_per_image": raw // (args.images * args.shards), "codecs": per_codec}
     result |= {
         "what": "one shard's float16 activations + gradients and float32 logits written with write_region "
-        "(one thread) and read back; MB/s of uncompressed bytes; medians of the turns; chunk files only",
+        "(one thread) and read back, each read compared with what was written; MB/s of uncompressed bytes; "
+        "medians of the turns; bytes: chunk files only",
         "command": " ".join(sys.argv),
     }
     print_table(rows)
