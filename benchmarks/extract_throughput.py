@@ -74,11 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--variants",
         nargs="*",
         default=[],
-        metavar="SHARDS_PER_TASK:WORKERS",
-        help="more timed flow runs on the same images with these settings",
+        metavar="SHARDS_PER_TASK:WORKERS[:WRITE_WORKERS]",
+        help="more flow runs on the same images with these settings, one of each in every turn",
     )
     parser.add_argument("--out", default="benchmarks/results/extract_throughput.json", help="JSON result path")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
+    parser.add_argument(
+        "--write-workers", type=int, default=None, help="execution.write_workers of the flow (default: unset)"
+    )
     parser.add_argument(
         "--flow-torch-threads", type=int, default=None, help="execution.torch_threads of the flow (default: unset)"
     )
@@ -155,7 +158,9 @@ def device_name(device) -> str:
     return f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {processor})"
 
 
-def flow_config(root: Path, run: str, data: str, args, device: str, shards_per_task: int, workers: int):
+def flow_config(
+    root: Path, run: str, data: str, args, device: str, shards_per_task: int, workers: int, writers: int | None = None
+):
     from sacv.config import parse_config
 
     return parse_config(
@@ -176,6 +181,7 @@ def flow_config(root: Path, run: str, data: str, args, device: str, shards_per_t
                 "loader_workers": args.loader_workers,
                 "loader": args.loader,
                 "workers": workers,
+                "write_workers": writers or args.write_workers,
                 "torch_threads": args.flow_torch_threads,
             },
         }
@@ -190,12 +196,12 @@ def run_flow(
     data: str | None = None,
     shards_per_task: int | None = None,
     workers: int | None = None,
+    writers: int | None = None,
 ) -> tuple[float, dict, Path]:
     """``--engine prefect``: the extraction flow; ``direct``: the same task bodies (plan, then every
     shard) called in-process without Prefect, for machines without it."""
-    config = flow_config(
-        root, run, data or f"{run}-data", args, device, shards_per_task or args.shards_per_task, workers or args.workers
-    )
+    per_task, workers = shards_per_task or args.shards_per_task, workers or args.workers
+    config = flow_config(root, run, data or f"{run}-data", args, device, per_task, workers, writers)
     started = time.perf_counter()
     if args.engine == "prefect":
         from flows.extract import run_extract
@@ -291,30 +297,48 @@ def main(argv=None) -> dict:
         write_json(partial, args.out)
         windows["flow"] = (started, time.perf_counter())
         pairs = [(bare_seconds, flow_seconds)]
+        specs = [
+            [int(v) for v in variant.split(":")] + [None] * (3 - variant.count(":") - 1) for variant in args.variants
+        ]
+        variant_seconds: list[list[float]] = [[] for _ in specs]
+
+        def run_variants(turn: int) -> None:  # in every turn, after its flow: each variant meets the same spells
+            for i, (per_task, workers, writers) in enumerate(specs):
+                print(f"timed: flow variant {args.variants[i]} (shards per task:task workers:writers) ...", flush=True)
+                started = time.perf_counter()
+                seconds, _, _ = run_flow(
+                    root, f"variant-{i}-{turn}", args, str(device), "timed-data", per_task, workers, writers
+                )
+                windows[f"flow {args.variants[i]}, turn {turn + 1}"] = (started, time.perf_counter())
+                variant_seconds[i].append(seconds)
+
+        run_variants(0)
         for k in range(1, args.repeats):  # more turns of both: a slow spell of a shared machine hits each alike
             print(f"timed: bare loop and flow, turn {k + 1} of {args.repeats} ...", flush=True)
             seconds, _ = bare_loop(
                 model, paths, args.layers, args.batch_size, args.loader_workers, autocast, args.decoder
             )
             pairs.append((seconds, run_flow(root, f"timed-{k}", args, str(device), "timed-data")[0]))
+            run_variants(k)
         bare_seconds, flow_seconds = (float(np.median(times)) for times in zip(*pairs))
         variants = []
-        for k, variant in enumerate(args.variants):
-            per_task, workers = (int(v) for v in variant.split(":"))
-            print(f"timed: flow with {per_task} shards per task, {workers} task workers ...", flush=True)
-            started = time.perf_counter()
-            seconds, _, _ = run_flow(root, f"variant-{k}", args, str(device), "timed-data", per_task, workers)
-            windows[f"flow {variant}"] = (started, time.perf_counter())
+        for (per_task, workers, writers), times in zip(specs, variant_seconds):
+            seconds = float(np.median(times))
             variants.append(
                 {
                     "shards_per_task": per_task,
                     "workers": workers,
+                    "write_workers": writers,
                     "seconds": round(seconds, 3),
                     "images_per_s": round(args.images / seconds, 2),
                     "ratio_flow_over_bare": round(bare_seconds / seconds, 3),
+                    "turns_ratio_flow_over_bare": [round(b / t, 3) for (b, _), t in zip(pairs, times)],
+                    "median_ratio_flow_over_bare": round(
+                        float(np.median([b / t for (b, _), t in zip(pairs, times)])), 3
+                    ),
                 }
             )
-            write_json(partial | {"variants": variants}, args.out)
+        write_json(partial | {"variants": variants}, args.out)
         if sampler is not None:
             time.sleep(0.3)  # the last samples
             sampler.stop()
@@ -441,8 +465,10 @@ def main(argv=None) -> dict:
         ("planning alone", f"{plan_seconds:.2f} s ({args.images / plan_seconds:.0f} files/s)"),
         *[
             (
-                f"flow, {v['shards_per_task']} shards/task, {v['workers']} workers",
-                f"{v['images_per_s']:.2f} img/s ({v['seconds']:.2f} s), ratio {v['ratio_flow_over_bare']:.3f}",
+                f"flow, {v['shards_per_task']} shards/task, {v['workers']} workers, "
+                f"{v['write_workers'] or 'default'} writers",
+                f"{v['images_per_s']:.2f} img/s ({v['seconds']:.2f} s), ratio {v['ratio_flow_over_bare']:.3f} "
+                f"(turns' median {v['median_ratio_flow_over_bare']:.3f})",
             )
             for v in variants
         ],

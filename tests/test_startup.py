@@ -1,6 +1,7 @@
 """Start-up of the commands that run flows: Prefect's temporary API started in a background thread
 and joined before the first flow run (flows.process), the imports without garbage collections
-(sacv.cli), and a run path that imports no torchvision."""
+(sacv.cli), a run path that imports no torchvision, and what each flow call reuses (its flow with
+the task runner, Prefect's settings with heartbeats off: flows.runners)."""
 
 from __future__ import annotations
 
