@@ -22,6 +22,7 @@ import collections
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -95,6 +96,27 @@ def timed_run(cfg) -> tuple[float, list[dict]]:
     return seconds, markers
 
 
+def take_turns(args, root: Path, on_cluster: dict) -> tuple[list[dict], dict]:
+    """A warm-up run of each, then ``args.repeats`` turns of the one-process flow and the cluster flow;
+    returns the turns (seconds, shards per worker process) and each run's time window."""
+    print("warm-up: one run of each (model loads) ...", flush=True)
+    timed_run(config(root, "warm-local", args))
+    timed_run(config(root, "warm-cluster", args, **on_cluster))
+    turns, windows = [], {}
+    for k in range(args.repeats):
+        print(f"timed: one process, then the cluster, turn {k + 1} of {args.repeats} ...", flush=True)
+        started = time.perf_counter()
+        local, _ = timed_run(config(root, f"local-{k}", args))
+        windows[f"local {k + 1}"] = (started, time.perf_counter())
+        started = time.perf_counter()
+        remote, markers = timed_run(config(root, f"cluster-{k}", args, **on_cluster))
+        windows[f"cluster {k + 1}"] = (started, time.perf_counter())
+        per_worker = collections.Counter(m.get("process") for m in markers)
+        turns.append({"local_s": round(local, 3), "cluster_s": round(remote, 3), "shards": dict(per_worker)})
+        write_json({"complete": False, "turns": turns}, args.out)  # what is measured survives a time limit
+    return turns, windows
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     sys.path[:0] = [str(REPO), str(BENCHMARKS)]
@@ -110,47 +132,35 @@ def main(argv=None) -> dict:
     gpus = [g for g in args.gpus.split(",") if g]
     n_workers = len(gpus) or args.workers
     threads = args.torch_threads or max(1, (os.cpu_count() or 1) // n_workers)
+    # `timeout` sends SIGTERM: leave through the `finally` below, which stops the cluster (its processes
+    # have their own sessions, out of the reach of a signal to this process group) and the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    server = cluster = sampler = None
     with tempfile.TemporaryDirectory(prefix="sacv-dask-") as tmp:
         root = Path(tmp)
-        write_images(root / "data" / "tabby", args.images, args.seed)  # "tabby": an ImageNet class folder
-        server = SubprocessASGIServer()
-        server.start()
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(REPO), str(BENCHMARKS), *filter(None, [os.environ.get("PYTHONPATH")])]),
-            "MALLOC_ARENA_MAX": "1",
-            "PREFECT_API_URL": server.api_url,
-        }
-        print(f"starting a scheduler and {n_workers} workers ...", flush=True)
-        cluster = start_dask(n_workers, root, env, per_worker=[{"CUDA_VISIBLE_DEVICES": g} for g in gpus] or None)
-        sampler = GpuSampler() if gpus else None
-        turns, workers_seen, windows = [], collections.Counter(), {}
         try:
+            write_images(root / "data" / "tabby", args.images, args.seed)  # "tabby": an ImageNet class folder
+            server = SubprocessASGIServer()
+            server.start()
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    [str(REPO), str(BENCHMARKS), *filter(None, [os.environ.get("PYTHONPATH")])]
+                ),
+                "MALLOC_ARENA_MAX": "1",
+                "PREFECT_API_URL": server.api_url,
+            }
+            print(f"starting a scheduler and {n_workers} workers ...", flush=True)
+            cluster = start_dask(n_workers, root, env, per_worker=[{"CUDA_VISIBLE_DEVICES": g} for g in gpus] or None)
+            sampler = GpuSampler() if gpus else None
             with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-                on_cluster = {"dask_address": cluster.address, "torch_threads": threads}
-                print("warm-up: one run of each (model loads) ...", flush=True)
-                timed_run(config(root, "warm-local", args))
-                timed_run(config(root, "warm-cluster", args, **on_cluster))
-                for k in range(args.repeats):
-                    print(f"timed: one process, then the cluster, turn {k + 1} of {args.repeats} ...", flush=True)
-                    started = time.perf_counter()
-                    local, _ = timed_run(config(root, f"local-{k}", args))
-                    windows[f"local {k + 1}"] = (started, time.perf_counter())
-                    started = time.perf_counter()
-                    remote, markers = timed_run(config(root, f"cluster-{k}", args, **on_cluster))
-                    windows[f"cluster {k + 1}"] = (started, time.perf_counter())
-                    per_worker = collections.Counter(m["process"] for m in markers)
-                    workers_seen.update(per_worker.keys())
-                    turns.append(
-                        {"local_s": round(local, 3), "cluster_s": round(remote, 3), "shards": dict(per_worker)}
-                    )
-                    write_json({"complete": False, "turns": turns}, args.out)  # what is measured survives a limit
+                turns, windows = take_turns(args, root, {"dask_address": cluster.address, "torch_threads": threads})
         finally:
-            cluster.stop()
-            server.stop()
             if sampler is not None:
-                time.sleep(0.3)
-                sampler.stop()
+                time.sleep(0.3)  # the last samples
+            for stop in (cluster and cluster.stop, server and server.stop, sampler and sampler.stop):
+                if stop:
+                    stop()
 
     import torch
 
@@ -171,10 +181,11 @@ def main(argv=None) -> dict:
         "workers": n_workers,
         "gpus": gpus,
         "cluster_torch_threads": threads,
+        "local_torch_threads": torch.get_num_threads(),  # what the one-process flow resolved (with_torch_threads)
         "local": {"seconds": round(local_s, 3), "images_per_s": round(args.images / local_s, 2)},
         "cluster": {"seconds": round(cluster_s, 3), "images_per_s": round(args.images / cluster_s, 2)},
         "ratio_cluster_over_local": round(local_s / cluster_s, 3),
-        "worker_processes_seen": len(workers_seen),
+        "worker_processes_seen": len({process for turn in turns for process in turn["shards"]}),
         "turns": turns,
         "gpu_utilisation": {name: sampler.window(*span) for name, span in windows.items()} if sampler else None,
         "what": "wall time of flows.extract.run_extract incl. planning, one process (thread pool, torch threads "

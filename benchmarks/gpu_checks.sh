@@ -38,7 +38,7 @@ done
 # One worker per GPU on an external Dask cluster against the one-process flow; with one card, two
 # workers share it (the contention of one card). SKIP_DASK=1 leaves it out.
 if [ -z "${SKIP_DASK:-}" ] && [ "$engine" = prefect ]; then
-  gpus=$(nvidia-smi -L | wc -l)
+  gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)  # cards, not MIG slices
   [ "$gpus" -ge 2 ] && pair=0,1 || pair=0,0
   name=$(echo "${DASK_GPUS:-$pair}" | tr , -)
   timeout "${DASK_TIMEOUT:-150}" python3 benchmarks/dask_workers.py --device cuda --gpus "${DASK_GPUS:-$pair}" \

@@ -24,7 +24,7 @@ from sacv.io.rundir import RunDir
 def with_task_runner(flow, execution: ExecutionConfig):
     """``flow`` with a thread pool of ``execution.workers`` task workers, or the existing Dask
     cluster at ``execution.dask_address``. Made once per process and setting: ``with_options``
-    rebuilds the flow's parameter schema (about 20 ms a call); each flow run works on its own copy
+    rebuilds the flow's parameter schema (tens of milliseconds); each flow run works on its own copy
     of the task runner, so one flow object serves every call."""
     return _with_task_runner(flow, execution.workers, execution.dask_address)
 
@@ -44,12 +44,15 @@ _HEARTBEATS_OFF: list = []  # [(settings, a copy with flow-run heartbeats off)]:
 @contextlib.contextmanager
 def heartbeats_off():
     """Prefect's current settings with flow-run heartbeats off, entered as ``temporary_settings``
-    does; the copy is made once per settings object (making one costs about 40 ms)."""
+    does. The copy is made once per settings object (making one takes tens of milliseconds), so
+    ``PREFECT_*`` environment variables changed after the first call in a process are not seen
+    (``flows.process.configure_process`` sets its own before any flow run)."""
     context = get_settings_context()
-    if not _HEARTBEATS_OFF or _HEARTBEATS_OFF[0][0] is not context.settings:
-        copy = context.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-        _HEARTBEATS_OFF[:] = [(context.settings, copy)]
-    with SettingsContext(profile=context.profile, settings=_HEARTBEATS_OFF[0][1]):
+    entry = _HEARTBEATS_OFF[0] if _HEARTBEATS_OFF else None
+    if entry is None or entry[0] is not context.settings:
+        entry = (context.settings, context.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+        _HEARTBEATS_OFF[:] = [entry]
+    with SettingsContext(profile=context.profile, settings=entry[1]):
         yield
 
 

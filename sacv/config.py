@@ -212,9 +212,7 @@ class ExecutionConfig(Section):
     loader: Literal["auto", "threads", "processes"] = (
         "auto"  # decoders; auto: processes for the PIL decoder (they leave the GIL to the model), else threads
     )
-    write_workers: int | None = Field(
-        None, ge=1
-    )  # chunk-writer threads per extraction task; None: half the task process's cores, 1 to 4
+    write_workers: int = Field(4, ge=1)  # chunk-writer threads per extraction task (compression releases the GIL)
     dask_address: str | None = None  # run tasks on this Dask scheduler instead of the thread pool
     lock_wait_s: float = Field(
         0, ge=0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 
 import numpy as np
 import pandas as pd
@@ -101,6 +103,9 @@ def test_compaction_then_a_rerun_gives_the_tables_and_store_of_a_fresh_run(remov
     assert run.marked_shards("dataset") == [0, 1, 2] and run.marked_shards("guidance") == [0, 1, 2, 3]
     # the per-image statistics moved with their rows, so the rewritten shards still vouch for them
     assert all(run.read_shard_marker("guidance", s).get("pos_stats") for s in run.marked_shards("guidance"))
+    assert {run.read_shard_marker("dataset", s)["process"] for s in run.marked_shards("dataset")} == {
+        f"{socket.gethostname()}:{os.getpid()}"
+    }  # the rewritten markers name the compacting process
     assert run.scored_shards() == []  # every dataset shard moved: scored again by the next run
 
     rerun = run_pipeline(config)

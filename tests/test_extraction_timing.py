@@ -70,13 +70,3 @@ def test_the_summary_times_each_step_of_the_flow(tmp_path, prefect, monkeypatch)
     assert list(phases) == ["scan", "plan", "shards", "record"]
     assert phases["plan"] >= 0.3 and phases["shards"] >= 0.2 * summary.shards_run and phases["record"] >= 0.4
     assert phases["scan"] >= 0 and sum(phases.values()) <= summary.seconds
-
-
-def test_writers_default_to_half_the_cores_from_one_to_four(monkeypatch):
-    from sacv.config import ExecutionConfig
-
-    for cores, expected in [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4), (16, 4)]:
-        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
-        assert extraction.writer_threads(ExecutionConfig()) == expected, cores
-    assert extraction.writer_threads(ExecutionConfig(write_workers=3)) == 3  # a set value is kept
-

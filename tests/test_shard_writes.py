@@ -1,5 +1,6 @@
 """Chunk writes of an extraction: overflow and finiteness checks of a region, a failing write
-(no marker), and a shard's arrays written side by side with its marker after all of them."""
+(no marker), a shard's arrays written side by side with its marker after all of them, and the codec
+of a chunk too large for blosc."""
 
 from __future__ import annotations
 
@@ -113,3 +114,20 @@ def test_a_shards_arrays_are_written_side_by_side_and_its_marker_after_all_of_th
         assert len({name for *_, name in regions}) > 1  # not one thread's serial writes
         slow = next(t for path, _, t, _ in regions if path.endswith("targets"))
         assert sum(t < slow - 0.2 for path, _, t, _ in regions if path.endswith("/act")) >= 1
+
+
+def test_a_chunk_too_large_for_blosc_is_compressed_with_zstd(tmp_path, monkeypatch):
+    import numcodecs.blosc
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    from sacv.io import zarr_store
+
+    assert zarr_store.LARGE_CHUNK_BYTES == numcodecs.blosc.MAX_BUFFERSIZE  # blosc's own limit
+    monkeypatch.setattr(zarr_store, "LARGE_CHUNK_BYTES", 1000)  # planted: chunks of 80 and 1 600 bytes
+    root = zarr.open_group(str(tmp_path / "store.zarr"), mode="w", zarr_format=3)
+    small = zarr_store.ensure_array(root, "small", (8, 10), 4, "float16")
+    large = zarr_store.ensure_array(root, "large", (8, 200), 4, "float16")
+    assert isinstance(small.compressors[0], BloscCodec) and isinstance(large.compressors[0], ZstdCodec)
+    values = np.random.default_rng(0).standard_normal((4, 200)).astype(np.float16)
+    zarr_store.write_region(large, 4, values)
+    assert np.array_equal(zarr.open_group(str(tmp_path / "store.zarr"))["large"][4:], values)

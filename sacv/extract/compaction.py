@@ -29,6 +29,8 @@ Fit results are keyed by image content, not rows, and stay valid. The tables oth
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -179,6 +181,7 @@ def compact(run_uri: str, wait_s: float = 0, ttl_s: float = 120) -> CompactSumma
                         "rejected": 0,
                         "compacted": True,
                         "started_at": started_at,
+                        "process": f"{socket.gethostname()}:{os.getpid()}",
                         "timing": {
                             "writer_wait_s": 0.0,
                             "decode_wait_s": 0.0,

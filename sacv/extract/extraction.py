@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sacv.config import ExecutionConfig, RunConfig
+from sacv.config import RunConfig
 from sacv.errors import InputError
 from sacv.extract.catalog import REJECT_COLUMNS, ImageCatalog, write_images
 from sacv.extract.decode_pool import ShardImages, decoded_shards
@@ -301,16 +301,6 @@ def _shard_rejects(rows: pd.DataFrame, missing: dict[int, ImageRejected | None],
     ]
 
 
-def writer_threads(execution: ExecutionConfig) -> int:
-    """``execution.write_workers``, else half the cores this process may use, at least 1 and at most
-    4. Each writer compresses one chunk at a time (the compression leaves the interpreter lock), so
-    the writers never take more than half a small machine's cores from the decoders and the model."""
-    if execution.write_workers is not None:
-        return execution.write_workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores // 2))
-
-
 def run_shards(
     run_uri: str, config: RunConfig, group: str, shards: list[int], then: tuple[str, int] | None = None
 ) -> list[dict]:
@@ -320,7 +310,7 @@ def run_shards(
     most two shards ahead); ``then`` = (group, shard), the shard this process extracts next (the next
     task's first), is decoded ahead too, while this block's last shard is computed and written (in
     this thread without a pool), and held for that task. The model runs in this thread, and each
-    finished shard's arrays go to a pool of :func:`writer_threads` writer threads, one job per
+    finished shard's arrays go to a pool of ``execution.write_workers`` writer threads, one job per
     array (at most that many shards waiting). Each chunk has exactly one writer, and a shard's
     marker is written after all of its arrays (``_ShardWrite``). An image that fails to decode (or
     changed since planning) is quarantined: its row is written as zeros (target -1) and it is listed
@@ -352,8 +342,7 @@ def run_shards(
         following = ShardImages(rows, model.preprocessing, config)
     decoded = decoded_shards(blocks, config.execution.loader_workers, config.execution.loader, following)
     markers, pending, blocked = [], deque(), 0.0  # blocked: seconds the model thread waited for a free writer
-    n_writers = writer_threads(config.execution)
-    with ThreadPoolExecutor(n_writers, thread_name_prefix="sacv-write") as writers:
+    with ThreadPoolExecutor(config.execution.write_workers, thread_name_prefix="sacv-write") as writers:
         for shard, images in zip(shards, blocks):
             items = next(decoded)
             started, started_at = time.perf_counter(), time.time()
@@ -380,7 +369,7 @@ def run_shards(
                 )
             )
             waited = time.perf_counter()
-            while len(pending) > n_writers:
+            while len(pending) > config.execution.write_workers:
                 markers.append(pending.popleft().result())
             blocked = time.perf_counter() - waited  # counted in the next shard's timing
         next(decoded, None)  # the next task's first shard, decoded ahead while the last writes run

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from sacv.errors import InputError
 from sacv.io import storage
@@ -23,6 +23,10 @@ IDENTITY_KEYS = ("format", "model_spec", "weight_hash", "preprocessing", "layers
 # bytes than zstd level 1, written 1.3x and read 1.6x as fast (benchmarks/store_codecs.py); arrays made
 # before keep their codec (readers need nothing).
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+# Blosc takes at most 2 GiB per chunk (numcodecs' limit); a larger chunk (a large shard of a wide
+# float32 layer) gets zstd level 1, which has no limit.
+LARGE_CHUNK_BYTES = 2_147_483_631
+LARGE_CHUNK_COMPRESSOR = ZstdCodec(level=1)
 # Chunks are written whole (one shard each), so zarr's check for an all-fill-value chunk, which it
 # then leaves out, is only cost: a third of a float16 chunk's write (measured).
 WRITE_CONFIG = {"write_empty_chunks": True}
@@ -160,13 +164,14 @@ def ensure_array(
     group = root.require_group(group_path) if group_path else root
     if dimension_names is None and len(shape) == 4:
         dimension_names = ["image", "row", "col", "channel"]
+    chunk_bytes = int(np.prod(chunks)) * np.dtype(dtype).itemsize
     return group.create_array(
         name,
         shape=shape,
         chunks=chunks,
         dtype=dtype,
         fill_value=0,
-        compressors=COMPRESSOR,
+        compressors=COMPRESSOR if chunk_bytes <= LARGE_CHUNK_BYTES else LARGE_CHUNK_COMPRESSOR,
         dimension_names=dimension_names,
     )
 
