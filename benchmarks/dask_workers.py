@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from common import print_table, write_json  # benchmarks/common.py (the script folder is on sys.path)
 from device_rates import GpuSampler  # benchmarks/device_rates.py
-from extract_throughput import write_images  # benchmarks/extract_throughput.py
+from scene_files import write_images  # benchmarks/scene_files.py
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent

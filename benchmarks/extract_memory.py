@@ -26,7 +26,7 @@ import json, re, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 sys.path.insert(0, sys.argv[3] + "/benchmarks")
-from extract_throughput import write_images
+from scene_files import write_images
 from flows.extract import shard_blocks
 from sacv.config import parse_config
 from sacv.extract.extraction import record_shard_rejects, run_shards

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from common import print_table, write_json  # benchmarks/common.py (the script folder is on sys.path)
 from device_rates import GpuSampler, bare_loop, decode_rates, raw_rates  # benchmarks/device_rates.py
+from scene_files import write_images  # benchmarks/scene_files.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,33 +96,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _write_scene(job: tuple[str, int, int]) -> str:
-    """One generated scene (striped horse on a random background, seeded by ``seed``) as a JPEG."""
-    from PIL import Image
-
-    from sacv.demo import textures
-
-    path, seed, size = job
-    image, _ = textures.scene(size, "striped", np.random.default_rng(seed))
-    Image.fromarray(image).save(path, quality=90)
-    return path
-
-
-def write_images(folder: Path, n: int, seed: int, size: int = 256) -> list[str]:
-    """``n`` generated scenes saved as JPEG (image i seeded by ``seed`` and i; a process per core
-    for large ``n``); sorted paths."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(folder / f"scene_{i:05d}.jpg"), seed * 1_000_003 + i, size) for i in range(n)]
-    if n < 256:
-        return sorted(map(_write_scene, jobs))
-    import multiprocessing
-
-    with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
-        return sorted(pool.map(_write_scene, jobs, chunksize=64))
-
-
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -181,8 +155,8 @@ def flow_config(
                 "loader_workers": args.loader_workers,
                 "loader": args.loader,
                 "workers": workers,
-                "write_workers": writers or args.write_workers,
                 "torch_threads": args.flow_torch_threads,
+                **({"write_workers": writers or args.write_workers} if writers or args.write_workers else {}),
             },
         }
     )

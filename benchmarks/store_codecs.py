@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     import torch
-    from extract_throughput import write_images  # benchmarks/extract_throughput.py
+    from scene_files import write_images  # benchmarks/scene_files.py
 
     torch.set_num_threads(os.cpu_count() or 1)
     rows, result = [], {"images_per_shard": args.images, "shards": args.shards, "layers": args.layers, "models": {}}

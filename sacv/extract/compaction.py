@@ -29,8 +29,6 @@ Fit results are keyed by image content, not rows, and stay valid. The tables oth
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 import time
 from dataclasses import dataclass
 
@@ -44,6 +42,7 @@ from sacv.extract.catalog import LIVE, ImageCatalog, write_images
 from sacv.extract.extraction import record_shard_rejects
 from sacv.extract.extraction_plan import shard_digest
 from sacv.io import runlock
+from sacv.io.provenance import this_process
 from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import write_region
 
@@ -181,7 +180,7 @@ def compact(run_uri: str, wait_s: float = 0, ttl_s: float = 120) -> CompactSumma
                         "rejected": 0,
                         "compacted": True,
                         "started_at": started_at,
-                        "process": f"{socket.gethostname()}:{os.getpid()}",
+                        "process": this_process(),
                         "timing": {
                             "writer_wait_s": 0.0,
                             "decode_wait_s": 0.0,

@@ -14,8 +14,6 @@ batch loop, also behind ``shard_extractions`` (streamed scoring). The per-batch 
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from collections import deque
@@ -36,6 +34,7 @@ from sacv.extract.image_sources import match_class
 from sacv.extract.position_stats import MARKER_FLAG, shard_stats
 from sacv.io.device_decode import EncodedJpeg, decode_batch
 from sacv.io.images import ImageRejected
+from sacv.io.provenance import this_process
 from sacv.io.rundir import RunDir
 from sacv.io.zarr_store import open_store, write_region
 from sacv.method.activations import Extraction, extract, halving_on_oom, use_torch_threads
@@ -360,7 +359,7 @@ def run_shards(
                 "images": len(rows) - len(missing),
                 "rejected": len(rejects),
                 "started_at": started_at,
-                "process": f"{socket.gethostname()}:{os.getpid()}",  # on a cluster: the worker
+                "process": this_process(),  # on a cluster: the worker
                 "timing": {key: round(value, 4) for key, value in timing.items()},
             }
             pending.append(

@@ -1,7 +1,9 @@
-"""Package versions for run.json."""
+"""Package versions for run.json, and the name of this process for shard markers."""
 
 from __future__ import annotations
 
+import os
+import socket
 from importlib.metadata import PackageNotFoundError, version
 
 PACKAGES = (
@@ -27,3 +29,8 @@ def versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             found[name] = None
     return found
+
+
+def this_process() -> str:
+    """``<host>:<pid>``: which process (on a cluster, which worker) wrote a shard."""
+    return f"{socket.gethostname()}:{os.getpid()}"
