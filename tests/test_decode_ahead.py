@@ -13,6 +13,7 @@ import pytest
 import sacv.extract.decode_pool as decode_pool
 import sacv.extract.extraction as extraction
 import sacv.extract.extraction_plan as planning
+import sacv.extract.shard_writes as shard_writes
 from flows.extract import run_extract, shard_blocks
 from sacv.io.rundir import RunDir
 from tests.flow_helpers import make_config, store_arrays, write_collection
@@ -40,7 +41,7 @@ def test_the_next_tasks_first_shard_is_decoded_while_this_tasks_last_shard_is_wr
     markers_at: dict[int, float] = {}
     original_item, original_write, original_marker = (
         decode_pool.ShardImages.__getitem__,
-        extraction.write_region,
+        shard_writes.write_region,
         RunDir.write_shard_marker,
     )
 
@@ -59,7 +60,7 @@ def test_the_next_tasks_first_shard_is_decoded_while_this_tasks_last_shard_is_wr
         markers_at[shard] = time.perf_counter()
 
     monkeypatch.setattr(decode_pool.ShardImages, "__getitem__", recorded_item)
-    monkeypatch.setattr(extraction, "write_region", slow_write)
+    monkeypatch.setattr(shard_writes, "write_region", slow_write)
     monkeypatch.setattr(RunDir, "write_shard_marker", recorded_marker)
     extraction.run_shards(config.run_dir, config, "dataset", first, ("dataset", second[0]))
     returned = time.perf_counter()

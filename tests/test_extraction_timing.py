@@ -11,6 +11,7 @@ import pytest
 
 import sacv.extract.extraction as extraction
 import sacv.extract.extraction_plan as planning
+import sacv.extract.shard_writes as shard_writes
 from flows.extract import run_extract
 from tests.flow_helpers import make_config, write_collection
 
@@ -24,7 +25,7 @@ def test_each_marker_splits_the_shard_time_into_decode_wait_compute_and_write(tm
     config = make_config(tmp_path, with_concepts=False)
     config = config.model_copy(update={"execution": config.execution.model_copy(update={"write_workers": 3})})
     plan = planning.plan_extraction(config.run_dir, config)
-    original_item, original_write = extraction.ShardImages.__getitem__, extraction.write_region
+    original_item, original_write = extraction.ShardImages.__getitem__, shard_writes.write_region
 
     def slow_item(self, index):
         time.sleep(0.05)
@@ -35,7 +36,7 @@ def test_each_marker_splits_the_shard_time_into_decode_wait_compute_and_write(tm
         return original_write(array, start, data)
 
     monkeypatch.setattr(extraction.ShardImages, "__getitem__", slow_item)
-    monkeypatch.setattr(extraction, "write_region", slow_write)
+    monkeypatch.setattr(shard_writes, "write_region", slow_write)
     shards = [shard for group, shard in plan.todo if group == "dataset"]
     markers = extraction.run_shards(config.run_dir, config, "dataset", shards)
     n_arrays = 2 * len(config.layers) + 2  # act + grad per layer, logits, targets

@@ -48,19 +48,20 @@ def test_a_failing_store_write_fails_the_shard_with_the_chunk_key_and_leaves_no_
     rows, and the shard gets no marker, so a rerun redoes it."""
     import sacv.extract.extraction as extraction
     import sacv.extract.extraction_plan as planning
+    import sacv.extract.shard_writes as shard_writes
     from sacv.io.rundir import RunDir
 
     write_collection(tmp_path, n_per_concept=2, n_per_class=3)
     config = make_config(tmp_path, with_concepts=False)
     plan = planning.plan_extraction(config.run_dir, config)
-    original = extraction.write_region
+    original = shard_writes.write_region
 
     def full_disk(array, start, data):
         if array.path.endswith("features.2/act"):
             raise OSError(28, "No space left on device")
         return original(array, start, data)
 
-    monkeypatch.setattr(extraction, "write_region", full_disk)
+    monkeypatch.setattr(shard_writes, "write_region", full_disk)
     shards = [shard for group, shard in plan.todo if group == "dataset"]
     with pytest.raises(
         RuntimeError, match=r"writing dataset/features\.2/act rows 0:4 \(shard dataset/0\) failed: .*No space"
@@ -82,13 +83,14 @@ def test_a_shards_arrays_are_written_side_by_side_and_its_marker_after_all_of_th
 
     import sacv.extract.extraction as extraction
     import sacv.extract.extraction_plan as planning
+    import sacv.extract.shard_writes as shard_writes
     from sacv.io.rundir import RunDir
 
     write_collection(tmp_path, n_per_concept=2, n_per_class=3)
     config = make_config(tmp_path, with_concepts=False)
     plan = planning.plan_extraction(config.run_dir, config)
     events: list[tuple[str, int, float, str]] = []  # (what, start row or shard, time, thread)
-    original_write, original_marker = extraction.write_region, RunDir.write_shard_marker
+    original_write, original_marker = shard_writes.write_region, RunDir.write_shard_marker
 
     def recorded_write(array, start, data):
         if array.path.endswith("targets"):
@@ -100,7 +102,7 @@ def test_a_shards_arrays_are_written_side_by_side_and_its_marker_after_all_of_th
         original_marker(self, group, shard, marker)
         events.append(("marker", marker["rows"][0], time.perf_counter(), threading.current_thread().name))
 
-    monkeypatch.setattr(extraction, "write_region", recorded_write)
+    monkeypatch.setattr(shard_writes, "write_region", recorded_write)
     monkeypatch.setattr(RunDir, "write_shard_marker", recorded_marker)
     shards = [shard for group, shard in plan.todo if group == "dataset"]
     markers = extraction.run_shards(config.run_dir, config, "dataset", shards)
@@ -131,3 +133,39 @@ def test_a_chunk_too_large_for_blosc_is_compressed_with_zstd(tmp_path, monkeypat
     values = np.random.default_rng(0).standard_normal((4, 200)).astype(np.float16)
     zarr_store.write_region(large, 4, values)
     assert np.array_equal(zarr.open_group(str(tmp_path / "store.zarr"))["large"][4:], values)
+
+
+def test_a_task_opens_each_array_once_however_many_shards_it_writes(tmp_path, monkeypatch):
+    """Opening an array reads its metadata (a request on object storage), so a block of shards
+    opens each array it writes once, not once per chunk; the regions still land (a rerun of the
+    block finds every shard done)."""
+    from collections import Counter
+
+    import sacv.extract.extraction as extraction
+    import sacv.extract.extraction_plan as planning
+    from sacv.extract.catalog import ImageCatalog
+    from sacv.io.rundir import RunDir
+
+    write_collection(tmp_path, n_per_concept=6, n_per_class=5)
+    config = make_config(tmp_path)
+    plan = planning.plan_extraction(config.run_dir, config)
+    opened: Counter = Counter()
+    original = zarr.Group.__getitem__
+
+    def counted(self, path):
+        opened[path] += 1
+        return original(self, path)
+
+    monkeypatch.setattr(zarr.Group, "__getitem__", counted)
+    for group in ("dataset", "guidance"):
+        shards = [shard for g, shard in plan.todo if g == group]
+        assert len(shards) >= 3, (group, shards)
+        opened.clear()
+        markers = extraction.run_shards(config.run_dir, config, group, shards)
+        assert len(markers) == len(shards)
+        written = {path for path in opened if path.startswith(f"{group}/")}
+        assert len(written) >= 2 * len(config.layers)  # activations (and gradients or statistics) of each layer
+        assert {opened[path] for path in written} == {1}, opened
+    run = RunDir(config.run_dir)
+    catalog = ImageCatalog.read(run)
+    assert all(planning.shard_is_done(run, catalog, g, s, config) for g, s in plan.todo)

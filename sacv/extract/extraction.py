@@ -14,12 +14,10 @@ batch loop, also behind ``shard_extractions`` (streamed scoring). The per-batch 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -31,12 +29,12 @@ from sacv.extract.catalog import REJECT_COLUMNS, ImageCatalog, write_images
 from sacv.extract.decode_pool import ShardImages, decoded_shards
 from sacv.extract.extraction_plan import shard_digest, store_layout
 from sacv.extract.image_sources import match_class
-from sacv.extract.position_stats import MARKER_FLAG, shard_stats
+from sacv.extract.shard_writes import OpenArrays, submit_shard_writes
 from sacv.io.device_decode import EncodedJpeg, decode_batch
 from sacv.io.images import ImageRejected
 from sacv.io.provenance import this_process
 from sacv.io.rundir import RunDir
-from sacv.io.zarr_store import open_store, write_region
+from sacv.io.zarr_store import open_store
 from sacv.method.activations import Extraction, extract, halving_on_oom, use_torch_threads
 from sacv.method.models import LoadedModel, cached_model
 
@@ -152,114 +150,6 @@ def _timed(items: Iterator, timing: dict[str, float]) -> Iterator:
         yield item
 
 
-class _ShardWrite:
-    """One shard's writes spread over the writer pool: each array's region is one job (its chunk has
-    one writer) and the job that finishes last writes the shard's rejects, then its marker. ``done``
-    resolves to the marker, or to the first job's error, and then no marker is written. So the last
-    shard of a task, which the model thread waits for, is written in a fraction of one writer's time."""
-
-    def __init__(
-        self, run: RunDir, group: str, shard: int, marker: dict, rejects: list[dict], started: float, jobs: int
-    ):
-        self.done: Future = Future()
-        self._run, self._group, self._shard, self._marker, self._rejects = run, group, shard, marker, rejects
-        self._started, self._left, self._first = started, jobs, None
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-
-    def job(self, write: Callable[[], None]) -> None:
-        """Run one region's ``write`` in a writer thread; the last job to finish completes the shard."""
-        begun = time.perf_counter()
-        try:
-            write()
-        except BaseException as err:  # kept for ``done``; the pool's own future is never read
-            with self._lock:
-                self._error = self._error or err
-        with self._lock:
-            self._first = begun if self._first is None else min(self._first, begun)
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self._error is not None:
-            self.done.set_exception(self._error)
-            return
-        try:
-            self._run.write_shard_rejects(self._group, self._shard, self._rejects)
-            finished = time.perf_counter()
-            timing = {**self._marker["timing"], "write_s": round(finished - self._first, 4)}
-            marker = {
-                **self._marker,
-                "timing": timing,
-                "seconds": round(finished - self._started, 3),
-                "finished_at": time.time(),
-            }
-            self._run.write_shard_marker(self._group, self._shard, marker)
-        except BaseException as err:
-            self.done.set_exception(err)
-        else:
-            self.done.set_result(marker)
-
-
-def _write_array(
-    root, path: str, start: int, values: np.ndarray, shard: str, stats_dtype=None, blank: list[int] | None = None
-) -> None:
-    """Write one array's region of a shard (``shard`` = "group/index", for the error). With
-    ``stats_dtype`` (the activations of a guidance shard) also the per-image statistics of the values
-    as stored (``sacv.extract.position_stats``), in their own arrays, after the activations."""
-    regions = {path: values}
-    if stats_dtype is not None:
-        prefix = path.rsplit("/", 1)[0]
-        regions |= {f"{prefix}/{name}": stats for name, stats in shard_stats(values, stats_dtype, blank).items()}
-    for name, region in regions.items():
-        try:
-            write_region(root[name], start, region)
-        except Exception as err:
-            raise RuntimeError(
-                f"writing {name} rows {start}:{start + len(region)} (shard {shard}) failed: {err}"
-            ) from err
-
-
-def _submit_shard_writes(
-    writers: ThreadPoolExecutor,
-    run: RunDir,
-    root,
-    group: str,
-    shard: int,
-    start: int,
-    arrays: dict[str, np.ndarray],
-    marker: dict,
-    rejects: list[dict],
-    started: float,
-    blank: list[int],
-) -> Future:
-    """Submit a shard's arrays to the writer pool, one job per array (largest first); returns the
-    future of its marker. A guidance shard's activation jobs also write their statistics, flagged
-    in the marker (``pos_stats``)."""
-    stats = group == "guidance"
-    if stats:
-        marker = {**marker, MARKER_FLAG: True}
-    write = _ShardWrite(run, group, shard, marker, rejects, started, len(arrays))
-    for path, values in sorted(arrays.items(), key=lambda item: -item[1].nbytes):
-        with_stats = stats and path.endswith("/act")
-        writers.submit(
-            write.job,
-            partial(
-                _write_array,
-                root,
-                path,
-                start,
-                values,
-                f"{group}/{shard}",
-                root[path].dtype if with_stats else None,
-                blank,
-            ),
-        )
-    return write.done
-
-
 def _shard_arrays(
     extractions: Iterator, config: RunConfig, group: str, gradients: bool
 ) -> tuple[dict[str, np.ndarray], dict[int, ImageRejected | None]]:
@@ -311,7 +201,7 @@ def run_shards(
     this thread without a pool), and held for that task. The model runs in this thread, and each
     finished shard's arrays go to a pool of ``execution.write_workers`` writer threads, one job per
     array (at most that many shards waiting). Each chunk has exactly one writer, and a shard's
-    marker is written after all of its arrays (``_ShardWrite``). An image that fails to decode (or
+    marker is written after all of its arrays (``sacv.extract.shard_writes``). An image that fails to decode (or
     changed since planning) is quarantined: its row is written as zeros (target -1) and it is listed
     in the shard's rejects file; rows of removed or earlier quarantined images are written as zeros
     too (their files may be gone; nothing reads those rows). A guidance shard's writers also write the
@@ -333,6 +223,7 @@ def run_shards(
         config.model.spec, config.model.weights, config.execution.device, **config.model.loader_options()
     )
     root = open_store(run.store_uri, store_layout(model, config.layers, config.extract.dtype), run.storage_options)
+    array_of = OpenArrays(root)
     gradients = group == "dataset"
     blocks = [ShardImages(catalog.stored_rows(group, shard), model.preprocessing, config) for shard in shards]
     following = None
@@ -363,8 +254,8 @@ def run_shards(
                 "timing": {key: round(value, 4) for key, value in timing.items()},
             }
             pending.append(
-                _submit_shard_writes(
-                    writers, run, root, group, shard, start, arrays, marker, rejects, started, sorted(missing)
+                submit_shard_writes(
+                    writers, run, array_of, group, shard, start, arrays, marker, rejects, started, sorted(missing)
                 )
             )
             waited = time.perf_counter()
