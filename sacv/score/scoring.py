@@ -98,15 +98,16 @@ def score_shard(run: RunDir, config: RunConfig, rows: pd.DataFrame, vectors: pd.
     shard could not decode are skipped) for every layer and vector of ``vectors`` (the vectors
     table); ``mode``: blockwise | streamed."""
     store = run.open_zarr("r")
+    stored_targets = store["dataset/targets"]  # (N,) int64, opened once: an open reads its metadata
     start = int(rows["shard"].iloc[0]) * config.extract.shard_size  # the shard's region = one chunk
-    stop = min(start + config.extract.shard_size, store["dataset/targets"].shape[0])
+    stop = min(start + config.extract.shard_size, stored_targets.shape[0])
     within = rows["row"].to_numpy(dtype=np.int64) - start  # (n,) rows of the images inside the region
     if mode == "blockwise":
         if f"dataset/{config.layers[0]}/grad" not in store:
             raise RuntimeError(
                 "blockwise scoring needs stored gradients: set extract.keep_gradients: true, or score.mode: streamed"
             )
-        targets = store["dataset/targets"][start:stop][within]
+        targets = stored_targets[start:stop][within]
         per_layer = {
             layer: (
                 store[f"dataset/{layer}/act"][start:stop][within],
