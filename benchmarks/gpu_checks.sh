@@ -12,6 +12,7 @@
 set -u
 out=${OUT:-benchmarks/results}
 device=${DEVICE:-cuda}
+case $device in cpu | cuda) ;; *) echo "DEVICE must be cpu or cuda, not $device" >&2; exit 2 ;; esac
 model=${MODEL:-efficientnet_lite0}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then

@@ -25,8 +25,7 @@ def test_batches_stop_at_each_shards_end_and_a_larger_batch_size_is_warned_about
         shards = [shard for group, shard in plan.todo if group == "dataset"]
         sizes.clear()
         markers = extraction.run_shards(config.run_dir, config, "dataset", shards)
-        full = [m for m in markers if m["images"] == 4]
-        assert len(full) >= 2
+        assert markers[0]["images"] == markers[1]["images"] == 4  # two full shards first
         assert sizes[: 2 * len(expected)] == expected * 2  # the first two (full) shards, batch by batch
         assert max(sizes) == min(batch_size, 4)
         warnings = layout_warnings(config)
