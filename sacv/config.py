@@ -341,18 +341,6 @@ def numeric_warnings(config: RunConfig) -> list[str]:
     return warnings
 
 
-def layout_warnings(config: RunConfig) -> list[str]:
-    """Settings that slow extraction down without changing a number, said once per run."""
-    size, batch = config.extract.shard_size, config.extract.batch_size
-    if batch <= size:
-        return []
-    return [
-        f"extract.batch_size is {batch} but extract.shard_size is {size}: batches never span shards, so "
-        f"at most {size} images go through the model at once; set shard_size to a multiple of batch_size "
-        "in a new run_dir (docs/config.md, on a GPU)"
-    ]
-
-
 class ConfigError(InputError):
     """A config file that cannot be used; the message names the key and the fix."""
 

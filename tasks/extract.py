@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from sacv.config import RunConfig, layout_warnings, numeric_warnings
+from sacv.config import RunConfig, numeric_warnings
 from sacv.extract import extraction, extraction_plan
 from sacv.io import storage
 from sacv.io.handoffs import ExtractPlan
@@ -39,7 +39,7 @@ def plan_extraction(run_uri: str, config: RunConfig, audit_id: str | None, batch
         plan.shards,
         len(plan.todo),
     )
-    for warning in numeric_warnings(config) + layout_warnings(config):
+    for warning in numeric_warnings(config) + extraction.batch_warnings(config):
         logger.warning(warning)
     return plan
 

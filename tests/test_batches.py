@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sacv.extract.extraction as extraction
 import sacv.extract.extraction_plan as planning
-from sacv.config import layout_warnings
 from tests.flow_helpers import make_config, write_collection
 
 
@@ -28,7 +27,7 @@ def test_batches_stop_at_each_shards_end_and_a_larger_batch_size_is_warned_about
         assert markers[0]["images"] == markers[1]["images"] == 4  # two full shards first
         assert sizes[: 2 * len(expected)] == expected * 2  # the first two (full) shards, batch by batch
         assert max(sizes) == min(batch_size, 4)
-        warnings = layout_warnings(config)
+        warnings = extraction.batch_warnings(config)
         if batch_size <= 4:
             assert warnings == []
         else:

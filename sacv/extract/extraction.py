@@ -119,6 +119,19 @@ def _extractions(
         yield run(batch)
 
 
+def batch_warnings(config: RunConfig) -> list[str]:
+    """A batch size over the shard size, said once per run: batches never run past a shard's end
+    (:func:`_extractions`), so fewer images than asked go through the model at once."""
+    size, batch = config.extract.shard_size, config.extract.batch_size
+    if batch <= size:
+        return []
+    return [
+        f"extract.batch_size is {batch} but extract.shard_size is {size}: batches never span shards, so "
+        f"at most {size} images go through the model at once; set shard_size to a multiple of batch_size "
+        "in a new run_dir (docs/config.md, on a GPU)"
+    ]
+
+
 def shard_extractions(
     rows: pd.DataFrame, model: LoadedModel, config: RunConfig, with_gradients: bool
 ) -> Iterator[Extraction]:
