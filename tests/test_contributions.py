@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from sacv.fit.fit_plan import concept_positives, draw_pseudo_concepts
-from sacv.report.build import _row_class, contributions_html, ordered_contributions
+from sacv.report.contributions_view import contributions_html, ordered_contributions, row_class
 from sacv.stats.contributions import contributions, per_vector, reference_test
 
 
@@ -136,7 +136,7 @@ def test_direction_tells_raising_from_lowering_and_the_report_shows_them_apart()
     assert not rows.loc["flat", "significant"]
     assert (rows["n_reference"] == 20).all() and (rows["statistic"] == "contribution").all()
     assert list(ordered_contributions(table.iloc[::-1])["concept"]) == ["up", "down", "flat"]
-    assert [_row_class(row) for _, row in ordered_contributions(table).iterrows()] == ["sig", "sig neg", ""]
+    assert [row_class(row) for _, row in ordered_contributions(table).iterrows()] == ["sig", "sig neg", ""]
     page = contributions_html(ordered_contributions(table))
     assert page.index('<tr class="sig">') < page.index('<tr class="sig neg">')
     assert ">positive<" in page and ">negative<" in page

@@ -241,7 +241,7 @@ def sweep_table(concepts: int = 30, layers: int = 4, classes: int = 10, seed: in
 
 
 def test_a_sweep_table_is_cut_to_the_significant_and_strongest_rows():
-    from sacv.report.build import CONTRIBUTION_ROWS, shown_contributions
+    from sacv.report.contributions_view import CONTRIBUTION_ROWS, shown_contributions
 
     table = sweep_table()
     shown = shown_contributions(table)

@@ -2,10 +2,11 @@
 
 ``build_report`` writes ``RUN/report/index.html``: header (model, layers, counts, timings), the
 contributions table (sortable by clicking a header, filtered by a search box, at most
-``CONTRIBUTION_ROWS`` rows), a concept × layer heat map of spatial scores per class, spatial maps
-and receptive-field patches of the strongest (class, concept, layer) rows, a per-layer profile, the
-audit history with the drift table and the drifting rows' scores over audits, the policy checks, the
-localisation table when there is one, and the rejects. The page stays small at any run size: at
+``CONTRIBUTION_ROWS`` rows: ``sacv.report.contributions_view``), a concept × layer heat map of
+spatial scores per class, spatial maps and receptive-field patches of the strongest (class,
+concept, layer) rows, a per-layer profile, the audit history with the drift table and the drifting
+rows' scores over audits, the policy checks, the localisation table when there is one, and the
+rejects. The page stays small at any run size: at
 most ``MAX_SECTIONS`` sections of two figures each and three more figures, each embedded as a
 compact data URI no wider than it is shown (``sacv.report.figures``), and at most ``TABLE_ROWS``
 rows of the drift, checks and rejects tables. No server, network, font or script outside the file
@@ -24,47 +25,14 @@ from sacv.errors import MissingInput
 from sacv.io.images import ImageRejected
 from sacv.io.rundir import RunDir
 from sacv.report import figures as plots
-from sacv.report.html import cut_note, esc, fmt, html_page, missing, sort_key, table_html
+from sacv.report.contributions_view import contributions_html, ordered_contributions, shown_contributions
+from sacv.report.html import cut_note, esc, fmt, html_page, table_html
 from sacv.stats.contributions import SCORE_COLUMN
 
 MAX_SECTIONS = 12
-CONTRIBUTION_ROWS = 300  # rows of the contributions table shown (significant first); the rest stay in the Parquet file
 TABLE_ROWS = 300  # rows shown of the drift, checks and rejects tables; all of them stay in the Parquet files
 GALLERY_PATCHES = 12
 HISTORY_PANELS = 6
-CONTRIBUTION_VIEW = [  # (header, column, formatter); the first column of a cell is its sort key
-    ("class", "class_name"),
-    ("layer", "layer"),
-    ("concept", "concept"),
-    ("n_images", "n_images"),
-    ("contribution", "contribution_score"),
-    ("spatial_score [95% CI]", "spatial_score"),
-    ("tcav_score", "tcav_score"),
-    ("z (vs pseudo-concepts)", "z"),
-    ("p_adjusted", "p_adjusted"),
-    ("direction", "direction"),
-    ("significant", "significant"),
-    ("reason", "reason"),
-]
-
-
-def contributions_html(table: pd.DataFrame) -> str:
-    """The sortable contributions table (``CONTRIBUTION_VIEW`` columns, rows coloured by direction)."""
-    headers = [name for name, *_ in CONTRIBUTION_VIEW]
-    return table_html(table, "contributions", _contribution_cells, _row_class, headers=headers)
-
-
-def _contribution_cells(row) -> list[tuple[str, str]]:
-    out = []
-    for _, column in CONTRIBUTION_VIEW:
-        value = row[column]
-        shown = fmt(value)
-        if column == "spatial_score" and not missing(row["spatial_score_ci_low"]):
-            shown += (
-                f' <span class="ci">[{fmt(row["spatial_score_ci_low"])}, {fmt(row["spatial_score_ci_high"])}]</span>'
-            )
-        out.append((sort_key(value), shown))
-    return out
 
 
 @dataclass
@@ -163,26 +131,6 @@ def _gallery(ctx: _Context, layer: str, positions: list, notes: list[str]) -> st
         patches.append(image[top:bottom, left:right])
         labels.append(f"({i}, {j}) S→c {value:.2g}")
     return plots.patch_gallery(patches, labels)
-
-
-def ordered_contributions(table: pd.DataFrame) -> pd.DataFrame:
-    """Significant rows that raise the class logit, then significant rows that lower it, then the
-    rest; within each, the largest |z| (against the pseudo-concepts) first."""
-    group = np.select([table["significant"] & (table["direction"] == "positive"), table["significant"]], [0, 1], 2)
-    ordered = table.assign(_g=group, _s=-table["z"].abs().fillna(-1.0))
-    return ordered.sort_values(["_g", "_s"], kind="stable").drop(columns=["_g", "_s"])
-
-
-def _row_class(row) -> str:
-    if not row["significant"]:
-        return ""
-    return "sig neg" if row["direction"] == "negative" else "sig"
-
-
-def shown_contributions(table: pd.DataFrame) -> pd.DataFrame:
-    """At most ``CONTRIBUTION_ROWS`` rows, in :func:`ordered_contributions` order: every significant
-    row first (while they fit), then the strongest of the rest."""
-    return ordered_contributions(table).head(CONTRIBUTION_ROWS)
 
 
 def _chosen_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
