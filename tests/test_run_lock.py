@@ -108,3 +108,22 @@ def test_sacv_run_on_a_locked_run_dir_stops_before_any_work(tmp_path):
     assert result.exit_code == 1
     assert "lock.json is held by another run" in result.output and f"pid {held.record['pid']}" in result.output
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # nothing written, lock released
+
+
+def test_exclusive_create_without_a_conditional_put_writes_then_reads_back(tmp_path):
+    """A filesystem with no exclusive create: the first creation wins, the second sees the file and
+    changes nothing."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from sacv.io.storage import create_whole
+
+    class NoExclusiveCreate(MemoryFileSystem):
+        def pipe_file(self, path, value, mode="overwrite", **kwargs):
+            if mode == "create":
+                raise NotImplementedError
+            return super().pipe_file(path, value, **kwargs)
+
+    fs, path = NoExclusiveCreate(), f"/{tmp_path.name}/run/lock.json"
+    assert create_whole(fs, path, b'{"token": "first"}')
+    assert not create_whole(fs, path, b'{"token": "second"}')
+    assert fs.cat_file(path) == b'{"token": "first"}'

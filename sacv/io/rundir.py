@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import pandas as pd
 import zarr
@@ -408,36 +407,9 @@ class RunDir:
         self._write_json("lock.json", record)
 
     def remove_lock(self) -> None:
-        try:
-            self.fs.rm_file(self._path("lock.json"))
-        except FileNotFoundError:
-            pass
+        self._remove("lock.json")
 
     def create_lock(self, record: dict) -> bool:
-        """Create ``lock.json`` only if absent; True when this call created it. Local disk: a hard
-        link of a complete temporary file (atomic, fails if the name exists); object stores: a
-        conditional PUT (``If-None-Match: *``), or, where the filesystem has no exclusive create,
-        a write that is read back and compared."""
+        """Create ``lock.json`` only if absent (``sacv.io.storage.create_whole``); True when this call did."""
         data = json.dumps(record, indent=2, sort_keys=True).encode()
-        target = self._path("lock.json")
-        if self.is_local:
-            self.fs.makedirs(self.root, exist_ok=True)
-            temporary = f"{target}.tmp-{record['token']}"
-            self.fs.pipe_file(temporary, data)
-            try:
-                os.link(temporary, target)
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(temporary)
-        try:
-            self.fs.pipe_file(target, data, mode="create")
-            return True
-        except FileExistsError:
-            return False
-        except (TypeError, NotImplementedError):  # no exclusive create here: write, then read back
-            if self.fs.exists(target):
-                return False
-            self.fs.pipe_file(target, data)
-            return (self.read_lock() or {}).get("token") == record["token"]
+        return storage.create_whole(self.fs, self._path("lock.json"), data)

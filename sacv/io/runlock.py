@@ -1,12 +1,13 @@
 """One run at a time per run directory: ``RUN/lock.json`` names its holder.
 
 The lock record is ``{host, pid, started, heartbeat, token, command}``. It is created exclusively
-(``RunDir.create_lock``: a hard link on local disk; on S3 a PUT with ``If-None-Match: *``, which the
-server refuses when the key exists; elsewhere write, then read back and compare the token). The
-holder rewrites ``heartbeat`` every ``ttl_s / 4`` seconds. A second run finds the record and stops
-with a message naming the lock and the holder (or waits up to ``wait_s`` for it to go). A lock is
-stale, and is taken over, when its holder's process is gone (same host, pid not alive) or its
-heartbeat is older than ``ttl_s`` (a holder on another host that died).
+(``RunDir.create_lock``, ``sacv.io.storage.create_whole``: a hard link on local disk; on S3 a PUT
+with ``If-None-Match: *``, which the server refuses when the key exists; elsewhere write, then read
+back and compare). The holder rewrites ``heartbeat`` every ``ttl_s / 4`` seconds. A second run
+finds the record and stops with a message naming the lock and the holder (or waits up to
+``wait_s`` for it to go). A lock is stale, and is taken over, when its holder's process is gone
+(same host, pid not alive) or its heartbeat is older than ``ttl_s`` (a holder on another host that
+died).
 
 Residual race, on every filesystem: two runs that find the same stale lock at the same moment both
 delete it and create their own; the later creation wins. Each taker reads the lock back after

@@ -23,6 +23,7 @@ disk it goes to a temporary name and is moved into place (``rename`` is atomic t
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import fsspec
@@ -82,6 +83,37 @@ def write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.mv(temporary, path)
     else:
         fs.pipe_file(path, data)
+
+
+def create_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Publish ``data`` at ``path`` only if nothing is there; True when this call created it. Local
+    disk: a hard link of a complete temporary file (atomic, fails if the name exists); object
+    stores: a conditional PUT (``If-None-Match: *``), or, where the filesystem has no exclusive
+    create, a write that is read back and compared."""
+    if is_local(fs):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        fs.pipe_file(temporary, data)
+        try:
+            os.link(temporary, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(temporary)
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False
+    except (TypeError, NotImplementedError):  # no exclusive create here: write, then read back
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        try:
+            return fs.cat_file(path) == data
+        except FileNotFoundError:
+            return False
 
 
 def redact(value):
