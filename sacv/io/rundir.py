@@ -290,8 +290,8 @@ class RunDir:
         relpath = f"shards/{group}/{shard:06d}.rejects.json"
         if rejects:
             self._write_json(relpath, {"rejects": rejects})
-        elif self._exists(relpath):
-            self.fs.rm(self._path(relpath))
+        else:
+            self._remove(relpath)  # one found by an earlier run of the shard
 
     def remove_shard_marker(self, group: str, shard: int) -> None:
         """The shard is no longer done: its marker first, then its rejects file."""
